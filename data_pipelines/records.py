@@ -80,3 +80,15 @@ class DropCounter:
 
   def to_json(self) -> dict:
     return {"counts": dict(self.counts), "examples": self.examples}
+
+
+@dataclasses.dataclass(frozen=True)
+class BadLine:
+  """A raw line that could not be parsed: where it is and why."""
+
+  path: str
+  line: int  # 1-based, as an editor shows it
+  reason: str
+
+  def __str__(self) -> str:
+    return f"{self.path}:{self.line}: {self.reason}"
