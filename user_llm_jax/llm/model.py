@@ -1,0 +1,226 @@
+"""Llama-family decoder in Flax NNX with an explicit KV cache and insertion points.
+
+The decoder is shared by the sampler (KV cache in, cache out), the User-LLM bridges
+(cross-attention blocks in `Decoder.cross_attention`, soft prompts via `inputs_embeds`)
+and the checkpoint importers. Parameter tree (names used by the importers/exporters):
+
+  embedder.embedding              [V,D]   ('vocab', 'embed')
+  layers[i].attn_norm.scale       [D]
+  layers[i].attn.{q,k,v}.kernel   [D,N|K,H]
+  layers[i].attn.o.kernel         [N,H,D]
+  layers[i].mlp_norm.scale        [D]
+  layers[i].mlp.{gate,up}.kernel  [D,F]
+  layers[i].mlp.down.kernel       [F,D]
+  final_norm.scale                [D]
+  lm_head.kernel                  [D,V]   (only when the head is untied)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from user_llm_jax import sharding
+from user_llm_jax.llm.config import LlmConfig
+from user_llm_jax.llm.layers import Attention, Einsum, Mlp, RMSNorm, sharded_init
+
+_ACT = ("batch", "length", "embed")  # logical axes of the residual stream [B,T,D]
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys/values of every layer, stacked on a leading layer axis.
+
+  Attributes:
+    k: [L,B,S,K,H] keys (RoPE already applied).
+    v: [L,B,S,K,H] values.
+    end_index: int32 scalar, number of filled slots (the same for all rows; left-padded
+      prompts mark their padding slots through the attention mask).
+  """
+  k: jax.Array
+  v: jax.Array
+  end_index: jax.Array
+
+  @property
+  def max_length(self) -> int:
+    return self.k.shape[2]
+
+
+class Embedder(nnx.Module):
+  """Token embedding table [V,D]; also the output head when embeddings are tied."""
+
+  def __init__(self, cfg: LlmConfig, *, rngs: nnx.Rngs):
+    self.dtype = cfg.compute_dtype
+    init = sharded_init(nnx.initializers.normal(stddev=1.0), ("vocab", "embed"))
+    self.embedding = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.width),
+                                    cfg.storage_dtype))
+
+  def encode(self, tokens: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)  # [B,T,D]
+
+  def decode(self, x: jax.Array) -> jax.Array:
+    return jnp.einsum("BTD,VD->BTV", x, self.embedding[...].astype(self.dtype))
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)); x + mlp(norm(x))."""
+
+  def __init__(self, cfg: LlmConfig, *, rngs: nnx.Rngs):
+    kw = dict(eps=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
+              rngs=rngs)
+    self.attn_norm = RMSNorm(cfg.width, **kw)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg.width, **kw)
+    self.mlp = Mlp(cfg, rngs=rngs)
+
+  def __call__(self, x, positions, mask, kv=None, end_index=None):
+    h, kv = self.attn(self.attn_norm(x), positions, mask, kv, end_index)
+    x = sharding.with_logical_constraint(x + h, _ACT)
+    x = sharding.with_logical_constraint(x + self.mlp(self.mlp_norm(x)), _ACT)
+    return x, kv
+
+
+def causal_mask(batch: int, length: int, cache_length: int | None = None,
+                end_index: jax.Array | int = 0) -> jax.Array:
+  """[B,T,S] causal mask: query t (stored at slot end_index + t) sees slots <= its own."""
+  s = length if cache_length is None else cache_length
+  q_slot = jnp.arange(length)[:, None] + end_index  # [T,1]
+  mask = jnp.arange(s)[None, :] <= q_slot            # [T,S]
+  return jnp.broadcast_to(mask, (batch, length, s))
+
+
+class Decoder(nnx.Module):
+  """Llama-family decoder (token embedding, L x [RMSNorm, GQA+RoPE, RMSNorm, SwiGLU], head).
+
+  Attributes:
+    cfg: the architecture.
+    cross_attention: `nnx.Dict` of blocks `block(x [B,T,D], context [B,E,D],
+      context_mask [B,E]) -> x [B,T,D]`; the block under key str(i) runs before decoder
+      layer i (key str(num_layers) runs after the last layer, before the final norm).
+      Called only when `context` is given. Empty by default.
+  """
+
+  def __init__(self, cfg: LlmConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embedder = Embedder(cfg, rngs=rngs)
+    self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.width, eps=cfg.norm_eps, dtype=cfg.compute_dtype,
+                              param_dtype=cfg.storage_dtype, rngs=rngs)
+    if not cfg.tie_embeddings:
+      self.lm_head = Einsum("BTD,DV->BTV", (cfg.width, cfg.vocab_size), ("embed", "vocab"),
+                            dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, rngs=rngs)
+    self.cross_attention = nnx.Dict()
+
+  def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
+    """An empty cache of `max_length` slots ([L,B,S,K,H], compute dtype by default)."""
+    cfg = self.cfg
+    shape = (cfg.num_layers, batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+    dtype = cfg.compute_dtype if dtype is None else dtype
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   end_index=jnp.zeros((), jnp.int32))
+
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    """Token embeddings [B,T] -> [B,T,D] (Llama does not scale them)."""
+    return self.embedder.encode(tokens)
+
+  def head(self, x: jax.Array) -> jax.Array:
+    """Final-normed hidden states [B,T,D] -> float32 logits [B,T,V]."""
+    logits = self.embedder.decode(x) if self.cfg.tie_embeddings else self.lm_head(x)
+    return sharding.with_logical_constraint(logits.astype(jnp.float32),
+                                            ("batch", "length", "vocab"))
+
+  def __call__(self, tokens: jax.Array | None, *, positions: jax.Array,
+               attention_mask: jax.Array | None = None,
+               cache: KVCache | None = None,
+               inputs_embeds: jax.Array | None = None,
+               context: jax.Array | None = None,
+               context_mask: jax.Array | None = None,
+               return_hidden: bool = False,
+               ) -> tuple[jax.Array, KVCache | None]:
+    """Runs the decoder.
+
+    Args:
+      tokens: [B,T] int token ids (ignored when `inputs_embeds` is given; may be None).
+      positions: [B,T] int32 RoPE positions.
+      attention_mask: [B,T,S] bool, True where query t may attend to key slot s
+        (S = T without a cache, the cache length with one). None -> causal.
+      cache: KV cache; the new keys/values are written at [end_index, end_index + T).
+      inputs_embeds: [B,T,D] embeddings used instead of `embed(tokens)` (soft prompts).
+      context: [B,E,D] user embeddings read by the cross-attention blocks.
+      context_mask: [B,E] bool, True for real (non-padding) user embeddings.
+      return_hidden: return the final-normed hidden states [B,T,D] in place of the
+        logits (for chunked losses or scoring without materialising [B,T,V]).
+
+    Returns:
+      (logits [B,T,V] float32 -- or hidden [B,T,D] --, updated cache or None).
+    """
+    if inputs_embeds is not None:
+      x = inputs_embeds.astype(self.cfg.compute_dtype)
+    elif tokens is not None:
+      x = self.embed(tokens)
+    else:
+      raise ValueError("Decoder needs `tokens` or `inputs_embeds`")
+    b, t, _ = x.shape
+    if positions.shape != (b, t):
+      raise ValueError(f"positions shape {positions.shape} != (batch, length) {(b, t)}")
+    x = sharding.with_logical_constraint(x, _ACT)
+    end_index = cache.end_index if cache is not None else None
+    if attention_mask is None:
+      attention_mask = causal_mask(b, t, None if cache is None else cache.max_length,
+                                   0 if cache is None else cache.end_index)
+    expected_s = t if cache is None else cache.max_length
+    if attention_mask.shape != (b, t, expected_s):
+      raise ValueError(f"attention_mask shape {attention_mask.shape} != (B, T, S) "
+                       f"{(b, t, expected_s)}")
+    if context is not None and context_mask is None:
+      context_mask = jnp.ones(context.shape[:2], jnp.bool_)
+
+    new_k, new_v = [], []
+    for i, layer in enumerate(self.layers):
+      if context is not None and str(i) in self.cross_attention:
+        x = sharding.with_logical_constraint(
+            self.cross_attention[str(i)](x, context, context_mask), _ACT)
+      kv = (cache.k[i], cache.v[i]) if cache is not None else None
+      x, (k, v) = layer(x, positions, attention_mask, kv, end_index)
+      if cache is not None:
+        new_k.append(k)
+        new_v.append(v)
+    last = str(len(self.layers))
+    if context is not None and last in self.cross_attention:
+      x = self.cross_attention[last](x, context, context_mask)
+    x = self.final_norm(x)
+
+    new_cache = None
+    if cache is not None:
+      new_cache = KVCache(k=jnp.stack(new_k), v=jnp.stack(new_v),
+                          end_index=cache.end_index + t)
+    if return_hidden:
+      return x, new_cache
+    return self.head(x), new_cache
+
+
+def count_params(model: nnx.Module, wrt=nnx.Param) -> int:
+  """Number of scalar parameters of `model` selected by the filter `wrt`."""
+  state = nnx.state(model, wrt)
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
+
+
+def create_sharded(cfg: LlmConfig, mesh: jax.sharding.Mesh, seed: int = 0,
+                   rules=sharding.DEFAULT_RULES) -> Decoder:
+  """Initialises a `Decoder` directly on `mesh` (params never materialise unsharded)."""
+  abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(seed)))
+  graphdef, _ = nnx.split(abstract)
+  shardings = sharding.model_shardings(abstract, mesh, rules)
+
+  @functools.partial(jax.jit, out_shardings=shardings)
+  def init():
+    return nnx.state(Decoder(cfg, rngs=nnx.Rngs(seed)))
+
+  with jax.set_mesh(mesh):
+    state = init()
+  return nnx.merge(graphdef, state)
