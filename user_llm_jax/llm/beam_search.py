@@ -1,0 +1,176 @@
+"""Constrained beam search returning K distinct complete sequences, and exact scoring.
+
+Procedure (stated here because Recall@K reports must state it):
+
+* Beam width K per prompt. At step i every alive beam b with summed log-prob s_b proposes
+  every allowed token t (the constraint's mask, e.g. a `TokenTrie` over catalogue titles)
+  with score s_b + log p(t | beam b). Candidates that emit a stop token (e.g. `<|im_end|>`)
+  become *finished hypotheses*, kept in a separate top-K pool; the best K of the other
+  candidates become the next alive beams (the KV cache rows are gathered by beam parent).
+* Only beam 0 is alive at the start (the others score -inf), and every candidate is a
+  distinct (parent beam, token) pair, so all alive beams and all finished hypotheses are
+  distinct token sequences: the output never contains duplicates.
+* The score of a sequence is its summed log-prob (stop token included). With
+  `length_penalty=alpha > 0` finished hypotheses are ranked by sum / length**alpha instead
+  (off by default: Recall@K uses the plain joint probability of the title).
+* The search stops when no beam is alive, after `max_steps`, or (alpha = 0) as soon as the
+  K-th finished score is at least the best alive score: log-probs only decrease, so no
+  alive beam can still enter the top K. With K >= the number of stored sequences the
+  search is exhaustive and equals exact scoring of every candidate.
+
+Outputs are sorted by score, best first; slots with `valid=False` (fewer than K complete
+sequences reachable) have score -inf.
+
+The algorithm is written over an abstract `step_fn(tokens [N], cache) -> (logits [N, V],
+cache)` and `reorder_fn(cache, rows [N]) -> cache`; `beam_search_model` wires it to the
+Decoder's KV cache, and `score_candidates` scores every candidate by teacher forcing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NEG_INF = -jnp.inf
+
+StepFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
+ReorderFn = Callable[[Any, jax.Array], Any]
+
+
+@flax.struct.dataclass
+class BeamSearchOutput:
+  """K distinct complete sequences per prompt, best first.
+
+  Attributes:
+    tokens: [B, K, L] int32 generated tokens (stop token included), `pad_id` after `lengths`.
+    lengths: [B, K] int32 number of generated tokens.
+    scores: [B, K] float32 ranking score (log-prob sum, or length-normalized); -inf if invalid.
+    log_probs: [B, K] float32 summed log-probs of the tokens.
+    valid: [B, K] bool, False for empty slots.
+  """
+  tokens: jax.Array
+  lengths: jax.Array
+  scores: jax.Array
+  log_probs: jax.Array
+  valid: jax.Array
+
+
+@flax.struct.dataclass
+class _State:
+  step: jax.Array            # int32 scalar: tokens generated so far
+  logits: jax.Array          # [B*K, V] next-token logits of the alive beams
+  cache: Any                 # decoder state, B*K rows
+  cstate: Any                # constraint state, B*K rows
+  alive_tokens: jax.Array    # [B, K, L]
+  alive_logp: jax.Array      # [B, K]
+  fin_tokens: jax.Array      # [B, K, L]
+  fin_logp: jax.Array        # [B, K]
+  fin_score: jax.Array       # [B, K]
+  fin_len: jax.Array         # [B, K]
+
+
+def gather_rows(tree: Any, rows: jax.Array) -> Any:
+  """Gathers the leading (row) axis of every array leaf of `tree`."""
+  return jax.tree.map(lambda x: x[rows], tree)
+
+
+def _take(x: jax.Array, idx: jax.Array) -> jax.Array:
+  """x [B, K, ...] gathered along K by idx [B, J] -> [B, J, ...]."""
+  return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def beam_search(step_fn: StepFn, cache: Any, first_logits: jax.Array, *, beam_size: int,
+                max_steps: int, stop_tokens: Sequence[int], constraint: Any = None,
+                reorder_fn: ReorderFn = gather_rows, length_penalty: float = 0.0,
+                pad_id: int = 0) -> BeamSearchOutput:
+  """Beam search over an abstract decoder (traceable: call it inside `jax.jit`).
+
+  Args:
+    step_fn: `(tokens [N], cache) -> (logits [N, V], cache)` with N = B * beam_size; feeds
+      one token per row and returns the logits for the following token.
+    cache: decoder state for the B prompts (B rows); tiled to N rows with `reorder_fn`.
+    first_logits: [B, V] logits for the first generated token (end of the prefill).
+    beam_size: K, the number of beams and of returned sequences.
+    max_steps: maximum generated length L (e.g. the trie's `max_depth`).
+    stop_tokens: tokens that complete a hypothesis.
+    constraint: None or an object with `init(n)`, `mask(state) -> [N, V] bool` and
+      `update(state, tokens [N])` (e.g. `TrieArrays`); its state has rows on axis 0.
+    reorder_fn: `(cache, rows [N]) -> cache` gathering cache rows (default: axis 0 of
+      every leaf; a `KVCache` with rows on axis 1 needs its own).
+    length_penalty: alpha for ranking finished hypotheses by logp / length**alpha.
+    pad_id: filler token after each sequence's end.
+
+  Returns:
+    A `BeamSearchOutput`.
+  """
+  b, v = first_logits.shape
+  k, steps = int(beam_size), int(max_steps)
+  if k < 1 or steps < 1:
+    raise ValueError(f"beam_size ({beam_size}) and max_steps ({max_steps}) must be >= 1")
+  if not stop_tokens:
+    raise ValueError("beam_search needs at least one stop token to complete a hypothesis")
+  is_stop = jnp.zeros((v,), bool).at[jnp.asarray(list(stop_tokens))].set(True)  # [V]
+  tile = jnp.repeat(jnp.arange(b), k)  # [B*K] prompt of each beam row
+  cstate = constraint.init(b * k) if constraint is not None else ()
+  alive_logp = jnp.full((b, k), NEG_INF).at[:, 0].set(0.0)
+  tokens0 = jnp.full((b, k, steps), pad_id, jnp.int32)
+  state = _State(
+      step=jnp.zeros((), jnp.int32), logits=first_logits[tile].astype(jnp.float32),
+      cache=reorder_fn(cache, tile), cstate=cstate, alive_tokens=tokens0,
+      alive_logp=alive_logp, fin_tokens=tokens0, fin_logp=jnp.full((b, k), NEG_INF),
+      fin_score=jnp.full((b, k), NEG_INF), fin_len=jnp.zeros((b, k), jnp.int32))
+
+  def cond(s: _State) -> jax.Array:
+    best_alive = s.alive_logp.max(axis=-1)  # [B]
+    open_rows = best_alive > NEG_INF
+    if length_penalty == 0.0:
+      open_rows &= best_alive > s.fin_score.min(axis=-1)
+    return (s.step < steps) & open_rows.any()
+
+  def body(s: _State) -> _State:
+    logp = jax.nn.log_softmax(s.logits, axis=-1)  # [B*K, V]
+    if constraint is not None:
+      logp = jnp.where(constraint.mask(s.cstate), logp, NEG_INF)
+    cand = (s.alive_logp[..., None] + logp.reshape(b, k, v))  # [B, K, V]
+    cand_stop = jnp.where(is_stop, cand, NEG_INF).reshape(b, k * v)
+    cand_go = jnp.where(is_stop, NEG_INF, cand).reshape(b, k * v)
+
+    # Newly finished hypotheses, merged with the finished pool (top K of 2K).
+    new_fin_logp, idx = jax.lax.top_k(cand_stop, k)  # [B, K]
+    parent, tok = idx // v, idx % v
+    new_fin_tokens = _take(s.alive_tokens, parent).at[:, :, s.step].set(tok)
+    length = (s.step + 1).astype(jnp.float32)
+    new_fin_score = new_fin_logp / length**length_penalty if length_penalty else new_fin_logp
+    pool_score = jnp.concatenate([s.fin_score, new_fin_score], axis=1)  # [B, 2K]
+    fin_score, keep = jax.lax.top_k(pool_score, k)  # [B, K]
+    fin_tokens = _take(jnp.concatenate([s.fin_tokens, new_fin_tokens], 1), keep)
+    fin_logp = _take(jnp.concatenate([s.fin_logp, new_fin_logp], 1), keep)
+    fin_len = _take(jnp.concatenate([s.fin_len, jnp.full((b, k), s.step + 1)], 1), keep)
+
+    # Next alive beams: top K non-stop candidates; cache and constraint rows follow.
+    alive_logp, idx = jax.lax.top_k(cand_go, k)  # [B, K]
+    parent, tok = idx // v, idx % v
+    alive_tokens = _take(s.alive_tokens, parent).at[:, :, s.step].set(tok)
+    rows = (jnp.arange(b)[:, None] * k + parent).reshape(-1)  # [B*K]
+    flat_tok = tok.reshape(-1).astype(jnp.int32)
+    cstate = s.cstate
+    if constraint is not None:
+      cstate = constraint.update(gather_rows(cstate, rows), flat_tok)
+    logits, cache = step_fn(flat_tok, reorder_fn(s.cache, rows))
+    return _State(step=s.step + 1, logits=logits.astype(jnp.float32), cache=cache,
+                  cstate=cstate, alive_tokens=alive_tokens, alive_logp=alive_logp,
+                  fin_tokens=fin_tokens, fin_logp=fin_logp, fin_score=fin_score,
+                  fin_len=fin_len)
+
+  s = jax.lax.while_loop(cond, body, state)
+  valid = s.fin_score > NEG_INF
+  positions = jnp.arange(steps)
+  tokens = jnp.where(positions < s.fin_len[..., None], s.fin_tokens, pad_id)
+  return BeamSearchOutput(tokens=tokens, lengths=jnp.where(valid, s.fin_len, 0),
+                          scores=s.fin_score, log_probs=s.fin_logp, valid=valid)
