@@ -1,0 +1,243 @@
+"""Flamingo-style gated cross-attention from text tokens to user embeddings.
+
+A block computes
+
+    x = x + tanh(a) * XAttn(LN(x), LN(U))
+    x = x + tanh(b) * FFN(LN(x))
+
+with scalar gates `a`, `b` initialised to zero, so inserting blocks into a pretrained decoder
+leaves its logits bit-identical at step 0 (`x + 0 * y == x` for finite `y`). Text tokens attend
+to every valid user embedding of their own example: there is no causal mask over user
+embeddings, and padded embeddings get exactly zero attention weight.
+
+The blocks live in `Decoder.cross_attention` (an `nnx.Dict` keyed by the decoder layer index
+they run before), so the decoder is never forked; `insert_cross_attention` fills it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from user_llm_jax import sharding
+
+# Weight of a masked logit before the softmax; finite so that fully-masked rows stay NaN-free.
+_MASKED_LOGIT = -1e30
+
+
+def partitioned(init: nnx.Initializer, names: tuple[str | None, ...]) -> nnx.Initializer:
+  """Annotates an initializer with logical axis names (placed on a mesh later, by the rules
+  in `user_llm_jax.sharding`), so modules can be built with or without a mesh."""
+  return nnx.with_partitioning(init, tuple(names), eager_sharding=False)
+
+
+def _dense_init(in_axis, out_axis):
+  """Fan-in scaled truncated normal for multi-axis kernels (LeCun normal)."""
+  return nnx.initializers.variance_scaling(
+      1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis)
+
+
+def layer_norm(width: int, *, eps: float, dtype: Any, param_dtype: Any,
+               rngs: nnx.Rngs) -> nnx.LayerNorm:
+  """LayerNorm over the model width with partitioned scale and bias."""
+  return nnx.LayerNorm(
+      width, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
+      scale_init=partitioned(nnx.initializers.ones_init(), ("embed",)),
+      bias_init=partitioned(nnx.initializers.zeros_init(), ("embed",)),
+      rngs=rngs)
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                     kv_mask: jax.Array) -> jax.Array:
+  """Softmax attention without a causal mask; padded keys get exactly zero weight.
+
+  Args:
+    q: queries [B, T, N, H], already scaled.
+    k: keys [B, S, N, H].
+    v: values [B, S, N, H].
+    kv_mask: [B, S] bool, True for keys that may be attended.
+
+  Returns:
+    [B, T, N, H]. A query whose example has no valid key gets a zero vector (not NaN, and
+    independent of the padded values).
+  """
+  logits = jnp.einsum("BTNH,BSNH->BNTS", q, k).astype(jnp.float32)  # [B,N,T,S]
+  mask = kv_mask[:, None, None, :]  # [B,1,1,S]
+  logits = jnp.where(mask, logits, _MASKED_LOGIT)
+  probs = jax.nn.softmax(logits, axis=-1)
+  # With at least one valid key the masked weights underflow to exactly 0 already; when
+  # every key is padding the softmax is uniform over padding, so zero it explicitly.
+  probs = jnp.where(mask, probs, 0.0).astype(v.dtype)
+  return jnp.einsum("BNTS,BSNH->BTNH", probs, v)  # [B,T,N,H]
+
+
+class Attention(nnx.Module):
+  """Multi-head attention of queries `x` over keys/values computed from `context`."""
+
+  def __init__(self, width: int, context_width: int, num_heads: int, head_dim: int, *,
+               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    """Builds the projections.
+
+    Args:
+      width: query stream width D.
+      context_width: key/value stream width (D of the context).
+      num_heads: N, used for queries, keys and values alike.
+      head_dim: H.
+      dtype: compute dtype.
+      param_dtype: storage dtype of the kernels.
+      rngs: random streams (`params`).
+    """
+    self.num_heads, self.head_dim, self.dtype = num_heads, head_dim, dtype
+    in_init = partitioned(_dense_init(0, (1, 2)), ("embed", "heads", "head_dim"))
+    out_init = partitioned(_dense_init((0, 1), 2), ("heads", "head_dim", "embed"))
+    self.q_proj = nnx.Param(in_init(rngs.params(), (width, num_heads, head_dim), param_dtype))
+    self.k_proj = nnx.Param(
+        in_init(rngs.params(), (context_width, num_heads, head_dim), param_dtype))
+    self.v_proj = nnx.Param(
+        in_init(rngs.params(), (context_width, num_heads, head_dim), param_dtype))
+    self.o_proj = nnx.Param(out_init(rngs.params(), (num_heads, head_dim, width), param_dtype))
+
+  def __call__(self, x: jax.Array, context: jax.Array, context_mask: jax.Array) -> jax.Array:
+    """x [B,T,D], context [B,S,C], context_mask [B,S] bool -> [B,T,D]."""
+    x, context = x.astype(self.dtype), context.astype(self.dtype)
+    q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(self.dtype))
+    q = q * jnp.asarray(self.head_dim ** -0.5, self.dtype)
+    k = jnp.einsum("BSD,DNH->BSNH", context, self.k_proj[...].astype(self.dtype))
+    v = jnp.einsum("BSD,DNH->BSNH", context, self.v_proj[...].astype(self.dtype))
+    out = masked_attention(q, k, v, context_mask)  # [B,T,N,H]
+    return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(self.dtype))
+
+
+class FeedForward(nnx.Module):
+  """Two-layer GELU MLP D -> F -> D."""
+
+  def __init__(self, width: int, mlp_dim: int, *, dtype: Any = jnp.float32,
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    self.dtype = dtype
+    self.up = nnx.Param(partitioned(_dense_init(0, 1), ("embed", "mlp"))(
+        rngs.params(), (width, mlp_dim), param_dtype))
+    self.down = nnx.Param(partitioned(_dense_init(0, 1), ("mlp", "embed"))(
+        rngs.params(), (mlp_dim, width), param_dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x [B,T,D] -> [B,T,D]."""
+    h = jnp.einsum("BTD,DF->BTF", x.astype(self.dtype), self.up[...].astype(self.dtype))
+    h = sharding.with_logical_constraint(jax.nn.gelu(h), ("batch", "length", "mlp"))
+    return jnp.einsum("BTF,FD->BTD", h, self.down[...].astype(self.dtype))
+
+
+class GatedCrossAttention(nnx.Module):
+  """Gated cross-attention + gated FFN block with zero-initialised tanh gates."""
+
+  def __init__(self, width: int, *, context_width: int | None = None, num_heads: int,
+               head_dim: int, mlp_dim: int, norm_eps: float = 1e-5,
+               gate_init: float = 0.0, dtype: Any = jnp.float32,
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    """Builds one block.
+
+    Args:
+      width: decoder width D (the residual stream this block writes to).
+      context_width: width of the user embeddings; defaults to `width`.
+      num_heads: N attention heads.
+      head_dim: H per head.
+      mlp_dim: F, hidden width of the gated FFN.
+      norm_eps: LayerNorm epsilon.
+      gate_init: initial value of both gates; 0 keeps the host LLM unchanged at step 0.
+      dtype: compute dtype.
+      param_dtype: storage dtype.
+      rngs: random streams (`params`).
+    """
+    context_width = context_width or width
+    self.dtype = dtype
+    norm = dict(eps=norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.attn_norm = layer_norm(width, **norm)
+    self.context_norm = layer_norm(context_width, **norm)
+    self.attn = Attention(width, context_width, num_heads, head_dim, dtype=dtype,
+                          param_dtype=param_dtype, rngs=rngs)
+    self.mlp_norm = layer_norm(width, **norm)
+    self.mlp = FeedForward(width, mlp_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    gate = partitioned(nnx.initializers.constant(gate_init), ())
+    self.attn_gate = nnx.Param(gate(rngs.params(), (), param_dtype))
+    self.mlp_gate = nnx.Param(gate(rngs.params(), (), param_dtype))
+
+  def __call__(self, x: jax.Array, context: jax.Array,
+               context_mask: jax.Array | None = None) -> jax.Array:
+    """Applies the block.
+
+    Args:
+      x: text hidden states [B, T, D].
+      context: user embeddings [B, E, C] (events or Perceiver latents).
+      context_mask: [B, E] bool, True for real embeddings; None means all valid.
+
+    Returns:
+      Updated hidden states [B, T, D] in `x.dtype`.
+    """
+    if context_mask is None:
+      context_mask = jnp.ones(context.shape[:2], bool)
+    if context.shape[0] != x.shape[0] or context_mask.shape != context.shape[:2]:
+      raise ValueError(
+          f"cross-attention: text {x.shape}, context {context.shape} and context_mask "
+          f"{context_mask.shape} must share the batch and event axes ([B,T,D], [B,E,C], [B,E])")
+    ctx = self.context_norm(context)
+    attn = self.attn(self.attn_norm(x), ctx, context_mask)  # [B,T,D]
+    gate_a = jnp.tanh(self.attn_gate[...]).astype(x.dtype)
+    x = x + gate_a * attn.astype(x.dtype)
+    ffn = self.mlp(self.mlp_norm(x))  # [B,T,D]
+    gate_b = jnp.tanh(self.mlp_gate[...]).astype(x.dtype)
+    x = x + gate_b * ffn.astype(x.dtype)
+    return sharding.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+def cross_attention_layers(num_layers: int, every_k: int) -> tuple[int, ...]:
+  """Decoder layer indices that get a block before them: 0, k, 2k, ... < num_layers."""
+  if every_k < 1:
+    raise ValueError(f"xattn every_k must be >= 1, got {every_k}")
+  return tuple(range(0, num_layers, every_k))
+
+
+def insert_cross_attention(decoder: nnx.Module, every_k: int = 5, *, rngs: nnx.Rngs,
+                           context_width: int | None = None, num_heads: int | None = None,
+                           head_dim: int | None = None, mlp_dim: int | None = None,
+                           gate_init: float = 0.0, dtype: Any = None,
+                           param_dtype: Any = jnp.float32) -> tuple[int, ...]:
+  """Puts a `GatedCrossAttention` block before every `every_k`-th layer of `decoder`.
+
+  The block stored under key `str(i)` of `decoder.cross_attention` runs before decoder layer
+  `i` (the decoder's contract). With the default k=5 a 30-layer LLM gets 6 blocks, before
+  layers 0, 5, ..., 25. Sizes default to the decoder's own (width, query heads, head dim,
+  MLP width), so a block costs about as much as a decoder layer.
+
+  Args:
+    decoder: a `user_llm_jax.llm.model.Decoder` (anything with `.cfg` and an
+      `nnx.Dict` named `cross_attention`).
+    every_k: spacing of the blocks in decoder layers.
+    rngs: random streams for the new parameters.
+    context_width: width of the user embeddings fed to the blocks (default: decoder width).
+    num_heads: attention heads (default: decoder query heads).
+    head_dim: per-head width (default: decoder head dim).
+    mlp_dim: FFN width (default: decoder MLP width).
+    gate_init: initial tanh-gate pre-activation; 0 keeps the LLM unchanged.
+    dtype: compute dtype (default: the decoder's).
+    param_dtype: storage dtype.
+
+  Returns:
+    The layer indices that received a block.
+
+  Raises:
+    ValueError: if the decoder already holds cross-attention blocks or `every_k` < 1.
+  """
+  cfg = decoder.cfg
+  if len(decoder.cross_attention):
+    raise ValueError(
+        f"decoder already has cross-attention blocks at {sorted(decoder.cross_attention)}")
+  layers = cross_attention_layers(cfg.num_layers, every_k)
+  for i in layers:
+    decoder.cross_attention[str(i)] = GatedCrossAttention(
+        cfg.width, context_width=context_width, num_heads=num_heads or cfg.num_heads,
+        head_dim=head_dim or cfg.head_dim, mlp_dim=mlp_dim or cfg.mlp_dim,
+        norm_eps=cfg.norm_eps, gate_init=gate_init, dtype=dtype or cfg.compute_dtype,
+        param_dtype=param_dtype, rngs=rngs)
+  return layers

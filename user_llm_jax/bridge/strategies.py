@@ -1,0 +1,126 @@
+"""The paper's four training strategies as `nnx` parameter filters.
+
+Which parameters train is a filter handed to `nnx.Optimizer(model, tx, wrt=filter)` and to
+`nnx.grad(..., argnums=nnx.DiffState(0, filter))`, never a second code path:
+
+  full   LLM + encoder + bridge
+  lora   LoRA params of the LLM + encoder + bridge (base LLM frozen)
+  enc    encoder + bridge (LLM frozen)
+  proj   bridge only (encoder and LLM frozen)
+
+The filters address a `UserLLM` by path: `encoder/...`, `bridge/...` (projection and
+Perceiver) and `llm/...` (the decoder). Cross-attention blocks live inside the decoder at
+`llm/cross_attention/...` but are new, randomly initialised bridge parameters, so they count
+as bridge and train under every strategy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+from flax import nnx
+
+STRATEGIES = ("full", "lora", "enc", "proj")
+
+Filter = Any  # an nnx filter: a type, a predicate `(path, value) -> bool`, or a combinator
+
+
+@dataclasses.dataclass(frozen=True)
+class PathPrefix:
+  """Selects variables whose path starts with `prefix` (compared as strings)."""
+
+  prefix: tuple[str, ...]
+
+  def __call__(self, path: tuple[Any, ...], x: Any) -> bool:
+    del x
+    n = len(self.prefix)
+    return len(path) >= n and tuple(str(p) for p in path[:n]) == self.prefix
+
+  def __repr__(self) -> str:
+    return f"PathPrefix({'/'.join(self.prefix)!r})"
+
+
+ENCODER = PathPrefix(("encoder",))
+BRIDGE = nnx.Any(PathPrefix(("bridge",)), PathPrefix(("llm", "cross_attention")))
+LLM = nnx.All(PathPrefix(("llm",)), nnx.Not(PathPrefix(("llm", "cross_attention"))))
+
+
+def lora_param_type() -> type:
+  """The variable type of LoRA factors: the LLM package's own, else `nnx.LoRAParam`."""
+  try:
+    from user_llm_jax.llm import lora  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return nnx.LoRAParam
+  return getattr(lora, "LoRAParam", nnx.LoRAParam)
+
+
+def trainable_filter(strategy: str) -> Filter:
+  """The `wrt` filter of `strategy` (one of `STRATEGIES`, case-insensitive).
+
+  Raises:
+    ValueError: for an unknown strategy name.
+  """
+  name = strategy.lower()
+  if name == "full":
+    return nnx.Param
+  if name == "lora":
+    # LoRA factors only exist inside the LLM; any LoRA factor elsewhere still trains.
+    return nnx.All(nnx.Param, nnx.Any(nnx.OfType(lora_param_type()), ENCODER, BRIDGE))
+  if name == "enc":
+    return nnx.All(nnx.Param, nnx.Any(ENCODER, BRIDGE))
+  if name == "proj":
+    return nnx.All(nnx.Param, BRIDGE)
+  raise ValueError(f"unknown training strategy {strategy!r}; expected one of {STRATEGIES}")
+
+
+def frozen_filter(strategy: str) -> Filter:
+  """Parameters that `strategy` keeps fixed (the complement of `trainable_filter`)."""
+  return nnx.All(nnx.Param, nnx.Not(trainable_filter(strategy)))
+
+
+def _size(state: Any) -> int:
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(state)))
+
+
+def count_params(model: nnx.Module, wrt: Filter | str) -> tuple[int, int]:
+  """(trainable, total) scalar parameter counts; `wrt` is a filter or a strategy name."""
+  if isinstance(wrt, str):
+    wrt = trainable_filter(wrt)
+  return _size(nnx.state(model, nnx.All(nnx.Param, wrt))), _size(nnx.state(model, nnx.Param))
+
+
+def param_groups(model: nnx.Module) -> dict[str, int]:
+  """Scalar parameter counts per group: encoder, bridge, llm (base) and llm_lora."""
+  lora = nnx.OfType(lora_param_type())
+  groups = {
+      "encoder": nnx.All(nnx.Param, ENCODER),
+      "bridge": nnx.All(nnx.Param, BRIDGE),
+      "llm": nnx.All(nnx.Param, LLM, nnx.Not(lora)),
+      "llm_lora": nnx.All(nnx.Param, LLM, lora),
+  }
+  return {k: _size(nnx.state(model, f)) for k, f in groups.items()}
+
+
+def check_strategy(model: nnx.Module, strategy: str) -> tuple[int, int]:
+  """Validates that `strategy` trains something sensible on `model`; returns the counts.
+
+  Raises:
+    ValueError: if the model lacks a part the strategy relies on (e.g. 'lora' without LoRA
+      factors in the LLM, which would silently train like 'enc'), or if parameters sit
+      outside the encoder / bridge / llm groups (they would be frozen by accident).
+  """
+  groups = param_groups(model)
+  trainable, total = count_params(model, strategy)
+  if strategy.lower() == "lora" and not groups["llm_lora"]:
+    raise ValueError("strategy 'lora' needs LoRA parameters in the LLM; apply LoRA to the "
+                     "decoder first (user_llm_jax.llm.lora)")
+  if sum(groups.values()) != total:
+    raise ValueError(
+        f"{total - sum(groups.values())} parameters are outside the encoder/bridge/llm "
+        f"groups ({groups}); the strategy filters would not cover them")
+  if trainable == 0:
+    raise ValueError(f"strategy {strategy!r} selects no parameter of this model")
+  return trainable, total
