@@ -1,0 +1,128 @@
+"""Google Local reader: millisecond timestamps, null text/categories, several states."""
+
+import gzip
+import json
+import pathlib
+
+import pytest
+
+from data_pipelines import google_local
+from data_pipelines.readers import BadLineTracker, make_reader
+from data_pipelines.records import BadInputError, RawEvent, RawItem
+
+
+def write_lines(path: pathlib.Path, records: list) -> pathlib.Path:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with gzip.open(path, "wt", encoding="utf-8") as f:
+    for rec in records:
+      f.write((rec if isinstance(rec, str) else json.dumps(rec)) + "\n")
+  return path
+
+
+def review(user, gmap, time_ms, rating=5, text="Nice place", **extra):
+  return {"user_id": user, "name": "Some One", "time": time_ms, "rating": rating,
+          "text": text, "pics": None, "resp": None, "gmap_id": gmap, **extra}
+
+
+def meta(gmap, name, category, **extra):
+  return {"name": name, "address": "1 Main St", "gmap_id": gmap, "description": None,
+          "latitude": 21.3, "longitude": -157.8, "category": category, "avg_rating": 4.2,
+          "num_of_reviews": 10, "price": None, "hours": None, "MISC": None,
+          "state": "Open", "relative_results": None, "url": "https://maps", **extra}
+
+
+@pytest.fixture
+def dump(tmp_path) -> pathlib.Path:
+  """Two states: Hawaii (10-core, with meta) and Vermont (full, with meta)."""
+  write_lines(tmp_path / "review-Hawaii_10.json.gz", [
+      review("101", "0xA", 1619471925044, text=None),
+      review("102", "0xB", 1619471925999, rating=3, resp={"time": 1, "text": "Thanks"}),
+      review("101", "0xB", 1500000000000, rating=4),
+  ])
+  write_lines(tmp_path / "meta-Hawaii.json.gz", [
+      meta("0xA", "Porto&#39;s  Bakery ", ["Bakery", "Cafe", "Bakery"]),
+      meta("0xB", "Bar", None),
+      meta("0xA", "Porto's Bakery", ["Bakery"]),
+  ])
+  write_lines(tmp_path / "vt" / "review-Vermont.json.gz", [review("101", "0xC", 1000)])
+  write_lines(tmp_path / "vt" / "meta-Vermont.json.gz", [meta("0xC", "Shop", ["Store"])])
+  return tmp_path
+
+
+def test_events_seconds_null_text_rows_across_states(dump):
+  reader = google_local.GoogleLocalReader(dump)
+  events = list(reader.events())
+  assert events[0] == RawEvent("101", "0xA", 5.0, 1619471925, 0, "", "")
+  assert events[1].timestamp == 1619471925 and events[1].rating == 3.0
+  assert events[2].timestamp == 1500000000
+  # Vermont follows Hawaii (sorted by state); rows keep running across files.
+  assert events[3] == RawEvent("101", "0xC", 5.0, 1, 3, "Nice place", "")
+  assert reader.counts["reviews_without_text"] == 1
+  assert reader.tracker.lines_read == 4
+
+
+def test_items_keep_all_categories_and_clean_names(dump):
+  reader = google_local.GoogleLocalReader(dump)
+  items = list(reader.items())
+  assert items[0] == RawItem("0xA", "Porto's Bakery", ("Bakery", "Cafe"))
+  assert items[1] == RawItem("0xB", "Bar", ())
+  assert items[3] == RawItem("0xC", "Shop", ("Store",))
+  assert len(items) == 4  # The repeated 0xA is yielded; the builder de-duplicates it.
+  assert reader.counts["meta_records_without_category"] == 1
+
+
+def test_state_selection_and_registry(dump):
+  reader = make_reader("google_local", dump, states="Vermont")
+  assert isinstance(reader, google_local.GoogleLocalReader)
+  assert [e.item for e in reader.events()] == ["0xC"]
+  assert reader.describe()["states"] == {"Vermont": {"ten_core": False,
+                                                     "meta": "meta-Vermont.json.gz"}}
+  with pytest.raises(FileNotFoundError, match=r"\['Ohio'\] not found.*Hawaii, Vermont"):
+    google_local.GoogleLocalReader(dump, states=["Ohio"])
+
+
+def test_ten_core_preferred_full_selectable(tmp_path):
+  write_lines(tmp_path / "review-Ohio_10.json.gz", [review("1", "0x1", 5000)])
+  write_lines(tmp_path / "review-Ohio.json.gz", [review("1", "0x1", 5000),
+                                                 review("2", "0x1", 6000)])
+  assert len(list(google_local.GoogleLocalReader(tmp_path).events())) == 1
+  assert len(list(google_local.GoogleLocalReader(tmp_path, subset="full").events())) == 2
+
+
+def test_missing_meta_still_reads_reviews(tmp_path):
+  write_lines(tmp_path / "review-Ohio.json.gz", [review("1", "0x1", 5000)])
+  reader = google_local.GoogleLocalReader(tmp_path)
+  assert len(list(reader.events())) == 1 and list(reader.items()) == []
+  assert reader.counts["states_without_meta_file"] == 1
+
+
+@pytest.mark.parametrize("bad, reason", [
+    ({"user_id": "1", "time": 5, "rating": 5}, "missing required field 'gmap_id'"),
+    ({"user_id": "1", "gmap_id": "0x1", "time": None, "rating": 5},
+     "missing required field 'time'"),
+    ({"user_id": "1", "gmap_id": "0x1", "time": 5, "rating": 0}, "rating=0 is not one of"),
+    ({"user_id": "1", "gmap_id": "0x1", "time": "soon", "rating": 5}, "expected numbers"),
+    ('{"user_id": "1", "gmap_id"', "not a valid JSON record"),
+])
+def test_bad_line_names_file_line_and_field(tmp_path, bad, reason):
+  path = write_lines(tmp_path / "review-Ohio.json.gz",
+                     [review("1", "0x1", 5000), bad, review("2", "0x1", 7000)])
+  with pytest.raises(BadInputError, match=rf"{path}:2: .*{reason}"):
+    list(google_local.GoogleLocalReader(tmp_path).events())
+  reader = google_local.GoogleLocalReader(tmp_path, tracker=BadLineTracker(0.5))
+  assert [e.user for e in reader.events()] == ["1", "2"]
+  assert reader.tracker.bad_count == 1
+
+
+def test_truncated_gzip_names_the_file(tmp_path):
+  path = write_lines(tmp_path / "review-Ohio.json.gz",
+                     [review(str(i), f"0x{i}", i * 1000, text="x " * 80) for i in range(200)])
+  path.write_bytes(path.read_bytes()[:-100])
+  with pytest.raises(BadInputError, match=rf"{path}: truncated or corrupt gzip"):
+    list(google_local.GoogleLocalReader(tmp_path).events())
+
+
+def test_no_review_file_is_a_clear_error(tmp_path):
+  write_lines(tmp_path / "meta-Ohio.json.gz", [meta("0x1", "A", None)])
+  with pytest.raises(FileNotFoundError, match="no Google Local review file"):
+    google_local.GoogleLocalReader(tmp_path)
