@@ -372,12 +372,21 @@ class AmazonReader(Reader):
 
   def events(self) -> Iterator[RawEvent]:
     row = 0
-    for f in self.files:
-      for event in iter_review_events(f.reviews, self.tracker, first_row=row):
-        if not event.review_text:
-          self.counts["reviews_without_text"] += 1
+    for shard in range(self.num_event_shards()):
+      for event in self.shard_events(shard, first_row=row):
         yield event
         row = event.row + 1
+
+  def num_event_shards(self) -> int:
+    """Independent pieces of `events()` (one per review file), for parallel readers."""
+    return len(self.files)
+
+  def shard_events(self, shard: int, first_row: int = 0) -> Iterator[RawEvent]:
+    """The events of review file `shard`; `events()` is all shards in order."""
+    for event in iter_review_events(self.files[shard].reviews, self.tracker, first_row):
+      if not event.review_text:
+        self.counts["reviews_without_text"] += 1
+      yield event
 
   def items(self) -> Iterator[RawItem]:
     for f in self.files:

@@ -173,16 +173,27 @@ class GoogleLocalReader(Reader):
 
   def events(self) -> Iterator[RawEvent]:
     row = 0
-    for f in self.files:
-      for lineno, record in iter_records(f.reviews, self.tracker):
-        event = review_to_event(record, row)
-        if isinstance(event, str):
-          self.tracker.bad(f.reviews, lineno, event)
-          continue
-        if not event.review_text:
-          self.counts["reviews_without_text"] += 1
+    for shard in range(self.num_event_shards()):
+      for event in self.shard_events(shard, first_row=row):
         yield event
-        row += 1
+        row = event.row + 1
+
+  def num_event_shards(self) -> int:
+    """Independent pieces of `events()` (one per review file), for parallel readers."""
+    return len(self.files)
+
+  def shard_events(self, shard: int, first_row: int = 0) -> Iterator[RawEvent]:
+    """The events of review file `shard`; `events()` is all shards in order."""
+    path, row = self.files[shard].reviews, first_row
+    for lineno, record in iter_records(path, self.tracker):
+      event = review_to_event(record, row)
+      if isinstance(event, str):
+        self.tracker.bad(path, lineno, event)
+        continue
+      if not event.review_text:
+        self.counts["reviews_without_text"] += 1
+      yield event
+      row += 1
 
   def items(self) -> Iterator[RawItem]:
     for f in self.files:
