@@ -1,0 +1,182 @@
+"""Tests of the generic trainer on a tiny regression model defined here."""
+
+import dataclasses
+import os
+import signal
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from user_llm_jax import sharding as sharding_lib
+from user_llm_jax.train import checkpointing
+from user_llm_jax.train import train_step as train_step_lib
+from user_llm_jax.train import trainer as trainer_lib
+
+D_IN, D_HID = 8, 16
+
+
+class TinyRegressor(nnx.Module):
+  """Two-layer MLP with dropout; params annotated with logical axes."""
+
+  def __init__(self, *, rngs: nnx.Rngs, dropout: float = 0.1):
+    init = nnx.initializers.lecun_normal()
+    self.up = nnx.Linear(D_IN, D_HID, rngs=rngs,
+                         kernel_init=nnx.with_partitioning(init, ("embed", "mlp")),
+                         bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("mlp",)))
+    self.down = nnx.Linear(D_HID, 1, rngs=rngs,
+                           kernel_init=nnx.with_partitioning(init, ("mlp", None)),
+                           bias_init=nnx.with_partitioning(nnx.initializers.zeros, (None,)))
+    self.dropout = nnx.Dropout(dropout, rngs=rngs)
+
+  def __call__(self, x):
+    return self.down(self.dropout(jax.nn.gelu(self.up(x))))[..., 0]
+
+
+def tiny_loss(model, batch):
+  pred = model(batch["x"])
+  err = jnp.mean((pred - batch["y"]) ** 2)
+  return err, {"mse": err}
+
+
+def make_model(seed: int = 0) -> TinyRegressor:
+  with nnx.use_eager_sharding(False):
+    return TinyRegressor(rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+
+
+def make_data(n: int = 256, nan_at: int | None = None) -> list[dict]:
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=D_IN).astype(np.float32)
+  x = rng.normal(size=(n, D_IN)).astype(np.float32)
+  y = np.tanh(x @ w).astype(np.float32)
+  if nan_at is not None:
+    x[nan_at] = np.nan
+  return [{"x": x[i], "y": y[i]} for i in range(n)]
+
+
+def make_iter(records, batch_size=16, seed=0):
+  ds = grain.MapDataset.source(records).shuffle(seed=seed).repeat()
+  return iter(ds.batch(batch_size, drop_remainder=True).to_iter_dataset())
+
+
+def single_mesh():
+  return sharding_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+
+
+CFG = trainer_lib.TrainConfig(batch_size=16, num_steps=40, learning_rate=1e-2, warmup=5,
+                              log_every=10, eval_every=0, checkpoint_every=10)
+
+
+def params_of(model):
+  return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def test_loss_decreases_and_is_deterministic():
+  results = []
+  for _ in range(2):
+    model = make_model()
+    res = trainer_lib.train(model, tiny_loss, CFG, make_iter(make_data()), mesh=single_mesh(),
+                            seed=3, count_fn=lambda b: len(b["y"]))
+    results.append(res)
+  first, last = results[0].history[0]["loss"], results[0].history[-1]["loss"]
+  assert last < 0.6 * first, results[0].history
+  assert [h["step"] for h in results[0].history] == [10, 20, 30, 40]
+  assert results[0].trainable_params == results[0].total_params == D_IN * D_HID + D_HID * 2 + 1
+  # Same seed, same data order -> bit-identical params.
+  jax.tree.map(np.testing.assert_array_equal, params_of(results[0].model),
+               params_of(results[1].model))
+
+
+def test_dropout_keys_depend_on_seed_and_step_only():
+  model = make_model()
+  opt = nnx.Optimizer(model, train_step_lib.make_tx(CFG.optim()), wrt=nnx.Param)
+  step, state = train_step_lib.TrainStep.create(model, opt, tiny_loss, mesh=single_mesh(),
+                                                seed=0, donate=False)
+  batch = next(make_iter(make_data()))
+  _, m_a = step(state, batch, 7)
+  _, m_b = step(state, batch, 7)
+  _, m_c = step(state, batch, 8)
+  assert float(m_a["loss"]) == float(m_b["loss"])
+  assert float(m_a["loss"]) != float(m_c["loss"])
+
+
+def test_frozen_params_stay_bit_identical():
+  model = make_model()
+  before = params_of(model)
+  only_up = nnx.All(nnx.Param, nnx.PathContains("up"))
+  res = trainer_lib.train(model, tiny_loss, CFG, make_iter(make_data()), mesh=single_mesh(),
+                          wrt=only_up)
+  after = params_of(res.model)
+  np.testing.assert_array_equal(before["down"]["kernel"], after["down"]["kernel"])
+  assert not np.array_equal(before["up"]["kernel"], after["up"]["kernel"])
+  assert res.trainable_params == D_IN * D_HID + D_HID < res.total_params
+
+
+def test_nan_guard_names_step_and_saves_nothing_bad(tmp_path):
+  # No shuffle: 12 clean batches, then a batch holding a NaN input (step 13).
+  clean = make_data(n=16 * 12)
+  bad = make_data(n=16, nan_at=3)
+  records = clean + bad
+  ds = grain.MapDataset.source(records).batch(16, drop_remainder=True).repeat()
+  cfg = trainer_lib.TrainConfig(batch_size=16, num_steps=40, learning_rate=1e-2, warmup=2,
+                                log_every=5, eval_every=0, checkpoint_every=5)
+  with pytest.raises(train_step_lib.NonFiniteError, match=r"non-finite training step 13\b"):
+    trainer_lib.train(make_model(), tiny_loss, cfg, iter(ds.to_iter_dataset()),
+                      mesh=single_mesh(), workdir=str(tmp_path))
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), every=5)
+  assert ckpt.all_steps() == [5, 10]
+  # The saved state is finite.
+  model = make_model()
+  opt = nnx.Optimizer(model, train_step_lib.make_tx(cfg.optim()), wrt=nnx.Param)
+  _, state = train_step_lib.TrainStep.create(model, opt, tiny_loss, mesh=single_mesh())
+  state, _, step = ckpt.restore(state)
+  assert step == 10
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(nnx.to_pure_dict(state)))
+
+
+def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path):
+  cfg = dataclass_replace(CFG, eval_every=5, checkpoint_every=100)
+  data = make_data()
+  full = trainer_lib.train(make_model(), tiny_loss, cfg, make_iter(data), mesh=single_mesh(),
+                           seed=1, workdir=str(tmp_path / "full"), eval_fn=lambda m: {})
+
+  def eval_and_term(m, calls=[0]):
+    calls[0] += 1
+    if calls[0] == 3:  # at step 15
+      os.kill(os.getpid(), signal.SIGTERM)
+    return {}
+
+  work = str(tmp_path / "interrupted")
+  part = trainer_lib.train(make_model(), tiny_loss, cfg, make_iter(data), mesh=single_mesh(),
+                           seed=1, workdir=work, eval_fn=eval_and_term)
+  assert part.preempted and part.step == 15
+  assert checkpointing.Checkpointer(os.path.join(work, "checkpoints"), every=1).all_steps() == [15]
+  rest = trainer_lib.train(make_model(seed=99), tiny_loss, cfg, make_iter(data),
+                           mesh=single_mesh(), seed=1, workdir=work, eval_fn=lambda m: {})
+  assert rest.resumed_from == 15 and rest.step == cfg.num_steps
+  jax.tree.map(np.testing.assert_array_equal, params_of(full.model), params_of(rest.model))
+  assert rest.history == full.history
+
+
+def test_incompatible_and_corrupt_checkpoints_are_clear_errors(tmp_path):
+  cfg = dataclass_replace(CFG, num_steps=10, checkpoint_every=10)
+  trainer_lib.train(make_model(), tiny_loss, cfg, make_iter(make_data()), mesh=single_mesh(),
+                    workdir=str(tmp_path), fingerprint={"model": {"width": 16}})
+  with pytest.raises(checkpointing.CheckpointError, match=r"incompatible config.*model\.width"):
+    trainer_lib.train(make_model(), tiny_loss, cfg, make_iter(make_data()), mesh=single_mesh(),
+                      workdir=str(tmp_path), fingerprint={"model": {"width": 32}})
+  # Corrupt the array data of the saved state.
+  state_dir = tmp_path / "checkpoints" / "10" / "state"
+  for path in state_dir.rglob("*"):
+    if path.is_file() and "metadata" not in path.name:
+      path.write_bytes(b"garbage")
+  with pytest.raises(checkpointing.CheckpointError, match=str(tmp_path / "checkpoints" / "10")):
+    trainer_lib.train(make_model(), tiny_loss, cfg, make_iter(make_data()), mesh=single_mesh(),
+                      workdir=str(tmp_path), fingerprint={"model": {"width": 16}})
+
+
+def dataclass_replace(cfg, **kw):
+  return dataclasses.replace(cfg, **kw)

@@ -1,0 +1,200 @@
+"""The optimizer and the one jitted train step shared by every training job.
+
+A job supplies a model and a loss function `loss_fn(model, batch) -> (loss, metrics)`;
+which parameters train (Full / LoRA / Enc / Proj) is the `wrt` filter handed to
+`nnx.Optimizer`, never a second code path. The step is a pure function of
+`(state, batch, step)`: the model + optimizer state go in and come out (donated), and the
+dropout keys are derived from `(seed, step)` rather than from consumed RNG state, so a run
+resumed from a checkpoint replays exactly the same randomness as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from user_llm_jax import sharding as sharding_lib
+
+Batch = Mapping[str, Any]
+LossFn = Callable[[nnx.Module, Batch], tuple[jax.Array, Mapping[str, jax.Array]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """Optimizer hyperparameters (the `train.*` keys that shape the update).
+
+  Attributes:
+    learning_rate: peak learning rate of the warmup-cosine schedule.
+    num_steps: total number of optimizer steps (length of the cosine decay).
+    warmup: linear warmup steps from 0 to `learning_rate`.
+    weight_decay: decoupled AdamW weight decay.
+    grad_clip: global-norm gradient clipping threshold (<= 0 disables clipping).
+    end_lr_fraction: final learning rate as a fraction of the peak.
+  """
+
+  learning_rate: float = 1e-3
+  num_steps: int = 1000
+  warmup: int = 100
+  weight_decay: float = 0.01
+  grad_clip: float = 1.0
+  end_lr_fraction: float = 0.0
+
+
+def make_schedule(cfg: OptimConfig) -> optax.Schedule:
+  """Linear warmup then cosine decay to `end_lr_fraction * learning_rate`."""
+  warmup = min(cfg.warmup, max(cfg.num_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=warmup,
+      decay_steps=max(cfg.num_steps, warmup + 1),
+      end_value=cfg.learning_rate * cfg.end_lr_fraction)
+
+
+def make_tx(cfg: OptimConfig) -> optax.GradientTransformation:
+  """Clip by global norm, then AdamW on the warmup-cosine schedule."""
+  parts = []
+  if cfg.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(cfg.grad_clip))
+  parts.append(optax.adamw(make_schedule(cfg), weight_decay=cfg.weight_decay))
+  return optax.chain(*parts)
+
+
+def count_params(model: nnx.Module, wrt: Any = nnx.Param) -> int:
+  """Number of scalar parameters of `model` selected by the filter `wrt`."""
+  state = nnx.state(model, wrt)
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))
+
+
+def rng_stream_names(node: Any) -> tuple[str, ...]:
+  """Names (tags) of every `nnx.RngStream` inside `node`, sorted."""
+  tags = {obj.tag for _, obj in nnx.iter_graph(node) if isinstance(obj, nnx.RngStream)}
+  return tuple(sorted(tags))
+
+
+def step_key(seed: int, step: jax.Array | int) -> jax.Array:
+  """The RNG key of one training step: a pure function of (seed, step)."""
+  return jax.random.fold_in(jax.random.key(seed), step)
+
+
+def variable_shardings(state: Any, mesh: jax.sharding.Mesh,
+                       rules=sharding_lib.DEFAULT_RULES) -> Any:
+  """NamedShardings of every variable in `state`, from its logical `out_sharding` names.
+
+  Optimizer moments inherit their parameter's names, so they shard like the parameter.
+  """
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def spec(var):
+    names = var.get_metadata().get("out_sharding")
+    if names is None or len(names) != np.ndim(var[...]):
+      return replicated
+    return sharding_lib.logical_sharding(mesh, names, rules)
+
+  return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+class NonFiniteError(FloatingPointError):
+  """Raised when a step produces a non-finite loss or gradient norm."""
+
+
+@dataclasses.dataclass
+class TrainStep:
+  """A compiled train step over the split (model, optimizer) state.
+
+  Build with `TrainStep.create(...)`; call as `state, metrics = step(state, batch, i)`.
+  `state` holds everything but the RNG streams (which are re-derived every step), so it
+  is exactly what a checkpoint stores. When the loss or the gradient norm is non-finite,
+  the returned state equals the input state (the bad update is discarded on device) and
+  `metrics['finite']` is False; the caller raises `NonFiniteError`.
+
+  Attributes:
+    graphdef: static structure of `(model, optimizer)`.
+    rng_state: the RNG-stream variables (re-keyed from (seed, step) inside the step).
+    state_shardings: NamedShardings of `state` on the mesh.
+    batch_sharding: NamedSharding of a batch leaf's leading (batch) axis.
+    mesh: the device mesh the step runs on.
+    fn: the jitted function.
+  """
+
+  graphdef: Any
+  rng_state: Any
+  state_shardings: Any
+  batch_sharding: jax.sharding.NamedSharding
+  mesh: jax.sharding.Mesh
+  fn: Callable[..., Any]
+
+  @classmethod
+  def create(cls, model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: LossFn, *,
+             mesh: jax.sharding.Mesh, rules=sharding_lib.DEFAULT_RULES, seed: int = 0,
+             donate: bool = True) -> tuple["TrainStep", Any]:
+    """Shards `(model, optimizer)` onto `mesh` and compiles the step.
+
+    Args:
+      model: the model (its `nnx.Param`s carry logical sharding names).
+      optimizer: `nnx.Optimizer(model, tx, wrt=...)`; `wrt` decides what trains.
+      loss_fn: `(model, batch) -> (scalar loss, dict of scalar metrics)`.
+      mesh: device mesh (`sharding.make_mesh`).
+      rules: logical-axis rules.
+      seed: base seed of the per-step dropout keys.
+      donate: donate the input state buffers (off only for debugging).
+
+    Returns:
+      The step and the initial (sharded) state.
+    """
+    wrt = optimizer.wrt
+    graphdef, state, rng_state = nnx.split((model, optimizer), nnx.Not(nnx.RngState), ...)
+    state_shardings = variable_shardings(state, mesh, rules)
+    state = jax.device_put(state, state_shardings)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    rng_state = jax.device_put(rng_state, replicated)
+    batch_sharding = sharding_lib.logical_sharding(mesh, ("batch",), rules)
+    streams = rng_stream_names(model)
+
+    def step_fn(state, rng_state, batch, step):
+      model, optimizer = nnx.merge(graphdef, state, rng_state)
+      key = step_key(seed, step)
+      if streams:
+        nnx.reseed(model, **{s: jax.random.fold_in(key, i) for i, s in enumerate(streams)})
+
+      def loss_of(model):
+        return loss_fn(model, batch)
+
+      grad_fn = nnx.value_and_grad(loss_of, argnums=nnx.DiffState(0, wrt), has_aux=True)
+      (loss, aux), grads = grad_fn(model)
+      grad_norm = optax.tree.norm(grads)
+      optimizer.update(model, grads)
+      new_state = nnx.state((model, optimizer), nnx.Not(nnx.RngState))
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      # Keep the last good state on device when the update is poisoned, so nothing
+      # non-finite can ever reach a checkpoint.
+      new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
+      metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
+                 **{k: jnp.asarray(v) for k, v in aux.items()}}
+      return new_state, metrics
+
+    fn = jax.jit(step_fn, out_shardings=(state_shardings, replicated),
+                 donate_argnums=(0,) if donate else ())
+    return cls(graphdef, rng_state, state_shardings, batch_sharding, mesh, fn), state
+
+  def place_batch(self, batch: Batch) -> dict[str, jax.Array]:
+    """Puts a host batch on the mesh, split along its leading (batch) axis."""
+    return {k: jax.device_put(np.asarray(v), self.batch_sharding) for k, v in batch.items()}
+
+  def __call__(self, state: Any, batch: Batch, step: int) -> tuple[Any, dict[str, jax.Array]]:
+    with jax.set_mesh(self.mesh):
+      return self.fn(state, self.rng_state, self.place_batch(batch), np.int32(step))
+
+  def lower(self, state: Any, batch: Batch, step: int = 0):
+    """Lowers the step for ahead-of-time compilation / cost analysis."""
+    with jax.set_mesh(self.mesh):
+      return self.fn.lower(state, self.rng_state, self.place_batch(batch), np.int32(step))
+
+  def merge(self, state: Any) -> tuple[nnx.Module, nnx.Optimizer]:
+    """Rebuilds live `(model, optimizer)` objects from a state."""
+    return nnx.merge(self.graphdef, state, self.rng_state)

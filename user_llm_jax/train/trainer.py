@@ -1,0 +1,261 @@
+"""The generic training loop: steps, logging, periodic eval, checkpoints, preemption.
+
+Any job (encoder pretraining, User-LLM training with any strategy) calls `train(...)` with
+its model, a loss function and a repeating Grain iterator. The loop resumes automatically
+from the latest checkpoint under `workdir`, and a resumed run reproduces the uninterrupted
+one exactly: batches come from the restored iterator position, dropout keys from
+(seed, step), and the partial logging accumulators are checkpointed too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import tqdm
+from flax import nnx
+
+from user_llm_jax import sharding as sharding_lib
+from user_llm_jax.train import checkpointing
+from user_llm_jax.train import metrics_writer
+from user_llm_jax.train import train_step as train_step_lib
+
+EvalFn = Callable[[nnx.Module], Mapping[str, float]]
+CountFn = Callable[[Mapping[str, Any]], int]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The `train.*` section of a config.
+
+  Attributes:
+    batch_size: global batch size (split over the mesh's batch axes).
+    num_steps: optimizer steps of the whole run.
+    learning_rate: peak learning rate.
+    warmup: linear warmup steps.
+    weight_decay: AdamW weight decay.
+    grad_clip: global-norm clip (<= 0 disables).
+    log_every: steps between logged (averaged) training metrics.
+    eval_every: steps between evaluations (<= 0: only at the end).
+    checkpoint_every: steps between checkpoints (the last step is always saved).
+    keep_checkpoints: how many of the latest checkpoints to keep.
+  """
+
+  batch_size: int = 128
+  num_steps: int = 1000
+  learning_rate: float = 1e-3
+  warmup: int = 100
+  weight_decay: float = 0.01
+  grad_clip: float = 1.0
+  log_every: int = 50
+  eval_every: int = 500
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 3
+
+  def __post_init__(self):
+    for name in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
+    if self.learning_rate <= 0:
+      raise ValueError(f"train.learning_rate must be positive, got {self.learning_rate}")
+    if self.warmup < 0:
+      raise ValueError(f"train.warmup must be >= 0, got {self.warmup}")
+
+  def optim(self) -> train_step_lib.OptimConfig:
+    return train_step_lib.OptimConfig(
+        learning_rate=self.learning_rate, num_steps=self.num_steps, warmup=self.warmup,
+        weight_decay=self.weight_decay, grad_clip=self.grad_clip)
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What `train` returns.
+
+  Attributes:
+    model: the trained model (updated in place; the same object that was passed in).
+    optimizer: its optimizer.
+    step: the last completed step.
+    history: logged training metrics, one dict per log interval (with 'step').
+    evals: evaluation metrics, one dict per evaluation (with 'step').
+    preempted: True when SIGTERM stopped the run early (a checkpoint was saved).
+    resumed_from: the checkpoint step the run resumed from, or None.
+    wall_time: seconds spent in this process's loop (compile included).
+    trainable_params: number of parameters the optimizer updates.
+    total_params: number of parameters of the model.
+  """
+
+  model: nnx.Module
+  optimizer: nnx.Optimizer
+  step: int
+  history: list[dict[str, float]]
+  evals: list[dict[str, float]]
+  preempted: bool
+  resumed_from: int | None
+  wall_time: float
+  trainable_params: int
+  total_params: int
+
+
+class _Accumulator:
+  """Running sums of per-step metrics between two log points (checkpointable)."""
+
+  def __init__(self, state: Mapping[str, Any] | None = None):
+    state = dict(state or {})
+    self.sums: dict[str, float] = dict(state.get("sums", {}))
+    self.count = int(state.get("count", 0))
+    self.events = int(state.get("events", 0))
+
+  def add(self, metrics: Mapping[str, Any], events: int) -> None:
+    for k, v in metrics.items():
+      if k != "finite" and np.ndim(v) == 0:
+        self.sums[k] = self.sums.get(k, 0.0) + float(v)
+    self.count += 1
+    self.events += events
+
+  def means(self) -> dict[str, float]:
+    return {k: v / max(self.count, 1) for k, v in self.sums.items()}
+
+  def state(self) -> dict[str, Any]:
+    return {"sums": self.sums, "count": self.count, "events": self.events}
+
+
+def train(model: nnx.Module, loss_fn: train_step_lib.LossFn, cfg: TrainConfig,
+          train_iter: Iterator[Mapping[str, Any]], *, mesh: jax.sharding.Mesh,
+          rules=sharding_lib.DEFAULT_RULES, seed: int = 0, wrt: Any = nnx.Param,
+          workdir: str | None = None, eval_fn: EvalFn | None = None,
+          fingerprint: Mapping[str, Any] | None = None, count_fn: CountFn | None = None,
+          desc: str = "train") -> TrainResult:
+  """Trains `model` for `cfg.num_steps` steps, resuming from `workdir` if possible.
+
+  Args:
+    model: model to train (updated in place).
+    loss_fn: `(model, batch) -> (loss, metrics)`; runs inside the jitted step.
+    cfg: training hyperparameters.
+    train_iter: repeating iterator of host batches (a Grain `DatasetIterator` when the
+      position must be checkpointed).
+    mesh: device mesh; params and batches are placed by the logical-axis `rules`.
+    rules: logical-axis -> mesh-axis rules.
+    seed: seed of the per-step dropout keys.
+    wrt: filter of the parameters that train.
+    workdir: checkpoints go to `workdir/checkpoints`, TensorBoard files to
+      `workdir/tensorboard`; None trains without either.
+    eval_fn: `model -> metrics`, run every `cfg.eval_every` steps and at the end.
+    fingerprint: config facts a checkpoint must match to be resumed.
+    count_fn: `batch -> number of real events`, for the events/s readout.
+    desc: progress-bar label.
+
+  Returns:
+    A `TrainResult`.
+
+  Raises:
+    train_step.NonFiniteError: a step produced a non-finite loss or gradient norm.
+    checkpointing.CheckpointError: the workdir's checkpoint cannot be resumed.
+  """
+  t0 = time.perf_counter()
+  optimizer = nnx.Optimizer(model, train_step_lib.make_tx(cfg.optim()), wrt=wrt)
+  trainable = train_step_lib.count_params(model, wrt)
+  total = train_step_lib.count_params(model, nnx.Param)
+  step_fn, state = train_step_lib.TrainStep.create(
+      model, optimizer, loss_fn, mesh=mesh, rules=rules, seed=seed)
+
+  ckpt = None
+  history: list[dict[str, float]] = []
+  evals: list[dict[str, float]] = []
+  acc = _Accumulator()
+  start, resumed_from = 0, None
+  if workdir is not None:
+    ckpt = checkpointing.Checkpointer(
+        os.path.join(workdir, "checkpoints"), every=cfg.checkpoint_every,
+        keep=cfg.keep_checkpoints, fingerprint=fingerprint)
+    if ckpt.latest_step() is not None:
+      data_iter = train_iter if hasattr(train_iter, "get_state") else None
+      state, extra, start = ckpt.restore(state, data_iter)
+      history = list(extra.get("history", []))
+      evals = list(extra.get("evals", []))
+      acc = _Accumulator(extra.get("accumulator"))
+      resumed_from = start
+      logging.info("Resumed from %s at step %d.", ckpt.directory, start)
+  writer = metrics_writer.MetricsWriter(
+      os.path.join(workdir, "tensorboard") if workdir is not None else None)
+
+  def sync_model():
+    nnx.update((model, optimizer), state)
+
+  def save(step: int) -> None:
+    if ckpt is None:
+      return
+    data_iter = train_iter if hasattr(train_iter, "get_state") else None
+    ckpt.save(step, state, data_iter,
+              extra={"history": history, "evals": evals, "accumulator": acc.state()})
+
+  preempted = False
+  step = start
+  interval_start = time.perf_counter()
+  try:
+    with checkpointing.PreemptionGuard() as guard, tqdm.tqdm(
+        total=cfg.num_steps, initial=start, desc=desc, dynamic_ncols=True,
+        mininterval=1.0) as bar:
+      while step < cfg.num_steps:
+        try:
+          batch = next(train_iter)
+        except StopIteration as e:
+          raise RuntimeError(
+              f"training data ran out at step {step + 1}/{cfg.num_steps}: the training "
+              "pipeline must repeat (num_epochs=None)") from e
+        state, metrics = step_fn(state, batch, step)
+        step += 1
+        metrics = jax.device_get(metrics)
+        if not bool(metrics["finite"]):
+          last = ckpt.latest_step() if ckpt is not None else None
+          raise train_step_lib.NonFiniteError(
+              f"non-finite training step {step}: loss={float(metrics['loss'])}, "
+              f"grad_norm={float(metrics['grad_norm'])}; stopping. The update was discarded "
+              f"and nothing from step {step} was saved (last checkpoint: {last}).")
+        acc.add(metrics, int(count_fn(batch)) if count_fn is not None else 0)
+        bar.update(1)
+
+        if step % cfg.log_every == 0 or step == cfg.num_steps:
+          now = time.perf_counter()
+          means = acc.means()
+          means["learning_rate"] = float(train_step_lib.make_schedule(cfg.optim())(step - 1))
+          rate = acc.events / max(now - interval_start, 1e-9)
+          writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
+          if count_fn is not None:
+            writer.write_scalars(step, {"train/events_per_sec": rate})
+          history.append({"step": step, **means})
+          bar.set_postfix(loss=f"{means['loss']:.4f}", ev_s=f"{rate:,.0f}")
+          acc = _Accumulator()
+          interval_start = now
+
+        if eval_fn is not None and ((cfg.eval_every > 0 and step % cfg.eval_every == 0)
+                                    or step == cfg.num_steps):
+          sync_model()
+          result = {k: float(v) for k, v in eval_fn(model).items()}
+          writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
+          evals.append({"step": step, **result})
+          tqdm.tqdm.write(f"[{desc}] step {step}: " + ", ".join(
+              f"{k}={v:.4f}" for k, v in sorted(result.items())))
+
+        if guard.requested or step == cfg.num_steps or (ckpt and ckpt.should_save(step)):
+          save(step)
+        if guard.requested:
+          preempted = True
+          logging.warning("%s at step %d: checkpoint saved, stopping.", guard.signal_name, step)
+          tqdm.tqdm.write(f"[{desc}] {guard.signal_name} received: saved step {step}; "
+                          "rerun the same command to resume.")
+          break
+  finally:
+    writer.close()
+    if ckpt is not None:
+      ckpt.close()
+  sync_model()
+  return TrainResult(
+      model=model, optimizer=optimizer, step=step, history=history, evals=evals,
+      preempted=preempted, resumed_from=resumed_from, wall_time=time.perf_counter() - t0,
+      trainable_params=trainable, total_params=total)
