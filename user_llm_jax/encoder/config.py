@@ -1,0 +1,126 @@
+"""Architecture hyperparameters of the user encoder (frozen; presets below)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from user_llm_jax.data import schema
+from user_llm_jax.data import transforms
+
+FUSIONS = ("early", "late")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+  """User encoder: multimodal event embeddings -> causal transformer -> per-event states.
+
+  Attributes:
+    num_items: item vocabulary size, including the reserved PAD and OOV ids.
+    num_ratings: rating-token vocabulary size, including PAD and OOV.
+    num_categories: category vocabulary size, including PAD and OOV.
+    num_time_buckets: vocabulary of the `inputs_time` gap buckets (see data/transforms).
+    max_len: event positions E (the paper's window, 50).
+    max_categories: category slots per event C in the input examples.
+    num_layers: transformer blocks (early fusion) / per-feature blocks (late fusion).
+    width: model width D.
+    num_heads: attention heads N; `width` must be divisible by it.
+    mlp_dim: feed-forward hidden width F.
+    dropout: dropout rate on embeddings and residual branches during training.
+    fusion: 'early' (concatenate per-event feature embeddings, project to D, one
+      transformer) or 'late' (one transformer per feature, outputs concatenated and
+      projected to D), the two variants compared in the paper.
+    late_fusion_layers: blocks of each per-feature transformer in late fusion (0: use
+      `num_layers`).
+    feature_dim: width of each feature's embedding table.
+    use_time: embed the time-gap feature as a fourth event feature.
+    tie_item_head: score items by a dot product with the item embedding table (after a
+      D -> feature_dim projection) instead of a separate D x num_items matrix.
+    item_loss_weight: weight of the next-item softmax cross-entropy.
+    rating_loss_weight: weight of the next-rating softmax cross-entropy.
+    category_loss_weight: weight of the next-categories sigmoid (multi-label) loss.
+    layer_norm_eps: epsilon of every LayerNorm.
+    dtype: compute dtype of activations (logits and losses are float32).
+    param_dtype: storage dtype of parameters.
+  """
+
+  num_items: int
+  num_ratings: int
+  num_categories: int
+  num_time_buckets: int = transforms.NUM_TIME_BUCKETS
+  max_len: int = 50
+  max_categories: int = 10
+  num_layers: int = 6
+  width: int = 128
+  num_heads: int = 4
+  mlp_dim: int = 512
+  dropout: float = 0.1
+  fusion: str = "early"
+  late_fusion_layers: int = 0
+  feature_dim: int = 64
+  use_time: bool = True
+  tie_item_head: bool = True
+  item_loss_weight: float = 1.0
+  rating_loss_weight: float = 0.5
+  category_loss_weight: float = 0.5
+  layer_norm_eps: float = 1e-6
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    min_vocab = schema.FIRST_ID + 1
+    for name in ("num_items", "num_ratings", "num_categories", "num_time_buckets"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < min_vocab:
+        raise ValueError(f"EncoderConfig.{name}={value!r}: must be an int >= {min_vocab} "
+                         f"(the {schema.FIRST_ID} reserved ids PAD/OOV plus at least one "
+                         "real value)")
+    for name in ("max_len", "max_categories", "num_layers", "width", "num_heads",
+                 "mlp_dim", "feature_dim"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"EncoderConfig.{name}={value!r}: must be a positive int")
+    if self.width % self.num_heads:
+      raise ValueError(f"EncoderConfig.width={self.width} is not divisible by "
+                       f"num_heads={self.num_heads}")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"EncoderConfig.dropout={self.dropout}: must be in [0, 1)")
+    if self.fusion not in FUSIONS:
+      raise ValueError(f"EncoderConfig.fusion={self.fusion!r}: must be one of {FUSIONS}")
+    if self.late_fusion_layers < 0:
+      raise ValueError(f"EncoderConfig.late_fusion_layers={self.late_fusion_layers}: "
+                       "must be >= 0")
+    weights = (self.item_loss_weight, self.rating_loss_weight, self.category_loss_weight)
+    if min(weights) < 0 or sum(weights) <= 0:
+      raise ValueError(f"EncoderConfig loss weights (item, rating, category)={weights}: "
+                       "must be >= 0 with a positive sum")
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.num_heads
+
+  @property
+  def num_features(self) -> int:
+    """Event features embedded: item, rating, categories (+ time)."""
+    return 4 if self.use_time else 3
+
+  @property
+  def feature_layers(self) -> int:
+    """Blocks of each per-feature transformer in late fusion."""
+    return self.late_fusion_layers or self.num_layers
+
+  def replace(self, **kwargs) -> "EncoderConfig":
+    return dataclasses.replace(self, **kwargs)
+
+
+# MovieLens ml-latest-small sizes: ~9.7k movies, 10 half-star ratings, 20 genres (+2 reserved
+# ids each). Real runs replace the vocabulary sizes from the prepared dataset's vocabulary.
+ENCODER_PAPER = EncoderConfig(
+    num_items=9744, num_ratings=12, num_categories=22, max_len=50, num_layers=6,
+    width=128, num_heads=4, mlp_dim=512, feature_dim=64)
+
+ENCODER_TINY = EncoderConfig(
+    num_items=40, num_ratings=7, num_categories=8, max_len=8, max_categories=3,
+    num_layers=2, width=32, num_heads=2, mlp_dim=64, feature_dim=16, dropout=0.0)

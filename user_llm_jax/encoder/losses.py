@@ -1,0 +1,94 @@
+"""Masked next-event losses of encoder pretraining (pure functions, float32).
+
+Reserved vocabulary columns (PAD, OOV) are never predicted: their logits are pushed to a
+large negative value, and positions whose target is PAD or OOV carry no weight (an OOV
+target has no learnable identity). Every mean divides by max(total weight, 1), so a batch
+without any valid position gives a loss of exactly 0, never NaN.
+
+Axis letters: B batch, E events, C category slots, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from user_llm_jax.data import schema
+
+# Finite (not -inf) so that a masked column times a zero weight never makes NaN.
+_MASKED_LOGIT = -1e9
+
+
+def mask_reserved(logits: jax.Array, fill: float = _MASKED_LOGIT) -> jax.Array:
+  """Sets the PAD and OOV columns (the first `FIRST_ID`) of [..., V] logits to `fill`."""
+  column = jnp.arange(logits.shape[-1])
+  return jnp.where(column >= schema.FIRST_ID, logits, jnp.asarray(fill, logits.dtype))
+
+
+def masked_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+  """sum(values * weights) / max(sum(weights), 1)."""
+  weights = weights.astype(jnp.float32)
+  return jnp.sum(values.astype(jnp.float32) * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def target_weights(targets: jax.Array, mask: jax.Array) -> jax.Array:
+  """float32 weights: valid positions whose target is a real (non-reserved) id."""
+  return (mask & (targets >= schema.FIRST_ID)).astype(jnp.float32)
+
+
+def softmax_cross_entropy(logits: jax.Array, targets: jax.Array,
+                          mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Masked softmax cross-entropy over the real vocabulary.
+
+  Args:
+    logits: [B, E, V] scores.
+    targets: int[B, E] target ids.
+    mask: bool[B, E] positions to score.
+
+  Returns:
+    (mean loss, mean top-1 accuracy, number of scored positions).
+  """
+  logits = mask_reserved(logits.astype(jnp.float32))
+  weights = target_weights(targets, mask)
+  # Weightless positions get a harmless target so their (ignored) loss stays finite.
+  safe = jnp.where(weights > 0, targets, schema.FIRST_ID)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, safe)   # [B, E]
+  correct = (jnp.argmax(logits, axis=-1) == safe).astype(jnp.float32)
+  return masked_mean(nll, weights), masked_mean(correct, weights), jnp.sum(weights)
+
+
+def multi_hot(ids: jax.Array, num_classes: int) -> jax.Array:
+  """int[B, E, C] ids -> float32[B, E, V] multi-hot labels (PAD/OOV columns stay 0).
+
+  A scatter rather than a one-hot sum: memory B*E*V instead of B*E*C*V, which matters
+  for category vocabularies of thousands (Google Local).
+  """
+  b, e, c = ids.shape
+  bi = jnp.broadcast_to(jnp.arange(b)[:, None, None], ids.shape)
+  ei = jnp.broadcast_to(jnp.arange(e)[None, :, None], ids.shape)
+  labels = jnp.zeros((b, e, num_classes), jnp.float32)
+  labels = labels.at[bi, ei, ids].max(jnp.ones((b, e, c), jnp.float32), mode="drop")
+  return mask_reserved(labels, 0.0)
+
+
+def multi_label_loss(logits: jax.Array, target_ids: jax.Array,
+                     mask: jax.Array) -> jax.Array:
+  """Masked sigmoid binary cross-entropy, averaged over the real category columns.
+
+  Args:
+    logits: [B, E, V] category scores.
+    target_ids: int[B, E, C] the next event's category ids (PAD-padded).
+    mask: bool[B, E] positions to score; positions whose next event has no real category
+      carry no weight.
+
+  Returns:
+    Scalar mean loss.
+  """
+  num_classes = logits.shape[-1]
+  labels = multi_hot(target_ids, num_classes)                             # [B, E, V]
+  bce = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), labels)
+  real = (jnp.arange(num_classes) >= schema.FIRST_ID).astype(jnp.float32)  # [V]
+  per_position = jnp.sum(bce * real, axis=-1) / jnp.sum(real)              # [B, E]
+  has_label = jnp.any(target_ids >= schema.FIRST_ID, axis=-1)
+  return masked_mean(per_position, (mask & has_label).astype(jnp.float32))

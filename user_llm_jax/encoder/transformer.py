@@ -1,0 +1,143 @@
+"""Pre-LN causal transformer over event sequences (the user encoder's backbone).
+
+Axis letters: B batch, E events (queries), S events (keys), D width, N heads, H head dim,
+F mlp hidden width.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from user_llm_jax import sharding
+from user_llm_jax.encoder.config import EncoderConfig
+
+
+def partitioned(init, *names: str | None):
+  """An initializer carrying logical axis names as metadata (placed later, not eagerly)."""
+  return nnx.with_partitioning(init, tuple(names), eager_sharding=False)
+
+
+def dense(in_dim: int, out_dim: int, in_axis: str, out_axis: str, cfg: EncoderConfig, *,
+          rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
+  """A Linear layer with logical axis names on its kernel and bias."""
+  return nnx.Linear(
+      in_dim, out_dim, use_bias=use_bias,
+      kernel_init=partitioned(nnx.initializers.lecun_normal(), in_axis, out_axis),
+      bias_init=partitioned(nnx.initializers.zeros_init(), out_axis),
+      dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+
+
+def layer_norm(cfg: EncoderConfig, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(
+      cfg.width, epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+      scale_init=partitioned(nnx.initializers.ones_init(), "embed"),
+      bias_init=partitioned(nnx.initializers.zeros_init(), "embed"), rngs=rngs)
+
+
+def attention_mask(mask: jax.Array) -> jax.Array:
+  """Causal mask restricted to valid keys.
+
+  Args:
+    mask: bool[B, E] valid event positions.
+
+  Returns:
+    bool[B, E, S]: query e may read key s iff s <= e and s is valid.
+  """
+  length = mask.shape[-1]
+  causal = jnp.tril(jnp.ones((length, length), dtype=bool))  # [E, S]
+  return causal[None, :, :] & mask[:, None, :]
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention with an explicit boolean mask."""
+
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    init = nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
+    d, n, h = cfg.width, cfg.num_heads, cfg.head_dim
+    shape_dnh = (d, n, h)
+    self.q_dnh = nnx.Param(partitioned(init, "embed", "heads", "head_dim")(
+        rngs.params(), shape_dnh, cfg.param_dtype))
+    self.k_dnh = nnx.Param(partitioned(init, "embed", "heads", "head_dim")(
+        rngs.params(), shape_dnh, cfg.param_dtype))
+    self.v_dnh = nnx.Param(partitioned(init, "embed", "heads", "head_dim")(
+        rngs.params(), shape_dnh, cfg.param_dtype))
+    out_init = nnx.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
+    self.o_nhd = nnx.Param(partitioned(out_init, "heads", "head_dim", "embed")(
+        rngs.params(), (n, h, d), cfg.param_dtype))
+    self.dtype = cfg.dtype
+    self.scale = h ** -0.5
+
+  def __call__(self, x: jax.Array, mask_bes: jax.Array) -> jax.Array:
+    x = x.astype(self.dtype)
+    q = jnp.einsum("BED,DNH->BENH", x, self.q_dnh[...].astype(self.dtype))  # [B, E, N, H]
+    k = jnp.einsum("BSD,DNH->BSNH", x, self.k_dnh[...].astype(self.dtype))  # [B, S, N, H]
+    v = jnp.einsum("BSD,DNH->BSNH", x, self.v_dnh[...].astype(self.dtype))  # [B, S, N, H]
+    logits = jnp.einsum("BENH,BSNH->BNES", q, k).astype(jnp.float32) * self.scale
+    # A finite floor (not -inf) keeps an all-padding row finite (uniform weights) instead of
+    # NaN; for a row with any valid key the masked weights underflow to exactly 0.
+    logits = jnp.where(mask_bes[:, None, :, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)          # [B, N, E, S]
+    out = jnp.einsum("BNES,BSNH->BENH", probs, v)                       # [B, E, N, H]
+    return jnp.einsum("BENH,NHD->BED", out, self.o_nhd[...].astype(self.dtype))
+
+
+class Mlp(nnx.Module):
+  """Position-wise feed-forward block D -> F -> D with GELU."""
+
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    self.up = dense(cfg.width, cfg.mlp_dim, "embed", "mlp", cfg, rngs=rngs)
+    self.down = dense(cfg.mlp_dim, cfg.width, "mlp", "embed", cfg, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down(jax.nn.gelu(self.up(x)))  # [B, E, F] -> [B, E, D]
+
+
+class Block(nnx.Module):
+  """Pre-LN transformer block: x + Attn(LN(x)), then x + Mlp(LN(x))."""
+
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    self.attn_norm = layer_norm(cfg, rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = layer_norm(cfg, rngs=rngs)
+    self.mlp = Mlp(cfg, rngs=rngs)
+    self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+
+  def __call__(self, x: jax.Array, mask_bes: jax.Array, *, deterministic: bool) -> jax.Array:
+    h = self.attn(self.attn_norm(x), mask_bes)
+    x = x + self.dropout(h, deterministic=deterministic)
+    h = self.mlp(self.mlp_norm(x))
+    x = x + self.dropout(h, deterministic=deterministic)
+    return sharding.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class CausalTransformer(nnx.Module):
+  """Learned positions + a stack of causal blocks over [B, E, D] event states."""
+
+  def __init__(self, cfg: EncoderConfig, num_layers: int, *, rngs: nnx.Rngs):
+    self.positions = nnx.Param(partitioned(nnx.initializers.normal(0.02), "length", "embed")(
+        rngs.params(), (cfg.max_len, cfg.width), cfg.param_dtype))
+    self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(num_layers)])
+    self.dtype = cfg.dtype
+
+  def __call__(self, x: jax.Array, mask: jax.Array, *, deterministic: bool) -> jax.Array:
+    """Encodes events causally.
+
+    Args:
+      x: [B, E, D] event embeddings (E <= max_len).
+      mask: bool[B, E] valid positions.
+      deterministic: disable dropout.
+
+    Returns:
+      [B, E, D] states; position e depends only on valid events 0..e.
+    """
+    length = x.shape[1]
+    x = x.astype(self.dtype) + self.positions[...][:length].astype(self.dtype)[None]
+    x = self.dropout(x, deterministic=deterministic)
+    x = sharding.with_logical_constraint(x, ("batch", "length", "embed"))
+    mask_bes = attention_mask(mask)
+    for block in self.blocks:
+      x = block(x, mask_bes, deterministic=deterministic)
+    return x
