@@ -364,11 +364,6 @@ class AmazonReader(Reader):
       categories = [c.strip() for c in categories.split(",") if c.strip()]
     self.files = discover(self.manual_dir, categories, subset)
     self.counts: collections.Counter = collections.Counter()
-    for f in self.files:
-      if f.meta is None:
-        self.counts["categories_without_meta_file"] += 1
-        logging.warning("Amazon category %s has no meta_%s.json.gz: titles fall back to "
-                        "asins and items have no category", f.category, f.category)
 
   def events(self) -> Iterator[RawEvent]:
     row = 0
@@ -391,6 +386,9 @@ class AmazonReader(Reader):
   def items(self) -> Iterator[RawItem]:
     for f in self.files:
       if f.meta is None:
+        self.counts["categories_without_meta_file"] += 1
+        logging.warning("Amazon category %s has no meta_%s.json.gz: titles fall back to "
+                        "asins and items have no category", f.category, f.category)
         continue
       for lineno, record in iter_records(f.meta, self.tracker):
         if (asin := record.get("asin")) is None:

@@ -165,11 +165,6 @@ class GoogleLocalReader(Reader):
       states = [s.strip() for s in states.split(",") if s.strip()]
     self.files = discover(self.manual_dir, states, subset)
     self.counts: collections.Counter = collections.Counter()
-    for f in self.files:
-      if f.meta is None:
-        self.counts["states_without_meta_file"] += 1
-        logging.warning("Google Local state %s has no meta-%s.json.gz: titles fall back "
-                        "to gmap_ids and businesses have no category", f.state, f.state)
 
   def events(self) -> Iterator[RawEvent]:
     row = 0
@@ -198,6 +193,9 @@ class GoogleLocalReader(Reader):
   def items(self) -> Iterator[RawItem]:
     for f in self.files:
       if f.meta is None:
+        self.counts["states_without_meta_file"] += 1
+        logging.warning("Google Local state %s has no meta-%s.json.gz: titles fall back "
+                        "to gmap_ids and businesses have no category", f.state, f.state)
         continue
       for lineno, record in iter_records(f.meta, self.tracker):
         if (gmap_id := record.get("gmap_id")) is None:
