@@ -1,0 +1,163 @@
+"""Beam per-user grouping equals the in-memory timeline builder (DirectRunner engine)."""
+
+import collections
+import glob
+import gzip
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+beam = pytest.importorskip(
+    "apache_beam", reason="apache_beam not installed (optional extra: pip install -e .[beam])")
+
+from data_pipelines import beam_grouping  # noqa: E402
+from data_pipelines.readers import BadLineTracker, make_reader  # noqa: E402
+from data_pipelines.records import RawEvent  # noqa: E402
+from data_pipelines.timelines import TimelineOptions, build_timelines  # noqa: E402
+from user_llm_jax.data import schema  # noqa: E402
+
+OOV = "<oov>"
+
+
+def _gz(path: pathlib.Path, lines: list[str]) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with gzip.open(path, "wt", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def _amazon_review(user, item, t, rating, text):
+  return json.dumps({"reviewerID": user, "asin": item, "overall": rating,
+                     "unixReviewTime": t, "reviewText": text, "summary": f"s-{text}"})
+
+
+def amazon_fixture(root: pathlib.Path, num_users: int = 12, seed: int = 0) -> pathlib.Path:
+  """Two categories; timestamp ties within and across files; exact repeated reviews."""
+  rng = np.random.default_rng(seed)
+  for cat in ("Books", "Toys"):
+    lines = []
+    for u in range(num_users):
+      for _ in range(int(rng.integers(1, 7))):
+        t = int(rng.integers(0, 6)) * 100  # Few distinct times: many ties.
+        line = _amazon_review(f"U{u}", f"{cat[0]}{int(rng.integers(0, 8))}", t,
+                              float(rng.integers(1, 6)), f"r{len(lines)}")
+        lines.append(line)
+        if rng.random() < 0.25:
+          lines.append(line)  # Exact repeat, as in the 2018 5-core files.
+    order = rng.permutation(len(lines))
+    _gz(root / cat / f"{cat}_5.json.gz", [lines[i] for i in order])
+  _gz(root / "Books" / "meta_Books.json.gz",
+      [json.dumps({"asin": f"B{i}", "title": f"Book {i}", "category": ["Books", "Novels"]})
+       for i in range(8)])
+  return root
+
+
+def google_fixture(root: pathlib.Path) -> pathlib.Path:
+  rows = {"Hawaii": [("1", "0xA", 1_000_999, 5, None), ("2", "0xA", 2_000_000, 4, "ok"),
+                     ("1", "0xB", 1_000_000, 3, "tie"), ("1", "0xA", 1_000_999, 5, None),
+                     ("1", "0xC", 3_000_000, 2, "x"), ("2", "0xB", 500, 1, "y")],
+          "Vermont": [("1", "0xD", 1_000_000, 5, "tie2"), ("2", "0xD", 9_000_000, 4, "z"),
+                      ("2", "0xA", 9_000_000, 3, "w")]}
+  for state, rs in rows.items():
+    _gz(root / f"review-{state}.json.gz",
+        [json.dumps({"user_id": u, "gmap_id": g, "time": t, "rating": r, "text": x,
+                     "name": "n", "pics": None, "resp": None}) for u, g, t, r, x in rs])
+  _gz(root / "meta-Hawaii.json.gz",
+      [json.dumps({"gmap_id": "0xA", "name": "Cafe", "category": ["Cafe", "Bakery"]})])
+  return root
+
+
+def movielens_fixture(root: pathlib.Path) -> pathlib.Path:
+  root.mkdir(parents=True, exist_ok=True)
+  (root / "ratings.csv").write_text(
+      "userId,movieId,rating,timestamp\n1,10,4.0,5\n1,11,3.5,5\n1,12,5.0,1\n2,10,1.0,3\n"
+      "2,12,2.0,3\n2,11,4.5,9\n2,10,1.0,3\n1,10,0.5,7\n")
+  (root / "movies.csv").write_text(
+      "movieId,title,genres\n10,A (1990),Drama\n11,B (1991),Comedy|Drama\n12,C (1992),Horror\n")
+  return root
+
+
+def core_timelines(manual_dir, dataset, **options):
+  """Per-user (item or OOV, rating, timestamp, text, summary) lists from the core builder."""
+  reader = make_reader(dataset, manual_dir, **options)
+  t = build_timelines(reader, TimelineOptions(protocol="leave_last_out"), show_progress=False)
+  raw = {i: it.raw_id for i, it in enumerate(t.vocabulary.items) if i >= schema.FIRST_ID}
+  out = collections.defaultdict(list)
+  for n in range(len(t.event_user)):
+    item = int(t.event_item[n])
+    out[t.user_raw[t.event_user[n]]].append((
+        raw.get(item, OOV), t.vocabulary.ratings[int(t.event_rating[n])],
+        int(t.event_ts[n]),
+        t.event_text[n] if t.event_text is not None else "",
+        t.event_summary[n] if t.event_summary is not None else ""))
+  return dict(out), set(raw.values()), t.statistics
+
+
+def beam_timelines(tmp_path, manual_dir, dataset, **options):
+  prefix = str(tmp_path / "out" / "timelines")
+  stats = beam_grouping.run(dataset, str(manual_dir), prefix, reader_options=options)
+  out = {}
+  for path in sorted(glob.glob(prefix + "-*.jsonl.gz")):
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+      for line in f:
+        user, events = beam_grouping.timeline_from_json(line)
+        assert user not in out, f"user {user} emitted twice"
+        out[user] = events
+  return out, stats
+
+
+@pytest.mark.parametrize("dataset, make, options", [
+    ("amazon", amazon_fixture, {}),
+    ("amazon", amazon_fixture, {"categories": ["Toys"]}),
+    ("google_local", google_fixture, {}),
+    ("movielens", movielens_fixture, {}),  # A reader without shards: one shard.
+])
+def test_beam_timelines_equal_in_memory_core(tmp_path, dataset, make, options):
+  manual_dir = make(tmp_path / "raw")
+  core, vocab_items, core_stats = core_timelines(manual_dir, dataset, **options)
+  grouped, stats = beam_timelines(tmp_path, manual_dir, dataset, **options)
+  as_core = {user: [(e.item if e.item in vocab_items else OOV, e.rating, e.timestamp,
+                     e.review_text, e.review_summary) for e in events]
+             for user, events in grouped.items()}
+  assert as_core == core
+  assert stats["duplicate_events_dropped"] == core_stats["duplicate_events"]
+  assert stats["events_read"] == core_stats["events_read"]
+  # Beam reads review lines only (metadata is the builder's side input).
+  assert stats["lines_read"] == stats["events_read"] and stats["bad_lines"] == 0
+  assert stats["users"] == core_stats["users_read"] == len(grouped)
+  assert stats["events_kept"] == core_stats["events_after_dedup"]
+  if dataset == "amazon" and not options:
+    assert stats["duplicate_events_dropped"] > 0  # The fixture really has repeats.
+
+
+def test_order_timeline_keeps_first_duplicate_and_read_order_on_ties():
+  def ev(item, t, row, text="x"):
+    return RawEvent("u", item, 5.0, t, row, text)
+  keyed = [(7, 1, 0, ev("c", 7, 0)), (5, 0, 3, ev("b", 5, 3)), (5, 0, 1, ev("a", 5, 1)),
+           (5, 1, 0, ev("d", 5, 0)), (5, 0, 2, ev("a", 5, 2))]
+  timeline, dropped = beam_grouping.order_timeline(keyed)
+  assert [(e.item, e.row) for e in timeline] == [("a", 1), ("b", 3), ("d", 0), ("c", 0)]
+  assert dropped == 1
+
+
+def test_bad_line_fails_pipeline_with_file_and_line(tmp_path):
+  path = tmp_path / "raw" / "Books_5.json.gz"
+  _gz(path, [_amazon_review("U", "I", 1, 5.0, "a"), "{broken", _amazon_review("U", "J", 2,
+                                                                               4.0, "b")])
+  with pytest.raises(Exception, match=rf"{path}:2"):
+    beam_grouping.run("amazon", str(tmp_path / "raw"), str(tmp_path / "out" / "t"))
+  stats = beam_grouping.run("amazon", str(tmp_path / "raw"), str(tmp_path / "out2" / "t"),
+                            max_bad_fraction=0.5)
+  assert (stats["bad_lines"], stats["lines_read"], stats["events_read"]) == (1, 3, 2)
+  assert stats["bad_examples"][0].startswith(f"{path}:2: not a valid JSON record")
+  with pytest.raises(Exception, match="lines are malformed"):
+    beam_grouping.run("amazon", str(tmp_path / "raw"), str(tmp_path / "out3" / "t"),
+                      max_bad_fraction=0.1)
+
+
+def test_missing_input_fails_before_the_pipeline(tmp_path):
+  (tmp_path / "raw").mkdir()
+  with pytest.raises(FileNotFoundError, match="no Amazon review file"):
+    beam_grouping.GroupTimelines("amazon", str(tmp_path / "raw"))
+  assert BadLineTracker().lines_read == 0
