@@ -1,0 +1,216 @@
+r"""Prepares a dataset's original files into TFDS timeline records (CLI and Python API).
+
+Usage:
+  python -m data_pipelines.prepare --dataset=movielens \
+      --manual_dir=../shared/data/ml-latest-small --data_dir=/tmp/prepared \
+      [--protocol=leave_last_out|paper] [--window=50] [--stride=1] \
+      [--min_item_count=1] [--max_bad_fraction=0] [--reader_option=key=value ...]
+
+Prints a statistics report (also written as JSON: `statistics.json` in the
+prepared directory, and `--statistics_output` if given). A malformed input line
+(with the default `--max_bad_fraction=0`), a missing file or column, or an
+empty result exits with status 1 and a message naming the file and line.
+
+The training job calls `prepare_dataset(...)`, which reuses an existing
+complete preparation with the same settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+from data_pipelines import builder as builder_lib
+from data_pipelines.records import BadInputError
+from user_llm_jax.data import schema
+from user_llm_jax.data import source as source_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedDataset:
+  """A complete prepared dataset on disk.
+
+  Attributes:
+    path: directory with dataset_info.json, vocabulary.json, statistics.json.
+    vocabulary: its vocabularies.
+    statistics: its preparation report.
+    reused: True when an existing preparation was reused.
+  """
+
+  path: str
+  vocabulary: schema.Vocabulary
+  statistics: dict
+  reused: bool = False
+
+  @property
+  def splits(self) -> list[str]:
+    return list(self.statistics["records_per_split"])
+
+
+def prepare_dataset(dataset: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLike,
+                    protocol: str = "leave_last_out", window: int = 50, stride: int = 1,
+                    min_item_count: int = 1, min_category_count: int = 1,
+                    max_bad_fraction: float = 0.0, reader_options: dict | None = None,
+                    force: bool = False, show_progress: bool = True) -> PreparedDataset:
+  """Prepares (or reuses) `dataset` from `manual_dir` into `data_dir`.
+
+  Args:
+    dataset: registered reader name ('movielens', 'synthetic', 'amazon', ...).
+    manual_dir: directory with the original files.
+    data_dir: TFDS data root; the output goes to
+      `data_dir/user_timelines/<config name>/<version>/`.
+    protocol, window, stride, min_item_count, min_category_count: see
+      `data_pipelines.timelines.TimelineOptions`.
+    max_bad_fraction: tolerated fraction of malformed lines (0: first one fails).
+    reader_options: extra keyword options for the reader.
+    force: re-prepare even when a complete preparation exists.
+    show_progress: progress bars.
+
+  Returns:
+    The `PreparedDataset`.
+
+  Raises:
+    BadInputError: malformed input, missing column, or empty result.
+    FileNotFoundError: `manual_dir` or a required file is missing.
+  """
+  import tensorflow_datasets as tfds
+
+  config = builder_lib.TimelineBuilderConfig.make(
+      dataset, protocol=protocol, window=window, stride=stride,
+      min_item_count=min_item_count, min_category_count=min_category_count,
+      max_bad_fraction=max_bad_fraction, reader_options=reader_options)
+  manual_dir, data_dir = os.fspath(manual_dir), os.fspath(data_dir)
+  if not os.path.isdir(manual_dir):
+    raise FileNotFoundError(f"--manual_dir {manual_dir!r} does not exist or is not a directory")
+  builder = builder_lib.UserTimelines(config=config, data_dir=data_dir,
+                                      show_progress=show_progress)
+  path = os.fspath(builder.data_dir)
+  if not force and _is_complete(path, config):
+    return _load(path, reused=True)
+  t0 = time.perf_counter()
+  mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD if os.path.exists(path) else (
+      tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  builder.download_and_prepare(
+      file_format="array_record",
+      download_config=tfds.download.DownloadConfig(
+          manual_dir=manual_dir, download_mode=mode,
+          compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  seconds = time.perf_counter() - t0
+  stats_path = os.path.join(path, builder_lib.STATISTICS_FILENAME)
+  statistics = source_lib.load_statistics(path)
+  statistics["seconds_total"] = seconds
+  statistics["events_per_second"] = statistics["events_read"] / max(seconds, 1e-9)
+  statistics["records_per_second"] = (sum(statistics["records_per_split"].values())
+                                      / max(seconds, 1e-9))
+  builder_lib.write_statistics(stats_path, statistics)
+  return _load(path, reused=False)
+
+
+def _is_complete(path: str, config: builder_lib.TimelineBuilderConfig) -> bool:
+  needed = (source_lib.DATASET_INFO, schema.VOCAB_FILENAME, builder_lib.STATISTICS_FILENAME)
+  if not all(os.path.exists(os.path.join(path, f)) for f in needed):
+    return False
+  try:
+    return source_lib.load_statistics(path).get("settings") == config.settings()
+  except (OSError, json.JSONDecodeError):
+    return False
+
+
+def _load(path: str, reused: bool) -> PreparedDataset:
+  return PreparedDataset(
+      path=path, vocabulary=schema.Vocabulary.load(os.path.join(path, schema.VOCAB_FILENAME)),
+      statistics=source_lib.load_statistics(path), reused=reused)
+
+
+def format_report(statistics: dict) -> str:
+  """Human-readable statistics table (thousands separators)."""
+  def n(x) -> str:
+    return f"{x:,}" if isinstance(x, int) else (f"{x:,.1f}" if isinstance(x, float) else str(x))
+
+  s = statistics
+  opts = s["options"]
+  rows = [
+      ("dataset", f"{s['dataset']} ({s['source'].get('layout', s['source']['reader'])})"),
+      ("protocol", opts["protocol"] + (f" (window {opts['window']}, stride {opts['stride']})"
+                                       if opts["protocol"] == "paper" else "")),
+      ("lines read", n(s["lines_read"])),
+      ("bad lines", f"{n(s['bad_lines']['bad_lines'])} "
+                    f"(max_bad_fraction {s['bad_lines']['max_bad_fraction']})"),
+      ("ratings/events read", n(s["events_read"])),
+      ("duplicate events dropped", n(s["duplicate_events"])),
+      ("users read", n(s["users_read"])),
+      ("users kept", n(s["users_kept"])),
+      ("events kept", n(s["events_kept"])),
+      ("items read", n(s["items_read"])),
+      ("items in vocabulary", n(s["items_in_vocabulary"])),
+      ("items without metadata", n(s["items_without_metadata"])),
+      ("categories in vocabulary", n(s["categories_in_vocabulary"])),
+  ]
+  pct = s["events_per_user"]
+  rows.append(("events/user (all users)", "  ".join(
+      f"{k} {n(pct[k]) if k != 'max' else n(int(pct[k]))}"
+      for k in ("p5", "p25", "p50", "p75", "p95", "max"))))
+  for split, count in s["records_per_split"].items():
+    rows.append((f"records[{split}]", n(count)))
+  for reason, count in sorted(s["drops"]["counts"].items()):
+    rows.append((f"counted: {reason}", n(count)))
+  for key in ("seconds_total", "events_per_second", "records_per_second"):
+    if key in s:
+      rows.append((key.replace("_", " "), n(float(s[key]))))
+  width = max(len(k) for k, _ in rows)
+  return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+
+
+def main(argv) -> None:
+  from absl import flags  # CLI only
+
+  del argv
+  f = flags.FLAGS
+  options = {}
+  for kv in f.reader_option:
+    key, sep, value = kv.partition("=")
+    if not sep:
+      sys.exit(f"ERROR: --reader_option expects key=value, got {kv!r}")
+    options[key] = value
+  try:
+    prepared = prepare_dataset(
+        f.dataset, f.manual_dir, f.data_dir, protocol=f.protocol, window=f.window,
+        stride=f.stride, min_item_count=f.min_item_count,
+        min_category_count=f.min_category_count, max_bad_fraction=f.max_bad_fraction,
+        reader_options=options, force=f.force)
+  except (BadInputError, FileNotFoundError, ValueError, TypeError) as e:
+    print(f"ERROR: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(f"\n{'reused' if prepared.reused else 'prepared'}: {prepared.path}")
+  print(format_report(prepared.statistics))
+  if f.statistics_output:
+    builder_lib.write_statistics(f.statistics_output, prepared.statistics)
+    print(f"statistics written to {f.statistics_output}")
+
+
+def _define_flags() -> None:
+  from absl import flags
+
+  flags.DEFINE_string("dataset", "movielens", "Dataset name (see data_pipelines.readers).")
+  flags.DEFINE_string("manual_dir", None, "Directory with the original files.", required=True)
+  flags.DEFINE_string("data_dir", None, "Output TFDS data root.", required=True)
+  flags.DEFINE_enum("protocol", "leave_last_out", ["leave_last_out", "paper"],
+                    "Evaluation protocol.")
+  flags.DEFINE_integer("window", 50, "Paper protocol: history window length.")
+  flags.DEFINE_integer("stride", 1, "Paper protocol: window stride.")
+  flags.DEFINE_integer("min_item_count", 1, "Items rarer in train become OOV.")
+  flags.DEFINE_integer("min_category_count", 1, "Categories rarer in train become OOV.")
+  flags.DEFINE_float("max_bad_fraction", 0.0, "Tolerated fraction of malformed lines.")
+  flags.DEFINE_multi_string("reader_option", [], "key=value option for the reader.")
+  flags.DEFINE_bool("force", False, "Re-prepare even if a complete preparation exists.")
+  flags.DEFINE_string("statistics_output", None, "Also write the statistics JSON here.")
+
+
+if __name__ == "__main__":
+  from absl import app
+
+  _define_flags()
+  app.run(main)
