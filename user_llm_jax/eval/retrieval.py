@@ -1,0 +1,174 @@
+"""Full-catalogue next-item retrieval metrics: Recall@K and NDCG@K.
+
+Protocol: every example has exactly one relevant item (its target); the model scores the
+whole catalogue (no sampled negatives) and the target's 0-based rank is
+
+  rank = #{items scoring higher} + #{items scoring equal with a smaller id}
+
+i.e. ties are broken deterministically by item id, as a stable descending sort by score
+would (a constant scorer ranks items in id order). Recall@K = [rank < K],
+NDCG@K = [rank < K] / log2(rank + 2) (the ideal DCG of one relevant item is 1).
+A target that cannot be ranked (PAD, OOV, or outside the vocabulary) counts as a miss
+(rank = `MISS_RANK`, beyond every cut-off even for a catalogue smaller than K): it stays
+in the denominator, never dropped. Padding examples
+(`example_mask` False) are excluded.
+
+Axis letters: B batch, V items.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from flax import nnx
+
+from user_llm_jax.data import schema
+from user_llm_jax.data import transforms as T
+
+DEFAULT_KS = (1, 5, 10)
+MISS_RANK = np.iinfo(np.int32).max
+NDCG_K = 10
+
+ScoreFn = Callable[[Any, Any, Mapping[str, jax.Array]], jax.Array]
+
+
+def target_ranks(scores: jax.Array, targets: jax.Array) -> jax.Array:
+  """0-based rank of each target among all items (see the module docstring for ties).
+
+  Args:
+    scores: [B, V] item scores (reserved columns may be -inf).
+    targets: int[B] target item ids.
+
+  Returns:
+    int32[B] ranks; `MISS_RANK` for a target that is PAD, OOV or out of range.
+  """
+  num_items = scores.shape[-1]
+  valid = (targets >= schema.FIRST_ID) & (targets < num_items)
+  safe = jnp.where(valid, targets, schema.FIRST_ID)
+  target_score = jnp.take_along_axis(scores, safe[:, None], axis=-1)      # [B, 1]
+  ids = jnp.arange(num_items)[None, :]                                    # [1, V]
+  ahead = (scores > target_score) | ((scores == target_score) & (ids < safe[:, None]))
+  ranks = jnp.sum(ahead, axis=-1, dtype=jnp.int32)                        # [B]
+  return jnp.where(valid, ranks, MISS_RANK).astype(jnp.int32)
+
+
+def recall_at_k(ranks: np.ndarray, k: int) -> np.ndarray:
+  """Per-example Recall@k (0 or 1) from 0-based target ranks."""
+  return (np.asarray(ranks) < k).astype(np.float64)
+
+
+def ndcg_at_k(ranks: np.ndarray, k: int) -> np.ndarray:
+  """Per-example NDCG@k with a single relevant item: 1 / log2(rank + 2) inside the top k."""
+  ranks = np.asarray(ranks, np.float64)
+  return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
+
+
+class RetrievalAccumulator:
+  """Accumulates target ranks over batches and reports the metrics.
+
+  Args:
+    ks: cut-offs reported as `recall@k`.
+    ndcg_k: cut-off of the reported `ndcg@{ndcg_k}`.
+  """
+
+  def __init__(self, ks: Sequence[int] = DEFAULT_KS, ndcg_k: int = NDCG_K):
+    self.ks = tuple(ks)
+    self.ndcg_k = ndcg_k
+    self._ranks: list[np.ndarray] = []
+
+  def add(self, ranks: Any, example_mask: Any | None = None) -> None:
+    """Adds a batch of ranks; entries with `example_mask` False are ignored."""
+    ranks = np.asarray(ranks).reshape(-1)
+    if example_mask is not None:
+      example_mask = np.asarray(example_mask, bool).reshape(-1)
+      if example_mask.shape != ranks.shape:
+        raise ValueError(f"example_mask has shape {example_mask.shape}, ranks {ranks.shape}")
+      ranks = ranks[example_mask]
+    self._ranks.append(ranks)
+
+  @property
+  def ranks(self) -> np.ndarray:
+    return np.concatenate(self._ranks) if self._ranks else np.zeros((0,), np.int64)
+
+  def result(self) -> dict[str, float]:
+    """`recall@k` for each k, `ndcg@{ndcg_k}`, `mrr` and `num_examples`."""
+    ranks = self.ranks
+    n = ranks.size
+
+    def mean(x):
+      return float(np.mean(x)) if n else 0.0
+
+    out = {f"recall@{k}": mean(recall_at_k(ranks, k)) for k in self.ks}
+    out[f"ndcg@{self.ndcg_k}"] = mean(ndcg_at_k(ranks, self.ndcg_k))
+    out["mrr"] = mean(1.0 / (ranks + 1.0))
+    out["num_examples"] = int(n)
+    return out
+
+
+def last_targets(batch: Mapping[str, Any]) -> np.ndarray:
+  """The record target of each example: `targets_item[b, last_index[b]]`."""
+  targets = np.asarray(batch[T.TARGETS_ITEM])
+  last = np.asarray(batch[T.LAST_INDEX]).astype(np.int64)
+  return targets[np.arange(targets.shape[0]), last]
+
+
+def _target_at_last(batch: Mapping[str, jax.Array]) -> jax.Array:
+  return jnp.take_along_axis(batch[T.TARGETS_ITEM], batch[T.LAST_INDEX][:, None], axis=1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _batch_ranks(score_fn: ScoreFn, static: Any, params: Any,
+                 batch: Mapping[str, jax.Array]) -> jax.Array:
+  # Module-level and keyed by the static (score_fn, static) pair, so repeated evaluations
+  # of the same model structure reuse one compiled executable.
+  return target_ranks(score_fn(static, params, batch), _target_at_last(batch))
+
+
+def evaluate_scores(score_fn: ScoreFn, static: Any, params: Any,
+                    batches: Iterable[Mapping[str, Any]], *, ks: Sequence[int] = DEFAULT_KS,
+                    ndcg_k: int = NDCG_K, desc: str = "eval") -> dict[str, float]:
+  """Ranks each batch's targets under a jitted scorer and reports the metrics.
+
+  Args:
+    score_fn: `(static, params, batch) -> [B, V]` scores over the whole catalogue; a
+      module-level function (hashable), as is `static` (e.g. an `nnx.GraphDef`).
+    static: hashable, compile-time context of `score_fn`.
+    params: array pytree passed to `score_fn` (traced, not baked into the executable).
+    batches: eval batches (`data.pipeline.make_eval_pipeline`).
+    ks: Recall cut-offs.
+    ndcg_k: NDCG cut-off.
+    desc: progress-bar label.
+
+  Returns:
+    The `RetrievalAccumulator.result()` dict.
+  """
+  acc = RetrievalAccumulator(ks, ndcg_k)
+  for batch in tqdm.tqdm(batches, desc=desc, unit="batch", leave=False):
+    arrays = {k: np.asarray(v) for k, v in batch.items()
+              if np.asarray(v).dtype.kind in "biuf"}
+    acc.add(_batch_ranks(score_fn, static, params, arrays), arrays.get(T.EXAMPLE_MASK))
+  return acc.result()
+
+
+def _model_scores(graphdef: nnx.GraphDef, state: Any,
+                  batch: Mapping[str, jax.Array]) -> jax.Array:
+  return nnx.merge(graphdef, state).next_item_logits(batch)
+
+
+def evaluate_next_item(model: nnx.Module, batches: Iterable[Mapping[str, Any]], *,
+                       ks: Sequence[int] = DEFAULT_KS, ndcg_k: int = NDCG_K
+                       ) -> dict[str, float]:
+  """Next-item metrics of a model with `next_item_logits(batch) -> [B, V]`.
+
+  Returns:
+    `recall@1`, `recall@5`, `recall@10`, `ndcg@10`, `mrr`, `num_examples`.
+  """
+  graphdef, state = nnx.split(model)
+  return evaluate_scores(_model_scores, graphdef, state, batches, ks=ks, ndcg_k=ndcg_k,
+                         desc="eval next item")
