@@ -251,7 +251,6 @@ class MovieLensReader(Reader):
       if header is None or [h.strip() for h in header[:3]] != ["movieId", "title", "genres"]:
         raise BadInputError(
             f"{path}:1: header {header} is not the expected movieId,title,genres")
-      self.tracker.count_lines()
       for fields in reader:
         self.tracker.count_lines()
         if not fields:
@@ -329,3 +328,9 @@ def _chunk_from_rows(rows: list[tuple]) -> EventChunk:
   return EventChunk(users=np.asarray(users, np.int64), items=np.asarray(items, np.int64),
                     ratings=np.asarray(ratings, np.float64),
                     timestamps=np.asarray(ts, np.int64))
+
+
+class SyntheticReader(MovieLensReader):
+  """The embedded synthetic dataset (`data_pipelines.synthetic`), MovieLens csv format."""
+
+  name = "synthetic"

@@ -38,7 +38,7 @@ from data_pipelines.records import BadInputError, BadLine, RawEvent, RawItem
 # Dataset name -> "module:ReaderClass". Imported only when used.
 READERS: dict[str, str] = {
     "movielens": "data_pipelines.movielens:MovieLensReader",
-    "synthetic": "data_pipelines.movielens:MovieLensReader",
+    "synthetic": "data_pipelines.movielens:SyntheticReader",
     "amazon": "data_pipelines.amazon:AmazonReader",
     "google_local": "data_pipelines.google_local:GoogleLocalReader",
 }
