@@ -127,3 +127,34 @@ def prepare_synthetic(tmp_dir, protocol: str = "leave_last_out", window: int = 1
   raw = write_synthetic(os.path.join(tmp_dir, "raw"), **synthetic_kwargs)
   return prepare.prepare_dataset("synthetic", raw, os.path.join(tmp_dir, "prepared"),
                                  protocol=protocol, window=window, show_progress=False)
+
+
+class ListReader:
+  """Factory of in-memory readers (the reader interface over Python lists).
+
+  `ListReader.make(events, items, ...)` returns a `data_pipelines.readers.Reader`
+  instance, for tests of code that consumes readers (timelines, builder).
+  """
+
+  @staticmethod
+  def make(events, items, rating_values=(1.0, 2.0, 3.0, 4.0, 5.0), has_text=False,
+           name="listed", manual_dir=None, tracker=None):
+    import tempfile
+
+    from data_pipelines import readers
+    from data_pipelines.records import RawEvent, RawItem
+
+    class _Reader(readers.Reader):
+
+      def events(self):
+        for row, e in enumerate(events):
+          yield e if isinstance(e, RawEvent) else RawEvent(*e[:4], row, *e[4:])
+
+      def items(self):
+        for it in items:
+          yield it if isinstance(it, RawItem) else RawItem(*it)
+
+    _Reader.name = name
+    _Reader.rating_values = tuple(rating_values)
+    _Reader.has_text = has_text
+    return _Reader(manual_dir or tempfile.gettempdir(), tracker=tracker)
