@@ -16,6 +16,7 @@ import jax.numpy as jnp
 def merge_soft_prompt(soft: jax.Array, soft_mask: jax.Array | None, token_embeds: jax.Array,
                       text_mask: jax.Array | None = None,
                       text_attention_mask: jax.Array | None = None,
+                      text_positions: jax.Array | None = None,
                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Prepends soft-prompt vectors to token embeddings.
 
@@ -27,6 +28,8 @@ def merge_soft_prompt(soft: jax.Array, soft_mask: jax.Array | None, token_embeds
     text_mask: [B, T] bool, True for real text tokens (None: all real).
     text_attention_mask: optional [B, T, T] bool text-to-text mask (True = may attend);
       default causal. It is intersected with `text_mask` on the key side.
+    text_positions: optional [B, T] positions of the text counted from its first real
+      token; they are shifted by the number of real soft slots. Default: from `text_mask`.
 
   Returns:
     embeds: [B, P+T, D] in `token_embeds.dtype`.
@@ -47,6 +50,9 @@ def merge_soft_prompt(soft: jax.Array, soft_mask: jax.Array | None, token_embeds
   embeds = jnp.concatenate([soft.astype(token_embeds.dtype), token_embeds], axis=1)
   valid = jnp.concatenate([soft_mask, text_mask], axis=1)  # [B,P+T]
   positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
+  if text_positions is not None:
+    num_soft = soft_mask.sum(axis=1, dtype=jnp.int32)[:, None]  # [B,1]
+    positions = positions.at[:, p:].set(text_positions.astype(jnp.int32) + num_soft)
 
   n = p + t
   causal = jnp.tril(jnp.ones((n, n), bool))[None]  # [1,S,S]

@@ -1,0 +1,257 @@
+"""User-LLM: a user encoder, a bridge and a decoder LLM in one `nnx.Module`.
+
+    user events --encoder--> [B,E,D_enc] --bridge--> [B,P,D] --> LLM
+                                          (Perceiver: P=Q latents, else P=E events)
+
+The LLM reads the user embeddings either through gated cross-attention blocks inserted
+into the decoder (`mode='cross_attention'`) or as a soft prompt prepended to the prompt's
+token embeddings (`mode='soft_prompt'`). Submodule names are what the training-strategy
+filters (`bridge.strategies`) select on: `encoder`, `bridge`, `llm` (cross-attention blocks
+sit at `llm/cross_attention` and count as bridge).
+
+Task batch contract (`UserLLM.loss`): the encoder's input features
+(`data.transforms.CropAndPad`: inputs_item, inputs_rating, inputs_category, inputs_time,
+mask, ...) plus
+
+  tokens      int32[B, T]  prompt followed by the answer, right-padded
+  loss_mask   bool[B, T]   True on answer tokens (the tokens the loss predicts)
+  text_mask   bool[B, T]   optional, True on real tokens (default: all real)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from user_llm_jax.bridge import soft_prompt
+from user_llm_jax.bridge.cross_attention import insert_cross_attention
+from user_llm_jax.bridge.perceiver import PerceiverResampler
+from user_llm_jax.bridge.projection import Projection
+from user_llm_jax.data import transforms
+from user_llm_jax.encoder.config import EncoderConfig
+from user_llm_jax.encoder.model import UserEncoder
+from user_llm_jax.llm.config import LlmConfig
+from user_llm_jax.llm.model import Decoder
+
+MODES = ("cross_attention", "soft_prompt")
+
+TOKENS = "tokens"
+LOSS_MASK = "loss_mask"
+TEXT_MASK = "text_mask"
+
+Batch = Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class UserLlmConfig:
+  """How the user encoder is bridged into the LLM.
+
+  Attributes:
+    mode: 'cross_attention' (gated blocks inside the decoder) or 'soft_prompt'
+      (embeddings prepended to the prompt).
+    use_perceiver: compress the E event embeddings to `num_latents` with a Perceiver
+      resampler (run at the encoder width, before the projection).
+    num_latents: Q, Perceiver output length (paper: 50 events -> 16 latents).
+    perceiver_layers: Perceiver attention + FFN layers.
+    perceiver_heads: Perceiver attention heads (must divide the encoder width).
+    projection_layers: dense layers of the encoder -> LLM width MLP.
+    projection_hidden: hidden width of that MLP (None: the LLM width).
+    xattn_every: a cross-attention block before every k-th decoder layer (0, k, 2k, ...).
+    xattn_heads: heads of each block (None: the LLM's query heads).
+    xattn_mlp_dim: FFN width of each block (None: the LLM's MLP width).
+    xattn_gate_init: initial tanh-gate pre-activation; 0 leaves the LLM unchanged.
+    dtype: compute dtype of the bridge.
+    param_dtype: storage dtype of the bridge parameters.
+  """
+
+  mode: str = "cross_attention"
+  use_perceiver: bool = False
+  num_latents: int = 16
+  perceiver_layers: int = 2
+  perceiver_heads: int = 4
+  projection_layers: int = 2
+  projection_hidden: int | None = None
+  xattn_every: int = 5
+  xattn_heads: int | None = None
+  xattn_mlp_dim: int | None = None
+  xattn_gate_init: float = 0.0
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f"UserLlmConfig.mode={self.mode!r}: must be one of {MODES}")
+    for name in ("num_latents", "perceiver_layers", "perceiver_heads", "projection_layers",
+                 "xattn_every"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"UserLlmConfig.{name}={value!r}: must be a positive int")
+    for name in ("projection_hidden", "xattn_heads", "xattn_mlp_dim"):
+      value = getattr(self, name)
+      if value is not None and (not isinstance(value, int) or value < 1):
+        raise ValueError(f"UserLlmConfig.{name}={value!r}: must be None or a positive int")
+    for name in ("dtype", "param_dtype"):
+      try:
+        jnp.dtype(getattr(self, name))
+      except TypeError as e:
+        raise ValueError(f"UserLlmConfig.{name}={getattr(self, name)!r} is not a dtype") from e
+
+  def replace(self, **changes: Any) -> "UserLlmConfig":
+    return dataclasses.replace(self, **changes)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "UserLlmConfig":
+    """Builds from a (ConfigDict-like) mapping; unknown keys are an error naming them."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"unknown UserLlmConfig keys {unknown}; known: {sorted(known)}")
+    return cls(**dict(d))
+
+
+class Bridge(nnx.Module):
+  """Encoder states [B,E,D_enc] -> user embeddings at the LLM width [B,P,D] with mask."""
+
+  def __init__(self, cfg: UserLlmConfig, encoder_width: int, llm_width: int, *,
+               rngs: nnx.Rngs):
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    if cfg.use_perceiver and encoder_width % cfg.perceiver_heads:
+      raise ValueError(f"UserLlmConfig.perceiver_heads={cfg.perceiver_heads} must divide the "
+                       f"encoder width {encoder_width}")
+    self.perceiver = PerceiverResampler(
+        encoder_width, num_latents=cfg.num_latents, num_layers=cfg.perceiver_layers,
+        num_heads=cfg.perceiver_heads, dtype=dtype, param_dtype=param_dtype,
+        rngs=rngs) if cfg.use_perceiver else None
+    self.projection = Projection(encoder_width, llm_width, hidden_dim=cfg.projection_hidden,
+                                 num_layers=cfg.projection_layers, dtype=dtype,
+                                 param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, states: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """states [B,E,D_enc], mask [B,E] -> (embeddings [B,P,D], mask [B,P])."""
+    if self.perceiver is not None:
+      states = self.perceiver(states, mask)  # [B,Q,D_enc]
+      mask = jnp.ones(states.shape[:2], bool)
+    return self.projection(states), mask
+
+
+class UserLLM(nnx.Module):
+  """Encoder + bridge + decoder, contextualizing the LLM with user embeddings.
+
+  Attributes:
+    cfg: the bridge configuration.
+    encoder: the `UserEncoder` (pretrained or random).
+    bridge: `Bridge` (optional Perceiver, then projection).
+    llm: the `Decoder`; in cross-attention mode it holds the gated blocks.
+  """
+
+  def __init__(self, cfg: UserLlmConfig, *, encoder: UserEncoder, llm: Decoder,
+               rngs: nnx.Rngs):
+    """Wires already-built (e.g. pretrained) modules together and adds the bridge.
+
+    Args:
+      cfg: bridge configuration.
+      encoder: user encoder; its pretrained weights are kept as they are.
+      llm: decoder without cross-attention blocks (they are inserted here in
+        cross-attention mode).
+      rngs: random streams for the new bridge parameters.
+    """
+    self.cfg = cfg
+    self.encoder = encoder
+    self.llm = llm
+    self.bridge = Bridge(cfg, encoder.cfg.width, llm.cfg.width, rngs=rngs)
+    if cfg.mode == "cross_attention":
+      insert_cross_attention(
+          llm, cfg.xattn_every, rngs=rngs, context_width=llm.cfg.width,
+          num_heads=cfg.xattn_heads, head_dim=llm.cfg.head_dim, mlp_dim=cfg.xattn_mlp_dim,
+          gate_init=cfg.xattn_gate_init, dtype=jnp.dtype(cfg.dtype),
+          param_dtype=jnp.dtype(cfg.param_dtype))
+
+  def user_context(self, user_batch: Batch, *,
+                   deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+    """Encodes the user: -> (embeddings [B,P,D] at the LLM width, mask [B,P] bool)."""
+    states = self.encoder(user_batch, deterministic=deterministic)  # [B,E,D_enc]
+    mask = jnp.asarray(user_batch[transforms.MASK], bool)  # [B,E]
+    return self.bridge(states, mask)
+
+  def __call__(self, user_batch: Batch, tokens: jax.Array, *,
+               positions: jax.Array | None = None,
+               attention_mask: jax.Array | None = None,
+               text_mask: jax.Array | None = None,
+               deterministic: bool = True) -> jax.Array:
+    """Logits of the text tokens given the user.
+
+    Args:
+      user_batch: the encoder's input features for B users.
+      tokens: [B, T] int prompt (+ answer) tokens.
+      positions: [B, T] RoPE positions of the text (default: from `text_mask`). In
+        soft-prompt mode they are shifted past the soft prompt.
+      attention_mask: [B, T, T] bool text-to-text mask (default: causal over real tokens).
+      text_mask: [B, T] bool, True on real tokens (default: all).
+      deterministic: disable dropout in the encoder.
+
+    Returns:
+      float32 logits [B, T, V] for the text positions only (in both modes).
+    """
+    b, t = tokens.shape
+    text_mask = jnp.ones((b, t), bool) if text_mask is None else text_mask.astype(bool)
+    context, context_mask = self.user_context(user_batch, deterministic=deterministic)
+    if self.cfg.mode == "cross_attention":
+      if positions is None:
+        positions = soft_prompt.text_positions(text_mask)
+      if attention_mask is None:
+        attention_mask = soft_prompt.text_attention_mask(text_mask)
+      logits, _ = self.llm(tokens, positions=positions, attention_mask=attention_mask,
+                           context=context, context_mask=context_mask)
+      return logits
+    embeds, mask, merged_positions = soft_prompt.merge_soft_prompt(
+        context, context_mask, self.llm.embed(tokens), text_mask, attention_mask, positions)
+    hidden, _ = self.llm(None, positions=merged_positions, attention_mask=mask,
+                         inputs_embeds=embeds, return_hidden=True)  # [B,P+T,D]
+    # Only text positions need the [.., V] head: skip it for the soft prompt.
+    return self.llm.head(hidden[:, context.shape[1]:])
+
+  def loss(self, batch: Batch, *,
+           deterministic: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean next-token cross-entropy over the answer tokens of a task batch.
+
+    Examples with `example_mask` False (eval padding) contribute nothing. A batch without
+    any answer token gives loss 0 with zero gradients.
+
+    Returns:
+      (loss, metrics): `answer_tokens` (count) and `token_accuracy` (greedy argmax hits
+      among answer tokens).
+    """
+    for key in (TOKENS, LOSS_MASK):
+      if key not in batch:
+        raise KeyError(f"User-LLM batch lacks {key!r}; got keys {sorted(batch)}")
+    tokens = jnp.asarray(batch[TOKENS], jnp.int32)
+    loss_mask = jnp.asarray(batch[LOSS_MASK], bool)
+    if loss_mask.shape != tokens.shape:
+      raise ValueError(f"batch[{LOSS_MASK!r}] has shape {loss_mask.shape}, expected the "
+                       f"shape of batch[{TOKENS!r}] {tokens.shape}")
+    text_mask = batch.get(TEXT_MASK)
+    if text_mask is not None:
+      loss_mask = loss_mask & jnp.asarray(text_mask, bool)
+    if transforms.EXAMPLE_MASK in batch:
+      loss_mask = loss_mask & jnp.asarray(batch[transforms.EXAMPLE_MASK], bool)[:, None]
+    logits = self(batch, tokens, text_mask=text_mask, deterministic=deterministic)
+    loss, count = soft_prompt.next_token_loss(logits, tokens, loss_mask)
+    hits = (jnp.argmax(logits[:, :-1], axis=-1) == tokens[:, 1:]) & loss_mask[:, 1:]
+    accuracy = hits.sum() / jnp.maximum(count, 1.0)
+    return loss, {"answer_tokens": count, "token_accuracy": accuracy}
+
+
+def build_user_llm(cfg: UserLlmConfig, encoder_cfg: EncoderConfig, llm_cfg: LlmConfig, *,
+                   rngs: nnx.Rngs) -> UserLLM:
+  """A randomly initialised User-LLM (use `nnx.eval_shape` on it for an abstract one).
+
+  Pretrained weights are loaded afterwards with `nnx.update(model.encoder, ...)` /
+  `nnx.update(model.llm, ...)`, or by passing pretrained modules to `UserLLM` directly.
+  """
+  return UserLLM(cfg, encoder=UserEncoder(encoder_cfg, rngs=rngs),
+                 llm=Decoder(llm_cfg, rngs=rngs), rngs=rngs)
