@@ -78,6 +78,8 @@ class TimelineBuilderConfig(tfds.core.BuilderConfig):
            max_bad_fraction: float = 0.0,
            reader_options: dict | None = None) -> "TimelineBuilderConfig":
     """Builds a validated config whose name encodes every setting."""
+    if protocol == "leave_last_out":  # window/stride do not apply: canonical values
+      window, stride = 50, 1
     timelines.TimelineOptions(protocol, window, stride, min_item_count, min_category_count)
     readers.get_reader_class(dataset)  # fails early on an unknown dataset
     opts = tuple(sorted((str(k), str(v)) for k, v in (reader_options or {}).items()))
