@@ -21,6 +21,7 @@ import functools
 import math
 
 import flax
+import numpy as np
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -224,3 +225,50 @@ def create_sharded(cfg: LlmConfig, mesh: jax.sharding.Mesh, seed: int = 0,
   with jax.set_mesh(mesh):
     state = init()
   return nnx.merge(graphdef, state)
+
+
+def _path_key(path) -> str:
+  """'layers.0.attn.q.kernel' from a jax key path of an nnx.State (drops '.value')."""
+  parts = []
+  for p in path:
+    if isinstance(p, jax.tree_util.GetAttrKey) and p.name == "value":
+      continue
+    parts.append(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))))
+  return ".".join(parts)
+
+
+def decoder_params(model: nnx.Module, wrt=nnx.Param) -> dict[str, jax.Array]:
+  """Flat {dotted path: array} view of the parameters of `model` (no copies)."""
+  state = nnx.state(model, wrt)
+  return {_path_key(p): v for p, v in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+
+def decoder_from_params(cfg: LlmConfig, params: dict[str, np.ndarray | jax.Array], *,
+                        source: str = "checkpoint") -> Decoder:
+  """Builds a `Decoder` whose parameters are `params` (dotted paths as `decoder_params`).
+
+  No random initialisation happens (the structure comes from `nnx.eval_shape`), so
+  importing a large checkpoint costs only the conversion itself.
+
+  Raises:
+    ValueError: naming `source` and the tensor, if a parameter is missing, unexpected or
+      of the wrong shape.
+  """
+  abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+  expected = {_path_key(p) for p, _ in leaves}
+  unexpected = sorted(set(params) - expected)
+  if unexpected:
+    raise ValueError(f"{source}: unexpected parameters {unexpected[:5]} for this config")
+  values = []
+  for path, leaf in leaves:
+    key = _path_key(path)
+    if key not in params:
+      raise ValueError(f"{source}: parameter {key!r} (shape {tuple(leaf.shape)}) is missing")
+    value = params[key]
+    if tuple(value.shape) != tuple(leaf.shape):
+      raise ValueError(f"{source}: parameter {key!r} has shape {tuple(value.shape)}, "
+                       f"expected {tuple(leaf.shape)}")
+    values.append(jnp.asarray(value, dtype=leaf.dtype))
+  return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, values))
