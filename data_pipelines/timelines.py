@@ -143,7 +143,7 @@ class Timelines:
     first = np.repeat(self.item_cat_offsets[codes] - np.cumsum(lengths) + lengths, lengths)
     flat = self.item_cat_flat[first + np.arange(total)] if total else np.zeros(0, np.int32)
     n = end - start
-    empty = np.array([""] * n, dtype=object)
+    empty = np.full(n, b"", dtype=object)  # bytes: no per-element encode when writing
     return {
         schema.USER_ID: self.user_raw[self.event_user[start]],
         schema.ITEM_IDS: self.event_item[sl].astype(np.int32),
