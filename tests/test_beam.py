@@ -12,7 +12,10 @@ import pytest
 beam = pytest.importorskip(
     "apache_beam", reason="apache_beam not installed (optional extra: pip install -e .[beam])")
 
+import tensorflow_datasets as tfds  # noqa: E402
+
 from data_pipelines import beam_grouping  # noqa: E402
+from data_pipelines import builder as builder_lib  # noqa: E402
 from data_pipelines.readers import BadLineTracker, make_reader  # noqa: E402
 from data_pipelines.records import RawEvent  # noqa: E402
 from data_pipelines.timelines import TimelineOptions, build_timelines  # noqa: E402
@@ -129,6 +132,51 @@ def test_beam_timelines_equal_in_memory_core(tmp_path, dataset, make, options):
   assert stats["events_kept"] == core_stats["events_after_dedup"]
   if dataset == "amazon" and not options:
     assert stats["duplicate_events_dropped"] > 0  # The fixture really has repeats.
+
+
+def _prepare(cls, config, manual_dir, data_dir, beam_runner=None):
+  builder = cls(config=config, data_dir=str(data_dir), show_progress=False)
+  builder.download_and_prepare(
+      file_format="array_record",
+      download_config=tfds.download.DownloadConfig(
+          manual_dir=str(manual_dir), beam_runner=beam_runner,
+          compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  path = pathlib.Path(builder.data_dir)
+  side = {name: json.loads((path / name).read_text())
+          for name in (schema.VOCAB_FILENAME, builder_lib.STATISTICS_FILENAME)}
+  return builder.as_data_source(), side
+
+
+@pytest.mark.parametrize("dataset, make, config", [
+    ("amazon", amazon_fixture, {"protocol": "leave_last_out"}),
+    ("google_local", google_fixture, {"protocol": "paper", "window": 2,
+                                      "min_item_count": 2}),
+    ("movielens", movielens_fixture, {"protocol": "paper", "window": 1, "stride": 2}),
+])
+def test_beam_builder_writes_the_same_dataset(tmp_path, dataset, make, config):
+  manual_dir = make(tmp_path / "raw")
+  cfg = builder_lib.TimelineBuilderConfig.make(dataset, **config)
+  mem, mem_side = _prepare(builder_lib.UserTimelines, cfg, manual_dir, tmp_path / "mem")
+  par, par_side = _prepare(beam_grouping.BeamUserTimelines, cfg, manual_dir,
+                           tmp_path / "beam", beam_grouping.default_runner())
+  assert set(mem) == set(par) == set(cfg.options().splits)
+  for split in mem:
+    assert len(mem[split]) == len(par[split]) > 0
+    for i in range(len(mem[split])):
+      a, b = mem[split][i], par[split][i]
+      assert a.keys() == b.keys()
+      for key in a:
+        np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]),
+                                      err_msg=f"{split}[{i}].{key}")
+  vocab, beam_vocab = mem_side[schema.VOCAB_FILENAME], par_side[schema.VOCAB_FILENAME]
+  for key in ("dataset", "items", "ratings", "categories"):
+    assert vocab[key] == beam_vocab[key], key
+  stats, beam_stats = (mem_side[builder_lib.STATISTICS_FILENAME],
+                       par_side[builder_lib.STATISTICS_FILENAME])
+  assert stats["drops"]["counts"] == beam_stats["drops"]["counts"]
+  assert beam_stats["source"]["engine"] == "apache_beam"
+  for key in set(stats) - {"drops", "source", "seconds_timelines"}:
+    assert stats[key] == beam_stats[key], key
 
 
 def test_order_timeline_keeps_first_duplicate_and_read_order_on_ties():
