@@ -534,6 +534,17 @@ class BeamUserTimelines(builder_lib.UserTimelines, skip_registration=True):
                         os.fspath(self.data_dir))
 
 
+def download_config_kwargs(pipeline_args: Sequence[str] = ()) -> dict:
+  """`beam_runner` / `beam_options` for `tfds.download.DownloadConfig`.
+
+  Without `--runner` in `pipeline_args`, the in-process FnApiRunner runs the pipeline.
+  """
+  kwargs = {"beam_options": PipelineOptions(list(pipeline_args))}
+  if not any(a.startswith("--runner") for a in pipeline_args):
+    kwargs["beam_runner"] = default_runner()
+  return kwargs
+
+
 def default_runner():
   """The in-process FnApiRunner (see `make_pipeline` for why not the DirectRunner)."""
   from apache_beam.runners.portability.fn_api_runner import FnApiRunner

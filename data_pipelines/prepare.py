@@ -54,7 +54,8 @@ def prepare_dataset(dataset: str, manual_dir: str | os.PathLike, data_dir: str |
                     protocol: str = "leave_last_out", window: int = 50, stride: int = 1,
                     min_item_count: int = 1, min_category_count: int = 1,
                     max_bad_fraction: float = 0.0, reader_options: dict | None = None,
-                    force: bool = False, show_progress: bool = True) -> PreparedDataset:
+                    force: bool = False, show_progress: bool = True,
+                    beam_pipeline_options: list[str] | None = None) -> PreparedDataset:
   """Prepares (or reuses) `dataset` from `manual_dir` into `data_dir`.
 
   Args:
@@ -68,6 +69,8 @@ def prepare_dataset(dataset: str, manual_dir: str | os.PathLike, data_dir: str |
     reader_options: extra keyword options for the reader.
     force: re-prepare even when a complete preparation exists.
     show_progress: progress bars.
+    beam_pipeline_options: None prepares in memory; a list (possibly empty) of Beam
+      pipeline flags prepares on Apache Beam (`data_pipelines.beam_grouping`).
 
   Returns:
     The `PreparedDataset`.
@@ -85,8 +88,12 @@ def prepare_dataset(dataset: str, manual_dir: str | os.PathLike, data_dir: str |
   manual_dir, data_dir = os.fspath(manual_dir), os.fspath(data_dir)
   if not os.path.isdir(manual_dir):
     raise FileNotFoundError(f"--manual_dir {manual_dir!r} does not exist or is not a directory")
-  builder = builder_lib.UserTimelines(config=config, data_dir=data_dir,
-                                      show_progress=show_progress)
+  beam_kwargs, builder_cls = {}, builder_lib.UserTimelines
+  if beam_pipeline_options is not None:
+    from data_pipelines import beam_grouping  # Optional extra [beam].
+    beam_kwargs = beam_grouping.download_config_kwargs(beam_pipeline_options)
+    builder_cls = beam_grouping.BeamUserTimelines
+  builder = builder_cls(config=config, data_dir=data_dir, show_progress=show_progress)
   path = os.fspath(builder.data_dir)
   if not force and _is_complete(path, config):
     return _load(path, reused=True)
@@ -97,7 +104,7 @@ def prepare_dataset(dataset: str, manual_dir: str | os.PathLike, data_dir: str |
       file_format="array_record",
       download_config=tfds.download.DownloadConfig(
           manual_dir=manual_dir, download_mode=mode,
-          compute_stats=tfds.download.ComputeStatsMode.SKIP))
+          compute_stats=tfds.download.ComputeStatsMode.SKIP, **beam_kwargs))
   seconds = time.perf_counter() - t0
   stats_path = os.path.join(path, builder_lib.STATISTICS_FILENAME)
   statistics = source_lib.load_statistics(path)
@@ -180,7 +187,8 @@ def main(argv) -> None:
         f.dataset, f.manual_dir, f.data_dir, protocol=f.protocol, window=f.window,
         stride=f.stride, min_item_count=f.min_item_count,
         min_category_count=f.min_category_count, max_bad_fraction=f.max_bad_fraction,
-        reader_options=options, force=f.force)
+        reader_options=options, force=f.force,
+        beam_pipeline_options=f.beam_pipeline_options if f.beam else None)
   except (BadInputError, FileNotFoundError, ValueError, TypeError) as e:
     print(f"ERROR: {e}", file=sys.stderr)
     sys.exit(1)
@@ -207,6 +215,9 @@ def _define_flags() -> None:
   flags.DEFINE_multi_string("reader_option", [], "key=value option for the reader.")
   flags.DEFINE_bool("force", False, "Re-prepare even if a complete preparation exists.")
   flags.DEFINE_string("statistics_output", None, "Also write the statistics JSON here.")
+  flags.DEFINE_bool("beam", False, "Prepare on Apache Beam (pip install -e .[beam]).")
+  flags.DEFINE_list("beam_pipeline_options", [], "Beam pipeline flags with --beam, e.g. "
+                    "--runner=DataflowRunner,--project=P (default: in-process runner).")
 
 
 if __name__ == "__main__":
