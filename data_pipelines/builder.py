@@ -4,8 +4,7 @@ Build only through the Python API (the `tfds build` CLI and `tfds.load` need
 TensorFlow):
 
   builder = UserTimelines(config=TimelineBuilderConfig.make("movielens"), data_dir=OUT)
-  builder.download_and_prepare(
-      file_format="array_record",
+  builder.download_and_prepare(  # file_format='array_record' is the builder's default
       download_config=tfds.download.DownloadConfig(manual_dir=RAW))
 
 (`data_pipelines.prepare.prepare_dataset` does exactly this.) The output lives in
@@ -142,6 +141,9 @@ class UserTimelines(tfds.core.GeneratorBasedBuilder):
     # (config names encode every setting, so equal names mean equal settings).
     if isinstance(config, TimelineBuilderConfig) and config.name in self.builder_configs:
       config = config.name
+    # Set here, not in download_and_prepare: TFDS refuses to change the format of
+    # an already initialised info (re-preparing over an existing dataset).
+    kwargs.setdefault("file_format", "array_record")
     super().__init__(config=config, **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:

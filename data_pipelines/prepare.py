@@ -95,19 +95,20 @@ def prepare_dataset(dataset: str, manual_dir: str | os.PathLike, data_dir: str |
     builder_cls = beam_grouping.BeamUserTimelines
   builder = builder_cls(config=config, data_dir=data_dir, show_progress=show_progress)
   path = os.fspath(builder.data_dir)
-  if not force and _is_complete(path, config):
+  fingerprint = source_fingerprint(manual_dir)
+  if not force and _is_complete(path, config, fingerprint):
     return _load(path, reused=True)
   t0 = time.perf_counter()
   mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD if os.path.exists(path) else (
       tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
   builder.download_and_prepare(
-      file_format="array_record",
       download_config=tfds.download.DownloadConfig(
           manual_dir=manual_dir, download_mode=mode,
           compute_stats=tfds.download.ComputeStatsMode.SKIP, **beam_kwargs))
   seconds = time.perf_counter() - t0
   stats_path = os.path.join(path, builder_lib.STATISTICS_FILENAME)
   statistics = source_lib.load_statistics(path)
+  statistics["source_fingerprint"] = fingerprint
   statistics["seconds_total"] = seconds
   statistics["events_per_second"] = statistics["events_read"] / max(seconds, 1e-9)
   statistics["records_per_second"] = (sum(statistics["records_per_split"].values())
@@ -116,14 +117,28 @@ def prepare_dataset(dataset: str, manual_dir: str | os.PathLike, data_dir: str |
   return _load(path, reused=False)
 
 
-def _is_complete(path: str, config: builder_lib.TimelineBuilderConfig) -> bool:
+def source_fingerprint(manual_dir: str) -> dict:
+  """Absolute path plus (size, mtime) of every raw file: detects changed input."""
+  files = {}
+  for d, _, names in os.walk(manual_dir):
+    for name in names:
+      st = os.stat(os.path.join(d, name))
+      files[os.path.relpath(os.path.join(d, name), manual_dir)] = [st.st_size, st.st_mtime_ns]
+  return {"manual_dir": os.path.abspath(manual_dir), "files": dict(sorted(files.items()))}
+
+
+def _is_complete(path: str, config: builder_lib.TimelineBuilderConfig,
+                 fingerprint: dict) -> bool:
+  """A finished preparation with the same settings of the same raw files."""
   needed = (source_lib.DATASET_INFO, schema.VOCAB_FILENAME, builder_lib.STATISTICS_FILENAME)
   if not all(os.path.exists(os.path.join(path, f)) for f in needed):
     return False
   try:
-    return source_lib.load_statistics(path).get("settings") == config.settings()
+    stats = source_lib.load_statistics(path)
   except (OSError, json.JSONDecodeError):
     return False
+  return (stats.get("settings") == config.settings()
+          and stats.get("source_fingerprint") == fingerprint)
 
 
 def _load(path: str, reused: bool) -> PreparedDataset:

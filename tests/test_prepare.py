@@ -60,6 +60,13 @@ def test_prepare_is_idempotent(synthetic_prepared):
                                   show_progress=False)
   assert again.reused and again.path == first.path and os.path.getmtime(info) == mtime
   assert again.vocabulary == first.vocabulary
+  # Changed raw files are noticed and the dataset is prepared again.
+  ratings = tmp / "raw" / "ratings.csv"
+  ratings.write_text(ratings.read_text())
+  os.utime(ratings, ns=(1, 1))
+  redone = prepare.prepare_dataset("synthetic", tmp / "raw", tmp / "prepared",
+                                   show_progress=False)
+  assert not redone.reused and redone.vocabulary == first.vocabulary
 
 
 def test_paper_protocol_has_no_validation_split(synthetic_prepared):
