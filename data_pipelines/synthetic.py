@@ -190,7 +190,7 @@ def generate(out_dir: str | os.PathLike, num_users: int = 600, num_items: int = 
              events_per_user_mean: float | None = 80.0, *, num_ratings: int | None = None,
              seed: int = 0, min_events_per_user: int = 20, zipf_exponent: float = 1.0,
              session_mean: float = 6.0, successor_prob: float = 0.35,
-             users_per_chunk: int = 20_000, show_progress: bool = True) -> SyntheticStats:
+             users_per_chunk: int = 5_000, show_progress: bool = True) -> SyntheticStats:
   """Writes `ratings.csv` and `movies.csv` (ml-latest-small format) into `out_dir`.
 
   Args:

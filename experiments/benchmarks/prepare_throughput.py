@@ -46,6 +46,12 @@ def _maxrss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def _cpu_seconds() -> float:
+  """User + system CPU time of this process (meaningful on a shared, loaded machine)."""
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime + r.ru_stime
+
+
 def _generate(raw: str, num_users: int, num_items: int, num_ratings: int, seed: int) -> dict:
   from data_pipelines import synthetic
 
@@ -53,7 +59,7 @@ def _generate(raw: str, num_users: int, num_items: int, num_ratings: int, seed: 
   stats = synthetic.generate(raw, num_users=num_users, num_items=num_items,
                              num_ratings=num_ratings, seed=seed)
   return {"seconds": time.perf_counter() - t0, "peak_rss_mib": _maxrss_mib(),
-          "stats": stats.to_json()}
+          "cpu_seconds": _cpu_seconds(), "stats": stats.to_json()}
 
 
 def _prepare(raw: str, out: str, protocol: str, window: int, stride: int) -> dict:
@@ -66,7 +72,7 @@ def _prepare(raw: str, out: str, protocol: str, window: int, stride: int) -> dic
   size = sum(os.path.getsize(os.path.join(d, f))
              for d, _, fs in os.walk(prepared.path) for f in fs)
   s = prepared.statistics
-  return {"seconds": seconds, "peak_rss_mib": _maxrss_mib(),
+  return {"seconds": seconds, "peak_rss_mib": _maxrss_mib(), "cpu_seconds": _cpu_seconds(),
           "seconds_read_and_timelines": s["seconds_timelines"],
           "events_read": s["events_read"], "users": s["users_read"],
           "items": s["items_in_vocabulary"], "records_per_split": s["records_per_split"],
@@ -102,6 +108,8 @@ def main(argv) -> None:
       "cpu_count": os.cpu_count(),
       "generate_seconds": gen["seconds"], "generate_peak_rss_mib": gen["peak_rss_mib"],
       "generate_ratings_per_second": n / gen["seconds"], "raw_mib": raw_mib,
+      "generate_cpu_seconds": gen["cpu_seconds"], "prepare_cpu_seconds": prep["cpu_seconds"],
+      "load_average_1min_at_end": os.getloadavg()[0],
       "prepare_seconds": prep["seconds"], "prepare_peak_rss_mib": prep["peak_rss_mib"],
       "prepare_events_per_second": prep["events_read"] / prep["seconds"],
       "read_and_timelines_seconds": prep["seconds_read_and_timelines"],
@@ -115,16 +123,20 @@ def main(argv) -> None:
       ("ratings", f"{n:,}"), ("users / items", f"{num_users:,} / {num_items:,}"),
       ("protocol", _PROTOCOL.value), ("raw csv size", f"{raw_mib:,.0f} MiB"),
       ("generate: wall time", f"{gen['seconds']:,.1f} s"),
+      ("generate: CPU time (user+sys)", f"{gen['cpu_seconds']:,.1f} s"),
       ("generate: ratings/s", f"{results['generate_ratings_per_second']:,.0f}"),
       ("generate: peak RSS", f"{gen['peak_rss_mib']:,.0f} MiB"),
       ("prepare: wall time", f"{prep['seconds']:,.1f} s"),
       ("  read + timelines", f"{prep['seconds_read_and_timelines']:,.1f} s "
                              f"({results['read_and_timelines_events_per_second']:,.0f} events/s)"),
       ("  TFDS array_record write", f"{results['tfds_write_seconds']:,.1f} s"),
+      ("prepare: CPU time (user+sys)", f"{prep['cpu_seconds']:,.1f} s"),
       ("prepare: events/s (end to end)", f"{results['prepare_events_per_second']:,.0f}"),
       ("prepare: peak RSS", f"{prep['peak_rss_mib']:,.0f} MiB"),
       ("records per split", ", ".join(f"{k} {v:,}" for k, v in prep["records_per_split"].items())),
       ("prepared size", f"{prep['output_mib']:,.0f} MiB"),
+      ("load average (1 min) at end", f"{results['load_average_1min_at_end']:.1f} "
+                                      f"on {os.cpu_count()} CPUs"),
   ]
   width = max(len(k) for k, _ in rows)
   print("\nprepare_throughput")
