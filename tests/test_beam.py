@@ -16,6 +16,7 @@ import tensorflow_datasets as tfds  # noqa: E402
 
 from data_pipelines import beam_grouping  # noqa: E402
 from data_pipelines import builder as builder_lib  # noqa: E402
+from data_pipelines import prepare  # noqa: E402
 from data_pipelines.readers import BadLineTracker, make_reader  # noqa: E402
 from data_pipelines.records import RawEvent  # noqa: E402
 from data_pipelines.timelines import TimelineOptions, build_timelines  # noqa: E402
@@ -134,17 +135,13 @@ def test_beam_timelines_equal_in_memory_core(tmp_path, dataset, make, options):
     assert stats["duplicate_events_dropped"] > 0  # The fixture really has repeats.
 
 
-def _prepare(cls, config, manual_dir, data_dir, beam_runner=None):
-  builder = cls(config=config, data_dir=str(data_dir), show_progress=False)
-  builder.download_and_prepare(
-      file_format="array_record",
-      download_config=tfds.download.DownloadConfig(
-          manual_dir=str(manual_dir), beam_runner=beam_runner,
-          compute_stats=tfds.download.ComputeStatsMode.SKIP))
-  path = pathlib.Path(builder.data_dir)
-  side = {name: json.loads((path / name).read_text())
+def _prepare(config: dict, dataset, manual_dir, data_dir, beam_pipeline_options=None):
+  """Prepares through the CLI's API (in memory, or on Beam with pipeline options)."""
+  prepared = prepare.prepare_dataset(dataset, manual_dir, data_dir, show_progress=False,
+                                     beam_pipeline_options=beam_pipeline_options, **config)
+  side = {name: json.loads((pathlib.Path(prepared.path) / name).read_text())
           for name in (schema.VOCAB_FILENAME, builder_lib.STATISTICS_FILENAME)}
-  return builder.as_data_source(), side
+  return tfds.builder_from_directory(prepared.path).as_data_source(), side
 
 
 @pytest.mark.parametrize("dataset, make, config", [
@@ -155,11 +152,10 @@ def _prepare(cls, config, manual_dir, data_dir, beam_runner=None):
 ])
 def test_beam_builder_writes_the_same_dataset(tmp_path, dataset, make, config):
   manual_dir = make(tmp_path / "raw")
-  cfg = builder_lib.TimelineBuilderConfig.make(dataset, **config)
-  mem, mem_side = _prepare(builder_lib.UserTimelines, cfg, manual_dir, tmp_path / "mem")
-  par, par_side = _prepare(beam_grouping.BeamUserTimelines, cfg, manual_dir,
-                           tmp_path / "beam", beam_grouping.default_runner())
-  assert set(mem) == set(par) == set(cfg.options().splits)
+  mem, mem_side = _prepare(config, dataset, manual_dir, tmp_path / "mem")
+  par, par_side = _prepare(config, dataset, manual_dir, tmp_path / "beam", [])
+  splits = builder_lib.TimelineBuilderConfig.make(dataset, **config).options().splits
+  assert set(mem) == set(par) == set(splits)
   for split in mem:
     assert len(mem[split]) == len(par[split]) > 0
     for i in range(len(mem[split])):
@@ -175,7 +171,8 @@ def test_beam_builder_writes_the_same_dataset(tmp_path, dataset, make, config):
                        par_side[builder_lib.STATISTICS_FILENAME])
   assert stats["drops"]["counts"] == beam_stats["drops"]["counts"]
   assert beam_stats["source"]["engine"] == "apache_beam"
-  for key in set(stats) - {"drops", "source", "seconds_timelines"}:
+  timing = {"seconds_timelines", "seconds_total", "events_per_second", "records_per_second"}
+  for key in set(stats) - {"drops", "source"} - timing:
     assert stats[key] == beam_stats[key], key
 
 
