@@ -237,3 +237,21 @@ def test_real_categories(shared_data):
   assert not any("&#39;" in i.title or i.title != i.title.strip() for i in items)
   assert reader.counts["categories_without_meta_file"] == 2
   assert os.path.basename(reader.source_files()[-1]) == "meta_Gift_Cards.json.gz"
+
+
+def test_timeline_builder_counts_duplicates_once(dump):
+  """Reader yields repeats; the common builder drops and counts them exactly once."""
+  from data_pipelines.timelines import TimelineOptions, build_timelines
+
+  reader = amazon.AmazonReader(dump)
+  t = build_timelines(reader, TimelineOptions("leave_last_out"), show_progress=False)
+  s = t.statistics
+  assert (s["events_read"], s["duplicate_events"], s["events_after_dedup"]) == (8, 1, 7)
+  assert s["drops"]["counts"]["duplicate_item_metadata"] == 1  # Second A1 record.
+  assert s["source"]["reader_counts"]["meta_category_paths_cut"] == 2
+  # U1 (B1 at t=8, A2 at 90, A1 twice at 100) is the one user with >= 3 events; its train
+  # part is B1 alone, an All_Beauty item without metadata: its title falls back to the asin.
+  assert [(it.raw_id, it.title) for it in t.vocabulary.items[2:]] == [("B1", "B1")]
+  assert s["items_without_metadata"] == 1 and t.vocabulary.categories[2:] == ()
+  assert s["users_read"] == 4 and s["users_kept"] == 1
+  assert s["rating_values"] == [1.0, 2.0, 3.0, 4.0, 5.0]

@@ -126,3 +126,32 @@ def test_no_review_file_is_a_clear_error(tmp_path):
   write_lines(tmp_path / "meta-Ohio.json.gz", [meta("0x1", "A", None)])
   with pytest.raises(FileNotFoundError, match="no Google Local review file"):
     google_local.GoogleLocalReader(tmp_path)
+
+
+def test_timeline_builder_multi_valued_categories_and_duplicates(tmp_path):
+  """Every business category reaches the records; repeats are dropped once, by the builder."""
+  from data_pipelines.timelines import TimelineOptions, build_timelines
+  from user_llm_jax.data import schema
+
+  write_lines(tmp_path / "review-Ohio.json.gz", [
+      review("1", "0x1", 1000), review("1", "0x2", 2000, text=None),
+      review("1", "0x1", 1000), review("1", "0x3", 3999)])
+  write_lines(tmp_path / "meta-Ohio.json.gz", [
+      meta("0x1", "Cafe One", ["Cafe", "Bakery"]), meta("0x2", "Two", None),
+      meta("0x1", "Cafe One again", ["Bar"])])
+  reader = google_local.GoogleLocalReader(tmp_path)
+  t = build_timelines(reader, TimelineOptions("leave_last_out"), show_progress=False)
+  s = t.statistics
+  assert (s["events_read"], s["duplicate_events"]) == (4, 1)
+  assert s["drops"]["counts"]["duplicate_item_metadata"] == 1
+  assert s["items_without_metadata"] == 1  # 0x3
+  ((key, test),) = list(t.records("test"))
+  cats = {name: i for i, name in enumerate(t.vocabulary.categories)}
+  assert set(cats) - {"<pad:category>", "<oov:category>"} == {"Cafe", "Bakery"}
+  assert list(test[schema.TIMESTAMPS]) == [1, 2, 3]
+  assert list(test[schema.CATEGORY_LENGTHS]) == [2, 0, 0]
+  assert list(test[schema.CATEGORY_IDS]) == [cats["Cafe"], cats["Bakery"]]
+  # Tie between Cafe and Bakery (once each): the most recent one, Bakery, wins.
+  assert test[schema.FAVORITE_CATEGORY] == cats["Bakery"]
+  assert list(test[schema.REVIEW_TEXTS]) == ["Nice place", "", "Nice place"]
+  assert t.vocabulary.items[2].title == "Cafe One" and key.startswith("1/")
