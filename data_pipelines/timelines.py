@@ -87,7 +87,7 @@ class _Interner:
   def __call__(self, values: np.ndarray) -> np.ndarray:
     local, uniques = pd.factorize(values, use_na_sentinel=False)
     lookup = np.empty(len(uniques), dtype=np.int32)
-    for j, u in enumerate(uniques.tolist() if hasattr(uniques, "tolist") else uniques):
+    for j, u in enumerate(np.asarray(uniques).tolist()):
       key = str(u)
       code = self.codes.get(key)
       if code is None:

@@ -47,6 +47,8 @@ def test_read_back_equals_timelines(synthetic_prepared):
       assert int(got[schema.FAVORITE_CATEGORY]) == expected[schema.FAVORITE_CATEGORY]
       assert list(got[schema.REVIEW_TEXTS]) == [b""] * len(expected[schema.ITEM_IDS])
   # Under leave-last-out record i of every split is the same user, one event shorter.
+  # Prepared and read back without TensorFlow (TFDS imports it only on demand).
+  assert "tensorflow" not in sys.modules
   train, _, _ = source.load_prepared(prepared.path, "train")
   test, _, _ = source.load_prepared(prepared.path, "test")
   np.testing.assert_array_equal(train[3][schema.TIMESTAMPS], test[3][schema.TIMESTAMPS][:-2])
