@@ -139,3 +139,85 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match="beam_size"):
     bs.beam_search(_bigram_step(table), first, table[first], beam_size=0, max_steps=3,
                    stop_tokens=[END])
+
+
+# -- the real tiny Decoder -----------------------------------------------------------------
+
+DEC_END = 250
+DEC_TITLES = [[10, 11, 12], [10, 11], [10, 13, 14, 15], [40], [41, 42], [41, 43], [99, 98]]
+DEC_PROMPTS = [[5, 17, 99, 3], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+
+
+@pytest.fixture(scope="module")
+def decoder():
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from user_llm_jax.llm.config import LLM_TINY  # pylint: disable=g-import-not-at-top
+  from user_llm_jax.llm.model import Decoder  # pylint: disable=g-import-not-at-top
+  return Decoder(LLM_TINY, rngs=nnx.Rngs(1))
+
+
+@pytest.fixture(scope="module")
+def dec_trie():
+  return trie_lib.TokenTrie(DEC_TITLES, 256, end_token=DEC_END)
+
+
+@pytest.fixture(scope="module")
+def exhaustive(decoder, dec_trie):
+  n = len(dec_trie.sequences())
+  return bs.beam_search_model(decoder, DEC_PROMPTS, beam_size=n, max_steps=dec_trie.max_depth,
+                              stop_tokens=[DEC_END], constraint=dec_trie.to_arrays(),
+                              length_bucket=8)
+
+
+def test_score_candidates_equals_full_forward(decoder, dec_trie):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  seqs = dec_trie.sequences()
+  got = bs.score_candidates(decoder, DEC_PROMPTS[0], seqs, batch_size=3)
+  # One uncached forward over every prompt + candidate, right-padded (causal: the padding
+  # on the right does not affect the real positions).
+  t = len(DEC_PROMPTS[0])
+  width = t + max(map(len, seqs))
+  full = np.zeros((len(seqs), width), np.int32)
+  for i, seq in enumerate(seqs):
+    full[i, :t + len(seq)] = DEC_PROMPTS[0] + seq
+  positions = jnp.broadcast_to(jnp.arange(width), full.shape)
+  logits, _ = nnx.jit(lambda m, x, p: m(x, positions=p))(decoder, jnp.asarray(full), positions)
+  logp = np.asarray(jax.nn.log_softmax(logits, -1))
+  for i, (seq, score) in enumerate(zip(seqs, got)):
+    want = sum(float(logp[i, t - 1 + j, tok]) for j, tok in enumerate(seq))
+    np.testing.assert_allclose(score, want, atol=1e-4)
+
+
+def test_decoder_beam_with_k_ge_candidates_equals_exact_scoring(decoder, dec_trie, exhaustive):
+  n = len(dec_trie.sequences())
+  for row, prompt in enumerate(DEC_PROMPTS):
+    exact = bs.score_candidates(decoder, prompt, dec_trie.sequences(), batch_size=4)
+    order = np.argsort(-exact)
+    assert exhaustive.valid[row].all()
+    got = [list(exhaustive.tokens[row, j, :exhaustive.lengths[row, j]]) for j in range(n)]
+    assert got == [dec_trie.sequences()[i] for i in order]
+    np.testing.assert_allclose(exhaustive.scores[row], exact[order], atol=1e-4)
+
+
+def test_decoder_beam_small_k_allowed_distinct_sorted(decoder, dec_trie, exhaustive):
+  k = 3
+  out = bs.beam_search_model(decoder, DEC_PROMPTS, beam_size=k, max_steps=dec_trie.max_depth,
+                             stop_tokens=[DEC_END], constraint=dec_trie.to_arrays(),
+                             length_bucket=8)
+  stored = {tuple(s) for s in dec_trie.sequences()}
+  for row, prompt in enumerate(DEC_PROMPTS):
+    seqs = [list(out.tokens[row, j, :out.lengths[row, j]]) for j in range(k)]
+    assert all(tuple(s) in stored for s in seqs)
+    assert len({tuple(s) for s in seqs}) == k
+    assert np.all(np.diff(out.scores[row]) <= 0)
+    # Each returned score is the sequence's exact log-prob.
+    np.testing.assert_allclose(out.log_probs[row],
+                               bs.score_candidates(decoder, prompt, seqs), atol=1e-4)
+    # Beam search is approximate in general, but its best hypothesis here is the best one.
+    assert seqs[0] == list(exhaustive.tokens[row, 0, :exhaustive.lengths[row, 0]])
+  # The short (left-padded) prompt alone gives the same result: padding is masked.
+  alone = bs.beam_search_model(decoder, DEC_PROMPTS[:1], beam_size=k,
+                               max_steps=dec_trie.max_depth, stop_tokens=[DEC_END],
+                               constraint=dec_trie.to_arrays(), length_bucket=4)
+  np.testing.assert_array_equal(alone.tokens[0], out.tokens[0])
+  np.testing.assert_allclose(alone.scores[0], out.scores[0], atol=1e-5)

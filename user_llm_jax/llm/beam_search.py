@@ -36,6 +36,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
+from flax import nnx
+
+from user_llm_jax.llm import sampler as sampler_lib
+from user_llm_jax.llm.model import Decoder
 
 NEG_INF = -jnp.inf
 
@@ -174,3 +179,138 @@ def beam_search(step_fn: StepFn, cache: Any, first_logits: jax.Array, *, beam_si
   tokens = jnp.where(positions < s.fin_len[..., None], s.fin_tokens, pad_id)
   return BeamSearchOutput(tokens=tokens, lengths=jnp.where(valid, s.fin_len, 0),
                           scores=s.fin_score, log_probs=s.fin_logp, valid=valid)
+
+
+# -- wiring to the Decoder ----------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=0,
+                   static_argnames=("cache_length", "beam_size", "max_steps", "stop_tokens",
+                                    "length_penalty", "pad_id"))
+def _beam_jit(graphdef, params, tokens, prompt_mask, inputs_embeds, context, context_mask,
+              constraint, *, cache_length, beam_size, max_steps, stop_tokens,
+              length_penalty, pad_id):
+  model = nnx.merge(graphdef, params)
+  logits, state = sampler_lib.prefill(model, tokens, prompt_mask, cache_length=cache_length,
+                                      inputs_embeds=inputs_embeds, context=context,
+                                      context_mask=context_mask)
+  return beam_search(functools.partial(sampler_lib.decode_step, model), state, logits,
+                     beam_size=beam_size, max_steps=max_steps, stop_tokens=stop_tokens,
+                     constraint=constraint, reorder_fn=sampler_lib.reorder_state,
+                     length_penalty=length_penalty, pad_id=pad_id)
+
+
+def beam_search_model(model: Decoder, prompts: Sequence[Sequence[int]] | None = None, *,
+                      beam_size: int, max_steps: int, stop_tokens: Sequence[int],
+                      constraint: Any = None, length_penalty: float = 0.0, pad_id: int = 0,
+                      length_bucket: int = 16, inputs_embeds: jax.Array | None = None,
+                      prompt_mask: jax.Array | None = None, context: jax.Array | None = None,
+                      context_mask: jax.Array | None = None) -> BeamSearchOutput:
+  """Constrained beam search with the Decoder's KV cache (one jitted prefill + search).
+
+  Args:
+    model: the decoder.
+    prompts: token lists (left-padded here), or None when `inputs_embeds` is given.
+    beam_size: K beams per prompt = number of returned sequences.
+    max_steps: longest generated sequence (for a trie: `trie.max_depth`).
+    stop_tokens: tokens that complete a hypothesis (for a trie: its `end_token`).
+    constraint: e.g. `TokenTrie.to_arrays()`; None for free beam search.
+    length_penalty: alpha of the optional length normalization (0 = off).
+    pad_id: padding token of prompts and outputs.
+    length_bucket: prompt lengths are rounded up to a multiple of this.
+    inputs_embeds / prompt_mask: [B, T, D] left-padded prompt embeddings and their mask.
+    context / context_mask: [B, E, D] / [B, E] cross-attention user embeddings.
+
+  Returns:
+    A `BeamSearchOutput` of numpy arrays ([B, K, max_steps] tokens, best first).
+  """
+  if inputs_embeds is not None:
+    b, t = inputs_embeds.shape[:2]
+    tokens = None
+    prompt_mask = (jnp.ones((b, t), bool) if prompt_mask is None
+                   else jnp.asarray(prompt_mask, bool))
+  elif prompts is not None:
+    tokens, prompt_mask = sampler_lib.left_pad(prompts, pad_id, length_bucket)
+    t = tokens.shape[1]
+  else:
+    raise ValueError("give `prompts` or `inputs_embeds`")
+  graphdef, params = nnx.split(model)
+  out = _beam_jit(graphdef, params, tokens, prompt_mask, inputs_embeds, context, context_mask,
+                  constraint, cache_length=t + int(max_steps), beam_size=int(beam_size),
+                  max_steps=int(max_steps), stop_tokens=tuple(int(s) for s in stop_tokens),
+                  length_penalty=float(length_penalty), pad_id=int(pad_id))
+  return jax.device_get(out)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _score_chunk(graphdef, params, first_logits, state, cand, cand_len):
+  """Sum of log-probs of candidates [C, L] (right-padded) after one prefilled prompt."""
+  model = nnx.merge(graphdef, params)
+  c, length = cand.shape
+  state = sampler_lib.reorder_state(state, jnp.zeros((c,), jnp.int32))  # tile the prompt
+  t0 = state.cache.end_index
+  s = state.slot_valid.shape[1]
+  positions = state.next_position[:, None] + jnp.arange(length)[None, :]  # [C, L]
+  slot = jnp.arange(s)[None, :]                                            # [1, S]
+  new = (slot >= t0) & (slot - t0 <= jnp.arange(length)[:, None])          # [L, S] causal
+  mask = state.slot_valid[:, None, :] | new[None]                          # [C, L, S]
+  logits, _ = model(cand, positions=positions, attention_mask=mask, cache=state.cache,
+                    context=state.context, context_mask=state.context_mask)
+  # Token i is predicted by position i - 1; token 0 by the end of the prompt.
+  pred = jnp.concatenate([jnp.broadcast_to(first_logits[:, None], (c, 1, logits.shape[-1])),
+                          logits[:, :-1]], axis=1)                         # [C, L, V]
+  logp = jnp.take_along_axis(jax.nn.log_softmax(pred, -1), cand[..., None], -1)[..., 0]
+  return jnp.where(jnp.arange(length)[None] < cand_len[:, None], logp, 0.0).sum(-1)  # [C]
+
+
+def score_candidates(model: Decoder, prompt: Sequence[int] | None,
+                     candidates: Sequence[Sequence[int]], *, batch_size: int = 32,
+                     inputs_embeds: jax.Array | None = None,
+                     context: jax.Array | None = None, context_mask: jax.Array | None = None,
+                     length_bucket: int = 16, show_progress: bool = False) -> np.ndarray:
+  """Exact log p(candidate | prompt) of every candidate by teacher forcing.
+
+  The prompt is prefilled once; candidates are scored `batch_size` at a time against a
+  copy of its cache (the last chunk is padded so every chunk has the same shape). Use for
+  small catalogues; it ranks all titles exactly (beam search with K >= number of titles
+  gives the same ranking).
+
+  Args:
+    model: the decoder.
+    prompt: prompt tokens, or None when `inputs_embeds` ([1, T, D]) is given.
+    candidates: token sequences to score (include the end token when it should count).
+    batch_size: candidates per forward pass.
+    inputs_embeds: [1, T, D] prompt embeddings (soft prompt).
+    context / context_mask: [1, E, D] / [1, E] cross-attention user embeddings.
+    length_bucket: prompt length rounding (limits recompiles across prompts).
+    show_progress: show a tqdm bar over chunks.
+
+  Returns:
+    [C] float32 summed log-probs.
+  """
+  if not candidates or any(len(c) == 0 for c in candidates):
+    raise ValueError("score_candidates needs non-empty candidate token sequences")
+  if inputs_embeds is not None:
+    tokens, mask = None, jnp.ones(inputs_embeds.shape[:2], bool)
+  elif prompt is not None:
+    tokens, mask = sampler_lib.left_pad([prompt], 0, length_bucket)
+  else:
+    raise ValueError("give `prompt` or `inputs_embeds`")
+  length = max(len(c) for c in candidates)
+  graphdef, params = nnx.split(model)
+  first_logits, state = sampler_lib.prefill_jitted(
+      graphdef, params, tokens, mask, inputs_embeds, context, context_mask,
+      cache_length=mask.shape[1] + length)
+  n = len(candidates)
+  size = min(batch_size, n)
+  padded = -(-n // size) * size
+  cand = np.zeros((padded, length), np.int32)
+  cand_len = np.ones((padded,), np.int32)
+  for i, c in enumerate(candidates):
+    cand[i, :len(c)] = c
+    cand_len[i] = len(c)
+  out = []
+  for lo in tqdm.trange(0, padded, size, desc="scoring candidates", disable=not show_progress):
+    out.append(_score_chunk(graphdef, params, first_logits, state,
+                            jnp.asarray(cand[lo:lo + size]), jnp.asarray(cand_len[lo:lo + size])))
+  return np.asarray(jnp.concatenate(out))[:n]

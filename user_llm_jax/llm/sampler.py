@@ -287,8 +287,9 @@ def decode_loop(model: Decoder, logits: jax.Array, state: DecodeState, rng: jax.
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames="cache_length")
-def _prefill_jit(graphdef, params, tokens, prompt_mask, inputs_embeds, context, context_mask,
-                 *, cache_length):
+def prefill_jitted(graphdef, params, tokens, prompt_mask, inputs_embeds, context,
+                   context_mask, *, cache_length):
+  """`prefill` under `jax.jit` for a split model (graphdef static, params traced)."""
   model = nnx.merge(graphdef, params)
   return prefill(model, tokens, prompt_mask, cache_length=cache_length,
                  inputs_embeds=inputs_embeds, context=context, context_mask=context_mask)
@@ -382,8 +383,9 @@ class Sampler:
       raise ValueError("give `prompts` or `inputs_embeds`")
     stops = stop_token_array(self.stop_tokens if stop_tokens is None else stop_tokens, b)
     graphdef, params = nnx.split(self.model)
-    logits, state = _prefill_jit(graphdef, params, tokens, prompt_mask, inputs_embeds,
-                                 context, context_mask, cache_length=t + int(max_new_tokens))
+    logits, state = prefill_jitted(graphdef, params, tokens, prompt_mask, inputs_embeds,
+                                   context, context_mask,
+                                   cache_length=t + int(max_new_tokens))
     out = _decode_jit(graphdef, params, logits, state, jax.random.key(seed),
                       jnp.asarray(stops), constraint, max_new_tokens=int(max_new_tokens),
                       temperature=float(temperature), top_k=int(top_k),
