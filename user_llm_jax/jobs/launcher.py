@@ -78,20 +78,21 @@ def explain_override_error(argv: Sequence[str]) -> str | None:
   return None
 
 
-def parse_flags(argv: Sequence[str]) -> list[str]:
+def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
   """`app.run` flags parser that turns flag/config errors into one-line messages."""
   jobs.import_job_modules()  # Job modules may define flags of their own.
   try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    # absl wraps errors raised inside a config file; keep the last (most specific) line.
-    lines = [l for l in str(e).splitlines() if l.strip()]
-    detail = f" ({lines[-1].strip()})" if len(lines) > 1 else ""
-    sys.exit(f"error: {lines[0] if lines else e}{detail}\n"
-             "Pass --helpfull to see all flags.")
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    # An unknown `--config.x.y` key surfaces as a raw AttributeError/KeyError.
-    message = explain_override_error(argv) or f"invalid config override: {e}"
+    return flag_values(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    # An unknown `--config.x.y` key surfaces as a raw AttributeError/KeyError or as an
+    # "unknown flag" depending on the path: name the key and the valid ones ourselves.
+    message = explain_override_error(argv)
+    if message is None:
+      # absl wraps errors raised inside a config file; keep the most specific line.
+      lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+      message = lines[0] if lines else repr(e)
+      if len(lines) > 1:
+        message += f" ({lines[-1]})"
     sys.exit(f"error: {message}")
 
 
