@@ -32,7 +32,8 @@ import os
 import time
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pa_csv
 import tqdm
 
 GENRES = (
@@ -52,6 +53,7 @@ _NOUNS = (
 )
 _START_TIME = 946_684_800  # 2000-01-01, seconds since the epoch.
 _SPAN = 15 * 365 * 86_400  # users start within 15 years.
+_RATING_TEXT = np.array([f"{x / 2:.1f}" for x in range(11)], dtype=object)  # by 2 * rating
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,12 +131,12 @@ def _sample_from_cdf(cdf: np.ndarray, members: np.ndarray, u: np.ndarray) -> np.
   return members[np.minimum(idx, len(members) - 1)]
 
 
-def _generate_chunk(rng, first_user: int, counts: np.ndarray, popularity, multi_hot,
+def _generate_chunk(rng, first_user: int, counts: np.ndarray, item_genres: np.ndarray,
                     successor, genre_members, genre_cdfs, session_mean: float,
                     successor_prob: float):
   """Returns (user_ids, movie_ids, ratings, timestamps) of one chunk of users."""
   num_users = len(counts)
-  num_genres = multi_hot.shape[1]
+  num_genres = len(GENRES)
   n = int(counts.sum())
   user = np.repeat(np.arange(num_users), counts)  # [n] local user index
   starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -159,19 +161,27 @@ def _generate_chunk(rng, first_user: int, counts: np.ndarray, popularity, multi_
     sel = np.flatnonzero(genre == g)
     if len(sel):
       item[sel] = _sample_from_cdf(genre_cdfs[g], genre_members[g], u[sel])
-  # Sequels: follow the previous item's successor inside a session; chains of
-  # such steps resolve in as many passes as the longest chain.
+  # Sequels: inside a session, with probability successor_prob the next item is
+  # the previous item's successor. A run of k such steps after a base event b
+  # gives item[b + k] = successor^k(item[b]), applied k times vectorised.
   follow = (rng.random(n) < successor_prob) & ~new_session
-  idx = np.flatnonzero(follow)
-  while len(idx):
-    new = successor[item[idx - 1]]
-    changed = new != item[idx]
-    item[idx] = new
-    idx = idx[changed]
-  # Ratings: affinity of the user's current preference for the item's genres.
-  cur_pref = (1 - frac)[:, None] * pref_a[user] + frac[:, None] * pref_b[user]
-  hot = multi_hot[item]
-  affinity = (cur_pref * hot).sum(axis=1) / hot.sum(axis=1) * num_genres  # ~1 = average
+  index = np.arange(n)
+  base = np.maximum.accumulate(np.where(follow, 0, index))
+  f_idx = np.flatnonzero(follow)
+  steps = (index - base)[f_idx]
+  cur = item[base[f_idx]]
+  for step in range(1, int(steps.max(initial=0)) + 1):
+    active = steps >= step
+    cur[active] = successor[cur[active]]
+  item[f_idx] = cur
+  # Ratings: affinity of the user's current preference for the item's (<= 3)
+  # genres, gathered as [n, 3] rather than [n, G] to keep chunks cheap.
+  genres = item_genres[item]  # [n, 3], -1 padded
+  valid = genres >= 0
+  g = np.maximum(genres, 0)
+  cur_pref = ((1 - frac)[:, None] * pref_a[user[:, None], g]
+              + frac[:, None] * pref_b[user[:, None], g])
+  affinity = (cur_pref * valid).sum(axis=1) / valid.sum(axis=1) * num_genres  # ~1 = average
   user_bias = rng.normal(0.0, 0.4, size=num_users)[user]
   score = 3.0 + 0.6 * np.log(affinity + 0.05) + user_bias + rng.normal(0.0, 0.6, n)
   ratings = np.clip(np.round(score * 2) / 2, 0.5, 5.0)
@@ -229,6 +239,9 @@ def generate(out_dir: str | os.PathLike, num_users: int = 600, num_items: int = 
     genre_members.append(members)
     genre_cdfs.append(np.cumsum(popularity[members]))
   counts = _event_counts(rng, num_users, num_ratings, min_events_per_user)
+  # Each item's genre indices, [I, 3] padded with -1.
+  item_genres = np.where(np.arange(3)[None, :] < multi_hot.sum(axis=1, keepdims=True),
+                         np.argsort(~multi_hot, axis=1, kind="stable")[:, :3], -1)
 
   movies_path = os.path.join(out_dir, "movies.csv")
   with open(movies_path, "w", newline="", encoding="utf-8") as f:
@@ -241,22 +254,24 @@ def generate(out_dir: str | os.PathLike, num_users: int = 600, num_items: int = 
   ratings_path = os.path.join(out_dir, "ratings.csv")
   tmp_path = ratings_path + ".tmp"
   item_counts = np.zeros(num_items + 1, dtype=np.int64)
-  with open(tmp_path, "w", encoding="utf-8") as f:
-    f.write("userId,movieId,rating,timestamp\n")
+  write_options = pa_csv.WriteOptions(include_header=False, quoting_style="none")
+  with open(tmp_path, "wb") as f:
+    f.write(b"userId,movieId,rating,timestamp\n")
     bar = tqdm.tqdm(total=num_ratings, unit="rating", desc="synthetic",
                     disable=not show_progress)
     for first in range(0, num_users, users_per_chunk):
       chunk_counts = counts[first:first + users_per_chunk]
-      # A per-chunk generator keeps the output independent of memory settings
-      # only for a fixed users_per_chunk; the seed fixes everything else.
+      # A per-chunk generator: the output depends on the seed and users_per_chunk.
       chunk_rng = np.random.default_rng([seed, first])
       users, movies, ratings, ts = _generate_chunk(
-          chunk_rng, first, chunk_counts, popularity, multi_hot, successor,
+          chunk_rng, first, chunk_counts, item_genres, successor,
           genre_members, genre_cdfs, session_mean, successor_prob)
       order = np.lexsort((ts, movies, users))  # as the real file: by user, movie
-      frame = pd.DataFrame({"userId": users[order], "movieId": movies[order],
-                            "rating": ratings[order], "timestamp": ts[order]})
-      frame.to_csv(f, header=False, index=False, float_format="%.1f", lineterminator="\n")
+      # Ratings as "4.0"-style strings from a table (no per-value formatting).
+      rating_text = _RATING_TEXT[np.round(ratings[order] * 2).astype(np.int64)]
+      table = pa.table({"userId": users[order], "movieId": movies[order],
+                        "rating": pa.array(rating_text), "timestamp": ts[order]})
+      pa_csv.write_csv(table, f, write_options=write_options)
       item_counts += np.bincount(movies, minlength=num_items + 1)
       bar.update(len(users))
     bar.close()
