@@ -80,6 +80,29 @@ class TestCropAndPad:
     huge = T.time_buckets(np.array([0, 5, 10 ** 9], np.int64))
     assert huge[2] == schema.FIRST_ID + 23 and huge[1] == schema.FIRST_ID
 
+  def test_matches_naive_reference_on_random_records(self):
+    rng = np.random.default_rng(0)
+    crop = T.CropAndPad(max_len=5, max_categories=2)
+    for _ in range(30):
+      n = int(rng.integers(2, 12))
+      cats = [list(rng.integers(2, 9, rng.integers(0, 4))) for _ in range(n)]
+      times = np.sort(rng.integers(0, 10 ** 7, n))
+      rec = make_record("r", rng.integers(2, 50, n), rng.integers(2, 7, n), times, cats)
+      ex = crop.map(rec)
+      kept = list(range(max(0, n - 6), n))  # the most recent max_len + 1 events
+      for pos, (i, j) in enumerate(zip(kept[:-1], kept[1:])):
+        assert ex[T.INPUTS_ITEM][pos] == rec[schema.ITEM_IDS][i]
+        assert ex[T.TARGETS_RATING][pos] == rec[schema.RATINGS][j]
+        want = (cats[i] + [0, 0])[:2]
+        np.testing.assert_array_equal(ex[T.INPUTS_CATEGORY][pos], want)
+        np.testing.assert_array_equal(ex[T.TARGETS_CATEGORY][pos], (cats[j] + [0, 0])[:2])
+        gap = times[i] - times[i - 1] if i > 0 else None
+        want_time = (schema.OOV_ID if gap is None else
+                     schema.FIRST_ID + min(int(np.floor(np.log2(1 + gap / 60))), 23))
+        assert ex[T.INPUTS_TIME][pos] == want_time
+      assert ex[T.MASK].sum() == len(kept) - 1 == ex[T.LAST_INDEX] + 1
+      assert (ex[T.INPUTS_ITEM][len(kept) - 1:] == schema.PAD_ID).all()
+
   def test_exactly_window_plus_one(self):
     ex = T.CropAndPad(max_len=2).map(make_record("c", [2, 3, 4]))
     np.testing.assert_array_equal(ex[T.INPUTS_ITEM], [2, 3])

@@ -164,20 +164,25 @@ class CropAndPad(grain.transforms.Map):
                        "least 2 (history + target). Re-prepare the dataset with "
                        "data_pipelines.prepare.")
 
-    # Time buckets over the full record, so the first kept event still sees its gap.
-    times = time_buckets(timestamps)
-    categories = dense_categories(cat_flat, cat_lengths, self.max_categories)
     keep = min(length, self.max_len + 1)
     start = length - keep
     n = keep - 1                                                  # valid input positions
+    # Work on the kept events only (records can be far longer than the window); the time
+    # gaps also read the event just before the window, so the first kept event has one.
+    before = max(start - 1, 0)
+    times = time_buckets(timestamps[before:])[start - before:]                 # [keep]
+    first_category = int(cat_lengths[:start].sum())
+    categories = dense_categories(cat_flat[first_category:], cat_lengths[start:],
+                                  self.max_categories)                         # [keep, C]
 
     def pad(x: np.ndarray) -> np.ndarray:
       out = np.full((self.max_len,) + x.shape[1:], schema.PAD_ID, dtype=np.int32)
       out[:n] = x
       return out
 
-    inputs = slice(start, length - 1)
-    targets = slice(start + 1, length)
+    inputs = slice(0, keep - 1)
+    targets = slice(1, keep)
+    items, ratings = items[start:], ratings[start:]
     return {
         INPUTS_ITEM: pad(items[inputs]),
         INPUTS_RATING: pad(ratings[inputs]),
