@@ -298,7 +298,8 @@ def prefill_jitted(graphdef, params, tokens, prompt_mask, inputs_embeds, context
 @functools.partial(jax.jit, static_argnums=0,
                    static_argnames=("max_new_tokens", "temperature", "top_k", "top_p",
                                     "pad_id"))
-def _decode_jit(graphdef, params, logits, state, rng, stop_tokens, constraint, **kw):
+def decode_jitted(graphdef, params, logits, state, rng, stop_tokens, constraint, **kw):
+  """`decode_loop` under `jax.jit` -> (tokens, lengths, stopped, log_probs)."""
   model = nnx.merge(graphdef, params)
   out = decode_loop(model, logits, state, rng, stop_tokens, constraint, **kw)
   return out.tokens, out.lengths, out.stopped, out.log_probs
@@ -386,10 +387,10 @@ class Sampler:
     logits, state = prefill_jitted(graphdef, params, tokens, prompt_mask, inputs_embeds,
                                    context, context_mask,
                                    cache_length=t + int(max_new_tokens))
-    out = _decode_jit(graphdef, params, logits, state, jax.random.key(seed),
-                      jnp.asarray(stops), constraint, max_new_tokens=int(max_new_tokens),
-                      temperature=float(temperature), top_k=int(top_k),
-                      top_p=float(top_p), pad_id=self.pad_id)
+    out = decode_jitted(graphdef, params, logits, state, jax.random.key(seed),
+                        jnp.asarray(stops), constraint, max_new_tokens=int(max_new_tokens),
+                        temperature=float(temperature), top_k=int(top_k),
+                        top_p=float(top_p), pad_id=self.pad_id)
     tokens_out, lengths, stopped, log_probs = jax.device_get(out)
     return SamplerOutput(tokens=tokens_out, lengths=lengths, stopped=stopped,
                          log_probs=log_probs if return_logprobs else None)
