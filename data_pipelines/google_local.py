@@ -29,13 +29,16 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import logging
 import os
 import re
 from collections.abc import Iterator, Sequence
 
-from data_pipelines.amazon import clean_text, iter_records, missing_field
-from data_pipelines.readers import BadLineTracker, Reader
+from data_pipelines.amazon import (FORMAT_JSON, ReviewColumns, clean_text, iter_records,
+                                   missing_field, missing_reason, rating_reason,
+                                   review_chunks, sniff_format)
+from data_pipelines.readers import BadLineTracker, EventChunk, Reader
 from data_pipelines.records import BadInputError, RawEvent, RawItem
 
 RATING_VALUES = (1.0, 2.0, 3.0, 4.0, 5.0)
@@ -109,10 +112,15 @@ def discover(manual_dir: str, states: Sequence[str] | None = None,
   return out
 
 
+COLUMNS = ReviewColumns(user="user_id", item="gmap_id", rating="rating", time="time",
+                        text="text", summary=None, time_divisor=1000,
+                        rating_values=RATING_VALUES)
+
+
 def review_to_event(record: dict, row: int) -> RawEvent | str:
   """Converts one review record; returns the reason string when it is unusable."""
   if name := missing_field(record, REVIEW_FIELDS):
-    return f"missing required field {name!r} (need {', '.join(REVIEW_FIELDS)})"
+    return missing_reason(name, REVIEW_FIELDS)
   try:
     rating = float(record["rating"])
     time_ms = int(record["time"])
@@ -120,7 +128,7 @@ def review_to_event(record: dict, row: int) -> RawEvent | str:
     return (f"rating={record['rating']!r} / time={record['time']!r}: expected numbers "
             "(time in milliseconds)")
   if rating not in RATING_VALUES:
-    return f"rating={record['rating']!r} is not one of {RATING_VALUES}"
+    return rating_reason("rating", rating, RATING_VALUES)
   text = record.get("text")
   return RawEvent(
       user=str(record["user_id"]), item=str(record["gmap_id"]), rating=rating,
@@ -172,6 +180,17 @@ class GoogleLocalReader(Reader):
       for event in self.shard_events(shard, first_row=row):
         yield event
         row = event.row + 1
+
+  def event_chunks(self, chunk_size: int = 1 << 16) -> Iterator[EventChunk]:
+    """Columnar events through pyarrow's JSON parser (same result as `events()`)."""
+    for shard, f in enumerate(self.files):
+      if sniff_format(f.reviews) == FORMAT_JSON:
+        yield from review_chunks(f.reviews, self.tracker, COLUMNS, review_to_event,
+                                 self.counts, block_lines=chunk_size)
+        continue
+      events = self.shard_events(shard)  # Python-literal lines: parsed one by one.
+      while batch := list(itertools.islice(events, chunk_size)):
+        yield EventChunk.from_events(batch, self.has_text)
 
   def num_event_shards(self) -> int:
     """Independent pieces of `events()` (one per review file), for parallel readers."""

@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 
+import numpy as np
 import pytest
 
 from data_pipelines import amazon
@@ -255,3 +256,51 @@ def test_timeline_builder_counts_duplicates_once(dump):
   assert s["items_without_metadata"] == 1 and t.vocabulary.categories[2:] == ()
   assert s["users_read"] == 4 and s["users_kept"] == 1
   assert s["rating_values"] == [1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+# Lines that take every path of the columnar reader: blank lines, padded and null text,
+# types pyarrow rejects but the per-line reader accepts (string rating, numeric user id,
+# float time), malformed JSON, missing fields, off-scale rating, two objects on one line
+# and invalid UTF-8.
+MIXED_LINES = [
+    review18("U1", "A", 5), "", "   ", review18("U2", "B", 6, text="  padded  "),
+    json.dumps({"reviewerID": "U3", "asin": "C", "overall": 2.0, "unixReviewTime": 7,
+                "reviewText": None}),
+    json.dumps({"reviewerID": "U4", "asin": "D", "overall": "4.0", "unixReviewTime": 8}),
+    json.dumps({"reviewerID": 123, "asin": "E", "overall": 1.0, "unixReviewTime": 9}),
+    json.dumps({"reviewerID": "U5", "asin": "F", "overall": 3.0, "unixReviewTime": 1.5e9}),
+    "{broken", json.dumps({"reviewerID": "U6", "overall": 5.0, "unixReviewTime": 1}),
+    review18("U7", "G", 10, rating=0.0), review18("U8", "H", 11) + " " + review18("U8", "I", 12),
+    review18("U9", "J", 13), review18("U9", "K", 14, summary=None),
+]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 1 << 16])
+def test_columnar_chunks_equal_per_line_events(tmp_path, chunk_size):
+  path = tmp_path / "Books_5.json.gz"
+  write_lines(path, MIXED_LINES[:12])
+  with gzip.open(path, "ab") as f:
+    f.write(b'{"reviewerID": "\xff"}\n' + "\n".join(MIXED_LINES[12:]).encode())  # No final \n.
+  per_line = amazon.AmazonReader(tmp_path, tracker=BadLineTracker(1.0))
+  expected = [(e.user, e.item, e.rating, e.timestamp, e.review_text, e.review_summary)
+              for e in per_line.events()]
+  columnar = amazon.AmazonReader(tmp_path, tracker=BadLineTracker(1.0))
+  got = []
+  for chunk in columnar.event_chunks(chunk_size=chunk_size):
+    assert chunk.timestamps.dtype == np.int64 and chunk.ratings.dtype == np.float64
+    got += zip(chunk.users.tolist(), chunk.items.tolist(), chunk.ratings.tolist(),
+               chunk.timestamps.tolist(), chunk.review_texts.tolist(),
+               chunk.review_summaries.tolist())
+  assert got == expected
+  assert [e[1] for e in expected] == ["A", "B", "C", "D", "E", "F", "J", "K"]
+  assert expected[1][4] == "padded" and expected[2][4] == "" and expected[4][0] == "123"
+  assert columnar.tracker.to_json() == per_line.tracker.to_json()
+  assert [b.line for b in per_line.tracker.examples] == [9, 10, 11, 12, 13]
+  assert columnar.counts == per_line.counts
+
+
+def test_columnar_first_bad_line_raises_like_per_line(tmp_path):
+  write_lines(tmp_path / "Books_5.json.gz", [review18("U", "A", 1), review18("U", "B", 2,
+                                                                         rating=9.0)])
+  with pytest.raises(BadInputError, match=r"Books_5.json.gz:2: overall=9.0 is not one of"):
+    list(amazon.AmazonReader(tmp_path).event_chunks())

@@ -100,7 +100,7 @@ def test_missing_meta_still_reads_reviews(tmp_path):
     ({"user_id": "1", "time": 5, "rating": 5}, "missing required field 'gmap_id'"),
     ({"user_id": "1", "gmap_id": "0x1", "time": None, "rating": 5},
      "missing required field 'time'"),
-    ({"user_id": "1", "gmap_id": "0x1", "time": 5, "rating": 0}, "rating=0 is not one of"),
+    ({"user_id": "1", "gmap_id": "0x1", "time": 5, "rating": 0}, "rating=0.0 is not one of"),
     ({"user_id": "1", "gmap_id": "0x1", "time": "soon", "rating": 5}, "expected numbers"),
     ('{"user_id": "1", "gmap_id"', "not a valid JSON record"),
 ])
@@ -155,3 +155,24 @@ def test_timeline_builder_multi_valued_categories_and_duplicates(tmp_path):
   assert test[schema.FAVORITE_CATEGORY] == cats["Bakery"]
   assert list(test[schema.REVIEW_TEXTS]) == ["Nice place", "", "Nice place"]
   assert t.vocabulary.items[2].title == "Cafe One" and key.startswith("1/")
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 1 << 16])
+def test_columnar_chunks_equal_per_line_events(tmp_path, chunk_size):
+  write_lines(tmp_path / "review-Ohio.json.gz", [
+      review("1", "0x1", 1_999), review("2", "0x2", -1, text=None), "",
+      review("3", "0x3", "2000"),  # Time as a string: pyarrow rejects, per-line accepts.
+      review("4", "0x4", 5000, rating=4.5), '{"user_id": "5"',
+      review("6", "0x6", 7000, text="  spaced  "), review("7", None, 8000)])
+  per_line = google_local.GoogleLocalReader(tmp_path, tracker=BadLineTracker(1.0))
+  expected = [(e.user, e.item, e.rating, e.timestamp, e.review_text) for e in per_line.events()]
+  columnar = google_local.GoogleLocalReader(tmp_path, tracker=BadLineTracker(1.0))
+  got = []
+  for chunk in columnar.event_chunks(chunk_size=chunk_size):
+    got += zip(chunk.users.tolist(), chunk.items.tolist(), chunk.ratings.tolist(),
+               chunk.timestamps.tolist(), chunk.review_texts.tolist())
+  assert got == expected == [("1", "0x1", 5.0, 1, "Nice place"), ("2", "0x2", 5.0, -1, ""),
+                             ("3", "0x3", 5.0, 2, "Nice place"),
+                             ("6", "0x6", 5.0, 7, "spaced")]
+  assert columnar.tracker.to_json() == per_line.tracker.to_json()
+  assert [b.line for b in columnar.tracker.examples] == [5, 6, 8]
