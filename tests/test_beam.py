@@ -113,7 +113,6 @@ def beam_timelines(tmp_path, manual_dir, dataset, **options):
 
 @pytest.mark.parametrize("dataset, make, options", [
     ("amazon", amazon_fixture, {}),
-    ("amazon", amazon_fixture, {"categories": ["Toys"]}),
     ("google_local", google_fixture, {}),
     ("movielens", movielens_fixture, {}),  # A reader without shards: one shard.
 ])
