@@ -63,13 +63,32 @@ def smollm2_gguf_path() -> pathlib.Path:
   return path
 
 
+class _CheckedReader(gguf.GGUFReader):
+  """GGUFReader that names the first tensor running past the end of a truncated file."""
+
+  def _build_tensors(self, start_offs: int, fields) -> None:
+    size = len(self.data)
+    for field in fields:
+      _, name_data, _, dims, raw_dtype, offset = field.parts
+      qtype = gguf.GGMLQuantizationType(int(raw_dtype[0]))
+      block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+      start = int(start_offs + offset[0])
+      end = start + int(np.prod(dims)) * type_size // block
+      if end > size:
+        raise ValueError(
+            f"tensor {bytes(name_data).decode()!r} ({qtype.name}, shape "
+            f"{tuple(int(d) for d in reversed(dims))}) needs bytes [{start}, {end}) but the "
+            f"file has only {size} bytes: the file is truncated")
+    super()._build_tensors(start_offs, fields)
+
+
 def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
   """Opens a GGUF file, turning parse failures into an error that names the file."""
   path = pathlib.Path(path)
   if not path.exists():
     raise FileNotFoundError(f"GGUF file {path} does not exist")
   try:
-    return gguf.GGUFReader(str(path))
+    return _CheckedReader(str(path))
   except Exception as e:  # the reader raises bare ValueError/IndexError on bad files
     raise ValueError(f"{path}: not a readable GGUF file (truncated or corrupt?): "
                      f"{type(e).__name__}: {e}") from e
@@ -194,3 +213,81 @@ def load_gguf(path: str | os.PathLike, cfg: LlmConfig | None = None, *,
   params = hf_to_params(tensors, cfg, source=str(path))
   model = decoder_from_params(cfg, params, source=str(path))
   return model
+
+
+def permute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+  """llama.cpp's q/k permutation (rotate-half rows -> interleaved rows); see `unpermute_rows`."""
+  out_dim = w.shape[0]
+  return w.reshape(n_heads, 2, out_dim // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
+      w.shape)
+
+
+def write_gguf(model: Decoder, path: str | os.PathLike, tokenizer=None, *,
+               qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32) -> None:
+  """Writes `model` (rotate-half layout) as a llama GGUF file, as llama.cpp's converter would.
+
+  Matrices are stored with `qtype` (F32, F16, Q8_0, Q4_1, ...); norms stay F32. With a
+  byte-level BPE `tokenizer`, its vocabulary, merges, control tokens and chat template go
+  into the `tokenizer.ggml.*` metadata.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  from user_llm_jax.llm.safetensors_io import params_to_hf  # pylint: disable=g-import-not-at-top
+  cfg = model.cfg
+  if cfg.rope_layout != "rotate_half" or cfg.rope_scaling is not None:
+    raise ValueError("write_gguf expects a rotate-half model without RoPE scaling")
+  writer = gguf.GGUFWriter(str(path), "llama")
+  writer.add_block_count(cfg.num_layers)
+  writer.add_context_length(cfg.max_seq_len)
+  writer.add_embedding_length(cfg.width)
+  writer.add_feed_forward_length(cfg.mlp_dim)
+  writer.add_head_count(cfg.num_heads)
+  writer.add_head_count_kv(cfg.num_kv_heads)
+  writer.add_rope_freq_base(cfg.rope_base)
+  writer.add_layer_norm_rms_eps(cfg.norm_eps)
+  writer.add_rope_dimension_count(cfg.head_dim)
+  writer.add_vocab_size(cfg.vocab_size)
+  if tokenizer is not None:
+    spec = json.loads(tokenizer.tok.to_str())
+    vocab = sorted(tokenizer.tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+    special = {t["content"] for t in spec.get("added_tokens", []) if t.get("special")}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    pre = json.dumps(spec.get("pre_tokenizer"))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm" if '"Digits"' in pre else "gpt2")
+    writer.add_token_list([t for t, _ in vocab])
+    writer.add_token_types([3 if t in special else 1 for t, _ in vocab])
+    writer.add_token_merges(merges)
+    writer.add_eos_token_id(tokenizer.eos_id)
+    writer.add_pad_token_id(tokenizer.pad_id)
+    if tokenizer.bos_id is not None:
+      writer.add_bos_token_id(tokenizer.bos_id)
+    writer.add_add_bos_token(tokenizer.add_bos)
+    if tokenizer.chat_template:
+      writer.add_chat_template(tokenizer.chat_template)
+  to_gguf = {hf: g for g, hf in _GLOBAL_NAMES.items()}
+  to_gguf_layer = {hf: g for g, hf in _LAYER_NAMES.items()}
+  for name, w in params_to_hf(model).items():
+    base = name.rsplit(".", 1)[0]
+    if base.startswith("model.layers."):
+      _, _, layer, kind = base.split(".", 3)
+      gname = f"blk.{layer}.{to_gguf_layer[kind]}.weight"
+    else:
+      gname = f"{to_gguf[base]}.weight"
+    if kind_is(name, "q_proj"):
+      w = permute_rows(w, cfg.num_heads)
+    elif kind_is(name, "k_proj"):
+      w = permute_rows(w, cfg.num_kv_heads)
+    if w.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+      writer.add_tensor(gname, np.ascontiguousarray(w, np.float32))
+    else:
+      data = gguf.quants.quantize(np.ascontiguousarray(w, np.float32), qtype)
+      writer.add_tensor(gname, data, raw_dtype=qtype)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+
+
+def kind_is(hf_name: str, kind: str) -> bool:
+  """True when the HF tensor `hf_name` is a `kind` projection weight (e.g. q_proj)."""
+  return hf_name.endswith(f"{kind}.weight")

@@ -39,13 +39,20 @@ def _tokenizer_from_dir(directory: pathlib.Path) -> Tokenizer | None:
           if (directory / "tokenizer.json").is_file() else None)
 
 
+def _gguf_tokenizer(path: pathlib.Path) -> Tokenizer | None:
+  """The GGUF's embedded tokenizer, or None when the file carries no tokenizer metadata."""
+  if "tokenizer.ggml.model" not in gguf_loader.open_gguf(path).fields:
+    return None
+  return Tokenizer.from_gguf(path)
+
+
 def _import(source: str, cfg: LlmConfig | None, overrides: dict) -> tuple[Decoder, Tokenizer | None]:
   if source.lower() == "smollm2":
     path = gguf_loader.smollm2_gguf_path()
     return gguf_loader.load_gguf(path, cfg, **overrides), Tokenizer.from_gguf(path)
   path = pathlib.Path(source)
   if path.suffix == ".gguf":
-    return gguf_loader.load_gguf(path, cfg, **overrides), Tokenizer.from_gguf(path)
+    return gguf_loader.load_gguf(path, cfg, **overrides), _gguf_tokenizer(path)
   if not path.exists():
     raise FileNotFoundError(
         f"LLM source {source!r} is neither 'smollm2', 'random', an existing .gguf file nor a "
