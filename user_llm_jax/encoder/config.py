@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
-
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from user_llm_jax.data import schema
 from user_llm_jax.data import transforms
@@ -66,8 +65,8 @@ class EncoderConfig:
   rating_loss_weight: float = 0.5
   category_loss_weight: float = 0.5
   layer_norm_eps: float = 1e-6
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
+  dtype: DTypeLike = jnp.float32
+  param_dtype: DTypeLike = jnp.float32
 
   def __post_init__(self):
     min_vocab = schema.FIRST_ID + 1
