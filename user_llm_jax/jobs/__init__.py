@@ -19,6 +19,8 @@ JobFn = Callable[[ml_collections.ConfigDict, str], Any]
 
 JOBS: dict[str, str] = {
     "pretrain_encoder": "user_llm_jax.jobs.pretrain_encoder:run",
+    "train_user_llm": "user_llm_jax.jobs.train_user_llm:run",
+    "text_baseline": "user_llm_jax.jobs.text_baseline:run",
 }
 
 

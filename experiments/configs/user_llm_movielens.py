@@ -1,0 +1,189 @@
+r"""User-LLM on MovieLens-format timelines: next item + favorite genre (and text baseline).
+
+Trains User-LLM (`job=train_user_llm`) for any bridge mode / Perceiver / strategy /
+encoder init; the same file drives the text-prompt baseline with `--config.job=text_baseline`.
+The pretrained encoder comes from an encoder pretraining workdir on the same data
+(experiments/configs/encoder_movielens.py, same data keys).
+
+  # 1. pretrain the encoder (paper protocol, window 50) on ml-latest-small
+  python -m experiments.main --config=experiments/configs/encoder_movielens.py \
+      --config.data.manual_dir=../shared/data/ml-latest-small --config.data.protocol=paper \
+      --workdir=/tmp/ml_encoder
+  # 2. User-LLM, cross-attention, Enc strategy, SmolLM2-135M-Instruct
+  python -m experiments.main --config=experiments/configs/user_llm_movielens.py \
+      --config.data.manual_dir=../shared/data/ml-latest-small \
+      --config.encoder.workdir=/tmp/ml_encoder --workdir=/tmp/ml_user_llm
+  # 3. the text-prompt baseline on the same examples
+  python -m experiments.main --config=experiments/configs/user_llm_movielens.py \
+      --config.job=text_baseline --config.data.manual_dir=../shared/data/ml-latest-small \
+      --workdir=/tmp/ml_text
+
+Variants: '' (CPU-sized: SmolLM2-135M, 300 steps x 8), 'smoke' (tiny random LLM and
+random tiny encoder on ~150 synthetic users; seconds on a CPU), 'tpu' (paper scale:
+SmolLM2-1.7B, batch 64, 20k steps, mesh over all chips).
+Ablations are overrides: --config.bridge.mode=soft_prompt, --config.bridge.use_perceiver=True,
+--config.strategy=full|lora|enc|proj, --config.encoder.init=random.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from user_llm_jax import config as config_lib
+from user_llm_jax.encoder import config as encoder_config
+
+_DATA_FIXED = ("num_items", "num_ratings", "num_categories", "num_time_buckets", "max_len",
+               "max_categories")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key of the User-LLM / text-baseline jobs (shared by the dataset configs)."""
+  config = ml_collections.ConfigDict()
+  config.job = "train_user_llm"
+  config.name = "user_llm_movielens"
+  config.seed = 0
+  config.strategy = "enc"          # full | lora | enc | proj
+
+  config.data = ml_collections.ConfigDict()
+  config.data.dataset = "movielens"
+  config.data.manual_dir = ""      # Empty: synthetic MovieLens-format data in WORKDIR/raw.
+  config.data.data_dir = ""        # Empty: WORKDIR/data.
+  config.data.protocol = "paper"
+  config.data.window = 50
+  config.data.max_categories = 10
+  config.data.worker_count = 0
+  config.data.synthetic = ml_collections.ConfigDict()
+  config.data.synthetic.num_users = 2000
+  config.data.synthetic.num_items = 1000
+  config.data.synthetic.events_per_user_mean = 80.0
+  config.data.synthetic.seed = 0
+
+  config.encoder = ml_collections.ConfigDict()
+  config.encoder.init = "pretrained"   # pretrained | random (ablation)
+  config.encoder.workdir = ""          # encoder pretraining workdir (init=pretrained)
+  config.encoder.model = config_lib.dataclass_section(   # used when init=random
+      encoder_config.EncoderConfig, exclude=_DATA_FIXED, preset="paper")
+
+  config.llm = ml_collections.ConfigDict()
+  config.llm.source = "smollm2"    # smollm2 | random | path to .gguf / HF dir / Orbax dir
+  config.llm.preset = "tiny"       # architecture when source=random
+  config.llm.dtype = "float32"
+  config.llm.cache_dir = ""        # Orbax cache of the imported LLM (skips GGUF dequant)
+
+  config.bridge = ml_collections.ConfigDict()
+  config.bridge.mode = "cross_attention"   # cross_attention | soft_prompt
+  config.bridge.use_perceiver = False
+  config.bridge.num_latents = 16
+  config.bridge.perceiver_layers = 2
+  config.bridge.perceiver_heads = 4
+  config.bridge.projection_layers = 2
+  config.bridge.projection_hidden = config_dict.placeholder(int)
+  config.bridge.xattn_every = 5
+  config.bridge.xattn_heads = config_dict.placeholder(int)
+  config.bridge.xattn_mlp_dim = config_dict.placeholder(int)
+  config.bridge.xattn_gate_init = 0.0
+  config.bridge.dtype = "float32"
+  config.bridge.param_dtype = "float32"
+
+  config.lora = ml_collections.ConfigDict()
+  config.lora.rank = 8
+  config.lora.alpha = 16.0
+  config.lora.targets = ("q", "v")
+
+  config.tasks = ml_collections.ConfigDict()
+  config.tasks.names = ("next_item", "favorite_category")
+  config.tasks.max_prompt_tokens = 48   # User-LLM prompts are ~36 SmolLM2 tokens
+  config.tasks.max_answer_tokens = 24
+  config.tasks.review_field = "summary"
+
+  # The text-prompt baseline (job=text_baseline): same LLM, history as text.
+  config.baseline = ml_collections.ConfigDict()
+  config.baseline.strategy = "lora"    # zero_shot | lora | full
+  config.baseline.history_tokens = 512
+
+  config.train = ml_collections.ConfigDict()
+  config.train.batch_size = 8
+  config.train.num_steps = 300
+  config.train.learning_rate = 1e-4
+  config.train.warmup = 30
+  config.train.weight_decay = 0.0
+  config.train.grad_clip = 1.0
+  config.train.log_every = 10
+  config.train.eval_every = 0
+  config.train.checkpoint_every = 100
+  config.train.keep_checkpoints = 1
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.num_examples = 200       # seeded sample of test records (<= 0: all)
+  config.eval.batch_size = 8
+  config.eval.ks = (1, 5, 10)
+  config.eval.exact_threshold = 1000   # catalogues up to this size are scored exactly
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.shape = (-1, 1, 1)
+  config.mesh.axis_names = ("data", "fsdp", "tensor")
+  config.mesh.rules = ()
+  return config
+
+
+def apply_smoke(config: ml_collections.ConfigDict) -> None:
+  """Tiny random LLM + tiny random encoder on a few synthetic users (tests, CPU smoke)."""
+  config.data.protocol = "leave_last_out"
+  config.data.window = 12
+  config.data.max_categories = 3
+  config.data.synthetic.num_users = 120
+  config.data.synthetic.num_items = 60
+  config.data.synthetic.events_per_user_mean = 24.0
+  config.encoder.init = "random"
+  config.encoder.model.preset = "tiny"
+  config.llm.source = "random"
+  config.llm.preset = "tiny"
+  config.bridge.xattn_every = 2
+  config.bridge.num_latents = 4
+  config.bridge.perceiver_heads = 2
+  config.tasks.max_prompt_tokens = 160   # byte-level tokens: one per character
+  config.tasks.max_answer_tokens = 24
+  config.baseline.history_tokens = 64
+  config.baseline.strategy = "full"
+  config.train.batch_size = 8
+  config.train.num_steps = 6
+  config.train.learning_rate = 1e-3
+  config.train.warmup = 1
+  config.train.log_every = 2
+  config.train.checkpoint_every = 3
+  config.train.keep_checkpoints = 3
+  config.eval.num_examples = 6
+  config.eval.batch_size = 3
+  config.eval.ks = (1, 5, 10)
+  config.eval.exact_threshold = 100
+
+
+def apply_tpu(config: ml_collections.ConfigDict) -> None:
+  """Paper scale on a TPU slice: larger LLM, bigger batch, longer run, sharded mesh."""
+  config.llm.source = "smollm2"   # or a 1B+ Llama-family checkpoint path
+  config.llm.dtype = "bfloat16"
+  config.bridge.dtype = "bfloat16"
+  config.train.batch_size = 64
+  config.train.num_steps = 20_000
+  config.train.learning_rate = 1e-4
+  config.train.warmup = 500
+  config.train.checkpoint_every = 1000
+  config.train.keep_checkpoints = 3
+  config.eval.num_examples = 0
+  config.eval.batch_size = 64
+  config.mesh.shape = (-1, 1, 1)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the config; `arg` selects a variant ('', 'smoke', 'tpu')."""
+  config = base_config()
+  variant = arg or ""
+  if variant == "smoke":
+    config.name = "user_llm_movielens:smoke"
+    apply_smoke(config)
+  elif variant == "tpu":
+    config.name = "user_llm_movielens:tpu"
+    apply_tpu(config)
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r} of user_llm_movielens; known: '', 'smoke', "
+                     "'tpu'")
+  return config

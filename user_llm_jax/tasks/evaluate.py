@@ -1,0 +1,286 @@
+"""Task metrics of an LLM conditioned on a user (User-LLM or text prompt).
+
+Procedures (each result dict carries its own `procedure` string):
+
+* next item -- Recall@1/5/10 over K distinct catalogue titles. With at most
+  `exact_threshold` distinct titles every title (+ end token) is scored exactly by teacher
+  forcing, log p(title | prompt, user), and the K best distinct titles form the list.
+  Above it, constrained beam search over the trie of catalogue titles with beam = K returns
+  K distinct complete titles ranked by joint log-probability. A hit at k means the target's
+  title is among the first k; an example whose target has no title (out of vocabulary)
+  counts as a miss; nothing is counted twice (titles are distinct token sequences).
+* favorite category -- the answer constrained to the label set: every category name (+ end
+  token) is scored exactly and the best one is the prediction; accuracy over examples
+  that have a label.
+* review -- greedy decoding (at most `max_answer_tokens` + 1 tokens, stop at end of
+  turn), ROUGE-Lsum F1 (`rouge-score`, stemming on) against the real review summary/text.
+
+How the LLM reads the user is a `Conditioner`: `text_conditioner` (history in the prompt)
+or `user_llm_conditioner` (cross-attention context or soft prompt from the encoder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from flax import nnx
+
+from user_llm_jax.bridge import soft_prompt
+from user_llm_jax.data import schema
+from user_llm_jax.data import transforms as transforms_lib
+from user_llm_jax.llm import beam_search as beam_lib
+from user_llm_jax.llm import sampler as sampler_lib
+from user_llm_jax.llm.model import Decoder
+from user_llm_jax.llm.tokenizer import Tokenizer
+from user_llm_jax.llm.trie import TokenTrie
+from user_llm_jax.tasks import examples as ex_lib
+from user_llm_jax.tasks import prompts
+
+DEFAULT_KS = (1, 5, 10)
+_ENCODER_KEYS = (transforms_lib.INPUTS_ITEM, transforms_lib.INPUTS_RATING,
+                 transforms_lib.INPUTS_CATEGORY, transforms_lib.INPUTS_TIME,
+                 transforms_lib.MASK, transforms_lib.LAST_INDEX)
+
+
+@dataclasses.dataclass
+class Conditioned:
+  """What the decoder reads for a batch of B prompts.
+
+  Exactly one of `prompts` (token lists, left-padded by the decoding functions) and
+  `inputs_embeds` ([B, T, D] with `prompt_mask`) is set; `context`/`context_mask` are the
+  cross-attention user embeddings or None.
+  """
+
+  decoder: Decoder
+  prompts: list[list[int]] | None = None
+  inputs_embeds: jax.Array | None = None
+  prompt_mask: jax.Array | None = None
+  context: jax.Array | None = None
+  context_mask: jax.Array | None = None
+
+  def row(self, i: int) -> "Conditioned":
+    """The single-prompt slice i (batch axis kept, size 1)."""
+    take = lambda x: None if x is None else x[i:i + 1]
+    return Conditioned(self.decoder, None if self.prompts is None else [self.prompts[i]],
+                       take(self.inputs_embeds), take(self.prompt_mask), take(self.context),
+                       take(self.context_mask))
+
+
+Conditioner = Callable[[dict[str, np.ndarray]], Conditioned]
+
+
+def text_conditioner(decoder: Decoder) -> Conditioner:
+  """The decoder reads the prompt tokens alone (text-prompt baseline, zero-shot LLM)."""
+  def condition(batch):
+    return Conditioned(decoder, prompts=[ex_lib.prompt_of({k: v[i] for k, v in batch.items()})
+                                         for i in range(batch[ex_lib.TOKENS].shape[0])])
+  return condition
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _user_context(graphdef, state, batch):
+  encoder, bridge = nnx.merge(graphdef, state)
+  states = encoder(batch, deterministic=True)                      # [B,E,D_enc]
+  return bridge(states, jnp.asarray(batch[transforms_lib.MASK], bool))  # [B,P,D], [B,P]
+
+
+def user_llm_conditioner(model: nnx.Module, pad_id: int) -> Conditioner:
+  """A `UserLLM` reads the user through its bridge (cross-attention or soft prompt)."""
+  def condition(batch):
+    graphdef, state = nnx.split((model.encoder, model.bridge))
+    context, mask = _user_context(graphdef, state, {k: batch[k] for k in _ENCODER_KEYS})
+    token_lists = [ex_lib.prompt_of({k: v[i] for k, v in batch.items()})
+                   for i in range(batch[ex_lib.TOKENS].shape[0])]
+    if model.cfg.mode == "cross_attention":
+      return Conditioned(model.llm, prompts=token_lists, context=context, context_mask=mask)
+    tokens, text_mask = sampler_lib.left_pad(token_lists, pad_id, 16)
+    embeds, _, _ = soft_prompt.merge_soft_prompt(
+        context, mask, model.llm.embed(jnp.asarray(tokens)), jnp.asarray(text_mask))
+    return Conditioned(model.llm, inputs_embeds=embeds,
+                       prompt_mask=jnp.concatenate([mask, jnp.asarray(text_mask)], axis=1))
+  return condition
+
+
+def score_options(cond: Conditioned, options: Sequence[Sequence[int]],
+                  batch_size: int) -> np.ndarray:
+  """[B, C] exact log-probs of every option (token list) after each prompt."""
+  rows = []
+  n = len(cond.prompts) if cond.prompts is not None else cond.inputs_embeds.shape[0]
+  for i in range(n):
+    one = cond.row(i)
+    if one.inputs_embeds is not None:
+      # score_candidates expects all-real embeddings: drop the padded slots of this row.
+      keep = np.flatnonzero(np.asarray(one.prompt_mask[0]))
+      embeds = one.inputs_embeds[:, keep]
+      rows.append(beam_lib.score_candidates(
+          cond.decoder, None, options, batch_size=batch_size, inputs_embeds=embeds))
+    else:
+      rows.append(beam_lib.score_candidates(
+          cond.decoder, one.prompts[0], options, batch_size=batch_size,
+          context=one.context, context_mask=one.context_mask))
+  return np.stack(rows)
+
+
+class Catalogue:
+  """The distinct catalogue titles as token sequences, their trie, and item -> title index."""
+
+  def __init__(self, vocab: schema.Vocabulary, tokenizer: Tokenizer):
+    end = prompts.end_token(tokenizer)
+    index: dict[tuple[int, ...], int] = {}
+    self.item_to_title = np.full((vocab.num_items,), -1, np.int64)
+    self.sequences: list[list[int]] = []
+    self.titles: list[str] = []
+    for item in range(schema.FIRST_ID, vocab.num_items):
+      title = vocab.items[item].title
+      seq = tuple(tokenizer.encode(title)) + (end,)
+      if seq not in index:
+        index[seq] = len(self.sequences)
+        self.sequences.append(list(seq))
+        self.titles.append(title)
+      self.item_to_title[item] = index[seq]
+    self.trie = TokenTrie(self.sequences, tokenizer.vocab_size, end_token=end)
+    self.end = end
+
+  def __len__(self) -> int:
+    return len(self.sequences)
+
+  def title_index(self, item: int) -> int:
+    return int(self.item_to_title[item]) if 0 <= item < len(self.item_to_title) else -1
+
+
+def _batches(examples: Sequence[dict[str, np.ndarray]], batch_size: int, desc: str):
+  for lo in tqdm.trange(0, len(examples), batch_size, desc=desc, leave=False):
+    yield ex_lib.collate(examples[lo:lo + batch_size])
+
+
+def next_item_lists(cond: Conditioned, catalogue: Catalogue, k: int, *, exact: bool,
+                    score_batch: int = 64) -> np.ndarray:
+  """[B, k] title indices, best first (-1 where fewer than k complete titles were found)."""
+  if exact:
+    scores = score_options(cond, catalogue.sequences, score_batch)        # [B, C]
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]            # ties: smaller index
+    return order
+  out = beam_lib.beam_search_model(
+      cond.decoder, cond.prompts, beam_size=k, max_steps=catalogue.trie.max_depth,
+      stop_tokens=(catalogue.end,), constraint=catalogue.trie.to_arrays(),
+      inputs_embeds=cond.inputs_embeds, prompt_mask=cond.prompt_mask, context=cond.context,
+      context_mask=cond.context_mask)
+  lists = np.full(out.valid.shape, -1, np.int64)
+  for b in range(lists.shape[0]):
+    for j in range(lists.shape[1]):
+      if out.valid[b, j]:
+        items = catalogue.trie.items_of(out.tokens[b, j, :out.lengths[b, j]].tolist())
+        lists[b, j] = items[0] if items else -1
+  return lists
+
+
+def recall_from_lists(lists: np.ndarray, targets: np.ndarray,
+                      ks: Sequence[int]) -> dict[str, float]:
+  """Recall@k from ranked lists [B, K] of title indices and target title indices [B].
+
+  A target of -1 (no title) is a miss; duplicated entries in a list are counted once.
+  """
+  hits = {k: 0.0 for k in ks}
+  for row, target in zip(lists, targets):
+    if target < 0:
+      continue
+    seen, rank = set(), None
+    for entry in row:
+      if entry < 0 or entry in seen:
+        continue
+      if entry == target:
+        rank = len(seen)
+        break
+      seen.add(entry)
+    for k in ks:
+      hits[k] += float(rank is not None and rank < k)
+  n = max(len(targets), 1)
+  return {f"recall@{k}": hits[k] / n for k in ks}
+
+
+def evaluate_next_item(condition: Conditioner, examples: Sequence[dict[str, np.ndarray]],
+                       catalogue: Catalogue, *, ks: Sequence[int] = DEFAULT_KS,
+                       exact_threshold: int = 1000, batch_size: int = 8,
+                       desc: str = "eval next item") -> dict[str, Any]:
+  """Recall@k of next-item examples (see the module docstring for the procedure)."""
+  k = max(ks)
+  exact = len(catalogue) <= exact_threshold
+  lists, targets = [], []
+  for batch in _batches(examples, batch_size, desc):
+    lists.append(next_item_lists(condition(batch), catalogue, k, exact=exact))
+    targets.extend(catalogue.title_index(int(t)) for t in batch[ex_lib.TARGET_ITEM])
+  lists = np.concatenate(lists) if lists else np.zeros((0, k), np.int64)
+  result: dict[str, Any] = recall_from_lists(lists, np.asarray(targets), ks)
+  result["num_examples"] = len(targets)
+  result["procedure"] = (
+      f"exact scoring of all {len(catalogue)} distinct catalogue titles, top {k} distinct"
+      if exact else
+      f"constrained beam search over the trie of {len(catalogue)} catalogue titles, "
+      f"beam = {k}, {k} distinct complete titles ranked by log-probability")
+  return result
+
+
+def evaluate_category(condition: Conditioner, examples: Sequence[dict[str, np.ndarray]],
+                      vocab: schema.Vocabulary, tokenizer: Tokenizer, *, batch_size: int = 8,
+                      desc: str = "eval favorite category") -> dict[str, Any]:
+  """Favorite-category accuracy with answers constrained to the category names."""
+  end = prompts.end_token(tokenizer)
+  names = list(vocab.categories[schema.FIRST_ID:])
+  options = [tokenizer.encode(n) + [end] for n in names]
+  correct, total = 0, 0
+  for batch in _batches(examples, batch_size, desc):
+    labels = np.asarray(batch[ex_lib.LABEL])
+    valid = labels >= schema.FIRST_ID
+    if not valid.any():
+      continue
+    batch = {k: v[valid] for k, v in batch.items()}
+    scores = score_options(condition(batch), options, max(len(options), 1))  # [B, C]
+    pred = np.argmax(scores, axis=1) + schema.FIRST_ID
+    correct += int((pred == labels[valid]).sum())
+    total += int(valid.sum())
+  return {"accuracy": correct / max(total, 1), "num_examples": total,
+          "procedure": f"exact scoring of the {len(names)} category names, argmax"}
+
+
+def rouge_lsum(predictions: Sequence[str], references: Sequence[str]) -> float:
+  """Mean ROUGE-Lsum F1 (rouge-score, stemming) of prediction/reference pairs."""
+  from rouge_score import rouge_scorer  # pylint: disable=g-import-not-at-top
+  scorer = rouge_scorer.RougeScorer(["rougeLsum"], use_stemmer=True)
+  if not references:
+    return 0.0
+  return float(np.mean([scorer.score(r, p)["rougeLsum"].fmeasure
+                        for p, r in zip(predictions, references)]))
+
+
+def generate(cond: Conditioned, tokenizer: Tokenizer, max_new_tokens: int) -> list[str]:
+  """Greedy answers (decoded text) for a conditioned batch."""
+  sampler = sampler_lib.Sampler(cond.decoder, pad_id=tokenizer.pad_id,
+                                stop_tokens=tokenizer.stop_token_ids)
+  out = sampler(cond.prompts, max_new_tokens=max_new_tokens, inputs_embeds=cond.inputs_embeds,
+                prompt_mask=cond.prompt_mask, context=cond.context,
+                context_mask=cond.context_mask)
+  return [tokenizer.decode(out.tokens[i, :out.lengths[i]]).strip()
+          for i in range(out.tokens.shape[0])]
+
+
+def evaluate_review(condition: Conditioner, examples: Sequence[dict[str, np.ndarray]],
+                    references: Sequence[str], tokenizer: Tokenizer, *, max_new_tokens: int,
+                    batch_size: int = 8, desc: str = "eval review") -> dict[str, Any]:
+  """ROUGE-Lsum of greedy review generations against `references` (one per example)."""
+  if len(references) != len(examples):
+    raise ValueError(f"{len(references)} references for {len(examples)} examples")
+  predictions: list[str] = []
+  for batch in _batches(examples, batch_size, desc):
+    predictions.extend(generate(condition(batch), tokenizer, max_new_tokens))
+  return {"rougeLsum": rouge_lsum(predictions, references), "num_examples": len(references),
+          "procedure": f"greedy decoding (<= {max_new_tokens} tokens), ROUGE-Lsum F1 "
+                       "(rouge-score, stemmed) against the real review",
+          "samples": [{"prediction": p, "reference": r}
+                      for p, r in zip(predictions[:3], references[:3])]}
