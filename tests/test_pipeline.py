@@ -282,3 +282,33 @@ def test_worker_processes_keep_order_and_resume(tmp_path):
   proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                         env=env, timeout=600)
   assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_real_prepared_source(tmp_path):
+  """The pipeline over a TFDS array_record source written by data_pipelines.prepare."""
+  from data_fixtures import prepare_synthetic
+
+  from user_llm_jax.data import source as source_lib
+  from user_llm_jax.eval import popularity
+
+  prepared = prepare_synthetic(tmp_path, window=10, num_users=24, num_items=40)
+  train, vocab, _ = source_lib.load_prepared(prepared.path, "train")
+  test, _, _ = source_lib.load_prepared(prepared.path, "test")
+  crop = T.CropAndPad(max_len=10, max_categories=3)
+  batches = list(pipeline.make_eval_pipeline(test, batch_size=5, transforms=[crop],
+                                             shard_index=0, shard_count=1))
+  assert sum(int(b[T.EXAMPLE_MASK].sum()) for b in batches) == len(test) == 24
+  for b in batches:
+    assert b[T.INPUTS_CATEGORY].shape == (5, 10, 3)
+    assert (b[T.INPUTS_ITEM] < vocab.num_items).all()
+    assert (b[T.INPUTS_ITEM][b[T.MASK]] >= schema.OOV_ID).all()
+    targets = b[T.TARGETS_ITEM][np.arange(5), b[T.LAST_INDEX]]
+    assert (targets[b[T.EXAMPLE_MASK]] != schema.PAD_ID).all()
+  # Each test record's target is the last event of the user's whole timeline.
+  first = test[0]
+  assert batches[0][T.TARGETS_ITEM][0, batches[0][T.LAST_INDEX][0]] == first[schema.ITEM_IDS][-1]
+  it = iter(pipeline.make_pipeline(train, batch_size=8, seed=0, shuffle=True, num_epochs=None,
+                                   transforms=[crop], shard_index=0, shard_count=1))
+  assert next(it)[T.INPUTS_ITEM].shape == (8, 10)
+  counts = popularity.fit_item_counts(train, vocab.num_items, show_progress=False)
+  assert counts.sum() == sum(len(train[i][schema.ITEM_IDS]) for i in range(len(train)))
