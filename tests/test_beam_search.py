@@ -101,6 +101,20 @@ def test_beam_top_k_matches_exact_top_k_with_a_peaked_model():
   np.testing.assert_allclose(out.scores[0], scores[:2], rtol=1e-5)
 
 
+def test_ranked_items_maps_beams_to_distinct_items():
+  table = jax.random.normal(jax.random.key(2), (V, V))
+  # Items 1 and 3 share a title; item 2 is a distinct title.
+  trie = trie_lib.TokenTrie([[1, 2], [3], [4, 5], [3], [6]], V, end_token=END)
+  out = _run(table, trie, [0], 4)
+  items = bs.ranked_items(out, trie)[0]
+  assert len(items) == len(set(items)) == 4
+  assert sorted(items) == sorted(set(items) & {0, 1, 2, 3, 4})
+  seqs = [list(out.tokens[0, j, :out.lengths[0, j]]) for j in range(4)]
+  first = trie.items_of(seqs[0])
+  assert items[:len(first)] == first
+  assert bs.ranked_items(out, trie, k=1) == [items[:1]]
+
+
 def test_length_penalty_ranks_by_mean_log_prob(toy):
   table, trie = toy
   n = len(trie.sequences())

@@ -314,3 +314,28 @@ def score_candidates(model: Decoder, prompt: Sequence[int] | None,
     out.append(_score_chunk(graphdef, params, first_logits, state,
                             jnp.asarray(cand[lo:lo + size]), jnp.asarray(cand_len[lo:lo + size])))
   return np.asarray(jnp.concatenate(out))[:n]
+
+
+def ranked_items(out: BeamSearchOutput, trie: Any, k: int | None = None) -> list[list[int]]:
+  """Catalogue item indices of each prompt's beams, best first, for Recall@K.
+
+  Args:
+    out: a (numpy) `BeamSearchOutput` of a search constrained by `trie`.
+    trie: the `TokenTrie` the search used (maps a finished sequence to its items).
+    k: cut each list to k items (default: the beam size).
+
+  Returns:
+    One list per prompt of distinct item indices. Items whose titles tokenize identically
+    share a sequence; they are listed together in item-index order (never twice).
+  """
+  tokens, lengths, valid = (np.asarray(x) for x in (out.tokens, out.lengths, out.valid))
+  k = tokens.shape[1] if k is None else int(k)
+  ranked = []
+  for row in range(tokens.shape[0]):
+    items: list[int] = []
+    for j in range(tokens.shape[1]):
+      if valid[row, j]:
+        items.extend(i for i in trie.items_of(tokens[row, j, :lengths[row, j]])
+                     if i not in items)
+    ranked.append(items[:k])
+  return ranked
