@@ -12,7 +12,11 @@ Files recognised in `manual_dir` (and its sub-directories, one category per fold
 
 The line format (strict JSON or Python literal) is detected per file from its first line, so
 either release's review or metadata file may come in either format; Python literals are parsed
-with `ast.literal_eval` (never `eval`). Everything is streamed line by line.
+with `ast.literal_eval` (never `eval`). Everything is streamed: `event_chunks()` parses
+JSON-lines review files in blocks with pyarrow (columnar, vectorised checks) and falls back to
+the per-line parser for any block it cannot take whole, so the result, line counts and bad-line
+reports are exactly those of the per-line `events()` (used by the Beam path). The streaming
+helpers here are shared with `data_pipelines.google_local`.
 
 Choices (see ../shared/PAPER.md, "Data protocol"):
   * Category of an item = the deepest leaf of its metadata category path (2014: of the first

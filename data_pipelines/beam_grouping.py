@@ -9,12 +9,19 @@ runs the same grouping as a Beam pipeline:
     (timestamp, file, row) --> (user, timeline)
 
 Rows are numbered per file, so the sort key (timestamp, shard, row) orders events exactly
-as the in-memory builder's (timestamp, global row) does: the timelines are identical (a
-test asserts it on the DirectRunner). Gzip files are not splittable, so reading parallelises
+as the in-memory builder's (timestamp, global row) does: the timelines are identical (tests
+assert it with the DirectRunner's in-process engine and with the BundleBasedDirectRunner). Gzip files are not splittable, so reading parallelises
 over files (categories / states); grouping, the memory-bound part, is distributed by user.
 
-Use it either through the TFDS builder (which may return `GroupTimelines` from
-`_generate_examples`) or stand-alone, writing the timelines as sharded JSON lines:
+On top of the grouping, `BeamUserTimelines` is the TFDS builder of `data_pipelines.builder`
+prepared entirely on Beam: protocol cuts per user, item / category vocabularies from train
+counts (only the per-item tables meet on one worker), records, `vocabulary.json` and
+`statistics.json`, identical to the in-memory builder's output (tested). Use it through
+
+  python -m data_pipelines.prepare --dataset=amazon --manual_dir=RAW --data_dir=OUT --beam \
+      [--beam_pipeline_options=--runner=DataflowRunner,--project=...]
+
+or run the grouping alone, writing the timelines as sharded JSON lines:
 
   python -m data_pipelines.beam_grouping --dataset=amazon --manual_dir=RAW \
       --output=OUT/timelines [--reader_options=categories=Books] \
@@ -263,6 +270,7 @@ def run(dataset: str, manual_dir: str, output_prefix: str,
   counters = {r.key.metric.name: r.committed
               for r in result.metrics().query()["counters"]
               if r.key.metric.namespace == NAMESPACE}
+  stats.pop("meta_records", None)  # Metadata is not read by the grouping.
   stats[DUPLICATES_DROPPED] = counters.get(DUPLICATES_DROPPED, 0)
   stats[USERS] = counters.get(USERS, 0)
   stats["events_kept"] = stats[EVENTS_READ] - stats[DUPLICATES_DROPPED]
