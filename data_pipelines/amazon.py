@@ -331,6 +331,24 @@ def clean_text(value) -> str:
   return _SPACE.sub(" ", value).strip()
 
 
+def name_list(value: Sequence[str] | str | None) -> list[str] | None:
+  """A list of names from a list, or a string as the CLI / builder config pass it.
+
+  Accepts "A,B", "A;B" and the str() of a list or tuple ("['A', 'B']"), which is what
+  `builder.TimelineBuilderConfig` stores for a list-valued reader option.
+  """
+  if value is None or not isinstance(value, str):
+    return None if value is None else [str(v) for v in value]
+  text = value.strip()
+  if text[:1] in "[(" and text:
+    try:
+      parsed = ast.literal_eval(text)
+    except (ValueError, SyntaxError) as e:
+      raise ValueError(f"cannot read the name list {value!r}: {e}") from None
+    return [str(v) for v in parsed]
+  return [v.strip() for v in re.split(r"[,;]", text) if v.strip()]
+
+
 # --------------------------------------------------------------------------- metadata
 
 
@@ -518,8 +536,7 @@ class AmazonReader(Reader):
                categories: Sequence[str] | str | None = None, subset: str = "auto",
                **options):
     super().__init__(manual_dir, tracker=tracker, **options)
-    if isinstance(categories, str):
-      categories = [c.strip() for c in categories.split(",") if c.strip()]
+    categories = name_list(categories)
     self.files = discover(self.manual_dir, categories, subset)
     self.counts: collections.Counter = collections.Counter()
 

@@ -36,7 +36,7 @@ import re
 from collections.abc import Iterator, Sequence
 
 from data_pipelines.amazon import (FORMAT_JSON, ReviewColumns, clean_text, iter_records,
-                                   missing_field, missing_reason, rating_reason,
+                                   missing_field, missing_reason, name_list, rating_reason,
                                    review_chunks, sniff_format)
 from data_pipelines.readers import BadLineTracker, EventChunk, Reader
 from data_pipelines.records import BadInputError, RawEvent, RawItem
@@ -169,8 +169,7 @@ class GoogleLocalReader(Reader):
                states: Sequence[str] | str | None = None, subset: str = "auto",
                **options):
     super().__init__(manual_dir, tracker=tracker, **options)
-    if isinstance(states, str):
-      states = [s.strip() for s in states.split(",") if s.strip()]
+    states = name_list(states)
     self.files = discover(self.manual_dir, states, subset)
     self.counts: collections.Counter = collections.Counter()
 

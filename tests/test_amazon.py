@@ -127,6 +127,13 @@ def test_category_selection_and_unknown_category(dump):
     amazon.AmazonReader(dump, categories=["Nope"])
 
 
+@pytest.mark.parametrize("value", ["Toys,All_Beauty", "Toys; All_Beauty",
+                                   str(["Toys", "All_Beauty"]), ("Toys", "All_Beauty")])
+def test_category_option_forms(dump, value):
+  reader = amazon.AmazonReader(dump, categories=value)
+  assert [f.category for f in reader.files] == ["All_Beauty", "Toys"]
+
+
 def test_registry_builds_the_reader(dump):
   reader = make_reader("amazon", dump, categories="Gift_Cards")
   assert isinstance(reader, amazon.AmazonReader)
