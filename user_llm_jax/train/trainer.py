@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -248,7 +249,7 @@ def train(model: nnx.Module, loss_fn: train_step_lib.LossFn, cfg: TrainConfig,
           preempted = True
           logging.warning("%s at step %d: checkpoint saved, stopping.", guard.signal_name, step)
           tqdm.tqdm.write(f"[{desc}] {guard.signal_name} received: saved step {step}; "
-                          "rerun the same command to resume.")
+                          "rerun the same command to resume.", file=sys.stderr)
           break
   finally:
     writer.close()
