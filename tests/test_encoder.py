@@ -89,6 +89,7 @@ class TestConfig:
       ({"dropout": 1.0}, "dropout"),
       ({"num_layers": 0}, "num_layers"),
       ({"item_loss_weight": -1.0}, "loss weights"),
+      ({"item_loss_chunk": -1}, "item_loss_chunk"),
   ])
   def test_validation_names_the_field(self, kw, message):
     with pytest.raises(ValueError, match=message):
@@ -227,6 +228,28 @@ class TestLoss:
     oov[T.TARGETS_ITEM][0, 0] = 1
     _, oov_metrics = loss_fn(model, oov)
     assert oov_metrics["positions"] == batch[T.MASK].sum() - 1
+
+  @pytest.mark.parametrize("empty", [False, True])
+  def test_chunked_item_loss_matches_full(self, batch, empty):
+    if empty:
+      batch = {k: np.zeros_like(v) for k, v in batch.items()}
+
+    @nnx.jit
+    def loss_and_grads(model, b):
+      return nnx.value_and_grad(
+          lambda m: m.pretrain_loss(b, deterministic=True), has_aux=True)(model)
+
+    results = []
+    for chunk in (0, 7):  # 7 does not divide 6 x 8 positions: the last chunk is padded
+      model = UserEncoder(CFG.replace(item_loss_chunk=chunk), rngs=nnx.Rngs(0))
+      results.append(loss_and_grads(model, batch))
+    ((full, full_metrics), full_grads), ((chunked, metrics), grads) = results
+    np.testing.assert_allclose(chunked, full, rtol=1e-6)
+    for key in ("item_loss", "item_accuracy", "positions"):
+      np.testing.assert_allclose(metrics[key], full_metrics[key], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(full_grads)):
+      np.testing.assert_allclose(a, b, atol=1e-6)
+      assert np.isfinite(a).all()
 
   def test_hand_computed_losses(self):
     logits = jnp.log(jnp.array([[[1.0, 1.0, 1.0, 3.0], [5.0, 5.0, 2.0, 2.0]]]))  # [1, 2, 4]

@@ -37,6 +37,9 @@ class EncoderConfig:
     use_time: embed the time-gap feature as a fourth event feature.
     tie_item_head: score items by a dot product with the item embedding table (after a
       D -> feature_dim projection) instead of a separate D x num_items matrix.
+    item_loss_chunk: positions per chunk of the next-item softmax (0: all at once).
+      Chunking keeps only [chunk, num_items] logits live (forward and backward), for
+      catalogues of 10^5+ items; the loss is the same.
     item_loss_weight: weight of the next-item softmax cross-entropy.
     rating_loss_weight: weight of the next-rating softmax cross-entropy.
     category_loss_weight: weight of the next-categories sigmoid (multi-label) loss.
@@ -61,6 +64,7 @@ class EncoderConfig:
   feature_dim: int = 64
   use_time: bool = True
   tie_item_head: bool = True
+  item_loss_chunk: int = 0
   item_loss_weight: float = 1.0
   rating_loss_weight: float = 0.5
   category_loss_weight: float = 0.5
@@ -88,6 +92,8 @@ class EncoderConfig:
       raise ValueError(f"EncoderConfig.dropout={self.dropout}: must be in [0, 1)")
     if self.fusion not in FUSIONS:
       raise ValueError(f"EncoderConfig.fusion={self.fusion!r}: must be one of {FUSIONS}")
+    if self.item_loss_chunk < 0:
+      raise ValueError(f"EncoderConfig.item_loss_chunk={self.item_loss_chunk}: must be >= 0")
     if self.late_fusion_layers < 0:
       raise ValueError(f"EncoderConfig.late_fusion_layers={self.late_fusion_layers}: "
                        "must be >= 0")

@@ -111,8 +111,12 @@ class UserEncoder(nnx.Module):
     mask = jnp.asarray(batch[T.MASK], bool)
     if T.EXAMPLE_MASK in batch:
       mask = mask & jnp.asarray(batch[T.EXAMPLE_MASK], bool)[:, None]
-    item_loss, item_acc, positions = losses.softmax_cross_entropy(
-        self.item_logits(states), batch[T.TARGETS_ITEM], mask)
+    if cfg.item_loss_chunk:
+      item_loss, item_acc, positions = losses.chunked_softmax_cross_entropy(
+          self.item_logits, states, batch[T.TARGETS_ITEM], mask, cfg.item_loss_chunk)
+    else:
+      item_loss, item_acc, positions = losses.softmax_cross_entropy(
+          self.item_logits(states), batch[T.TARGETS_ITEM], mask)
     rating_loss, rating_acc, _ = losses.softmax_cross_entropy(
         self.rating_head(states), batch[T.TARGETS_RATING], mask)
     category_loss = losses.multi_label_loss(
