@@ -283,3 +283,28 @@ def generate(out_dir: str | os.PathLike, num_users: int = 600, num_items: int = 
       num_ratings=int(counts.sum()), num_genres=len(GENRES),
       top1pct_item_share=float(top.sum() / max(item_counts.sum(), 1)),
       seconds=time.perf_counter() - t0)
+
+
+def main(argv) -> None:
+  """CLI: python -m data_pipelines.synthetic --out_dir=DIR [--num_users=...]."""
+  from absl import flags
+
+  del argv
+  f = flags.FLAGS
+  stats = generate(f.out_dir, num_users=f.num_users, num_items=f.num_items,
+                   events_per_user_mean=f.events_per_user_mean, num_ratings=f.num_ratings,
+                   seed=f.seed)
+  print(f"wrote {stats.num_ratings:,} ratings of {stats.num_users:,} users on "
+        f"{stats.num_items:,} items to {stats.out_dir} in {stats.seconds:.1f} s")
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+
+  flags.DEFINE_string("out_dir", None, "Output directory.", required=True)
+  flags.DEFINE_integer("num_users", 600, "Users.")
+  flags.DEFINE_integer("num_items", 2000, "Items.")
+  flags.DEFINE_float("events_per_user_mean", 80.0, "Mean ratings per user.")
+  flags.DEFINE_integer("num_ratings", None, "Exact number of ratings (overrides the mean).")
+  flags.DEFINE_integer("seed", 0, "Seed.")
+  app.run(main)

@@ -125,3 +125,17 @@ def test_readable_by_movielens_reader_and_learnable(generated):
   recall_pop, recall_markov = hits_pop / len(test), hits_markov / len(test)
   print(f"synthetic test Recall@10: transitions {recall_markov:.3f}, popularity {recall_pop:.3f}")
   assert recall_markov > recall_pop + 0.1, (recall_markov, recall_pop)
+
+
+def test_cli(tmp_path):
+  import os
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+      [sys.executable, "-m", "data_pipelines.synthetic", f"--out_dir={tmp_path}",
+       "--num_users=30", "--num_items=40", "--num_ratings=900"],
+      cwd=repo, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-1000:]
+  assert "wrote 900 ratings of 30 users" in proc.stdout
+  assert len(pd.read_csv(tmp_path / "ratings.csv")) == 900
