@@ -21,6 +21,8 @@ JOBS: dict[str, str] = {
     "pretrain_encoder": "user_llm_jax.jobs.pretrain_encoder:run",
     "train_user_llm": "user_llm_jax.jobs.train_user_llm:run",
     "text_baseline": "user_llm_jax.jobs.text_baseline:run",
+    "main_pipeline": "user_llm_jax.jobs.main_pipeline:run",
+    "generate": "user_llm_jax.jobs.generate:run",
 }
 
 

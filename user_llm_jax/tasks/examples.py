@@ -109,7 +109,7 @@ class TaskSource(Sequence):
     return record
 
 
-def _text(value: Any) -> str:
+def text_of(value: Any) -> str:
   return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
@@ -168,7 +168,7 @@ class TaskExample(grain.transforms.Map):
           self.vocab.num_categories else None
     key = schema.REVIEW_SUMMARIES if self.cfg.review_field == "summary" else schema.REVIEW_TEXTS
     texts = record.get(key)
-    text = _text(np.asarray(texts, dtype=object).reshape(-1)[-1]).strip() \
+    text = text_of(np.asarray(texts, dtype=object).reshape(-1)[-1]).strip() \
         if texts is not None and len(texts) else ""
     return text or None
 
@@ -184,7 +184,7 @@ class TaskExample(grain.transforms.Map):
                                 history_text=self.history_text(record),
                                 item_name=item_name, rating=rating)
     if len(ids) > self.cfg.max_prompt_tokens:
-      user = _text(record.get(schema.USER_ID, b"?"))
+      user = text_of(record.get(schema.USER_ID, b"?"))
       raise ValueError(
           f"user {user!r}, task {task!r}: the prompt has {len(ids)} tokens but "
           f"max_prompt_tokens is {self.cfg.max_prompt_tokens}; raise "
