@@ -86,29 +86,31 @@ def _parse(text: str, fmt: str):
   return ast.literal_eval(text)
 
 
-def sniff_format(path: str) -> str:
-  """Returns FORMAT_JSON or FORMAT_PYTHON from the first non-blank line of `path`.
+def sniff_format(path: str, max_lines: int = 100) -> str:
+  """FORMAT_JSON or FORMAT_PYTHON: the format of the first parseable of the first lines.
+
+  A malformed first line is left to the parser (reported as a bad line with its number).
 
   Raises:
-    BadInputError: when the first line is neither (names the file and line).
+    BadInputError: when none of the first `max_lines` non-blank lines parses (names the
+      file and the first such line), or the file is empty.
   """
-  lineno = 0
-  for lineno, text in _raw_lines(path):
-    if not text.strip():
+  first_error = None
+  for n, (lineno, text) in enumerate(_raw_lines(path)):
+    if n >= max_lines:
+      break
+    if isinstance(text, UnicodeDecodeError) or not text.strip():
       continue
-    try:
-      json.loads(text)
-      return FORMAT_JSON
-    except ValueError:
-      pass
-    try:
-      ast.literal_eval(text)
-      return FORMAT_PYTHON
-    except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
-      raise BadInputError(
-          f"{path}:{lineno}: neither a JSON object nor a Python-literal dict "
-          f"({type(e).__name__}: {e}); expected one record per line") from None
-  raise BadInputError(f"{path}: file is empty ({lineno} blank lines); expected JSON lines")
+    for fmt in (FORMAT_JSON, FORMAT_PYTHON):
+      try:
+        _parse(text, fmt)
+        return fmt
+      except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
+        first_error = first_error or f"{path}:{lineno}: {type(e).__name__}: {e}"
+  if first_error is None:
+    raise BadInputError(f"{path}: file is empty; expected one JSON record per line")
+  raise BadInputError(f"no line among the first {max_lines} of {path} is a JSON object or "
+                      f"a Python-literal dict; first error at {first_error}")
 
 
 def _raw_lines(path: str) -> Iterator[tuple[int, str | UnicodeDecodeError]]:
@@ -304,13 +306,13 @@ def review_chunks(path: str, tracker: BadLineTracker, columns: ReviewColumns,
 
     texts, summaries = strings(columns.text), strings(columns.summary)
     counts["reviews_without_text"] += sum(not t for t in texts)
-    obj = lambda values: np.array(values + [None], dtype=object)[:-1]  # Keeps str scalars.
     yield EventChunk(
         users=table[columns.user].to_numpy(zero_copy_only=False)[good],
         items=table[columns.item].to_numpy(zero_copy_only=False)[good],
         ratings=ratings[good].astype(np.float64),
         timestamps=table[columns.time].to_numpy()[good] // columns.time_divisor,
-        review_texts=obj(texts), review_summaries=obj(summaries))
+        review_texts=np.array(texts, dtype=object),
+        review_summaries=np.array(summaries, dtype=object))
 
 
 def missing_field(record: dict, fields: Sequence[str]) -> str | None:

@@ -311,3 +311,13 @@ def test_columnar_first_bad_line_raises_like_per_line(tmp_path):
                                                                          rating=9.0)])
   with pytest.raises(BadInputError, match=r"Books_5.json.gz:2: overall=9.0 is not one of"):
     list(amazon.AmazonReader(tmp_path).event_chunks())
+
+
+def test_sniffing_skips_a_malformed_first_line(tmp_path):
+  path = write_lines(tmp_path / "Books_5.json.gz", ["{oops", review18("U", "A", 1)])
+  assert amazon.sniff_format(str(path)) == amazon.FORMAT_JSON
+  reader = amazon.AmazonReader(tmp_path, tracker=BadLineTracker(0.5))
+  assert [e.item for e in reader.events()] == ["A"] and reader.tracker.examples[0].line == 1
+  write_lines(tmp_path / "Toys_5.json.gz", ["not a record", "neither"])
+  with pytest.raises(BadInputError, match=r"is a JSON object .* first error at \S*Toys_5.json.gz:1: "):
+    amazon.sniff_format(str(tmp_path / "Toys_5.json.gz"))
