@@ -4,6 +4,7 @@ import gzip
 import json
 import os
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -321,3 +322,23 @@ def test_sniffing_skips_a_malformed_first_line(tmp_path):
   write_lines(tmp_path / "Toys_5.json.gz", ["not a record", "neither"])
   with pytest.raises(BadInputError, match=r"is a JSON object .* first error at \S*Toys_5.json.gz:1: "):
     amazon.sniff_format(str(tmp_path / "Toys_5.json.gz"))
+
+
+def test_prepare_cli_reports_duplicates_and_fails_on_a_bad_line(dump, tmp_path):
+  import subprocess
+  import sys
+
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  cmd = [sys.executable, "-m", "data_pipelines.prepare", "--dataset=amazon",
+         f"--manual_dir={dump}", "--reader_option=categories=Gift_Cards,All_Beauty",
+         f"--data_dir={tmp_path / 'out'}"]
+  ok = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=120)
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  assert re.search(r"duplicate events dropped\s+1\n", ok.stdout)
+  assert re.search(r"ratings/events read\s+6\n", ok.stdout)
+  bad = write_lines(dump / "Gift_Cards" / "Gift_Cards_5.json.gz",
+                    REVIEWS_2018 + ['{"reviewerID": "U1", "asin": "A9"'])
+  failed = subprocess.run(cmd[:-1] + [f"--data_dir={tmp_path / 'out2'}"], cwd=repo,
+                          capture_output=True, text=True, timeout=120)
+  assert failed.returncode != 0
+  assert f"{bad}:5: not a valid JSON record" in failed.stderr
