@@ -27,6 +27,8 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory of checkpoints, TensorBoard files, summaries and generated data.")
 _MODE = flags.DEFINE_string(
     "mode", "train", "What to run: 'train' (the config's job) or a registered mode.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() first (multi-host TPU slices).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -34,7 +36,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
   launcher.run(_CONFIG.value, workdir=_WORKDIR.value, mode=_MODE.value,
-               config_file=config_flags.get_config_filename(flags.FLAGS["config"]))
+               config_file=config_flags.get_config_filename(flags.FLAGS["config"]),
+               distributed=_DISTRIBUTED.value)
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS
 
 
 def run(config: ml_collections.ConfigDict, *, workdir: str, mode: str,
-        config_file: str | None) -> Any:
+        config_file: str | None, distributed: bool = False) -> Any:
   """Validates `config` against its file's `get_config()` and runs the job.
 
   Args:
@@ -105,6 +105,7 @@ def run(config: ml_collections.ConfigDict, *, workdir: str, mode: str,
     workdir: the run's directory (checkpoints, summaries, generated data).
     mode: 'train' or another registered mode.
     config_file: path of the config file (its `get_config()` is the schema).
+    distributed: call `jax.distributed.initialize()` first (multi-host slices).
 
   Returns:
     Whatever the job returns.
@@ -121,6 +122,9 @@ def run(config: ml_collections.ConfigDict, *, workdir: str, mode: str,
       job = jobs.resolve(config.job, mode)
     except KeyError as e:
       raise config_lib.ConfigError(str(e.args[0])) from e
+    if distributed:
+      import jax  # pylint: disable=g-import-not-at-top
+      jax.distributed.initialize()
     _enable_compilation_cache()
     if not flags.FLAGS["verbosity"].present:
       # Orbax and Grain log every save/read at INFO; keep the console to the progress

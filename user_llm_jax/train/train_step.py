@@ -183,7 +183,14 @@ class TrainStep:
     return cls(graphdef, rng_state, state_shardings, batch_sharding, mesh, fn), state
 
   def place_batch(self, batch: Batch) -> dict[str, jax.Array]:
-    """Puts a host batch on the mesh, split along its leading (batch) axis."""
+    """Puts a host batch on the mesh, split along its leading (batch) axis.
+
+    With several processes each host holds its own slice of the global batch (the Grain
+    pipeline shards by process), assembled here into one global array.
+    """
+    if jax.process_count() > 1:
+      return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+              for k, v in batch.items()}
     return {k: jax.device_put(np.asarray(v), self.batch_sharding) for k, v in batch.items()}
 
   def __call__(self, state: Any, batch: Batch, step: int) -> tuple[Any, dict[str, jax.Array]]:
