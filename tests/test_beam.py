@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds  # noqa: E402
 from data_pipelines import beam_grouping  # noqa: E402
 from data_pipelines import builder as builder_lib  # noqa: E402
 from data_pipelines import prepare  # noqa: E402
-from data_pipelines.readers import BadLineTracker, make_reader  # noqa: E402
+from data_pipelines.readers import make_reader  # noqa: E402
 from data_pipelines.records import RawEvent  # noqa: E402
 from data_pipelines.timelines import TimelineOptions, build_timelines  # noqa: E402
 from user_llm_jax.data import schema  # noqa: E402
@@ -206,4 +206,3 @@ def test_missing_input_fails_before_the_pipeline(tmp_path):
   (tmp_path / "raw").mkdir()
   with pytest.raises(FileNotFoundError, match="no Amazon review file"):
     beam_grouping.GroupTimelines("amazon", str(tmp_path / "raw"))
-  assert BadLineTracker().lines_read == 0
