@@ -61,8 +61,10 @@ REVIEW_FIELDS = ("reviewerID", "asin", "overall", "unixReviewTime")
 
 _SUFFIX = r"\.json(?:\.gz)?"
 _REVIEWS_2014 = re.compile(rf"^reviews_(?P<cat>.+?)(?P<core>_5)?{_SUFFIX}$")
-_META = re.compile(rf"^meta_(?P<cat>.+?){_SUFFIX}$")
-_REVIEWS_2018 = re.compile(rf"^(?P<cat>[A-Z][\w&,.-]*?)(?P<core>_5)?{_SUFFIX}$")
+# The whole 2018 dump in one file pair: All_Amazon_Review[_5].json.gz + All_Amazon_Meta.json.gz.
+_META = re.compile(rf"^(?:meta_(?P<cat>.+?)|(?P<all>All_Amazon)_Meta){_SUFFIX}$")
+_REVIEWS_2018 = re.compile(
+    rf"^(?:(?P<all>All_Amazon)_Review|(?P<cat>[A-Z][\w&,.-]*?))(?P<core>_5)?{_SUFFIX}$")
 _TAG = re.compile(r"<[^>]*>")
 _SPACE = re.compile(r"\s+")
 # A category name is short and is not a sentence; anything else in a 2018 path is a leaked
@@ -441,11 +443,11 @@ def discover(manual_dir: str, categories: Sequence[str] | None = None,
     for name in sorted(filenames):
       path = os.path.join(dirpath, name)
       if m := _META.match(name):
-        metas[(dirpath, m["cat"])] = path
+        metas[(dirpath, m["cat"] or m["all"])] = path
       elif m := _REVIEWS_2014.match(name):
         reviews[m["cat"]].append((path, "2014", bool(m["core"])))
       elif m := _REVIEWS_2018.match(name):
-        reviews[m["cat"]].append((path, "2018", bool(m["core"])))
+        reviews[m["cat"] or m["all"]].append((path, "2018", bool(m["core"])))
   if not reviews:
     raise FileNotFoundError(
         f"no Amazon review file in {manual_dir!r}: expected <Category>_5.json.gz or "

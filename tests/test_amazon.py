@@ -149,6 +149,18 @@ def test_subset_prefers_5core_and_full_can_be_chosen(tmp_path):
   assert len(list(amazon.AmazonReader(tmp_path, subset="full").events())) == 2
 
 
+def test_whole_2018_dump_file_names(tmp_path):
+  write_lines(tmp_path / "All_Amazon_Review_5.json.gz", [review18("U", "I", 1)])
+  write_lines(tmp_path / "All_Amazon_Meta.json.gz",
+              [json.dumps({"asin": "I", "title": "T", "category": ["Books", "Poetry"]})])
+  (files,) = amazon.discover(str(tmp_path))
+  assert (files.category, files.five_core) == ("All_Amazon", True)
+  assert files.meta.endswith("All_Amazon_Meta.json.gz")
+  reader = amazon.AmazonReader(tmp_path)
+  assert [e.item for e in reader.events()] == ["I"]
+  assert list(reader.items()) == [RawItem("I", "T", ("Poetry",))]
+
+
 def test_two_releases_of_one_category_is_an_error(tmp_path):
   write_lines(tmp_path / "a" / "Books_5.json.gz", [review18("U", "I", 1)])
   write_lines(tmp_path / "b" / "reviews_Books_5.json.gz", [review18("U", "I", 1)])
