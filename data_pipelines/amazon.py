@@ -5,7 +5,7 @@ Files recognised in `manual_dir` (and its sub-directories, one category per fold
   2018 release  `<Category>_5.json.gz` (5-core) or `<Category>.json.gz` (full), JSON lines
                 with reviewerID, asin, overall, unixReviewTime, reviewText, summary;
                 `meta_<Category>.json.gz`, JSON lines with asin, title, category (a list,
-                most general first).
+                most general first). The whole dump: All_Amazon_Review[_5] / All_Amazon_Meta.
   2014 release  `reviews_<Category>_5.json.gz` / `reviews_<Category>.json.gz`, same review
                 fields; `meta_<Category>.json.gz` whose lines are Python-literal dicts
                 (single quotes, `None`) with asin, title, categories (a list of paths).
@@ -61,7 +61,6 @@ REVIEW_FIELDS = ("reviewerID", "asin", "overall", "unixReviewTime")
 
 _SUFFIX = r"\.json(?:\.gz)?"
 _REVIEWS_2014 = re.compile(rf"^reviews_(?P<cat>.+?)(?P<core>_5)?{_SUFFIX}$")
-# The whole 2018 dump in one file pair: All_Amazon_Review[_5].json.gz + All_Amazon_Meta.json.gz.
 _META = re.compile(rf"^(?:meta_(?P<cat>.+?)|(?P<all>All_Amazon)_Meta){_SUFFIX}$")
 _REVIEWS_2018 = re.compile(
     rf"^(?:(?P<all>All_Amazon)_Review|(?P<cat>[A-Z][\w&,.-]*?))(?P<core>_5)?{_SUFFIX}$")
