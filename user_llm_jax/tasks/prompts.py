@@ -75,8 +75,7 @@ def question(spec: PromptSpec, task: str, *, item_name: str = "", rating: float 
   if task == FAVORITE_CATEGORY:
     return f"Which {category} appears most often in this user's history? Answer with its name."
   if task == REVIEW:
-    return (f"The user rated the {item} \"{item_name}\" {rating:g} out of 5. "
-            "Write the title of their review.")
+    return f"Write the user's review title for the {item} \"{item_name}\" rated {rating:g}/5."
   raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 

