@@ -10,6 +10,7 @@ from user_llm_jax.data import schema
 from user_llm_jax.data import transforms as T
 from user_llm_jax.encoder import config as enc_lib
 from user_llm_jax.encoder import model as enc_model
+from user_llm_jax.train import checkpointing
 from user_llm_jax.train import train_step as train_step_lib
 from user_llm_jax.train import trainer as trainer_lib
 
@@ -81,3 +82,22 @@ def test_sharded_params_match_and_are_sharded(runs):
                   for x in jax.tree.leaves(b)}
   assert True in shard_shapes
   assert len(next(iter(jax.tree.leaves(b))).sharding.device_set) == 8
+
+
+def test_checkpoint_restores_onto_another_mesh(runs, tmp_path):
+  (_, single_state), _ = runs
+  ckpt = checkpointing.Checkpointer(str(tmp_path), every=1)
+  ckpt.save(3, single_state)
+  # A fresh model/optimizer placed on the 2x4 mesh is the restore target.
+  with nnx.use_eager_sharding(False):
+    model = enc_model.UserEncoder(CFG, rngs=nnx.Rngs(params=1, dropout=1))
+  opt = nnx.Optimizer(model, train_step_lib.make_tx(TRAIN.optim()), wrt=nnx.Param)
+  _, target = train_step_lib.TrainStep.create(
+      model, opt, lambda m, b: m.pretrain_loss(b), mesh=sharding_lib.make_mesh((2, 4, 1)))
+  shardings = [x.sharding for x in jax.tree.leaves(nnx.to_pure_dict(target))]
+  restored, _, step = ckpt.restore(target)
+  assert step == 3
+  leaves = jax.tree.leaves(nnx.to_pure_dict(restored))
+  assert [x.sharding for x in leaves] == shardings  # Laid out for the new mesh ...
+  for x, y in zip(leaves, jax.tree.leaves(nnx.to_pure_dict(single_state))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # ... bit-identical values.

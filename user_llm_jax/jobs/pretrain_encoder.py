@@ -116,7 +116,10 @@ def _fingerprint(config: ml_collections.ConfigDict,
   model = {k: (jnp.dtype(v).name if k.endswith("dtype") else v)
            for k, v in dataclasses.asdict(enc).items()}
   data = config_lib.to_plain(config.data)
-  data.pop("worker_count", None)
+  data.pop("worker_count", None)  # Parallelism does not change what is read.
+  for key in ("manual_dir", "data_dir"):
+    if data[key]:
+      data[key] = os.path.abspath(os.path.expanduser(data[key]))
   return {"model": model, "data": data, "seed": config.seed,
           "batch_size": config.train.batch_size}
 
