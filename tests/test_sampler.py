@@ -177,3 +177,25 @@ def test_bad_inputs(sampler):
     sampler([[1]], max_new_tokens=2, temperature=1.0, top_p=0.0)
   with pytest.raises(ValueError, match="2 rows for a batch of 3"):
     sampler(PROMPTS, max_new_tokens=2, stop_tokens=[[1], [2]])
+
+
+def test_throughput_benchmark_runs_ours_alone(model):
+  from experiments.benchmarks import llm_throughput as bench  # pylint: disable=g-import-not-at-top
+  res = bench.run_benchmark(model, None, "tiny", [2], prompt_len=16, decode_tokens=4,
+                            repeats=1, with_hf=False)
+  (row,) = res["rows"]
+  assert row["batch"] == 2 and row["ours_prefill_tok_s"] > 0 and row["ours_decode_tok_s"] > 0
+  assert "hf_prefill_tok_s" not in row and "disabled" in res["hf_note"]
+  assert "prefill tok/s ours" in bench.format_table(res)
+
+
+@pytest.mark.torch
+def test_greedy_tokens_match_hf_transformers(model):
+  """Same weights exported to safetensors: HF's cached greedy decode gives our tokens."""
+  pytest.importorskip("torch", reason="PyTorch not installed (pip install torch==2.13.0)")
+  pytest.importorskip("transformers", reason="transformers not installed")
+  from experiments.benchmarks import llm_throughput as bench  # pylint: disable=g-import-not-at-top
+  res = bench.run_benchmark(model, None, "tiny", [2], prompt_len=16, decode_tokens=6,
+                            repeats=1, with_hf=True)
+  assert res["hf_note"] is None
+  assert res["rows"][0]["greedy_token_agreement"] == 1.0
