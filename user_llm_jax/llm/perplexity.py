@@ -70,10 +70,11 @@ def token_perplexity(model: Decoder, token_ids: Sequence[int], *, window: int = 
   n = len(ids)
   if n < 2:
     raise ValueError(f"perplexity needs at least 2 tokens, got {n}")
-  window = min(window, n)
   stride = stride or max(window // 2, 1)
   if not 0 < stride <= window:
     raise ValueError(f"stride must be in (0, window={window}], got {stride}")
+  window = min(window, n)  # a short text is one window (the stride no longer matters)
+  stride = min(stride, window)
   starts = list(range(0, max(n - window, 0) + stride, stride))
   nll, counted, scored_until = 0.0, 0, 1  # token 0 is never predicted
   for begin in tqdm.tqdm(starts, desc="perplexity", disable=not progress, leave=False):
