@@ -10,8 +10,9 @@ from other processes hits both sides alike:
   prefill   one forward over [B, T] prompt tokens writing the KV cache     tokens/s = B*T/s
   decode    `--decode_tokens` greedy steps of one token per row with cache  tokens/s = B*N/s
 
-Compilation (ours) and a warm-up call (both) are excluded; the median over `--repeats` is
-reported. Ratios are ours / HF (> 1: ours faster). Without torch/transformers the
+Compilation (ours) and a warm-up call (both) are excluded; the median wall time over
+`--repeats` is reported (the JSON also keeps every repeat's wall and process CPU seconds,
+useful on a machine shared with other jobs). Ratios are ours / HF (> 1: ours faster). Without torch/transformers the
 benchmark runs ours alone and says so.
 
   python -m experiments.benchmarks.llm_throughput --output=/tmp/llm_throughput.json
@@ -125,20 +126,23 @@ class _Hf:
     return self.torch.cat(toks, 1).numpy()
 
 
-def _timed(fn, *args) -> tuple[float, object]:
-  start = time.perf_counter()
+def _timed(fn, *args) -> tuple[float, float, object]:
+  """(wall seconds, CPU seconds of this process over all threads, result)."""
+  start, cpu = time.perf_counter(), time.process_time()
   out = fn(*args)
-  return time.perf_counter() - start, out
+  return time.perf_counter() - start, time.process_time() - cpu, out
 
 
 def _measure(side, times: dict) -> np.ndarray:
   """Times one prefill and one decode of `side` (after a warm-up on the first call)."""
   if not times["prefill"]:  # warm-up (compilation for ours)
     side.decode(side.prefill())
-  dt, pre = _timed(side.prefill)
+  dt, cpu, pre = _timed(side.prefill)
   times["prefill"].append(dt)
-  dt, toks = _timed(side.decode, pre)
+  times["prefill_cpu"].append(cpu)
+  dt, cpu, toks = _timed(side.decode, pre)
   times["decode"].append(dt)
+  times["decode_cpu"].append(cpu)
   return toks
 
 
@@ -167,7 +171,8 @@ def run_benchmark(model, tokenizer, model_name: str, batch_sizes: list[int], pro
     sides = {"ours": _Ours(model, tokens, decode_tokens)}
     if hf_dir is not None:
       sides["hf"] = _Hf(hf_dir, tokens, decode_tokens)
-    times = {name: {"prefill": [], "decode": []} for name in sides}
+    times = {name: {"prefill": [], "decode": [], "prefill_cpu": [], "decode_cpu": []}
+             for name in sides}
     generated = {}
     for _ in range(repeats):  # alternate sides so background load affects both alike
       for name, side in sides.items():
@@ -178,8 +183,8 @@ def run_benchmark(model, tokenizer, model_name: str, batch_sizes: list[int], pro
       dec = statistics.median(times[name]["decode"])
       row[f"{name}_prefill_tok_s"] = batch * prompt_len / pre
       row[f"{name}_decode_tok_s"] = batch * decode_tokens / dec
-      row[f"{name}_prefill_s"] = times[name]["prefill"]
-      row[f"{name}_decode_s"] = times[name]["decode"]
+      for key, val in times[name].items():  # raw wall / CPU seconds of every repeat
+        row[f"{name}_{key}_s"] = val
     if "hf" in sides:
       row["prefill_ratio"] = row["ours_prefill_tok_s"] / row["hf_prefill_tok_s"]
       row["decode_ratio"] = row["ours_decode_tok_s"] / row["hf_decode_tok_s"]
