@@ -212,3 +212,17 @@ def test_load_llm_dispatch_and_cache(model, hf_dir, gguf_file, tmp_path):
   assert rand.tokenizer is None and rand.model.cfg == LLM_TINY
   with pytest.raises(FileNotFoundError, match="neither 'smollm2'"):
     load_llm(str(tmp_path / "nope"))
+
+
+def test_hf_bfloat16_checkpoint(model, hf_dir, tmp_path):
+  """Published checkpoints are often bfloat16: they load as float32 params."""
+  import safetensors.flax  # pylint: disable=g-import-not-at-top
+  tensors = safetensors.numpy.load_file(str(hf_dir / "model.safetensors"))
+  safetensors.flax.save_file({k: jnp.asarray(v, jnp.bfloat16) for k, v in tensors.items()},
+                             str(tmp_path / "model.safetensors"))
+  (tmp_path / "config.json").write_text((hf_dir / "config.json").read_text())
+  loaded = safetensors_io.load_hf_dir(tmp_path)
+  q = np.asarray(loaded.layers[0].attn.q.kernel[...])
+  assert q.dtype == np.float32
+  expected = np.asarray(jnp.asarray(model.layers[0].attn.q.kernel[...], jnp.bfloat16), np.float32)
+  np.testing.assert_array_equal(q, expected)
