@@ -226,3 +226,18 @@ def test_hf_bfloat16_checkpoint(model, hf_dir, tmp_path):
   assert q.dtype == np.float32
   expected = np.asarray(jnp.asarray(model.layers[0].attn.q.kernel[...], jnp.bfloat16), np.float32)
   np.testing.assert_array_equal(q, expected)
+
+
+def test_load_llm_onto_mesh(model, gguf_file, hf_dir, ref_logits):
+  """Imported parameters go straight to their sharded placement; logits are unchanged."""
+  mesh = sharding.make_mesh((1, 2, 4))
+  for source in (str(gguf_file), str(hf_dir)):
+    loaded = load_llm(source, mesh=mesh).model
+    kernel = loaded.layers[1].mlp.down.kernel[...]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    with jax.set_mesh(mesh):
+      np.testing.assert_allclose(_logits(loaded, TOKENS), ref_logits, atol=1e-5)
+  # Sharded random init: same seed, same values (up to float rounding of the sharded init).
+  rand = _params(load_llm("random", LLM_TINY, seed=7, mesh=mesh).model)
+  for key, value in _params(model).items():
+    np.testing.assert_allclose(rand[key], value, rtol=1e-5, atol=1e-6, err_msg=key)

@@ -190,7 +190,8 @@ def gguf_to_hf_tensors(reader: gguf.GGUFReader, cfg: LlmConfig, *, unpermute: bo
 
 
 def load_gguf(path: str | os.PathLike, cfg: LlmConfig | None = None, *,
-              unpermute: bool = True, progress: bool = True, **overrides) -> Decoder:
+              unpermute: bool = True, progress: bool = True, mesh=None,
+              **overrides) -> Decoder:
   """Loads a llama GGUF checkpoint into a float32-param `Decoder`.
 
   Args:
@@ -200,6 +201,7 @@ def load_gguf(path: str | os.PathLike, cfg: LlmConfig | None = None, *,
     unpermute: undo llama.cpp's q/k row permutation and use rotate-half RoPE (default,
       matches Hugging Face); False keeps the rows and uses interleaved RoPE.
     progress: show a progress bar while dequantizing.
+    mesh: place each parameter directly on this mesh by its logical axes.
     **overrides: LlmConfig fields to change (e.g. dtype='bfloat16').
   """
   reader = open_gguf(path)
@@ -211,8 +213,7 @@ def load_gguf(path: str | os.PathLike, cfg: LlmConfig | None = None, *,
     cfg = cfg.replace(**overrides)
   tensors = gguf_to_hf_tensors(reader, cfg, unpermute=unpermute, progress=progress)
   params = hf_to_params(tensors, cfg, source=str(path))
-  model = decoder_from_params(cfg, params, source=str(path))
-  return model
+  return decoder_from_params(cfg, params, source=str(path), mesh=mesh)
 
 
 def permute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:

@@ -24,7 +24,7 @@ from flax import nnx
 from user_llm_jax import sharding
 from user_llm_jax.llm import checkpoint, gguf_loader, safetensors_io
 from user_llm_jax.llm.config import LlmConfig, get_preset
-from user_llm_jax.llm.model import Decoder
+from user_llm_jax.llm.model import Decoder, create_sharded
 from user_llm_jax.llm.tokenizer import Tokenizer
 
 
@@ -46,21 +46,26 @@ def _gguf_tokenizer(path: pathlib.Path) -> Tokenizer | None:
   return Tokenizer.from_gguf(path)
 
 
-def _import(source: str, cfg: LlmConfig | None, overrides: dict) -> tuple[Decoder, Tokenizer | None]:
+def _import(source: str, cfg: LlmConfig | None, overrides: dict, mesh,
+            rules) -> tuple[Decoder, Tokenizer | None]:
+  """Imports `source`; parameters land on `mesh` directly when one is given."""
   if source.lower() == "smollm2":
     path = gguf_loader.smollm2_gguf_path()
-    return gguf_loader.load_gguf(path, cfg, **overrides), Tokenizer.from_gguf(path)
+    return (gguf_loader.load_gguf(path, cfg, mesh=mesh, **overrides),
+            Tokenizer.from_gguf(path))
   path = pathlib.Path(source)
   if path.suffix == ".gguf":
-    return gguf_loader.load_gguf(path, cfg, **overrides), _gguf_tokenizer(path)
+    return gguf_loader.load_gguf(path, cfg, mesh=mesh, **overrides), _gguf_tokenizer(path)
   if not path.exists():
     raise FileNotFoundError(
         f"LLM source {source!r} is neither 'smollm2', 'random', an existing .gguf file nor a "
         "directory")
   if checkpoint.is_checkpoint_dir(path):
-    return checkpoint.restore_decoder(path, **overrides), _tokenizer_from_dir(path)
+    return (checkpoint.restore_decoder(path, mesh=mesh, rules=rules, **overrides),
+            _tokenizer_from_dir(path))
   if (path / safetensors_io.CONFIG_JSON).is_file() or cfg is not None:
-    return safetensors_io.load_hf_dir(path, cfg, **overrides), _tokenizer_from_dir(path)
+    return (safetensors_io.load_hf_dir(path, cfg, mesh=mesh, **overrides),
+            _tokenizer_from_dir(path))
   raise ValueError(f"{path}: not a GGUF file, an Orbax LLM checkpoint "
                    f"({checkpoint.CONFIG_FILE}) or a Hugging Face directory (config.json)")
 
@@ -91,7 +96,9 @@ def load_llm(source: str, cfg: LlmConfig | str | None = None, *,
   if source.lower() == "random":
     if cfg is None:
       raise ValueError("load_llm('random') needs cfg= (an LlmConfig or a preset name)")
-    model = Decoder(cfg.replace(**overrides), rngs=nnx.Rngs(seed))
+    cfg = cfg.replace(**overrides)
+    model = (Decoder(cfg, rngs=nnx.Rngs(seed)) if mesh is None
+             else create_sharded(cfg, mesh, seed, rules))
     tokenizer = None
   elif cache_dir is not None and checkpoint.is_checkpoint_dir(cache_dir):
     logging.info("restoring cached LLM from %s", cache_dir)
@@ -101,9 +108,7 @@ def load_llm(source: str, cfg: LlmConfig | str | None = None, *,
       tokenizer = Tokenizer.smollm2()
     return LoadedLlm(model, tokenizer, time.perf_counter() - start)
   else:
-    model, tokenizer = _import(source, cfg, overrides)
+    model, tokenizer = _import(source, cfg, overrides, mesh, rules)
     if cache_dir is not None:
       checkpoint.save_decoder(model, cache_dir, tokenizer)
-  if mesh is not None:
-    sharding.shard_model(model, mesh, rules)
   return LoadedLlm(model, tokenizer, time.perf_counter() - start)

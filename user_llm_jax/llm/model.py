@@ -244,11 +244,13 @@ def decoder_params(model: nnx.Module, wrt=nnx.Param) -> dict[str, jax.Array]:
 
 
 def decoder_from_params(cfg: LlmConfig, params: dict[str, np.ndarray | jax.Array], *,
-                        source: str = "checkpoint") -> Decoder:
+                        source: str = "checkpoint", mesh: jax.sharding.Mesh | None = None,
+                        rules=sharding.DEFAULT_RULES) -> Decoder:
   """Builds a `Decoder` whose parameters are `params` (dotted paths as `decoder_params`).
 
   No random initialisation happens (the structure comes from `nnx.eval_shape`), so
-  importing a large checkpoint costs only the conversion itself.
+  importing a large checkpoint costs only the conversion itself. With `mesh`, each host
+  array goes straight to its sharded placement (never whole onto one device).
 
   Raises:
     ValueError: naming `source` and the tensor, if a parameter is missing, unexpected or
@@ -257,12 +259,15 @@ def decoder_from_params(cfg: LlmConfig, params: dict[str, np.ndarray | jax.Array
   abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+  placements = [None] * len(leaves)
+  if mesh is not None:
+    placements = jax.tree.leaves(sharding.model_shardings(abstract, mesh, rules))
   expected = {_path_key(p) for p, _ in leaves}
   unexpected = sorted(set(params) - expected)
   if unexpected:
     raise ValueError(f"{source}: unexpected parameters {unexpected[:5]} for this config")
   values = []
-  for path, leaf in leaves:
+  for (path, leaf), placement in zip(leaves, placements, strict=True):
     key = _path_key(path)
     if key not in params:
       raise ValueError(f"{source}: parameter {key!r} (shape {tuple(leaf.shape)}) is missing")
@@ -270,5 +275,7 @@ def decoder_from_params(cfg: LlmConfig, params: dict[str, np.ndarray | jax.Array
     if tuple(value.shape) != tuple(leaf.shape):
       raise ValueError(f"{source}: parameter {key!r} has shape {tuple(value.shape)}, "
                        f"expected {tuple(leaf.shape)}")
-    values.append(jnp.asarray(value, dtype=leaf.dtype))
+    value = np.asarray(value, dtype=leaf.dtype) if not isinstance(value, jax.Array) else value
+    values.append(jax.device_put(value, placement) if placement is not None
+                  else jnp.asarray(value, dtype=leaf.dtype))
   return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, values))

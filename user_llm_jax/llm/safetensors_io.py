@@ -187,13 +187,14 @@ def read_hf_tensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
   return _read_file(single)
 
 
-def load_hf_dir(directory: str | os.PathLike, cfg: LlmConfig | None = None,
+def load_hf_dir(directory: str | os.PathLike, cfg: LlmConfig | None = None, *, mesh=None,
                 **overrides) -> Decoder:
   """Loads a Hugging Face Llama safetensors directory into a `Decoder`.
 
   Args:
     directory: holds config.json and model.safetensors (or an index and shards).
     cfg: architecture; read from config.json when None.
+    mesh: place each parameter directly on this mesh by its logical axes (large models).
     **overrides: LlmConfig fields to change (e.g. dtype='bfloat16').
   """
   directory = pathlib.Path(directory)
@@ -213,7 +214,7 @@ def load_hf_dir(directory: str | os.PathLike, cfg: LlmConfig | None = None,
     # Some tied checkpoints still store the (identical) head; it is redundant here.
     tensors.pop("lm_head.weight")
   params = hf_to_params(tensors, cfg, source=str(directory))
-  return decoder_from_params(cfg, params, source=str(directory))
+  return decoder_from_params(cfg, params, source=str(directory), mesh=mesh)
 
 
 def save_hf_dir(model: Decoder, directory: str | os.PathLike, *,
