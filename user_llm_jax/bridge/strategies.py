@@ -23,6 +23,8 @@ from typing import Any
 import jax
 from flax import nnx
 
+from user_llm_jax.llm.lora import LoraParam
+
 STRATEGIES = ("full", "lora", "enc", "proj")
 
 Filter = Any  # an nnx filter: a type, a predicate `(path, value) -> bool`, or a combinator
@@ -48,13 +50,8 @@ BRIDGE = nnx.Any(PathPrefix(("bridge",)), PathPrefix(("llm", "cross_attention"))
 LLM = nnx.All(PathPrefix(("llm",)), nnx.Not(PathPrefix(("llm", "cross_attention"))))
 
 
-def lora_param_type() -> type:
-  """The variable type of LoRA factors: the LLM package's own, else `nnx.LoRAParam`."""
-  try:
-    from user_llm_jax.llm import lora  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return nnx.LoRAParam
-  return getattr(lora, "LoRAParam", nnx.LoRAParam)
+# Adapter weights of `llm.lora` and Flax's own LoRA layers (`nnx.LoRA`) alike.
+LORA = nnx.Any(nnx.OfType(LoraParam), nnx.OfType(nnx.LoRAParam))
 
 
 def trainable_filter(strategy: str) -> Filter:
@@ -68,7 +65,7 @@ def trainable_filter(strategy: str) -> Filter:
     return nnx.Param
   if name == "lora":
     # LoRA factors only exist inside the LLM; any LoRA factor elsewhere still trains.
-    return nnx.All(nnx.Param, nnx.Any(nnx.OfType(lora_param_type()), ENCODER, BRIDGE))
+    return nnx.All(nnx.Param, nnx.Any(LORA, ENCODER, BRIDGE))
   if name == "enc":
     return nnx.All(nnx.Param, nnx.Any(ENCODER, BRIDGE))
   if name == "proj":
@@ -94,7 +91,7 @@ def count_params(model: nnx.Module, wrt: Filter | str) -> tuple[int, int]:
 
 def param_groups(model: nnx.Module) -> dict[str, int]:
   """Scalar parameter counts per group: encoder, bridge, llm (base) and llm_lora."""
-  lora = nnx.OfType(lora_param_type())
+  lora = LORA
   groups = {
       "encoder": nnx.All(nnx.Param, ENCODER),
       "bridge": nnx.All(nnx.Param, BRIDGE),

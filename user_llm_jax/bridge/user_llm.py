@@ -114,15 +114,20 @@ class UserLlmConfig:
     return cls(**dict(d))
 
 
+def check_compatible(cfg: UserLlmConfig, encoder_width: int) -> None:
+  """Raises a ValueError naming the key when `cfg` does not fit the encoder."""
+  if cfg.use_perceiver and encoder_width % cfg.perceiver_heads:
+    raise ValueError(f"UserLlmConfig.perceiver_heads={cfg.perceiver_heads} must divide the "
+                     f"encoder width {encoder_width}")
+
+
 class Bridge(nnx.Module):
   """Encoder states [B,E,D_enc] -> user embeddings at the LLM width [B,P,D] with mask."""
 
   def __init__(self, cfg: UserLlmConfig, encoder_width: int, llm_width: int, *,
                rngs: nnx.Rngs):
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    if cfg.use_perceiver and encoder_width % cfg.perceiver_heads:
-      raise ValueError(f"UserLlmConfig.perceiver_heads={cfg.perceiver_heads} must divide the "
-                       f"encoder width {encoder_width}")
+    check_compatible(cfg, encoder_width)
     self.perceiver = PerceiverResampler(
         encoder_width, num_latents=cfg.num_latents, num_layers=cfg.perceiver_layers,
         num_heads=cfg.perceiver_heads, dtype=dtype, param_dtype=param_dtype,
@@ -253,5 +258,6 @@ def build_user_llm(cfg: UserLlmConfig, encoder_cfg: EncoderConfig, llm_cfg: LlmC
   Pretrained weights are loaded afterwards with `nnx.update(model.encoder, ...)` /
   `nnx.update(model.llm, ...)`, or by passing pretrained modules to `UserLLM` directly.
   """
+  check_compatible(cfg, encoder_cfg.width)  # before the (slow) initialisation
   return UserLLM(cfg, encoder=UserEncoder(encoder_cfg, rngs=rngs),
                  llm=Decoder(llm_cfg, rngs=rngs), rngs=rngs)

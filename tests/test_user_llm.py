@@ -1,0 +1,225 @@
+"""UserLLM end to end on tiny configs: shapes, zero-gate identity, masking, answer-only loss."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from user_llm_jax.bridge import user_llm as ullm
+from user_llm_jax.encoder import ENCODER_TINY, UserEncoder
+from user_llm_jax.llm.config import LLM_TINY
+from user_llm_jax.llm.model import Decoder
+
+B, T = 2, 10
+E = ENCODER_TINY.max_len
+NUM_VALID = np.array([E, 3])  # row 1 has a short history: E - 3 padded events
+
+
+def make_batch(seed=0, answer_start=(6, 7)):
+  """A task batch: CropAndPad-style user features (right-padded) + prompt/answer tokens."""
+  rng = np.random.default_rng(seed)
+  mask = np.arange(E)[None] < NUM_VALID[:, None]
+
+  def ids(high, shape):
+    return np.where(mask.reshape(mask.shape + (1,) * (len(shape) - 2)),
+                    rng.integers(2, high, shape), 0).astype(np.int32)
+
+  return {
+      "inputs_item": ids(ENCODER_TINY.num_items, (B, E)),
+      "inputs_rating": ids(ENCODER_TINY.num_ratings, (B, E)),
+      "inputs_category": ids(ENCODER_TINY.num_categories, (B, E, 3)),
+      "inputs_time": ids(ENCODER_TINY.num_time_buckets, (B, E)),
+      "mask": mask,
+      "tokens": rng.integers(0, LLM_TINY.vocab_size, (B, T)).astype(np.int32),
+      "loss_mask": np.arange(T)[None] >= np.asarray(answer_start)[:, None],
+  }
+
+
+def scramble_padded_events(batch, seed=7):
+  """Changes every feature of the padded event positions (what the model must ignore)."""
+  rng = np.random.default_rng(seed)
+  out = dict(batch)
+  pad = ~batch["mask"]
+  for key in ("inputs_item", "inputs_rating", "inputs_category", "inputs_time"):
+    high = {"inputs_item": ENCODER_TINY.num_items, "inputs_rating": ENCODER_TINY.num_ratings,
+            "inputs_category": ENCODER_TINY.num_categories,
+            "inputs_time": ENCODER_TINY.num_time_buckets}[key]
+    x = batch[key]
+    p = pad.reshape(pad.shape + (1,) * (x.ndim - 2))
+    out[key] = np.where(p, rng.integers(2, high, x.shape), x).astype(np.int32)
+  return out
+
+
+def open_gates(model, value=0.5):
+  for blk in model.llm.cross_attention.values():
+    blk.attn_gate[...] = jnp.asarray(value)
+    blk.mlp_gate[...] = jnp.asarray(value)
+
+
+@nnx.jit
+def forward(model, batch):
+  return model(batch, jnp.asarray(batch["tokens"]))
+
+
+@pytest.fixture(scope="module")
+def xattn_pair():
+  """(UserLLM in cross-attention mode, the same decoder without blocks)."""
+  plain = Decoder(LLM_TINY, rngs=nnx.Rngs(0))
+  llm = nnx.clone(plain)
+  model = ullm.UserLLM(ullm.UserLlmConfig(mode="cross_attention", xattn_every=2),
+                       encoder=UserEncoder(ENCODER_TINY, rngs=nnx.Rngs(1)), llm=llm,
+                       rngs=nnx.Rngs(2))
+  return model, plain
+
+
+@pytest.fixture(scope="module")
+def soft_model():
+  return ullm.build_user_llm(ullm.UserLlmConfig(mode="soft_prompt"), ENCODER_TINY, LLM_TINY,
+                             rngs=nnx.Rngs(3))
+
+
+def test_config_validation():
+  with pytest.raises(ValueError, match="mode"):
+    ullm.UserLlmConfig(mode="prefix")
+  with pytest.raises(ValueError, match="xattn_every"):
+    ullm.UserLlmConfig(xattn_every=0)
+  with pytest.raises(ValueError, match="num_latents"):
+    ullm.UserLlmConfig(num_latents=0)
+  with pytest.raises(ValueError, match="bogus"):
+    ullm.UserLlmConfig.from_dict({"mode": "soft_prompt", "bogus": 1})
+  assert ullm.UserLlmConfig.from_dict({"mode": "soft_prompt"}).mode == "soft_prompt"
+  with pytest.raises(ValueError, match="perceiver_heads"):
+    ullm.build_user_llm(ullm.UserLlmConfig(use_perceiver=True, perceiver_heads=5),
+                        ENCODER_TINY, LLM_TINY, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("mode", ullm.MODES)
+@pytest.mark.parametrize("use_perceiver", [False, True])
+def test_shapes_with_and_without_perceiver(mode, use_perceiver):
+  cfg = ullm.UserLlmConfig(mode=mode, use_perceiver=use_perceiver, num_latents=4,
+                           xattn_every=3)
+  batch = make_batch()
+
+  def run():
+    model = ullm.build_user_llm(cfg, ENCODER_TINY, LLM_TINY, rngs=nnx.Rngs(0))
+    ctx, ctx_mask = model.user_context(batch)
+    logits = model(batch, jnp.asarray(batch["tokens"]))
+    loss, metrics = model.loss(batch)
+    return ctx, ctx_mask, logits, loss, metrics
+
+  # Shapes only: nothing is initialised or computed.
+  ctx, ctx_mask, logits, loss, metrics = jax.eval_shape(run)
+  p = 4 if use_perceiver else E
+  assert ctx.shape == (B, p, LLM_TINY.width) and ctx_mask.shape == (B, p)
+  assert logits.shape == (B, T, LLM_TINY.vocab_size) and logits.dtype == jnp.float32
+  assert loss.shape == () and set(metrics) == {"answer_tokens", "token_accuracy"}
+  abstract = nnx.eval_shape(
+      lambda: ullm.build_user_llm(cfg, ENCODER_TINY, LLM_TINY, rngs=nnx.Rngs(0)))
+  blocks = sorted(abstract.llm.cross_attention.keys())
+  assert blocks == (["0", "3"] if mode == "cross_attention" else [])
+  assert (abstract.bridge.perceiver is not None) == use_perceiver
+
+
+def test_zero_gates_leave_llm_logits_bit_identical(xattn_pair):
+  model, plain = xattn_pair
+  batch = make_batch()
+  tokens = jnp.asarray(batch["tokens"])
+  pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+  ref, _ = nnx.jit(lambda m, t: m(t, positions=pos))(plain, tokens)
+  out = forward(model, batch)
+  np.testing.assert_array_equal(out, ref)
+
+
+def test_cross_attention_reads_user_but_not_padding(xattn_pair):
+  model = nnx.clone(xattn_pair[0])
+  open_gates(model)
+  batch = make_batch()
+  out = forward(model, batch)
+  np.testing.assert_array_equal(out, forward(model, scramble_padded_events(batch)))
+  # A real (valid) event of row 1 changes row 1's logits, and only row 1's.
+  changed = dict(batch, inputs_item=batch["inputs_item"].copy())
+  changed["inputs_item"][1, 0] = (changed["inputs_item"][1, 0] + 5) % ENCODER_TINY.num_items
+  out2 = forward(model, changed)
+  assert float(jnp.abs(out2[1] - out[1]).max()) > 1e-5
+  np.testing.assert_array_equal(out2[0], out[0])
+
+
+def test_soft_prompt_reads_user_but_not_padding(soft_model):
+  batch = make_batch()
+  out = forward(soft_model, batch)
+  np.testing.assert_array_equal(out, forward(soft_model, scramble_padded_events(batch)))
+  changed = dict(batch, inputs_rating=batch["inputs_rating"].copy())
+  changed["inputs_rating"][1, 2] = 2 + (changed["inputs_rating"][1, 2] - 1) % 4
+  out2 = forward(soft_model, changed)
+  assert float(jnp.abs(out2[1] - out[1]).max()) > 1e-5
+  np.testing.assert_array_equal(out2[0], out[0])
+
+
+@pytest.mark.parametrize("which", ["xattn", "soft"])
+def test_left_padded_text_matches_unpadded(which, xattn_pair, soft_model):
+  model = xattn_pair[0] if which == "xattn" else soft_model
+  batch = make_batch()
+  tokens = jnp.asarray(batch["tokens"])
+  ref = nnx.jit(lambda m: m(batch, tokens))(model)
+  # Left-pad by 3 slots with garbage tokens that the text mask hides.
+  padded = jnp.concatenate([jnp.full((B, 3), 17, jnp.int32), tokens], axis=1)
+  text_mask = jnp.arange(T + 3)[None] >= 3
+  out = nnx.jit(lambda m: m(batch, padded, text_mask=jnp.broadcast_to(text_mask, (B, T + 3))))(
+      model)
+  np.testing.assert_allclose(out[:, 3:], ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("which", ["xattn", "soft"])
+def test_loss_covers_answer_tokens_only(which, xattn_pair, soft_model):
+  model = nnx.clone(xattn_pair[0]) if which == "xattn" else soft_model
+  if which == "xattn":
+    open_gates(model)
+  batch = make_batch(answer_start=(6, 7))
+  loss, metrics = nnx.jit(lambda m, b: m.loss(b))(model, batch)
+  logits = forward(model, batch)
+  logp = jax.nn.log_softmax(logits, -1)
+  tok = batch["tokens"]
+  terms = [-logp[b, t - 1, tok[b, t]] for b in range(B) for t in range(T)
+           if batch["loss_mask"][b, t]]
+  assert int(metrics["answer_tokens"]) == len(terms) == 4 + 3
+  np.testing.assert_allclose(loss, np.mean(terms), rtol=1e-5)
+  # Right padding after the answer (hidden by text_mask) changes nothing.
+  ext = dict(batch)
+  ext["tokens"] = np.concatenate([tok, np.full((B, 4), 5, np.int32)], axis=1)
+  ext["loss_mask"] = np.concatenate([batch["loss_mask"], np.ones((B, 4), bool)], axis=1)
+  ext["text_mask"] = np.arange(T + 4)[None].repeat(B, 0) < T
+  loss2, metrics2 = nnx.jit(lambda m, b: m.loss(b))(model, ext)
+  assert int(metrics2["answer_tokens"]) == len(terms)
+  np.testing.assert_allclose(loss2, loss, rtol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["xattn", "soft"])
+def test_all_masked_batch_gives_zero_loss_and_zero_grads(which, xattn_pair, soft_model):
+  model = nnx.clone(xattn_pair[0]) if which == "xattn" else soft_model
+  if which == "xattn":
+    open_gates(model)
+  batch = make_batch()
+  batch["loss_mask"] = np.zeros_like(batch["loss_mask"])
+  batch["example_mask"] = np.array([True, False])
+
+  @nnx.jit
+  def value_and_grad(model, batch):
+    return nnx.value_and_grad(lambda m: m.loss(batch)[0])(model)
+
+  loss, grads = value_and_grad(model, batch)
+  assert float(loss) == 0.0
+  leaves = jax.tree.leaves(grads)
+  assert leaves and all(bool(jnp.all(g == 0)) for g in leaves)
+  # example_mask False alone also removes an example from the loss.
+  batch2 = make_batch()
+  batch2["example_mask"] = np.array([False, False])
+  assert float(nnx.jit(lambda m, b: m.loss(b)[0])(model, batch2)) == 0.0
+
+
+def test_loss_rejects_bad_batch(soft_model):
+  batch = make_batch()
+  with pytest.raises(KeyError, match="loss_mask"):
+    soft_model.loss({k: v for k, v in batch.items() if k != "loss_mask"})
+  with pytest.raises(ValueError, match="loss_mask"):
+    soft_model.loss(dict(batch, loss_mask=batch["loss_mask"][:, :3]))
