@@ -1,4 +1,4 @@
-"""Checkpoint import/export on tiny models written in the real formats (GGUF, safetensors, Orbax)."""
+"""Checkpoint import/export on tiny models written in the real formats (GGUF, HF, Orbax)."""
 
 import json
 

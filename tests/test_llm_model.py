@@ -1,4 +1,4 @@
-"""Decoder behaviour on the tiny preset: shapes, KV cache, masks, RoPE, insertion points, sharding."""
+"""Decoder on the tiny preset: shapes, KV cache, masks, RoPE, insertion slots, sharding."""
 
 import jax
 import jax.numpy as jnp

