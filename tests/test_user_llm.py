@@ -8,6 +8,7 @@ from flax import nnx
 
 from user_llm_jax.bridge import user_llm as ullm
 from user_llm_jax.encoder import ENCODER_TINY, UserEncoder
+from user_llm_jax.llm import sampler
 from user_llm_jax.llm.config import LLM_TINY
 from user_llm_jax.llm.model import Decoder
 
@@ -223,3 +224,27 @@ def test_loss_rejects_bad_batch(soft_model):
     soft_model.loss({k: v for k, v in batch.items() if k != "loss_mask"})
   with pytest.raises(ValueError, match="loss_mask"):
     soft_model.loss(dict(batch, loss_mask=batch["loss_mask"][:, :3]))
+
+
+@pytest.mark.parametrize("which", ["xattn", "soft"])
+def test_sampler_prefill_matches_forward(which, xattn_pair, soft_model):
+  """`sampler_inputs` + the KV-cache prefill give the forward pass's next-token logits."""
+  model = nnx.clone(xattn_pair[0]) if which == "xattn" else soft_model
+  if which == "xattn":
+    open_gates(model)
+  batch = make_batch()
+  tokens = jnp.asarray(batch["tokens"])
+  # Row 1 has a shorter prompt, left-padded by 2 slots.
+  text_mask = jnp.array([[True] * T, [False] * 2 + [True] * (T - 2)])
+  tokens = jnp.where(text_mask, tokens, 0)
+
+  @nnx.jit
+  def both(model):
+    kw = model.sampler_inputs(batch, tokens, text_mask)
+    prompt_mask = kw.pop("prompt_mask")
+    logits, state = sampler.prefill(model.llm, kw.pop("tokens"), prompt_mask,
+                                    cache_length=prompt_mask.shape[1] + 4, **kw)
+    return logits, model(batch, tokens, text_mask=text_mask)[:, -1]
+
+  prefill_logits, forward_logits = both(model)
+  np.testing.assert_allclose(prefill_logits, forward_logits, rtol=1e-4, atol=1e-4)

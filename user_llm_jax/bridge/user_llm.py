@@ -220,6 +220,32 @@ class UserLLM(nnx.Module):
     # Only text positions need the [.., V] head: skip it for the soft prompt.
     return self.llm.head(hidden[:, context.shape[1]:])
 
+  def sampler_inputs(self, user_batch: Batch, tokens: jax.Array,
+                     text_mask: jax.Array | None = None) -> dict[str, jax.Array | None]:
+    """Keyword arguments for `llm.sampler.prefill` / `Sampler` to generate for these users.
+
+    Args:
+      user_batch: the encoder's input features for B users.
+      tokens: [B, T] left-padded prompt tokens.
+      text_mask: [B, T] bool, True on real prompt tokens (default: all).
+
+    Returns:
+      A dict with `tokens`, `prompt_mask`, `inputs_embeds`, `context`, `context_mask`:
+      cross-attention mode passes the tokens and the user context; soft-prompt mode
+      passes the merged [soft; text] embeddings (tokens None) and their combined mask, from
+      which the sampler derives the same positions as `merge_soft_prompt`.
+    """
+    b, t = tokens.shape
+    text_mask = jnp.ones((b, t), bool) if text_mask is None else text_mask.astype(bool)
+    context, context_mask = self.user_context(user_batch)
+    if self.cfg.mode == "cross_attention":
+      return dict(tokens=tokens, prompt_mask=text_mask, inputs_embeds=None,
+                  context=context, context_mask=context_mask)
+    embeds = jnp.concatenate(
+        [context.astype(self.llm.cfg.compute_dtype), self.llm.embed(tokens)], axis=1)
+    return dict(tokens=None, prompt_mask=jnp.concatenate([context_mask, text_mask], axis=1),
+                inputs_embeds=embeds, context=None, context_mask=None)
+
   def loss(self, batch: Batch, *,
            deterministic: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean next-token cross-entropy over the answer tokens of a task batch.
