@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from user_llm_jax import sharding
 from user_llm_jax.bridge import user_llm as ullm
 from user_llm_jax.encoder import ENCODER_TINY, UserEncoder
 from user_llm_jax.llm import sampler
@@ -248,3 +249,26 @@ def test_sampler_prefill_matches_forward(which, xattn_pair, soft_model):
 
   prefill_logits, forward_logits = both(model)
   np.testing.assert_allclose(prefill_logits, forward_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_sharded_forward_matches_unsharded():
+  """8 fake CPU devices, mesh data=2 x fsdp=2 x tensor=2: same logits as on one device."""
+  if len(jax.devices()) < 8:
+    pytest.fail("tests/conftest.py should provide 8 fake CPU devices")
+  enc_cfg = ENCODER_TINY.replace(num_ratings=8)  # every vocabulary divisible by tensor=2
+  cfg = ullm.UserLlmConfig(mode="cross_attention", use_perceiver=True, num_latents=4,
+                           xattn_every=2)
+  model = ullm.build_user_llm(cfg, enc_cfg, LLM_TINY, rngs=nnx.Rngs(4))
+  open_gates(model)
+  batch = {k: np.concatenate([v, v[::-1]]) for k, v in make_batch().items()}  # B = 4
+  ref = forward(model, batch)
+  mesh = sharding.make_mesh((2, 2, 2))
+  sharded = nnx.clone(model)
+  sharding.shard_model(sharded, mesh)
+  kernel = sharded.llm.cross_attention["0"].attn.q_proj[...]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+  with jax.set_mesh(mesh):
+    placed = {k: jax.device_put(v, sharding.logical_sharding(mesh, ("batch",)))
+              for k, v in batch.items()}
+    out = forward(sharded, placed)
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
