@@ -19,6 +19,13 @@ B, T, E, D, C = 2, 6, 7, 64, 32
 EVENT_MASK = jnp.array([[True] * 7, [True] * 3 + [False] * 4])
 
 
+# Jitted entry points: one compile per shape instead of one per eager op.
+apply = nnx.jit(lambda module, *args: module(*args))
+masked_attention = jax.jit(xattn.masked_attention)
+merge_soft_prompt = jax.jit(soft_prompt.merge_soft_prompt)
+next_token_loss = jax.jit(soft_prompt.next_token_loss)
+
+
 def _normal(seed, shape):
   return jax.random.normal(jax.random.key(seed), shape)
 
@@ -55,35 +62,35 @@ def test_masked_attention_ignores_padding_and_empty_rows_are_zero():
   q = _normal(0, (B, T, 2, 8))
   k = _normal(1, (B, E, 2, 8))
   v = _normal(2, (B, E, 2, 8))
-  out = xattn.masked_attention(q, k, v, EVENT_MASK)
+  out = masked_attention(q, k, v, EVENT_MASK)
   mask = EVENT_MASK
   k2 = jnp.where(mask[..., None, None], k, 1e4)
   v2 = jnp.where(mask[..., None, None], v, -1e4)
-  np.testing.assert_array_equal(out, xattn.masked_attention(q, k2, v2, mask))
+  np.testing.assert_array_equal(out, masked_attention(q, k2, v2, mask))
   # Reference: softmax restricted to the valid keys of row 1.
   logits = jnp.einsum("TNH,SNH->NTS", q[1], k[1, :3])
   ref = jnp.einsum("NTS,SNH->TNH", jax.nn.softmax(logits, -1), v[1, :3])
   np.testing.assert_allclose(out[1], ref, rtol=1e-5, atol=1e-5)
   # No valid key at all: zero output, finite gradients.
   none = jnp.zeros((B, E), bool)
-  np.testing.assert_array_equal(xattn.masked_attention(q, k, v, none), 0.0)
-  g = jax.grad(lambda q: xattn.masked_attention(q, k, v, none).sum())(q)
+  np.testing.assert_array_equal(masked_attention(q, k, v, none), 0.0)
+  g = jax.grad(lambda q: masked_attention(q, k, v, none).sum())(q)
   assert np.isfinite(g).all()
 
 
 def test_gated_block_masks_padding(block):
   x = _normal(3, (B, T, D))
   ctx = _normal(4, (B, E, C))
-  y = block(x, ctx, EVENT_MASK)
+  y = apply(block, x, ctx, EVENT_MASK)
   assert y.shape == (B, T, D)
   assert float(jnp.abs(y - x).max()) > 1e-3  # gates are open: the block does something
-  np.testing.assert_array_equal(y, block(x, _scramble_padding(ctx, EVENT_MASK), EVENT_MASK))
+  np.testing.assert_array_equal(y, apply(block, x, _scramble_padding(ctx, EVENT_MASK), EVENT_MASK))
   # Text tokens see every valid event (no causal mask): changing the *last* valid event
   # changes the output of the *first* text token.
   ctx_changed = ctx.at[1, 2].add(_normal(12, (C,)))
-  assert not np.allclose(block(x, ctx_changed, EVENT_MASK)[1, 0], y[1, 0])
+  assert not np.allclose(apply(block, x, ctx_changed, EVENT_MASK)[1, 0], y[1, 0])
   # Examples do not see each other's user embeddings.
-  np.testing.assert_array_equal(block(x, ctx.at[0].add(_normal(13, (E, C))), EVENT_MASK)[1], y[1])
+  np.testing.assert_array_equal(apply(block, x, ctx.at[0].add(_normal(13, (E, C))), EVENT_MASK)[1], y[1])
 
 
 def test_gated_block_zero_gates_is_identity():
@@ -104,14 +111,14 @@ def test_perceiver_shapes_masking_and_empty_history():
                                  rngs=nnx.Rngs(2))
   assert len(perceiver.layers) == 2
   events = _normal(5, (B, E, D))
-  out = perceiver(events, EVENT_MASK)
+  out = apply(perceiver, events, EVENT_MASK)
   assert out.shape == (B, 4, D)
   np.testing.assert_array_equal(
-      out, perceiver(_scramble_padding(events, EVENT_MASK), EVENT_MASK))
+      out, apply(perceiver, _scramble_padding(events, EVENT_MASK), EVENT_MASK))
   # Every latent depends on the history (a real event changes all of them).
-  changed = perceiver(events.at[1, 0].add(_normal(12, (D,))), EVENT_MASK)
+  changed = apply(perceiver, events.at[1, 0].add(_normal(12, (D,))), EVENT_MASK)
   assert (jnp.abs(changed[1] - out[1]).max(axis=-1) > 1e-6).all()
-  empty = perceiver(events, jnp.zeros((B, E), bool))
+  empty = apply(perceiver, events, jnp.zeros((B, E), bool))
   assert np.isfinite(empty).all()
   # Output length is independent of the history length.
   long_events = _normal(6, (B, 50, D))
@@ -141,7 +148,7 @@ def test_soft_prompt_merge_positions_and_mask():
   soft_mask = jnp.array([[True, True, True], [False, True, True]])
   tokens = _normal(8, (B, 4, D))
   text_mask = jnp.array([[True] * 4, [True, True, True, False]])
-  embeds, mask, pos = soft_prompt.merge_soft_prompt(soft, soft_mask, tokens, text_mask)
+  embeds, mask, pos = merge_soft_prompt(soft, soft_mask, tokens, text_mask)
   assert embeds.shape == (B, 7, D) and mask.shape == (B, 7, 7) and pos.shape == (B, 7)
   np.testing.assert_array_equal(embeds[:, :3], soft)
   np.testing.assert_array_equal(embeds[:, 3:], tokens)
@@ -153,10 +160,10 @@ def test_soft_prompt_merge_positions_and_mask():
   assert mask[1, 5, 1:6].all() and not mask[1, 5, 6]
   # A custom text-to-text mask lands in the text block.
   full = jnp.ones((B, 4, 4), bool)
-  _, mask2, _ = soft_prompt.merge_soft_prompt(soft, soft_mask, tokens, text_mask, full)
+  _, mask2, _ = merge_soft_prompt(soft, soft_mask, tokens, text_mask, full)
   assert mask2[0, 3, 6] and not mask2[1, 3, 6]  # padded text key stays masked
   with pytest.raises(ValueError, match="share"):
-    soft_prompt.merge_soft_prompt(soft[:1], None, tokens)
+    merge_soft_prompt(soft[:1], None, tokens)
 
 
 def test_answer_loss_mask_and_prepend():
@@ -172,21 +179,26 @@ def test_next_token_loss_counts_answer_tokens_only():
   logits = jnp.asarray(rng.normal(size=(2, 5, 11)), jnp.float32)
   tokens = jnp.asarray(rng.integers(0, 11, size=(2, 5)))
   mask = jnp.array([[0, 0, 1, 1, 0], [0, 0, 0, 1, 0]], bool)
-  loss, count = soft_prompt.next_token_loss(logits, tokens, mask)
+  loss, count = next_token_loss(logits, tokens, mask)
   logp = jax.nn.log_softmax(np.asarray(logits), -1)
   ref = -(logp[0, 1, tokens[0, 2]] + logp[0, 2, tokens[0, 3]] + logp[1, 2, tokens[1, 3]]) / 3
   np.testing.assert_allclose(loss, ref, rtol=1e-6)
   assert int(count) == 3
   # Non-answer logits do not matter.
   other = logits.at[:, 3:].set(123.0).at[:, 0].set(-7.0)
-  np.testing.assert_allclose(soft_prompt.next_token_loss(other, tokens, mask)[0], loss,
+  np.testing.assert_allclose(next_token_loss(other, tokens, mask)[0], loss,
                              rtol=1e-6)
   # Everything masked: exactly 0, zero (finite) gradients.
   none = jnp.zeros_like(mask)
-  val, grad = jax.value_and_grad(lambda l: soft_prompt.next_token_loss(l, tokens, none)[0])(
+  val, grad = jax.value_and_grad(lambda l: next_token_loss(l, tokens, none)[0])(
       logits)
   assert float(val) == 0.0
   np.testing.assert_array_equal(grad, 0.0)
+
+
+@nnx.jit
+def run_decoder(decoder, tokens, positions, context, context_mask):
+  return decoder(tokens, positions=positions, context=context, context_mask=context_mask)
 
 
 @pytest.fixture(scope="module")
@@ -215,8 +227,8 @@ def test_zero_gate_decoder_logits_bit_identical(decoder_pair):
   tokens = jax.random.randint(jax.random.key(0), (B, T), 0, LLM_TINY.vocab_size)
   pos = jnp.broadcast_to(jnp.arange(T), (B, T))
   ctx = _normal(11, (B, E, C))
-  ref, _ = plain(tokens, positions=pos)
-  out, _ = dec(tokens, positions=pos, context=ctx, context_mask=EVENT_MASK)
+  ref, _ = nnx.jit(lambda m: m(tokens, positions=pos))(plain)
+  out, _ = run_decoder(dec, tokens, pos, ctx, EVENT_MASK)
   assert float(jnp.abs(out - ref).max()) == 0.0
   np.testing.assert_array_equal(out, ref)
 
@@ -230,9 +242,8 @@ def test_decoder_with_open_gates_uses_context_but_not_padding(decoder_pair):
   tokens = jax.random.randint(jax.random.key(0), (B, T), 0, LLM_TINY.vocab_size)
   pos = jnp.broadcast_to(jnp.arange(T), (B, T))
   ctx = _normal(11, (B, E, C))
-  out, _ = opened(tokens, positions=pos, context=ctx, context_mask=EVENT_MASK)
-  ref, _ = dec(tokens, positions=pos, context=ctx, context_mask=EVENT_MASK)
+  out, _ = run_decoder(opened, tokens, pos, ctx, EVENT_MASK)
+  ref, _ = run_decoder(dec, tokens, pos, ctx, EVENT_MASK)
   assert float(jnp.abs(out - ref).max()) > 1e-4
-  out2, _ = opened(tokens, positions=pos, context=_scramble_padding(ctx, EVENT_MASK),
-                   context_mask=EVENT_MASK)
+  out2, _ = run_decoder(opened, tokens, pos, _scramble_padding(ctx, EVENT_MASK), EVENT_MASK)
   np.testing.assert_array_equal(out, out2)
