@@ -181,7 +181,8 @@ def train(model: nnx.Module, loss_fn: train_step_lib.LossFn, cfg: TrainConfig,
       evals = list(extra.get("evals", []))
       acc = _Accumulator(extra.get("accumulator"))
       resumed_from = start
-      logging.info("Resumed from %s at step %d.", ckpt.directory, start)
+      tqdm.tqdm.write(f"[{desc}] resumed from step {start} of {ckpt.directory}",
+                      file=sys.stderr)
   writer = metrics_writer.MetricsWriter(
       os.path.join(workdir, "tensorboard") if workdir is not None else None)
 
