@@ -90,7 +90,8 @@ def test_gated_block_masks_padding(block):
   ctx_changed = ctx.at[1, 2].add(_normal(12, (C,)))
   assert not np.allclose(apply(block, x, ctx_changed, EVENT_MASK)[1, 0], y[1, 0])
   # Examples do not see each other's user embeddings.
-  np.testing.assert_array_equal(apply(block, x, ctx.at[0].add(_normal(13, (E, C))), EVENT_MASK)[1], y[1])
+  other = ctx.at[0].add(_normal(13, (E, C)))
+  np.testing.assert_array_equal(apply(block, x, other, EVENT_MASK)[1], y[1])
 
 
 def test_gated_block_zero_gates_is_identity():
