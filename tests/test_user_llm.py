@@ -296,3 +296,28 @@ def test_zero_gates_leave_smollm2_unchanged():
   batch = make_batch()
   out = nnx.jit(lambda m: m(batch, tokens))(model)
   np.testing.assert_array_equal(out, ref)
+
+
+def test_same_seed_same_model_and_bfloat16_dtypes():
+  cfg = ullm.UserLlmConfig(mode="cross_attention", use_perceiver=True, num_latents=4,
+                           xattn_every=2)
+  a = nnx.state(ullm.build_user_llm(cfg, ENCODER_TINY, LLM_TINY, rngs=nnx.Rngs(9)), nnx.Param)
+  b = nnx.state(ullm.build_user_llm(cfg, ENCODER_TINY, LLM_TINY, rngs=nnx.Rngs(9)), nnx.Param)
+  c = nnx.state(ullm.build_user_llm(cfg, ENCODER_TINY, LLM_TINY, rngs=nnx.Rngs(8)), nnx.Param)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c)))
+  # bfloat16 compute, float32 storage; logits and loss stay float32.
+  batch = make_batch()
+
+  def run():
+    model = ullm.build_user_llm(cfg.replace(dtype="bfloat16"), ENCODER_TINY,
+                                LLM_TINY.replace(dtype="bfloat16"), rngs=nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    return params, model.user_context(batch)[0], model(batch, jnp.asarray(batch["tokens"])), \
+        model.loss(batch)[0]
+
+  params, context, logits, loss = jax.eval_shape(run)
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float32")}
+  assert context.dtype == jnp.bfloat16
+  assert logits.dtype == jnp.float32 and loss.dtype == jnp.float32
