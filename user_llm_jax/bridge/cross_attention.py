@@ -29,8 +29,11 @@ _MASKED_LOGIT = -1e30
 
 
 def partitioned(init: nnx.Initializer, names: tuple[str | None, ...]) -> nnx.Initializer:
-  """Annotates an initializer with logical axis names (placed on a mesh later, by the rules
-  in `user_llm_jax.sharding`), so modules can be built with or without a mesh."""
+  """Annotates an initializer with logical axis names, without eager sharding.
+
+  Placement happens later, by the rules in `user_llm_jax.sharding`, so the bridge modules
+  can be built with or without a mesh.
+  """
   return nnx.with_partitioning(init, tuple(names), eager_sharding=False)
 
 
