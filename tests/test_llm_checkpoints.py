@@ -208,6 +208,12 @@ def test_load_llm_dispatch_and_cache(model, hf_dir, gguf_file, tmp_path):
   second = load_llm(str(gguf_file), cache_dir=cache)  # restored from Orbax, not the GGUF
   _assert_same_params(first.model, second.model)
   _assert_same_params(model, load_llm(str(cache)).model)
+  # The cache remembers its source: another source replaces it instead of being shadowed.
+  other = tmp_path / "tied_hf"
+  safetensors_io.save_hf_dir(Decoder(TIED, rngs=nnx.Rngs(2)), other)
+  assert load_llm(str(other), cache_dir=cache).model.cfg == TIED
+  assert load_llm(str(other), cache_dir=cache).model.cfg == TIED
+  assert checkpoint.read_config(cache) == TIED
   rand = load_llm("random", "tiny", seed=3)
   assert rand.tokenizer is None and rand.model.cfg == LLM_TINY
   with pytest.raises(FileNotFoundError, match="neither 'smollm2'"):

@@ -28,6 +28,26 @@ from user_llm_jax.llm.model import Decoder, create_sharded
 from user_llm_jax.llm.tokenizer import Tokenizer
 
 
+_SOURCE_FILE = "llm_source.txt"  # what a cache directory was imported from
+
+
+def _source_key(source: str) -> str:
+  """Identifies a source; a file also by its size and mtime (a replaced file is re-imported)."""
+  path = gguf_loader.smollm2_gguf_path() if source.lower() == "smollm2" else pathlib.Path(source)
+  if path.is_file():
+    stat = path.stat()
+    return f"{source}|{stat.st_size}|{stat.st_mtime_ns}"
+  return source
+
+
+def _cached_source(cache_dir: str | os.PathLike) -> str | None:
+  """The source key a cache directory holds, or None when it holds no complete checkpoint."""
+  path = pathlib.Path(cache_dir)
+  if not checkpoint.is_checkpoint_dir(path) or not (path / _SOURCE_FILE).is_file():
+    return None
+  return (path / _SOURCE_FILE).read_text()
+
+
 class LoadedLlm(NamedTuple):
   model: Decoder
   tokenizer: Tokenizer | None
@@ -100,7 +120,7 @@ def load_llm(source: str, cfg: LlmConfig | str | None = None, *,
     model = (Decoder(cfg, rngs=nnx.Rngs(seed)) if mesh is None
              else create_sharded(cfg, mesh, seed, rules))
     tokenizer = None
-  elif cache_dir is not None and checkpoint.is_checkpoint_dir(cache_dir):
+  elif cache_dir is not None and _cached_source(cache_dir) == _source_key(source):
     logging.info("restoring cached LLM from %s", cache_dir)
     model = checkpoint.restore_decoder(cache_dir, mesh=mesh, rules=rules, **overrides)
     tokenizer = _tokenizer_from_dir(pathlib.Path(cache_dir))
@@ -110,5 +130,9 @@ def load_llm(source: str, cfg: LlmConfig | str | None = None, *,
   else:
     model, tokenizer = _import(source, cfg, overrides, mesh, rules)
     if cache_dir is not None:
+      if checkpoint.is_checkpoint_dir(cache_dir):
+        logging.warning("LLM cache %s holds %r, not %r: replacing it", cache_dir,
+                        _cached_source(cache_dir), _source_key(source))
       checkpoint.save_decoder(model, cache_dir, tokenizer)
+      (pathlib.Path(cache_dir) / _SOURCE_FILE).write_text(_source_key(source))
   return LoadedLlm(model, tokenizer, time.perf_counter() - start)

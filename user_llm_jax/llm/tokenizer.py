@@ -122,7 +122,7 @@ class Tokenizer:
     directory.mkdir(parents=True, exist_ok=True)
     self.tok.save(str(directory / "tokenizer.json"))
     name = lambda i: None if i is None else self.tok.id_to_token(i)  # noqa: E731
-    config = {"bos_token": name(self.bos_id), "eos_token": name(self.stop_token_ids[0]),
+    config = {"bos_token": name(self.bos_id), "eos_token": name(self.eos_id),
               "pad_token": name(self.pad_id), "add_bos_token": self.add_bos,
               "chat_template": self.chat_template,
               "tokenizer_class": "PreTrainedTokenizerFast"}
