@@ -1,0 +1,61 @@
+r"""User-LLM on Amazon Review timelines: review generation (ROUGE-Lsum), and the text baseline.
+
+The answer is the review's summary (its title; `--config.tasks.review_field=text` for the
+body), the prompt names the product and the rating. The 5-core files give short timelines,
+so the leave-last-out protocol with a 20-event window is the default.
+
+  # 1. pretrain the encoder on the same category
+  python -m experiments.main --config=experiments/configs/encoder_movielens.py \
+      --config.data.dataset=amazon --config.data.manual_dir=../shared/data/amazon/Gift_Cards \
+      --config.data.window=20 --workdir=/tmp/amazon_encoder
+  # 2. User-LLM (cross-attention, Enc) and 3. the text-prompt baseline
+  python -m experiments.main --config=experiments/configs/user_llm_amazon.py \
+      --config.encoder.workdir=/tmp/amazon_encoder --workdir=/tmp/amazon_user_llm
+  python -m experiments.main --config=experiments/configs/user_llm_amazon.py \
+      --config.job=text_baseline --workdir=/tmp/amazon_text
+
+Variants: '' (SmolLM2, CPU budget), 'smoke' (tiny random LLM and encoder on the same real
+files, for a quick check of the wiring), 'tpu' (paper scale).
+"""
+
+import ml_collections
+
+from experiments.configs import user_llm_movielens
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the config; `arg` selects a variant ('', 'smoke', 'tpu')."""
+  config = user_llm_movielens.base_config()
+  config.name = "user_llm_amazon"
+  config.data.dataset = "amazon"
+  config.data.manual_dir = "../shared/data/amazon/Gift_Cards"
+  config.data.protocol = "leave_last_out"
+  config.data.window = 20
+  config.data.max_categories = 3
+  config.tasks.names = ("review",)
+  config.tasks.review_field = "summary"
+  config.tasks.max_prompt_tokens = 56    # fixed ~39 tokens + the product name (<= 12 tokens)
+  config.tasks.max_answer_tokens = 16
+  config.baseline.history_tokens = 384
+  config.train.num_steps = 200
+  config.eval.num_examples = 100
+
+  variant = arg or ""
+  if variant == "smoke":
+    config.name = "user_llm_amazon:smoke"
+    user_llm_movielens.apply_smoke(config)
+    config.data.manual_dir = "../shared/data/amazon/Gift_Cards"
+    config.data.window = 12
+    config.tasks.names = ("review",)
+    config.tasks.max_prompt_tokens = 200
+    config.tasks.max_answer_tokens = 16
+  elif variant == "tpu":
+    config.name = "user_llm_amazon:tpu"
+    user_llm_movielens.apply_tpu(config)
+    config.data.manual_dir = "../shared/data/amazon/Movies_and_TV"
+    config.data.protocol = "paper"
+    config.data.window = 50
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r} of user_llm_amazon; known: '', 'smoke', "
+                     "'tpu'")
+  return config
