@@ -47,6 +47,8 @@ _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 128, "Prompt tokens per row (T)
 _DECODE = flags.DEFINE_integer("decode_tokens", 32, "Generated tokens per row (N).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (median reported).")
 _HF = flags.DEFINE_bool("hf", True, "Also run Hugging Face transformers (PyTorch CPU).")
+_TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "PyTorch intra-op threads "
+                                      "(0: PyTorch's default, one per core).")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results JSON here.")
 _PLOT = flags.DEFINE_string("plot", None, "Write a bar plot here (default: the --output "
                             "path with .png).")
@@ -165,12 +167,14 @@ def run_benchmark(model, tokenizer, model_name: str, batch_sizes: list[int], pro
   results = {"model": model_name, "prompt_len": prompt_len, "decode_tokens": decode_tokens,
              "repeats": repeats, "jax_backend": jax.default_backend(),
              "cpu_count": os.cpu_count(), "load_average_start": os.getloadavg(),
+             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
              "hf_note": hf_note, "rows": []}
   for batch in batch_sizes:
     tokens = _prompts(tokenizer, model.cfg.vocab_size, batch, prompt_len)
     sides = {"ours": _Ours(model, tokens, decode_tokens)}
     if hf_dir is not None:
       sides["hf"] = _Hf(hf_dir, tokens, decode_tokens)
+      results["torch_threads"] = sides["hf"].torch.get_num_threads()
     times = {name: {"prefill": [], "decode": [], "prefill_cpu": [], "decode_cpu": []}
              for name in sides}
     generated = {}
@@ -245,6 +249,13 @@ def plot(results: dict, path: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
+  # Busy-waiting OpenMP workers (PyTorch's default) stall badly when the CPU is shared
+  # with other jobs; passive waiting keeps the comparison about the models. Must be set
+  # before torch is imported.
+  os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+  if _TORCH_THREADS.value:
+    import torch  # pylint: disable=g-import-not-at-top
+    torch.set_num_threads(_TORCH_THREADS.value)
   source = _SOURCE.value
   if source == "smollm2":
     try:
