@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Stage 2: encoder pretraining (a small, fast encoder).
   config.pretrain = ml_collections.ConfigDict()
   config.pretrain.model = config_lib.dataclass_section(
-      encoder_config.EncoderConfig, exclude=user_llm_movielens._DATA_FIXED, preset="tiny")  # pylint: disable=protected-access
+      encoder_config.EncoderConfig, exclude=user_llm_movielens.DATA_FIXED, preset="tiny")
   config.pretrain.model.num_layers = 2
   config.pretrain.model.width = 64
   config.pretrain.model.num_heads = 2

@@ -31,7 +31,7 @@ from ml_collections import config_dict
 from user_llm_jax import config as config_lib
 from user_llm_jax.encoder import config as encoder_config
 
-_DATA_FIXED = ("num_items", "num_ratings", "num_categories", "num_time_buckets", "max_len",
+DATA_FIXED = ("num_items", "num_ratings", "num_categories", "num_time_buckets", "max_len",
                "max_categories")
 
 
@@ -61,7 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.encoder.init = "pretrained"   # pretrained | random (ablation)
   config.encoder.workdir = ""          # encoder pretraining workdir (init=pretrained)
   config.encoder.model = config_lib.dataclass_section(   # used when init=random
-      encoder_config.EncoderConfig, exclude=_DATA_FIXED, preset="paper")
+      encoder_config.EncoderConfig, exclude=DATA_FIXED, preset="paper")
 
   config.llm = ml_collections.ConfigDict()
   config.llm.source = "smollm2"    # smollm2 | random | path to .gguf / HF dir / Orbax dir
