@@ -138,20 +138,32 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
                kv: tuple[jax.Array, jax.Array] | None = None,
-               end_index: jax.Array | None = None,
-               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """Attends from x [B,T,D] to its own keys, or to the cache [B,S,K,H] when given.
+               end_index: jax.Array | None = None, layer: int = 0,
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """Attends from x [B,T,D] to its own keys, or to the KV cache when given.
 
-    Returns the output [B,T,D] and the (updated) keys/values [B,S,K,H].
+    Args:
+      x: [B,T,D] inputs.
+      positions: [B,T] RoPE positions.
+      mask: [B,T,S] True where query t may attend to key slot s.
+      kv: the whole stacked cache ([L,B,S,K,H] keys, values) or None.
+      end_index: first cache slot written by this call.
+      layer: which layer of the stacked cache is this one's.
+
+    Returns:
+      The output [B,T,D] and the updated stacked cache (None without a cache). Only the T
+      new slots of this layer are written (in place when the caller donates the cache).
     """
     q = apply_rope(self.q(x), positions, self.inv_freq, self.rope_layout)  # [B,T,N,H]
     k = apply_rope(self.k(x), positions, self.inv_freq, self.rope_layout)  # [B,T,K,H]
     v = self.v(x)                                                           # [B,T,K,H]
     if kv is not None:
-      k_cache, v_cache = kv
-      start = (0, end_index, 0, 0)
-      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)  # [B,S,K,H]
-      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+      k_all, v_all = kv
+      start = (layer, 0, end_index, 0, 0)
+      k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], start)
+      v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], start)
+      kv = (k_all, v_all)
+      k, v = k_all[layer], v_all[layer]  # [B,S,K,H]
     b, t, n, h = q.shape
     g = n // self.num_kv_heads
     q = q.reshape(b, t, self.num_kv_heads, g, h)  # [B,T,K,G,H]
@@ -161,7 +173,7 @@ class Attention(nnx.Module):
     logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)  # [B,K,G,T,S]
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(x.dtype)).reshape(b, t, n, h)
-    return self.o(out), (k, v)
+    return self.o(out), kv
 
 
 class Mlp(nnx.Module):

@@ -79,8 +79,8 @@ class DecoderLayer(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.width, **kw)
     self.mlp = Mlp(cfg, rngs=rngs)
 
-  def __call__(self, x, positions, mask, kv=None, end_index=None):
-    h, kv = self.attn(self.attn_norm(x), positions, mask, kv, end_index)
+  def __call__(self, x, positions, mask, kv=None, end_index=None, layer: int = 0):
+    h, kv = self.attn(self.attn_norm(x), positions, mask, kv, end_index, layer)
     x = sharding.with_logical_constraint(x + h, _ACT)
     x = sharding.with_logical_constraint(x + self.mlp(self.mlp_norm(x)), _ACT)
     return x, kv
@@ -181,16 +181,12 @@ class Decoder(nnx.Module):
     if context is not None and context_mask is None:
       context_mask = jnp.ones(context.shape[:2], jnp.bool_)
 
-    new_k, new_v = [], []
+    kv = (cache.k, cache.v) if cache is not None else None
     for i, layer in enumerate(self.layers):
       if context is not None and str(i) in self.cross_attention:
         x = sharding.with_logical_constraint(
             self.cross_attention[str(i)](x, context, context_mask), _ACT)
-      kv = (cache.k[i], cache.v[i]) if cache is not None else None
-      x, (k, v) = layer(x, positions, attention_mask, kv, end_index)
-      if cache is not None:
-        new_k.append(k)
-        new_v.append(v)
+      x, kv = layer(x, positions, attention_mask, kv, end_index, i)
     last = str(len(self.layers))
     if context is not None and last in self.cross_attention:
       x = self.cross_attention[last](x, context, context_mask)
@@ -198,8 +194,7 @@ class Decoder(nnx.Module):
 
     new_cache = None
     if cache is not None:
-      new_cache = KVCache(k=jnp.stack(new_k), v=jnp.stack(new_v),
-                          end_index=cache.end_index + t)
+      new_cache = KVCache(k=kv[0], v=kv[1], end_index=cache.end_index + t)
     if return_hidden:
       return x, new_cache
     return self.head(x), new_cache
