@@ -8,6 +8,16 @@
 
 With `cache_dir`, an imported GGUF/safetensors model is saved there as an Orbax checkpoint
 the first time and restored from it afterwards (conversion and dequantization skipped).
+
+Bigger models on TPU (e.g. Llama-3.2-3B from a Hugging Face safetensors directory):
+
+  mesh = sharding.make_mesh((1, -1, 4))        # data x fsdp x tensor
+  llm = load_llm('/ckpt/Llama-3.2-3B', dtype='bfloat16', mesh=mesh,
+                 cache_dir='/ckpt/llama32_3b_orbax')
+
+Each converted host array is placed directly with its NamedSharding (logical axes from
+`user_llm_jax.sharding`), and later runs restore the Orbax cache straight into the mesh.
+Heads and kv-heads must be divisible by the tensor axis (Llama-3.2: 24/32 heads, 8 kv).
 """
 
 from __future__ import annotations
