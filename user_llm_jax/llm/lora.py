@@ -102,6 +102,9 @@ def _projections(model: nnx.Module, layers: Sequence[int] | None):
 def apply_lora(model: nnx.Module, cfg: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Module:
   """Wraps the targeted projections of `model` (a Decoder) with adapters, in place.
 
+  New adapter weights are created on the default device; for a model already placed on a
+  mesh, call `sharding.shard_model(model, mesh)` afterwards (they carry logical axes).
+
   Returns:
     `model`, for chaining.
 
