@@ -202,26 +202,42 @@ def run_benchmark(model, tokenizer, model_name: str, batch_sizes: list[int], pro
 
 
 def format_table(results: dict) -> str:
+  """The results as a text table: tokens/s (wall) and ours/HF ratios of wall and CPU time."""
   hf = any("hf_prefill_tok_s" in r for r in results["rows"])
   head = f"{'batch':>5} | {'prefill tok/s ours':>18}"
-  head += f" | {'HF':>8} | {'ratio':>5}" if hf else ""
+  head += f" | {'HF':>8} | {'ratio':>5} | {'cpu ratio':>9}" if hf else ""
   head += f" | {'decode tok/s ours':>17}"
-  head += f" | {'HF':>8} | {'ratio':>5} | {'greedy agree':>12}" if hf else ""
+  head += f" | {'HF':>8} | {'ratio':>5} | {'cpu ratio':>9} | {'greedy agree':>12}" if hf else ""
   lines = [f"{results['model']}: prompt {results['prompt_len']} tokens, "
-           f"{results['decode_tokens']} decoded tokens, median of {results['repeats']}",
-           head, "-" * len(head)]
+           f"{results['decode_tokens']} decoded tokens, median of {results['repeats']}; "
+           "ratio = ours / HF tokens per second (wall); cpu ratio = HF / ours process "
+           "CPU seconds", head, "-" * len(head)]
   for r in results["rows"]:
     line = f"{r['batch']:>5} | {r['ours_prefill_tok_s']:>18.1f}"
     if hf:
-      line += f" | {r['hf_prefill_tok_s']:>8.1f} | {r['prefill_ratio']:>5.2f}"
+      line += (f" | {r['hf_prefill_tok_s']:>8.1f} | {r['prefill_ratio']:>5.2f}"
+               f" | {_cpu_ratio(r, 'prefill'):>9.2f}")
     line += f" | {r['ours_decode_tok_s']:>17.1f}"
     if hf:
       line += (f" | {r['hf_decode_tok_s']:>8.1f} | {r['decode_ratio']:>5.2f}"
-               f" | {r['greedy_token_agreement']:>12.2f}")
+               f" | {_cpu_ratio(r, 'decode'):>9.2f} | {r['greedy_token_agreement']:>12.2f}")
     lines.append(line)
+  lines.append(f"load average (1/5/15 min) at start {_fmt_load(results['load_average_start'])}"
+               f", at end {_fmt_load(results['load_average_end'])} on "
+               f"{results['cpu_count']} CPUs")
   if results.get("hf_note"):
     lines.append(results["hf_note"])
   return "\n".join(lines)
+
+
+def _cpu_ratio(row: dict, phase: str) -> float:
+  """HF / ours median process CPU seconds of a phase (> 1: ours uses less CPU)."""
+  return (statistics.median(row[f"hf_{phase}_cpu_s"])
+          / statistics.median(row[f"ours_{phase}_cpu_s"]))
+
+
+def _fmt_load(load) -> str:
+  return "/".join(f"{x:.1f}" for x in load)
 
 
 def plot(results: dict, path: str) -> None:
