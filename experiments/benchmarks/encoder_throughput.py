@@ -133,7 +133,7 @@ def plot(result: dict, path: str) -> None:
   values = [result["step"]["flops_per_sec"] / 1e9, result["matmul"]["flops_per_sec"] / 1e9]
   ax.bar(names, values, color=["tab:blue", "tab:gray"])
   ax.set_ylabel("GFLOP/s")
-  ax.set_title(f"{result['config']}: {result['step']['events_per_sec']:,.0f} events/s, "
+  ax.set_title(f"{result['config']}\n{result['step']['events_per_sec']:,.0f} events/s, "
                f"{100 * result['fraction_of_matmul']:.1f}% of matmul", fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
