@@ -106,8 +106,10 @@ def personalized_generation(ullm_config: ml_collections.ConfigDict,
     prompt = ex_lib.prompt_of(example)
     out["answers"][task] = {
         "question": prompts.question(transform.cfg.spec, task),
+        # A few tokens of slack beyond the trained answer length: a free-form answer may
+        # be a little longer than the reference.
         "model": generate_lib.answer(model, tokenizer, example, prompt,
-                                     config.tasks.max_answer_tokens + 1),
+                                     config.tasks.max_answer_tokens + 8),
         "truth": transform.answer_text(record, task)}
   return out
 
