@@ -198,3 +198,17 @@ def test_category_accuracy_matches_argmax_of_exact_scores(vocab, tok, decoder):
     want += int(np.argmax(scores) + 2 == int(e[ex.LABEL]))
   assert result["num_examples"] == 4
   assert result["accuracy"] == pytest.approx(want / 4)
+
+
+def test_catalogue_cuts_titles_like_the_training_answers(vocab, tok):
+  cut = ev.Catalogue(vocab, tok, max_tokens=5)
+  # "Alien (1979)" and "Aliens (1986)" both become "Alien": one entry, one merged item.
+  assert cut.num_cut == 6 and cut.num_merged == 1 and len(cut) == len(TITLES) - 1
+  assert cut.title_index(2) == cut.title_index(3)
+  cfg = ex.ExampleConfig(tasks=(prompts.NEXT_ITEM,), window=8, max_categories=2,
+                         max_prompt_tokens=400, max_answer_tokens=5)
+  tr = ex.TaskExample(vocab, tok, cfg)
+  for target in range(2, 2 + len(TITLES)):
+    out = tr.map(dict(make_record(5, target=target), task=prompts.NEXT_ITEM))
+    answer = out[ex.TOKENS][out[ex.LOSS_MASK]].tolist()
+    assert answer == cut.sequences[cut.title_index(target)]

@@ -63,7 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.strategy = "enc"
   config.llm.source = "smollm2"
   config.tasks.max_prompt_tokens = 40   # the fixed prompts are 36-38 SmolLM2 tokens
-  config.tasks.max_answer_tokens = 12   # titles "The Silent Harbor (1995)" are ~10 tokens
+  config.tasks.max_answer_tokens = 18   # titles "The Crimson Harbor 337 (1932)": <= 17 tokens
   config.train.batch_size = 8
   config.train.num_steps = 100
   config.train.learning_rate = 5e-4

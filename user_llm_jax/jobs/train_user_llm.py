@@ -140,7 +140,8 @@ def evaluate_tasks(condition: eval_lib.Conditioner, data: TaskData,
   for task in transform.cfg.tasks:
     examples, refs = build_eval_examples(data, transform, indices, task)
     if task == prompts.NEXT_ITEM:
-      catalogue = eval_lib.Catalogue(data.vocab, transform.tokenizer)
+      catalogue = eval_lib.Catalogue(data.vocab, transform.tokenizer,
+                                     max_tokens=transform.cfg.max_answer_tokens)
       results[task] = eval_lib.evaluate_next_item(
           condition, examples, catalogue, ks=tuple(config.eval.ks),
           exact_threshold=config.eval.exact_threshold, batch_size=config.eval.batch_size)

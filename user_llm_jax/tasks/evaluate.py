@@ -129,22 +129,33 @@ def score_options(cond: Conditioned, options: Sequence[Sequence[int]],
 
 
 class Catalogue:
-  """The distinct catalogue titles as token sequences, their trie, and item -> title index."""
+  """The distinct catalogue titles as token sequences, their trie, and item -> title index.
 
-  def __init__(self, vocab: schema.Vocabulary, tokenizer: Tokenizer):
+  With `max_tokens`, titles are cut to that many tokens exactly as the training answers
+  are (`ExampleConfig.max_answer_tokens`), so the model is scored on what it was taught;
+  titles that become identical share one entry (`num_merged` counts the extra items).
+  """
+
+  def __init__(self, vocab: schema.Vocabulary, tokenizer: Tokenizer,
+               max_tokens: int | None = None):
     end = prompts.end_token(tokenizer)
+    self.num_cut = 0
     index: dict[tuple[int, ...], int] = {}
     self.item_to_title = np.full((vocab.num_items,), -1, np.int64)
     self.sequences: list[list[int]] = []
     self.titles: list[str] = []
     for item in range(schema.FIRST_ID, vocab.num_items):
       title = vocab.items[item].title
-      seq = tuple(tokenizer.encode(title)) + (end,)
+      ids = tokenizer.encode(title)
+      if max_tokens is not None and len(ids) > max_tokens:
+        ids, self.num_cut = ids[:max_tokens], self.num_cut + 1
+      seq = tuple(ids) + (end,)
       if seq not in index:
         index[seq] = len(self.sequences)
         self.sequences.append(list(seq))
         self.titles.append(title)
       self.item_to_title[item] = index[seq]
+    self.num_merged = vocab.num_items - schema.FIRST_ID - len(self.sequences)
     self.trie = TokenTrie(self.sequences, tokenizer.vocab_size, end_token=end)
     self.end = end
 
@@ -219,6 +230,8 @@ def evaluate_next_item(condition: Conditioner, examples: Sequence[dict[str, np.n
   lists = np.concatenate(lists) if lists else np.zeros((0, k), np.int64)
   result: dict[str, Any] = recall_from_lists(lists, np.asarray(targets), ks)
   result["num_examples"] = len(targets)
+  result["titles_cut"] = catalogue.num_cut
+  result["items_sharing_a_title"] = catalogue.num_merged
   result["procedure"] = (
       f"exact scoring of all {len(catalogue)} distinct catalogue titles, top {k} distinct"
       if exact else
