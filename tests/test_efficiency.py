@@ -25,6 +25,7 @@ def report(tmp_path_factory):
 def test_json_has_flops_latency_and_ratios_per_length(report):
   data, out = report
   assert data["history_lengths"] == list(LENGTHS)
+  assert data["complete"] is True  # partial reports (written as it goes) say False
   assert "RANDOM" in data["meta"]["llm"]
   for e in LENGTHS:
     entry = data["results"][str(e)]

@@ -86,6 +86,8 @@ class BenchConfig:
     repeats: timed runs per measurement (the median is reported).
     max_text_tokens: the text prompt's context cap (None: the LLM's max_seq_len).
     uncapped_flops: also cost-analyse (not run) capped text prompts at full length.
+    long_run_seconds: a measurement whose warm-up run is slower than this is not
+      repeated (the warm-up is its single timed run).
     data_dir: MovieLens directory whose longest user history is rendered as text.
     seed: seed of the random weights and encoder inputs.
   """
@@ -99,6 +101,7 @@ class BenchConfig:
   repeats: int = 3
   max_text_tokens: int | None = None
   uncapped_flops: bool = True
+  long_run_seconds: float = 20.0
   data_dir: str = DEFAULT_DATA_DIR
   seed: int = 0
 
@@ -208,8 +211,18 @@ def _compile(fn: Callable, graphdef, *args, compile_only: bool = True, **static)
   return _COMPILED[key]
 
 
-def _median_seconds(run: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
+def _median_seconds(run: Callable[[], Any], repeats: int,
+                    long_run: float = float("inf")) -> tuple[float, list[float]]:
+  """Median wall time of `repeats` runs after a warm-up run.
+
+  A run slower than `long_run` seconds is not repeated: its first (warm-up) run is the
+  measurement (first-run allocation effects are negligible at that scale).
+  """
+  start = time.perf_counter()
   jax.block_until_ready(run())  # warm-up (first-run allocations)
+  first = time.perf_counter() - start
+  if first > long_run:
+    return first, [first]
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
@@ -313,7 +326,8 @@ class Benchmark:
     flops = {"encoder_bridge": _flops(user), **flops}
     flops["llm"] = flops["prefill"] + flops["decode"]
     flops["total"] = flops["encoder_bridge"] + flops["llm"]
-    latency, runs = _median_seconds(lambda: llm_run(*user(user_state, batch)), self.cfg.repeats)
+    latency, runs = _median_seconds(lambda: llm_run(*user(user_state, batch)), self.cfg.repeats,
+                                    self.cfg.long_run_seconds)
     return Measurement(flops, latency, runs, prompt_tokens=len(self.question),
                        user_embeddings=int(context.shape[1]))
 
@@ -342,7 +356,7 @@ class Benchmark:
       arr = np.asarray([tokens], np.int32)
       flops, run = _llm_parts(self.llm, arr, None, None, mode="text",
                               steps=self.cfg.decode_steps)
-      latency, runs = _median_seconds(run, self.cfg.repeats)
+      latency, runs = _median_seconds(run, self.cfg.repeats, self.cfg.long_run_seconds)
       cache[key] = (flops, latency, runs)
     flops, latency, runs = cache[key]
     flops = dict(flops, encoder_bridge=0.0)
@@ -357,8 +371,12 @@ class Benchmark:
       info["uncapped_flops"] = uncapped["prefill"] + uncapped["decode"]
     return Measurement(flops, latency, list(runs), prompt_tokens=len(tokens), extra=info)
 
-  def run(self) -> dict[str, Any]:
-    """Every (history length, variant) measurement, ratios and run metadata."""
+  def run(self, partial: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Every (history length, variant) measurement, ratios and run metadata.
+
+    Args:
+      partial: called with the report so far after every measurement (`complete` False).
+    """
     cfg = self.cfg
     results: dict[str, Any] = {}
     text_cache: dict[int, tuple] = {}
@@ -369,10 +387,12 @@ class Benchmark:
       entry = results.setdefault(str(e), {"variants": {}})
       entry["variants"][variant] = m.to_json()
       logging.info("E=%d %s: %.3g FLOPs, %.3f s", e, variant, m.flops["total"], m.latency_s)
-    for entry in results.values():
       add_ratios(entry)
+      if partial is not None:
+        partial({"history_lengths": list(cfg.history_lengths), "results": results,
+                 "meta": self.meta(), "complete": False})
     return {"history_lengths": list(cfg.history_lengths), "results": results,
-            "meta": self.meta()}
+            "meta": self.meta(), "complete": True}
 
   def meta(self) -> dict[str, Any]:
     c = self.cfg
@@ -382,7 +402,9 @@ class Benchmark:
                     ("num_layers", "width", "num_heads", "mlp_dim", "feature_dim", "max_len")},
         "bridge": dataclasses.asdict(UserLlmConfig()), "reference_user_llm": REFERENCE,
         "user_llm_prompt_tokens": len(self.question), "decode_steps": c.decode_steps,
-        "repeats": c.repeats, "latency": f"median of {c.repeats} runs after 1 warm-up, batch 1",
+        "repeats": c.repeats,
+        "latency": f"median of {c.repeats} runs after 1 warm-up, batch 1 (a run slower "
+                   f"than {c.long_run_seconds:g} s is timed once)",
         "max_text_tokens": self.max_text_tokens, "history_source": self.events_source,
         "flops_source": "XLA cost analysis of the compiled programs (decode step x steps)",
         "devices": f"{jax.device_count()} x {jax.devices()[0].platform}, "
@@ -513,12 +535,19 @@ def run_benchmark(cfg: BenchConfig, output: str | None = None) -> dict[str, Any]
   """Runs the benchmark; with `output`, writes the JSON, `.md` table and `.png` plot."""
   start = time.perf_counter()
   llm, tokenizer, source = load_backbone(cfg)
-  report = Benchmark(cfg, llm, tokenizer, source).run()
+
+  def write_json(report):
+    if output:
+      os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+      tmp = output + ".tmp"
+      with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+      os.replace(tmp, output)
+
+  report = Benchmark(cfg, llm, tokenizer, source).run(partial=write_json)
   report["meta"]["wall_seconds"] = time.perf_counter() - start
+  write_json(report)
   if output:
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=1)
     stem = os.path.splitext(output)[0]
     with open(stem + ".md", "w", encoding="utf-8") as f:
       f.write(table(report) + "\n")
@@ -539,6 +568,8 @@ _MAX_TEXT = flags.DEFINE_integer("max_text_tokens", None,
                                  "Text-prompt context cap (default: the LLM's max_seq_len).")
 _UNCAPPED = flags.DEFINE_bool("uncapped_flops", True,
                               "Also cost-analyse (lower, not run) capped text prompts at full length.")
+_LONG_RUN = flags.DEFINE_float("long_run_seconds", 20.0,
+                               "A measurement slower than this is timed once, not repeated.")
 _DATA_DIR = flags.DEFINE_string("data_dir", DEFAULT_DATA_DIR, "MovieLens dir for the history.")
 
 
@@ -553,7 +584,11 @@ def main(argv: Sequence[str]) -> None:
                     encoder_preset=_ENCODER.value, variants=tuple(_VARIANTS.value),
                     decode_steps=_STEPS.value, repeats=_REPEATS.value,
                     max_text_tokens=_MAX_TEXT.value, uncapped_flops=_UNCAPPED.value,
-                    data_dir=_DATA_DIR.value)
+                    long_run_seconds=_LONG_RUN.value, data_dir=_DATA_DIR.value)
+  if not jax.config.jax_compilation_cache_dir:  # reruns skip most compilation
+    jax.config.update("jax_compilation_cache_dir", os.environ.get(
+        "JAX_COMPILATION_CACHE_DIR",
+        os.path.join(os.path.expanduser("~"), ".cache", "user_llm_jax_xla")))
   report = run_benchmark(cfg, _OUTPUT.value)
   print(table(report), flush=True)
   print(f"wrote {_OUTPUT.value} (+ .md, .png) in {report['meta']['wall_seconds']:.0f} s",
