@@ -112,7 +112,7 @@ def test_empty_batch_gives_zero_loss_and_finite_grads():
   model = _model()
   batch = _batch(4)
   batch[T.EXAMPLE_MASK] = np.zeros(4, bool)
-  loss, grads = nnx.value_and_grad(lambda m: m.loss(batch)[0])(model)
+  loss, grads = nnx.jit(nnx.value_and_grad(lambda m: m.loss(batch)[0]))(model)
   assert float(loss) == 0.0
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
 
@@ -139,20 +139,21 @@ def test_loss_decreases_on_learnable_fixture(positions):
 
 def test_item_scores_rank_the_whole_catalogue():
   model = _model(seed=3)
+  item_scores = nnx.jit(lambda m, b: m.item_scores(b))
   batch = _batch(5, seed=2, lengths=[6, 3, 1, 4, 2])
-  scores = np.asarray(model.item_scores(batch))
+  scores = np.asarray(item_scores(model, batch))
   assert scores.shape == (5, NUM_ITEMS)
   assert np.all(np.isneginf(scores[:, :schema.FIRST_ID]))
   assert np.all(np.isfinite(scores[:, schema.FIRST_ID:]))
   # The user is read at last_index: history after it must not matter.
   other = {k: v.copy() for k, v in batch.items()}
   other[T.INPUTS_ITEM][1, 3:] = 9
-  np.testing.assert_allclose(np.asarray(model.item_scores(other))[1], scores[1], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(item_scores(model, other))[1], scores[1], rtol=1e-6)
 
   metrics = retrieval.evaluate_next_item(model, [batch, _batch(3, seed=5)])
   assert metrics["num_examples"] == 8
   targets = np.concatenate([retrieval.last_targets(batch), retrieval.last_targets(_batch(3, 5))])
-  all_scores = np.concatenate([scores, np.asarray(model.item_scores(_batch(3, seed=5)))])
+  all_scores = np.concatenate([scores, np.asarray(item_scores(model, _batch(3, seed=5)))])
   ranks = [int(np.sum(s > s[t]) + np.sum((s == s[t])[:t])) for s, t in zip(all_scores, targets)]
   assert metrics["recall@10"] == pytest.approx(np.mean(np.asarray(ranks) < 10))
   assert metrics["recall@1"] <= metrics["recall@5"] <= metrics["recall@10"]
