@@ -25,10 +25,20 @@ from user_llm_jax.llm.config import LLM_TINY, RopeScaling
 from user_llm_jax.llm.model import Decoder
 from user_llm_jax.llm.safetensors_io import save_hf_dir
 
-_MODELS = flags.DEFINE_list("models", ["tiny", "tiny_llama3", "smollm2"],
-                            "Which models to compare: tiny, tiny_llama3, smollm2.")
-_OUTPUT = flags.DEFINE_string("output", "hf_parity.json", "Where to write the JSON results.")
-_LENGTH = flags.DEFINE_integer("length", 64, "Tokens per sequence.")
+_MODELS: flags.FlagHolder
+_OUTPUT: flags.FlagHolder
+_LENGTH: flags.FlagHolder
+
+
+def define_flags() -> None:
+  """Defines the command-line flags; called only when run as a script, so that importing
+  this module for its functions (tests, notebooks) never clashes with other flags."""
+  global _MODELS, _OUTPUT, _LENGTH
+  _MODELS = flags.DEFINE_list("models", ["tiny", "tiny_llama3", "smollm2"],
+                              "Which models to compare: tiny, tiny_llama3, smollm2.")
+  _OUTPUT = flags.DEFINE_string("output", "hf_parity.json", "Where to write the JSON results.")
+  _LENGTH = flags.DEFINE_integer("length", 64, "Tokens per sequence.")
+
 
 TOLERANCE = 1e-3
 
@@ -106,4 +116,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -38,20 +38,38 @@ from flax import nnx
 from user_llm_jax.llm import gguf_loader, loading, safetensors_io
 from user_llm_jax.llm import sampler as sampler_lib
 
-_SOURCE = flags.DEFINE_string("source", "smollm2", "'smollm2' (the wheel), 'random', a .gguf "
-                              "file or a HF safetensors directory.")
-_PRESET = flags.DEFINE_string("preset", "smollm2_135m", "Preset for --source=random (also "
-                              "the fallback when the SmolLM2 wheel is absent).")
-_BATCH = flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes to measure.")
-_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 128, "Prompt tokens per row (T).")
-_DECODE = flags.DEFINE_integer("decode_tokens", 32, "Generated tokens per row (N).")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (median reported).")
-_HF = flags.DEFINE_bool("hf", True, "Also run Hugging Face transformers (PyTorch CPU).")
-_TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "PyTorch intra-op threads "
-                                      "(0: PyTorch's default, one per core).")
-_OUTPUT = flags.DEFINE_string("output", None, "Write the results JSON here.")
-_PLOT = flags.DEFINE_string("plot", None, "Write a bar plot here (default: the --output "
-                            "path with .png).")
+_SOURCE: flags.FlagHolder
+_PRESET: flags.FlagHolder
+_BATCH: flags.FlagHolder
+_PROMPT_LEN: flags.FlagHolder
+_DECODE: flags.FlagHolder
+_REPEATS: flags.FlagHolder
+_HF: flags.FlagHolder
+_TORCH_THREADS: flags.FlagHolder
+_OUTPUT: flags.FlagHolder
+_PLOT: flags.FlagHolder
+
+
+def define_flags() -> None:
+  """Defines the command-line flags; called only when run as a script, so that importing
+  this module for its functions (tests, notebooks) never clashes with other flags."""
+  global _SOURCE, _PRESET, _BATCH, _PROMPT_LEN, _DECODE
+  global _REPEATS, _HF, _TORCH_THREADS, _OUTPUT, _PLOT
+  _SOURCE = flags.DEFINE_string("source", "smollm2", "'smollm2' (the wheel), 'random', a .gguf "
+                                "file or a HF safetensors directory.")
+  _PRESET = flags.DEFINE_string("preset", "smollm2_135m", "Preset for --source=random (also "
+                                "the fallback when the SmolLM2 wheel is absent).")
+  _BATCH = flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes to measure.")
+  _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 128, "Prompt tokens per row (T).")
+  _DECODE = flags.DEFINE_integer("decode_tokens", 32, "Generated tokens per row (N).")
+  _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (median reported).")
+  _HF = flags.DEFINE_bool("hf", True, "Also run Hugging Face transformers (PyTorch CPU).")
+  _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "PyTorch intra-op threads "
+                                        "(0: PyTorch's default, one per core).")
+  _OUTPUT = flags.DEFINE_string("output", None, "Write the results JSON here.")
+  _PLOT = flags.DEFINE_string("plot", None, "Write a bar plot here (default: the --output "
+                              "path with .png).")
+
 
 PARAGRAPH = (
     "The history of the city goes back more than two thousand years. It began as a small "
@@ -300,4 +318,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -25,19 +25,37 @@ import time
 
 from absl import app, flags
 
-_NUM_RATINGS = flags.DEFINE_integer("num_ratings", 20_000_000, "Ratings to generate.")
-_NUM_USERS = flags.DEFINE_integer("num_users", None, "Users (default: ML-20M's ratio).")
-_NUM_ITEMS = flags.DEFINE_integer("num_items", None, "Items (default: ML-20M's 26,744, "
-                                  "scaled down for small runs).")
-_PROTOCOL = flags.DEFINE_enum("protocol", "leave_last_out", ["leave_last_out", "paper"],
-                              "Protocol to prepare.")
-_WINDOW = flags.DEFINE_integer("window", 50, "Paper protocol window.")
-_STRIDE = flags.DEFINE_integer("stride", 1, "Paper protocol stride.")
-_SEED = flags.DEFINE_integer("seed", 0, "Generator seed.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Scratch directory (default: a temp dir, "
-                               "deleted at the end unless --keep).")
-_KEEP = flags.DEFINE_bool("keep", False, "Keep the generated and prepared files.")
-_OUTPUT = flags.DEFINE_string("output", None, "Write the results JSON here.")
+_NUM_RATINGS: flags.FlagHolder
+_NUM_USERS: flags.FlagHolder
+_NUM_ITEMS: flags.FlagHolder
+_PROTOCOL: flags.FlagHolder
+_WINDOW: flags.FlagHolder
+_STRIDE: flags.FlagHolder
+_SEED: flags.FlagHolder
+_WORKDIR: flags.FlagHolder
+_KEEP: flags.FlagHolder
+_OUTPUT: flags.FlagHolder
+
+
+def define_flags() -> None:
+  """Defines the command-line flags; called only when run as a script, so that importing
+  this module for its functions (tests, notebooks) never clashes with other flags."""
+  global _NUM_RATINGS, _NUM_USERS, _NUM_ITEMS, _PROTOCOL, _WINDOW
+  global _STRIDE, _SEED, _WORKDIR, _KEEP, _OUTPUT
+  _NUM_RATINGS = flags.DEFINE_integer("num_ratings", 20_000_000, "Ratings to generate.")
+  _NUM_USERS = flags.DEFINE_integer("num_users", None, "Users (default: ML-20M's ratio).")
+  _NUM_ITEMS = flags.DEFINE_integer("num_items", None, "Items (default: ML-20M's 26,744, "
+                                    "scaled down for small runs).")
+  _PROTOCOL = flags.DEFINE_enum("protocol", "leave_last_out", ["leave_last_out", "paper"],
+                                "Protocol to prepare.")
+  _WINDOW = flags.DEFINE_integer("window", 50, "Paper protocol window.")
+  _STRIDE = flags.DEFINE_integer("stride", 1, "Paper protocol stride.")
+  _SEED = flags.DEFINE_integer("seed", 0, "Generator seed.")
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Scratch directory (default: a temp dir, "
+                                 "deleted at the end unless --keep).")
+  _KEEP = flags.DEFINE_bool("keep", False, "Keep the generated and prepared files.")
+  _OUTPUT = flags.DEFINE_string("output", None, "Write the results JSON here.")
+
 
 ML20M_RATINGS, ML20M_USERS, ML20M_ITEMS = 20_000_263, 138_493, 26_744
 
@@ -149,4 +167,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
