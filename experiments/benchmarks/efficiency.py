@@ -555,45 +555,50 @@ def run_benchmark(cfg: BenchConfig, output: str | None = None) -> dict[str, Any]
   return report
 
 
-_OUTPUT = flags.DEFINE_string("output", "/tmp/efficiency.json", "JSON output (.md/.png beside).")
-_LENGTHS = flags.DEFINE_list("history_lengths", ["50", "100", "200", "500", "1000"],
-                             "History lengths E (events).")
-_LLM = flags.DEFINE_enum("llm", "smollm2", ["smollm2", "random"], "LLM weights.")
-_PRESET = flags.DEFINE_string("llm_preset", "smollm2_135m", "Preset for --llm=random.")
-_ENCODER = flags.DEFINE_enum("encoder_preset", "paper", list(ENCODER_PRESETS), "Encoder size.")
-_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"Subset of {VARIANTS}.")
-_STEPS = flags.DEFINE_integer("decode_steps", 8, "Greedy decode steps per answer.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (median).")
-_MAX_TEXT = flags.DEFINE_integer("max_text_tokens", None,
-                                 "Text-prompt context cap (default: the LLM's max_seq_len).")
-_UNCAPPED = flags.DEFINE_bool("uncapped_flops", True,
-                              "Also cost-analyse (lower, not run) capped text prompts at full length.")
-_LONG_RUN = flags.DEFINE_float("long_run_seconds", 20.0,
-                               "A measurement slower than this is timed once, not repeated.")
-_DATA_DIR = flags.DEFINE_string("data_dir", DEFAULT_DATA_DIR, "MovieLens dir for the history.")
+def define_flags() -> None:
+  """Defines the command-line flags; only when run as a script, so that importing this
+  module (tests) never clashes with other modules' flags."""
+  flags.DEFINE_string("output", "/tmp/efficiency.json", "JSON output (.md/.png beside).")
+  flags.DEFINE_list("history_lengths", ["50", "100", "200", "500", "1000"],
+                    "History lengths E (events).")
+  flags.DEFINE_enum("llm", "smollm2", ["smollm2", "random"], "LLM weights.")
+  flags.DEFINE_string("llm_preset", "smollm2_135m", "Preset for --llm=random.")
+  flags.DEFINE_enum("encoder_preset", "paper", list(ENCODER_PRESETS), "Encoder size.")
+  flags.DEFINE_list("variants", list(VARIANTS), f"Subset of {VARIANTS}.")
+  flags.DEFINE_integer("decode_steps", 8, "Greedy decode steps per answer.")
+  flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (median).")
+  flags.DEFINE_integer("max_text_tokens", None,
+                       "Text-prompt context cap (default: the LLM's max_seq_len).")
+  flags.DEFINE_bool("uncapped_flops", True,
+                    "Also cost-analyse (lower, not run) capped text prompts at full length.")
+  flags.DEFINE_float("long_run_seconds", 20.0,
+                     "A measurement slower than this is timed once, not repeated.")
+  flags.DEFINE_string("data_dir", DEFAULT_DATA_DIR, "MovieLens dir for the history.")
 
 
 def main(argv: Sequence[str]) -> None:
+  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   try:
-    lengths = tuple(int(x) for x in _LENGTHS.value)
+    lengths = tuple(int(x) for x in FLAGS.history_lengths)
   except ValueError as e:
-    raise app.UsageError(f"--history_lengths={_LENGTHS.value}: integers expected") from e
-  cfg = BenchConfig(history_lengths=lengths, llm=_LLM.value, llm_preset=_PRESET.value,
-                    encoder_preset=_ENCODER.value, variants=tuple(_VARIANTS.value),
-                    decode_steps=_STEPS.value, repeats=_REPEATS.value,
-                    max_text_tokens=_MAX_TEXT.value, uncapped_flops=_UNCAPPED.value,
-                    long_run_seconds=_LONG_RUN.value, data_dir=_DATA_DIR.value)
+    raise app.UsageError(f"--history_lengths={FLAGS.history_lengths}: integers expected") from e
+  cfg = BenchConfig(history_lengths=lengths, llm=FLAGS.llm, llm_preset=FLAGS.llm_preset,
+                    encoder_preset=FLAGS.encoder_preset, variants=tuple(FLAGS.variants),
+                    decode_steps=FLAGS.decode_steps, repeats=FLAGS.repeats,
+                    max_text_tokens=FLAGS.max_text_tokens, uncapped_flops=FLAGS.uncapped_flops,
+                    long_run_seconds=FLAGS.long_run_seconds, data_dir=FLAGS.data_dir)
   if not jax.config.jax_compilation_cache_dir:  # reruns skip most compilation
     jax.config.update("jax_compilation_cache_dir", os.environ.get(
         "JAX_COMPILATION_CACHE_DIR",
         os.path.join(os.path.expanduser("~"), ".cache", "user_llm_jax_xla")))
-  report = run_benchmark(cfg, _OUTPUT.value)
+  report = run_benchmark(cfg, FLAGS.output)
   print(table(report), flush=True)
-  print(f"wrote {_OUTPUT.value} (+ .md, .png) in {report['meta']['wall_seconds']:.0f} s",
+  print(f"wrote {FLAGS.output} (+ .md, .png) in {report['meta']['wall_seconds']:.0f} s",
         flush=True)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
