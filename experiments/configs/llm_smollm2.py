@@ -8,7 +8,7 @@ Other checkpoints: `--config.llm.source=/path/model.gguf`, a Hugging Face direct
 (config.json + *.safetensors) or an Orbax directory written by `llm.checkpoint`. The
 imported model is cached as Orbax under `llm.cache_dir` (default WORKDIR/llm_cache), so
 later runs skip dequantization. On TPU, `--config.llm.dtype=bfloat16` and a mesh such as
-`--config.mesh.fsdp=-1 --config.mesh.tensor=4` shard the parameters by logical axes.
+`--config.mesh.shape='(1,-1,4)'` (data, fsdp, tensor) shard the parameters by logical axes.
 
 Variants: '' (SmolLM2 from the wheel), 'smoke' (random LLM_TINY with byte tokens: seconds).
 """
@@ -30,9 +30,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.llm.cache_dir = ""          # Orbax cache of the imported LLM ('' -> WORKDIR/llm_cache)
 
   config.mesh = ml_collections.ConfigDict()
-  config.mesh.data = 1
-  config.mesh.fsdp = -1              # -1: all remaining devices
-  config.mesh.tensor = 1
+  config.mesh.shape = (1, -1, 1)     # (data, fsdp, tensor); -1 takes the remaining devices.
+  config.mesh.axis_names = ("data", "fsdp", "tensor")
+  config.mesh.rules = ()             # Empty: user_llm_jax.sharding.DEFAULT_RULES.
 
   config.perplexity = ml_collections.ConfigDict()
   config.perplexity.text_file = ""   # or --text_file=FILE

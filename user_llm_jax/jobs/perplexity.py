@@ -50,7 +50,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       "(or set config key 'perplexity.text_file')")
   if not os.path.isfile(text_file):
     raise FileNotFoundError(f"--text_file {text_file!r} does not exist")
-  mesh = sharding.make_mesh((config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
+  mesh = sharding.make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axis_names))
   model, tokenizer, load_seconds = _load(config, workdir, mesh)
   start = time.perf_counter()
   with jax.set_mesh(mesh):
