@@ -42,6 +42,10 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
+class MeshError(ValueError):
+  """The requested mesh does not fit the available devices (a config error)."""
+
+
 def make_mesh(shape: Sequence[int], axis_names: Sequence[str] = MESH_AXES,
               devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
   """Builds a mesh with Auto axis types (the library relies on automatic sharding).
@@ -55,22 +59,22 @@ def make_mesh(shape: Sequence[int], axis_names: Sequence[str] = MESH_AXES,
     A `jax.sharding.Mesh`.
 
   Raises:
-    ValueError: if the shape does not match the number of devices.
+    MeshError: if the shape does not match the axis names or the number of devices.
   """
   devices = list(devices) if devices is not None else jax.devices()
   shape = list(shape)
   if len(shape) != len(axis_names):
-    raise ValueError(f"mesh shape {shape} does not match axis names {tuple(axis_names)}")
+    raise MeshError(f"mesh.shape {shape} does not match axis names {tuple(axis_names)}")
   if shape.count(-1) > 1:
-    raise ValueError(f"mesh shape {shape}: at most one axis may be -1")
+    raise MeshError(f"mesh.shape {shape}: at most one axis may be -1")
   if -1 in shape:
     known = int(np.prod([s for s in shape if s != -1]))
     if len(devices) % known:
-      raise ValueError(f"mesh shape {shape} does not divide {len(devices)} devices")
+      raise MeshError(f"mesh.shape {shape} does not divide {len(devices)} devices")
     shape[shape.index(-1)] = len(devices) // known
   if int(np.prod(shape)) != len(devices):
-    raise ValueError(
-        f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, "
+    raise MeshError(
+        f"mesh.shape {tuple(shape)} needs {int(np.prod(shape))} devices, "
         f"but {len(devices)} are available (on CPU, set "
         "XLA_FLAGS=--xla_force_host_platform_device_count=N before importing jax)")
   return jax.make_mesh(

@@ -27,8 +27,9 @@ _OVERRIDE = re.compile(r"^--?config\.([A-Za-z0-9_.]+)(=.*)?$")
 def _user_errors() -> tuple[type[BaseException], ...]:
   """Exception types that mean bad input, not a bug (reported without a traceback)."""
   from data_pipelines import records  # pylint: disable=g-import-not-at-top
+  from user_llm_jax import sharding  # pylint: disable=g-import-not-at-top
   from user_llm_jax.train import checkpointing, train_step  # pylint: disable=g-import-not-at-top
-  errors = [config_lib.ConfigError, FileNotFoundError, NotADirectoryError,
+  errors = [config_lib.ConfigError, sharding.MeshError, FileNotFoundError, NotADirectoryError,
             records.BadInputError, checkpointing.CheckpointError, train_step.NonFiniteError]
   try:
     from data_pipelines import timelines  # pylint: disable=g-import-not-at-top
