@@ -112,9 +112,13 @@ class TestCropAndPad:
     out = T.dense_categories(np.array([7, 8, 9, 10], np.int32), np.array([0, 3, 1]), 2)
     np.testing.assert_array_equal(out, [[0, 0], [7, 8], [10, 0]])
 
-  def test_single_event_record_is_an_error_naming_the_user(self):
-    with pytest.raises(ValueError, match="'zoe' has 1 event"):
-      T.CropAndPad(max_len=4).map(make_record("zoe", [5]))
+  def test_single_event_record_is_an_empty_example(self):
+    # A 3-event user's leave-last-out train record: history, no target.
+    ex = T.CropAndPad(max_len=4).map(make_record("zoe", [5]))
+    assert not ex[T.MASK].any() and not ex[T.EXAMPLE_MASK]
+    np.testing.assert_array_equal(ex[T.INPUTS_ITEM], [0, 0, 0, 0])
+    with pytest.raises(ValueError, match="'zoe' has no events"):
+      T.CropAndPad(max_len=4).map(make_record("zoe", []))
 
   def test_inconsistent_record_is_an_error(self):
     rec = make_record("yan", [5, 6, 7])
@@ -225,8 +229,8 @@ class TestPipeline:
       self.train(numbered_source(4), seed=0, num_epochs=None, pad_to_batch=True)
 
   def test_bad_record_surfaces_through_pipeline(self):
-    src = numbered_source(3) + [make_record("short", [5])]
-    with pytest.raises(ValueError, match="'short' has 1 event"):
+    src = numbered_source(3) + [make_record("short", [])]
+    with pytest.raises(ValueError, match="'short' has no events"):
       list(self.train(src, seed=0, shuffle=False))
 
 

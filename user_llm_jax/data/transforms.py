@@ -157,12 +157,9 @@ class CropAndPad(grain.transforms.Map):
       raise ValueError(f"record of user {user!r}: {schema.CATEGORY_LENGTHS!r} sums to "
                        f"{int(cat_lengths.sum())} but {schema.CATEGORY_IDS!r} has "
                        f"{cat_flat.size} entries")
-    if length < 2:
-      # The data pipelines never write such records (a record needs a history and a
-      # target), so this means the source is not a prepared timeline dataset.
-      raise ValueError(f"record of user {user!r} has {length} event(s); a record needs at "
-                       "least 2 (history + target). Re-prepare the dataset with "
-                       "data_pipelines.prepare.")
+    if length < 1:
+      raise ValueError(f"record of user {user!r} has no events; prepared datasets never "
+                       "write such records. Re-prepare the dataset with data_pipelines.prepare.")
 
     keep = min(length, self.max_len + 1)
     start = length - keep
@@ -192,7 +189,9 @@ class CropAndPad(grain.transforms.Map):
         TARGETS_RATING: pad(ratings[targets]),
         TARGETS_CATEGORY: pad(categories[targets]),
         MASK: np.arange(self.max_len) < n,
-        LAST_INDEX: np.int32(n - 1),
+        LAST_INDEX: np.int32(max(n - 1, 0)),
         FAVORITE_CATEGORY: np.int32(element.get(schema.FAVORITE_CATEGORY, schema.PAD_ID)),
-        EXAMPLE_MASK: np.bool_(True),
+        # A one-event record (a 3-event user's leave-last-out train record) has no target:
+        # it becomes an all-padding example that no loss or metric counts.
+        EXAMPLE_MASK: np.bool_(n > 0),
     }
