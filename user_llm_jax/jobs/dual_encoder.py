@@ -25,7 +25,6 @@ from user_llm_jax.baselines import dual_encoder as dual_lib
 from user_llm_jax.data import pipeline as pipeline_lib
 from user_llm_jax.data import source as source_lib
 from user_llm_jax.data import transforms as transforms_lib
-from user_llm_jax.eval import popularity
 from user_llm_jax.eval import retrieval
 from user_llm_jax.jobs import pretrain_encoder
 from user_llm_jax.train import summary as summary_lib
@@ -108,26 +107,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if result.preempted:
     return {"preempted": True, "step": result.step}
 
-  dual_metrics = retrieval.evaluate_next_item(result.model, eval_batches(test_src), ks=ks)
-  counts = popularity.fit_item_counts(train_src, vocab.num_items)
-  pop_metrics = popularity.evaluate_popularity(counts, eval_batches(test_src), ks=ks)
-  metrics = dict(dual_metrics)
-  metrics.update({f"popularity/{k}": v for k, v in pop_metrics.items()})
-  if result.history:
-    metrics["train/final_loss"] = result.history[-1]["loss"]
-  wall = time.perf_counter() - t0
-  summary = {
-      "config_name": config.name, "job": config.job, "metrics": metrics,
-      "trainable_params": result.trainable_params, "total_params": result.total_params,
-      "steps": result.step, "resumed_from": result.resumed_from, "wall_time_sec": wall,
-      "train_loop_sec": result.wall_time, "dataset": {
-          "path": prepared, "protocol": config.data.protocol,
-          "num_items": vocab.num_items, "statistics": stats},
-      "history": result.history, "evals": result.evals,
-      "eval_protocol": "full-catalogue ranking of each test record's target by the item "
-                       "tower (no sampled negatives; ties broken by item id)",
-      "model": _fingerprint(config, model), "devices": jax.device_count(),
-  }
+  dual_metrics, pop_metrics, summary = pretrain_encoder.test_summary(
+      config, result, train_src, eval_batches(test_src), eval_batches(test_src),
+      vocab=vocab, prepared=prepared, stats=stats, ks=ks, start_time=t0)
+  wall = summary["wall_time_sec"]
+  summary["eval_protocol"] = ("full-catalogue ranking of each test record's target by the item "
+                              "tower (no sampled negatives; ties broken by item id)")
+  summary["model"] = _fingerprint(config, model)
   keys = [f"recall@{k}" for k in ks] + ["ndcg@10"]
   table = summary_lib.metrics_table({"dual_encoder": dual_metrics, "popularity": pop_metrics},
                                     keys)

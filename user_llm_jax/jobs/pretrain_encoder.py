@@ -181,24 +181,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if result.preempted:
     return {"preempted": True, "step": result.step}
 
-  encoder_metrics = retrieval.evaluate_next_item(result.model, eval_batches(test_src), ks=ks)
-  counts = popularity.fit_item_counts(train_src, vocab.num_items)
-  pop_metrics = popularity.evaluate_popularity(counts, eval_batches(test_src), ks=ks)
-  metrics = dict(encoder_metrics)
-  metrics.update({f"popularity/{k}": v for k, v in pop_metrics.items()})
-  if result.history:
-    metrics["train/final_loss"] = result.history[-1]["loss"]
-  wall = time.perf_counter() - t0
-  summary = {
-      "config_name": config.name, "job": config.job, "metrics": metrics,
-      "trainable_params": result.trainable_params, "total_params": result.total_params,
-      "steps": result.step, "resumed_from": result.resumed_from, "wall_time_sec": wall,
-      "train_loop_sec": result.wall_time, "dataset": {
-          "path": prepared, "protocol": config.data.protocol,
-          "num_items": vocab.num_items, "statistics": stats},
-      "history": result.history, "evals": result.evals,
-      "encoder": _fingerprint(config, enc)["model"], "devices": jax.device_count(),
-  }
+  encoder_metrics, pop_metrics, summary = test_summary(
+      config, result, train_src, eval_batches(test_src), eval_batches(test_src),
+      vocab=vocab, prepared=prepared, stats=stats, ks=ks, start_time=t0)
+  wall = summary["wall_time_sec"]
+  summary["encoder"] = _fingerprint(config, enc)["model"]
   keys = [f"recall@{k}" for k in ks] + ["ndcg@10"]
   table = summary_lib.metrics_table({"encoder": encoder_metrics, "popularity": pop_metrics},
                                     keys)
@@ -212,3 +199,34 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   summary_lib.write_summary(workdir, summary, text)
   print(text, flush=True)
   return summary
+
+
+def test_summary(config: ml_collections.ConfigDict, result: trainer_lib.TrainResult,
+                 train_src, model_batches, popularity_batches, *, vocab, prepared: str,
+                 stats: dict, ks, start_time: float) -> tuple[dict, dict, dict]:
+  """Test-split metrics of a trained retrieval model next to popularity, and its summary.
+
+  Shared by every job that ranks the whole catalogue (encoder pretraining, dual encoder).
+
+  Returns:
+    (model metrics, popularity metrics, summary dict with the combined `metrics`:
+    the model's, `popularity/*` and `train/final_loss`).
+  """
+  model_metrics = retrieval.evaluate_next_item(result.model, model_batches, ks=ks)
+  counts = popularity.fit_item_counts(train_src, vocab.num_items)
+  pop_metrics = popularity.evaluate_popularity(counts, popularity_batches, ks=ks)
+  metrics = dict(model_metrics)
+  metrics.update({f"popularity/{k}": v for k, v in pop_metrics.items()})
+  if result.history:
+    metrics["train/final_loss"] = result.history[-1]["loss"]
+  summary = {
+      "config_name": config.name, "job": config.job, "metrics": metrics,
+      "trainable_params": result.trainable_params, "total_params": result.total_params,
+      "steps": result.step, "resumed_from": result.resumed_from,
+      "wall_time_sec": time.perf_counter() - start_time,
+      "train_loop_sec": result.wall_time, "dataset": {
+          "path": prepared, "protocol": config.data.protocol,
+          "num_items": vocab.num_items, "statistics": stats},
+      "history": result.history, "evals": result.evals, "devices": jax.device_count(),
+  }
+  return model_metrics, pop_metrics, summary
