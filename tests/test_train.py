@@ -180,3 +180,33 @@ def test_incompatible_and_corrupt_checkpoints_are_clear_errors(tmp_path):
 
 def dataclass_replace(cfg, **kw):
   return dataclasses.replace(cfg, **kw)
+
+
+def test_lr_mults_scale_exactly_the_matched_updates():
+  """A rule multiplies the update of the parameters it matches and leaves the rest alone."""
+  model = make_model()
+  grads = jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))
+  base = train_step_lib.OptimConfig(learning_rate=1e-2, num_steps=10, warmup=0,
+                                    weight_decay=0.0, grad_clip=0.0)
+  scaled = dataclasses.replace(base, lr_mults=(("down/bias$", 7.0),))
+  params = nnx.state(model, nnx.Param)
+  plain_tx, mult_tx = train_step_lib.make_tx(base), train_step_lib.make_tx(scaled)
+  plain, _ = plain_tx.update(grads, plain_tx.init(params), params)
+  mult, _ = mult_tx.update(grads, mult_tx.init(params), params)
+  plain, mult = nnx.to_pure_dict(plain), nnx.to_pure_dict(mult)
+  np.testing.assert_allclose(mult["down"]["bias"], 7.0 * plain["down"]["bias"], rtol=1e-6)
+  assert np.any(np.asarray(plain["down"]["bias"]) != 0)
+  for path in (("down", "kernel"), ("up", "kernel"), ("up", "bias")):
+    np.testing.assert_array_equal(mult[path[0]][path[1]], plain[path[0]][path[1]])
+
+
+def test_lr_mults_bad_rules_are_config_errors():
+  from user_llm_jax import config as config_lib
+  with pytest.raises(config_lib.ConfigError, match="lr_mults"):
+    config_lib.to_dataclass(trainer_lib.TrainConfig, {"lr_mults": (("gate", -1.0),)}, "train")
+  with pytest.raises(config_lib.ConfigError, match="does not compile"):
+    config_lib.to_dataclass(trainer_lib.TrainConfig, {"lr_mults": (("gate(", 2.0),)}, "train")
+  assert train_step_lib.param_path(
+      (jax.tree_util.DictKey("llm"), jax.tree_util.GetAttrKey("cross_attention"),
+       jax.tree_util.DictKey(0), jax.tree_util.DictKey("attn_gate"))) == (
+           "llm/cross_attention/0/attn_gate")

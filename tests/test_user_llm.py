@@ -321,3 +321,16 @@ def test_same_seed_same_model_and_bfloat16_dtypes():
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float32")}
   assert context.dtype == jnp.bfloat16
   assert logits.dtype == jnp.float32 and loss.dtype == jnp.float32
+
+
+def test_gate_lr_mult_rule_selects_exactly_the_gates(xattn_pair):
+  """The configs' `_gate$` rule picks the tanh gates of every block, and nothing else."""
+  from user_llm_jax.train import train_step as train_step_lib
+  model, _ = xattn_pair
+  mults = train_step_lib.lr_mult_tree(nnx.state(model, nnx.Param), (("_gate$", 50.0),))
+  leaves = jax.tree_util.tree_leaves_with_path(mults)
+  picked = sorted(train_step_lib.param_path(p) for p, m in leaves if m == 50.0)
+  blocks = sorted(model.llm.cross_attention.keys())
+  assert blocks
+  assert picked == sorted(f"llm/cross_attention/{b}/{g}" for b in blocks
+                          for g in ("attn_gate", "mlp_gate"))

@@ -111,6 +111,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.eval_every = 0
   config.train.checkpoint_every = 100
   config.train.keep_checkpoints = 1
+  # The zero-initialised tanh gates move ~lr per Adam step; without a larger rate they stay
+  # near 0 for a short run and the cross-attention blocks behind them barely learn.
+  config.train.lr_mults = (("_gate$", 100.0),)
 
   config.eval = ml_collections.ConfigDict()
   config.eval.num_examples = 200       # seeded sample of test records (<= 0: all)

@@ -11,6 +11,8 @@ resumed from a checkpoint replays exactly the same randomness as an uninterrupte
 from __future__ import annotations
 
 import dataclasses
+import logging
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -37,6 +39,11 @@ class OptimConfig:
     weight_decay: decoupled AdamW weight decay.
     grad_clip: global-norm gradient clipping threshold (<= 0 disables clipping).
     end_lr_fraction: final learning rate as a fraction of the peak.
+    lr_mults: `(regex, multiplier)` pairs (big_vision's `lr_mults`): a parameter whose
+      '/'-joined path matches a regex (`re.search`, first match wins) gets its learning
+      rate multiplied. Zero-initialised tanh gates need this: Adam moves a parameter by
+      about the learning rate per step, so a gate at lr 1e-4 is still ~0.01 after 100
+      steps and the whole bridge behind it barely receives gradient.
   """
 
   learning_rate: float = 1e-3
@@ -45,6 +52,18 @@ class OptimConfig:
   weight_decay: float = 0.01
   grad_clip: float = 1.0
   end_lr_fraction: float = 0.0
+  lr_mults: tuple[tuple[str, float], ...] = ()
+
+  def __post_init__(self):
+    for rule in self.lr_mults:
+      if (not isinstance(rule, (tuple, list)) or len(rule) != 2
+          or not isinstance(rule[0], str) or isinstance(rule[1], bool)
+          or not isinstance(rule[1], (int, float)) or not rule[1] > 0):
+        raise ValueError(f"train.lr_mults entries must be (regex, multiplier > 0), got {rule!r}")
+      try:
+        re.compile(rule[0])
+      except re.error as e:
+        raise ValueError(f"train.lr_mults regex {rule[0]!r} does not compile: {e}") from e
 
 
 def make_schedule(cfg: OptimConfig) -> optax.Schedule:
@@ -56,12 +75,71 @@ def make_schedule(cfg: OptimConfig) -> optax.Schedule:
       end_value=cfg.learning_rate * cfg.end_lr_fraction)
 
 
+def param_path(path: tuple[Any, ...]) -> str:
+  """'/'-joined names of a pytree key path, e.g. 'llm/cross_attention/0/attn_gate'."""
+  names = []
+  # A flattened nnx.Variable adds a trailing attribute key ('value'); it is not a name.
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name in (
+      "value", "raw_value"):
+    path = path[:-1]
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        names.append(str(getattr(k, attr)))
+        break
+    else:
+      names.append(str(k))
+  return "/".join(names)
+
+
+def lr_mult_tree(params: Any, rules: tuple[tuple[str, float], ...]) -> Any:
+  """Per-leaf learning-rate multipliers of `params` (1.0 where no rule matches)."""
+  compiled = [(re.compile(pattern), float(mult)) for pattern, mult in rules]
+
+  def mult(path, _):
+    name = param_path(path)
+    for pattern, m in compiled:
+      if pattern.search(name):
+        return m
+    return 1.0
+
+  return jax.tree_util.tree_map_with_path(mult, params)
+
+
+def scale_by_lr_mults(rules: tuple[tuple[str, float], ...]) -> optax.GradientTransformation:
+  """Multiplies each update by its parameter's `lr_mults` multiplier (paths from `params`)."""
+
+  def init_fn(params):
+    # Checked once, eagerly: a rule that selects no trainable parameter is most likely a typo
+    # (or a job without that module, e.g. the text baseline has no gates), so say so.
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    for pattern, mult in rules:
+      hits = [param_path(p) for p, _ in leaves if re.search(pattern, param_path(p))]
+      if hits:
+        logging.info("lr_mults %r x%g: %d parameters (%s ...)", pattern, mult, len(hits),
+                     hits[0])
+      else:
+        logging.warning("lr_mults %r matches no trainable parameter", pattern)
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    del params
+    mults = lr_mult_tree(updates, rules)
+    updates = jax.tree.map(lambda u, m: u if m == 1.0 else u * jnp.asarray(m, u.dtype),
+                           updates, mults)
+    return updates, state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def make_tx(cfg: OptimConfig) -> optax.GradientTransformation:
-  """Clip by global norm, then AdamW on the warmup-cosine schedule."""
+  """Clip by global norm, AdamW on the warmup-cosine schedule, then the `lr_mults`."""
   parts = []
   if cfg.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip))
   parts.append(optax.adamw(make_schedule(cfg), weight_decay=cfg.weight_decay))
+  if cfg.lr_mults:
+    parts.append(scale_by_lr_mults(tuple(tuple(r) for r in cfg.lr_mults)))
   return optax.chain(*parts)
 
 

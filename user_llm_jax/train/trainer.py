@@ -46,6 +46,8 @@ class TrainConfig:
     eval_every: steps between evaluations (<= 0: only at the end).
     checkpoint_every: steps between checkpoints (the last step is always saved).
     keep_checkpoints: how many of the latest checkpoints to keep.
+    lr_mults: `(regex, multiplier)` learning-rate multipliers by parameter path
+      (see `train_step.OptimConfig`).
   """
 
   batch_size: int = 128
@@ -58,6 +60,7 @@ class TrainConfig:
   eval_every: int = 500
   checkpoint_every: int = 500
   keep_checkpoints: int = 3
+  lr_mults: tuple = ()
 
   def __post_init__(self):
     for name in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -67,11 +70,13 @@ class TrainConfig:
       raise ValueError(f"train.learning_rate must be positive, got {self.learning_rate}")
     if self.warmup < 0:
       raise ValueError(f"train.warmup must be >= 0, got {self.warmup}")
+    self.optim()  # validates lr_mults
 
   def optim(self) -> train_step_lib.OptimConfig:
     return train_step_lib.OptimConfig(
         learning_rate=self.learning_rate, num_steps=self.num_steps, warmup=self.warmup,
-        weight_decay=self.weight_decay, grad_clip=self.grad_clip)
+        weight_decay=self.weight_decay, grad_clip=self.grad_clip,
+        lr_mults=tuple(tuple(r) for r in self.lr_mults))
 
 
 @dataclasses.dataclass
