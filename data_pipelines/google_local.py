@@ -29,16 +29,15 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
-from data_pipelines.amazon import (FORMAT_JSON, ReviewColumns, clean_text, iter_records,
-                                   missing_field, missing_reason, name_list, rating_reason,
-                                   review_chunks, sniff_format)
-from data_pipelines.readers import BadLineTracker, EventChunk, Reader
+from data_pipelines import jsonl
+from data_pipelines.jsonl import (ReviewColumns, clean_text, missing_field, missing_reason,
+                                  name_list, rating_reason)
+from data_pipelines.readers import BadLineTracker
 from data_pipelines.records import BadInputError, RawEvent, RawItem
 
 RATING_VALUES = (1.0, 2.0, 3.0, 4.0, 5.0)
@@ -88,21 +87,10 @@ def discover(manual_dir: str, states: Sequence[str] | None = None,
     raise FileNotFoundError(
         f"no Google Local review file in {manual_dir!r}: expected review-<State>.json.gz "
         "or review-<State>_10.json.gz (with meta-<State>.json.gz)")
-  if states:
-    unknown = sorted(set(states) - set(reviews))
-    if unknown:
-      raise FileNotFoundError(
-          f"Google Local states {unknown} not found in {manual_dir!r}; found: "
-          f"{', '.join(sorted(reviews))}")
   out = []
-  for state in sorted(states or reviews):
-    found = reviews[state]
-    if subset != "auto":
-      found = [f for f in found if f[1] == (subset == "10core")]
-      if not found:
-        raise FileNotFoundError(f"no {subset} review file for Google Local state {state!r}")
-    elif any(core for _, core in found):
-      found = [f for f in found if f[1]]
+  for state, found in jsonl.select_groups(reviews, states, subset, core="10core",
+                                          what=("Google Local state", "Google Local states"),
+                                          manual_dir=manual_dir):
     if len(found) > 1 or len(metas[state]) > 1:
       raise BadInputError(
           f"Google Local state {state!r} has several files "
@@ -148,7 +136,7 @@ def business_categories(value) -> tuple[str, ...]:
   return tuple(dict.fromkeys(n for n in names if n))
 
 
-class GoogleLocalReader(Reader):
+class GoogleLocalReader(jsonl.ReviewDumpReader):
   """Reads one or several states of the Google Local Review dump from `manual_dir`.
 
   Options:
@@ -164,77 +152,33 @@ class GoogleLocalReader(Reader):
   name = "google_local"
   rating_values = RATING_VALUES
   has_text = True
+  columns = COLUMNS
+  to_event = staticmethod(review_to_event)
 
   def __init__(self, manual_dir, *, tracker: BadLineTracker | None = None,
                states: Sequence[str] | str | None = None, subset: str = "auto",
                **options):
     super().__init__(manual_dir, tracker=tracker, **options)
-    states = name_list(states)
-    self.files = discover(self.manual_dir, states, subset)
-    self.counts: collections.Counter = collections.Counter()
+    self.files = discover(self.manual_dir, name_list(states), subset)
 
-  def events(self) -> Iterator[RawEvent]:
-    row = 0
-    for shard in range(self.num_event_shards()):
-      for event in self.shard_events(shard, first_row=row):
-        yield event
-        row = event.row + 1
+  def meta_to_item(self, record: dict) -> RawItem | str:
+    if (gmap_id := record.get("gmap_id")) is None:
+      return "missing required field 'gmap_id'"
+    title = clean_text(record.get("name"))
+    if not title:
+      self.counts["meta_records_without_name"] += 1
+    cats = business_categories(record.get("category"))
+    if not cats:
+      self.counts["meta_records_without_category"] += 1
+    return RawItem(item=str(gmap_id), title=title, categories=cats)
 
-  def event_chunks(self, chunk_size: int = 1 << 16) -> Iterator[EventChunk]:
-    """Columnar events through pyarrow's JSON parser (same result as `events()`)."""
-    for shard, f in enumerate(self.files):
-      if sniff_format(f.reviews) == FORMAT_JSON:
-        yield from review_chunks(f.reviews, self.tracker, COLUMNS, review_to_event,
-                                 self.counts, block_lines=chunk_size)
-        continue
-      events = self.shard_events(shard)  # Python-literal lines: parsed one by one.
-      while batch := list(itertools.islice(events, chunk_size)):
-        yield EventChunk.from_events(batch, self.has_text)
+  def warn_no_meta(self, files: StateFiles) -> None:
+    self.counts["states_without_meta_file"] += 1
+    logging.warning("Google Local state %s has no meta-%s.json.gz: titles fall back "
+                    "to gmap_ids and businesses have no category", files.state, files.state)
 
-  def num_event_shards(self) -> int:
-    """Independent pieces of `events()` (one per review file), for parallel readers."""
-    return len(self.files)
-
-  def shard_events(self, shard: int, first_row: int = 0) -> Iterator[RawEvent]:
-    """The events of review file `shard`; `events()` is all shards in order."""
-    path, row = self.files[shard].reviews, first_row
-    for lineno, record in iter_records(path, self.tracker):
-      event = review_to_event(record, row)
-      if isinstance(event, str):
-        self.tracker.bad(path, lineno, event)
-        continue
-      if not event.review_text:
-        self.counts["reviews_without_text"] += 1
-      yield event
-      row += 1
-
-  def items(self) -> Iterator[RawItem]:
-    for f in self.files:
-      if f.meta is None:
-        self.counts["states_without_meta_file"] += 1
-        logging.warning("Google Local state %s has no meta-%s.json.gz: titles fall back "
-                        "to gmap_ids and businesses have no category", f.state, f.state)
-        continue
-      for lineno, record in iter_records(f.meta, self.tracker):
-        if (gmap_id := record.get("gmap_id")) is None:
-          self.tracker.bad(f.meta, lineno, "missing required field 'gmap_id'")
-          continue
-        title = clean_text(record.get("name"))
-        if not title:
-          self.counts["meta_records_without_name"] += 1
-        cats = business_categories(record.get("category"))
-        if not cats:
-          self.counts["meta_records_without_category"] += 1
-        yield RawItem(item=str(gmap_id), title=title, categories=cats)
-
-  def source_files(self) -> list[str]:
-    return [p for f in self.files for p in (f.reviews, f.meta) if p]
-
-  def describe(self) -> dict:
-    out = super().describe()
-    out["states"] = {
+  def describe_files(self) -> dict:
+    return {"states": {
         f.state: {"ten_core": f.ten_core,
                   "meta": os.path.basename(f.meta) if f.meta else None}
-        for f in self.files}
-    out["reader_counts"] = dict(self.counts)
-    return out
+        for f in self.files}}
