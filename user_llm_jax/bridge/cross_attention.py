@@ -103,13 +103,35 @@ class Attention(nnx.Module):
         in_init(rngs.params(), (context_width, num_heads, head_dim), param_dtype))
     self.o_proj = nnx.Param(out_init(rngs.params(), (num_heads, head_dim, width), param_dtype))
 
-  def __call__(self, x: jax.Array, context: jax.Array, context_mask: jax.Array) -> jax.Array:
-    """x [B,T,D], context [B,S,C], context_mask [B,S] bool -> [B,T,D]."""
-    x, context = x.astype(self.dtype), context.astype(self.dtype)
-    q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(self.dtype))
-    q = q * jnp.asarray(self.head_dim ** -0.5, self.dtype)
+  def context_kv(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Keys and values of the context: [B,S,C] -> (k [B,S,N,H], v [B,S,N,H]).
+
+    They depend on the context alone, so a decoder computes them once per prompt and
+    reuses them at every generated token (see `Decoder.precompute_context`).
+    """
+    context = context.astype(self.dtype)
     k = jnp.einsum("BSD,DNH->BSNH", context, self.k_proj[...].astype(self.dtype))
     v = jnp.einsum("BSD,DNH->BSNH", context, self.v_proj[...].astype(self.dtype))
+    return k, v
+
+  def __call__(self, x: jax.Array, context: jax.Array | None, context_mask: jax.Array, *,
+               context_kv: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    """x [B,T,D] attends to context [B,S,C] (or its precomputed keys/values) -> [B,T,D].
+
+    Args:
+      x: queries [B, T, D].
+      context: [B, S, C], or None when `context_kv` is given.
+      context_mask: [B, S] bool, True for keys that may be attended.
+      context_kv: `context_kv(context)` computed earlier; used instead of `context`.
+    """
+    x = x.astype(self.dtype)
+    q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(self.dtype))
+    q = q * jnp.asarray(self.head_dim ** -0.5, self.dtype)
+    if context_kv is None:
+      if context is None:
+        raise ValueError("cross-attention needs `context` or `context_kv`")
+      context_kv = self.context_kv(context)
+    k, v = (t.astype(self.dtype) for t in context_kv)  # [B,S,N,H] each
     out = masked_attention(q, k, v, context_mask)  # [B,T,N,H]
     return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(self.dtype))
 
@@ -166,26 +188,46 @@ class GatedCrossAttention(nnx.Module):
     self.attn_gate = nnx.Param(gate(rngs.params(), (), param_dtype))
     self.mlp_gate = nnx.Param(gate(rngs.params(), (), param_dtype))
 
-  def __call__(self, x: jax.Array, context: jax.Array,
-               context_mask: jax.Array | None = None) -> jax.Array:
+  def context_kv(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Keys/values of this block for user embeddings [B,E,C] -> ([B,E,N,H], [B,E,N,H]).
+
+    Applies the block's context LayerNorm, then the key/value projections: everything of
+    the block that depends on the context alone, computed once per prompt when decoding.
+    """
+    return self.attn.context_kv(self.context_norm(context))
+
+  def __call__(self, x: jax.Array, context: jax.Array | None = None,
+               context_mask: jax.Array | None = None, *,
+               context_kv: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """Applies the block.
 
     Args:
       x: text hidden states [B, T, D].
-      context: user embeddings [B, E, C] (events or Perceiver latents).
+      context: user embeddings [B, E, C] (events or Perceiver latents); may be None when
+        `context_kv` is given.
       context_mask: [B, E] bool, True for real embeddings; None means all valid.
+      context_kv: `self.context_kv(context)` computed earlier (k, v [B, E, N, H]); the
+        result is the same as passing `context`, without re-projecting it.
 
     Returns:
       Updated hidden states [B, T, D] in `x.dtype`.
     """
+    if context_kv is not None:
+      events = context_kv[0].shape[:2]
+    elif context is not None:
+      events = context.shape[:2]
+    else:
+      raise ValueError("cross-attention needs `context` [B,E,C] or `context_kv`")
     if context_mask is None:
-      context_mask = jnp.ones(context.shape[:2], bool)
-    if context.shape[0] != x.shape[0] or context_mask.shape != context.shape[:2]:
+      context_mask = jnp.ones(events, bool)
+    if events[0] != x.shape[0] or context_mask.shape != events:
       raise ValueError(
-          f"cross-attention: text {x.shape}, context {context.shape} and context_mask "
-          f"{context_mask.shape} must share the batch and event axes ([B,T,D], [B,E,C], [B,E])")
-    ctx = self.context_norm(context)
-    attn = self.attn(self.attn_norm(x), ctx, context_mask)  # [B,T,D]
+          f"cross-attention: text {x.shape}, context {events} (batch, events) and "
+          f"context_mask {context_mask.shape} must share the batch and event axes "
+          "([B,T,D], [B,E,...], [B,E])")
+    if context_kv is None:
+      context_kv = self.context_kv(context)
+    attn = self.attn(self.attn_norm(x), None, context_mask, context_kv=context_kv)  # [B,T,D]
     gate_a = jnp.tanh(self.attn_gate[...]).astype(x.dtype)
     x = x + gate_a * attn.astype(x.dtype)
     ffn = self.mlp(self.mlp_norm(x))  # [B,T,D]

@@ -184,6 +184,22 @@ def beam_search(step_fn: StepFn, cache: Any, first_logits: jax.Array, *, beam_si
 # -- wiring to the Decoder ----------------------------------------------------------------
 
 
+def reorder_beams(state: sampler_lib.DecodeState, rows: jax.Array,
+                  ) -> sampler_lib.DecodeState:
+  """`reorder_state` for beam search: gathers rows, sharing the cross-attention context.
+
+  Every beam's parent is a beam of the same prompt (`beam_search` picks parents within a
+  prompt), and all beams of a prompt hold identical cross-attention keys/values. So once
+  the context has been tiled to the N beam rows (the first call, from B prompt rows), a
+  reorder leaves it where it is instead of gathering [N, E, N, H] per block every step.
+  """
+  context = state.context
+  if context is not None and context.mask.shape[0] == rows.shape[0]:
+    state = state.replace(context=None)
+    return sampler_lib.reorder_state(state, rows).replace(context=context)
+  return sampler_lib.reorder_state(state, rows)
+
+
 @functools.partial(jax.jit, static_argnums=0,
                    static_argnames=("cache_length", "beam_size", "max_steps", "stop_tokens",
                                     "length_penalty", "pad_id"))
@@ -196,7 +212,7 @@ def _beam_jit(graphdef, params, tokens, prompt_mask, inputs_embeds, context, con
                                       context_mask=context_mask)
   return beam_search(functools.partial(sampler_lib.decode_step, model), state, logits,
                      beam_size=beam_size, max_steps=max_steps, stop_tokens=stop_tokens,
-                     constraint=constraint, reorder_fn=sampler_lib.reorder_state,
+                     constraint=constraint, reorder_fn=reorder_beams,
                      length_penalty=length_penalty, pad_id=pad_id)
 
 
@@ -254,8 +270,9 @@ def _score_chunk(graphdef, params, first_logits, state, cand, cand_len):
   slot = jnp.arange(s)[None, :]                                            # [1, S]
   new = (slot >= t0) & (slot - t0 <= jnp.arange(length)[:, None])          # [L, S] causal
   mask = state.slot_valid[:, None, :] | new[None]                          # [C, L, S]
+  # The prompt's cross-attention keys/values come projected from the prefill.
   logits, _ = model(cand, positions=positions, attention_mask=mask, cache=state.cache,
-                    context=state.context, context_mask=state.context_mask)
+                    context=state.context)
   # Token i is predicted by position i - 1; token 0 by the end of the prompt.
   pred = jnp.concatenate([jnp.broadcast_to(first_logits[:, None], (c, 1, logits.shape[-1])),
                           logits[:, :-1]], axis=1)                         # [C, L, V]

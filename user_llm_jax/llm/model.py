@@ -31,6 +31,9 @@ from user_llm_jax.llm.config import LlmConfig
 from user_llm_jax.llm.layers import Attention, Einsum, Mlp, RMSNorm, sharded_init
 
 _ACT = ("batch", "length", "embed")  # logical axes of the residual stream [B,T,D]
+# Logical axes of cached cross-attention keys/values [B,E,N,H] (E user embeddings are
+# replicated like a sequence axis).
+_CONTEXT_KV = ("batch", "length", "heads", "head_dim")
 
 
 @flax.struct.dataclass
@@ -50,6 +53,31 @@ class KVCache:
   @property
   def max_length(self) -> int:
     return self.k.shape[2]
+
+
+@flax.struct.dataclass
+class CrossContext:
+  """User context of the cross-attention blocks, projected once per prompt.
+
+  Every block's keys/values depend on the context alone, so decoding computes them once
+  at prefill (`Decoder.precompute_context`) and every generated token (and every beam)
+  reuses them instead of re-applying the context LayerNorm and K/V projections.
+
+  Attributes:
+    k: {block key: [B,E,N,H] keys} for the blocks that expose `context_kv`.
+    v: {block key: [B,E,N,H] values}, same keys as `k`.
+    mask: [B,E] bool, True for real (non-padding) user embeddings.
+    raw: [B,E,C] the raw context, kept only for blocks without `context_kv` (which are
+      called with it as before); None otherwise.
+  """
+  k: dict[str, jax.Array]
+  v: dict[str, jax.Array]
+  mask: jax.Array
+  raw: jax.Array | None = None
+
+  def take(self, rows: jax.Array) -> "CrossContext":
+    """Rows [N] of every tensor (all have the batch on axis 0): beams, tiling."""
+    return jax.tree.map(lambda x: x[rows], self)
 
 
 class Embedder(nnx.Module):
@@ -103,7 +131,9 @@ class Decoder(nnx.Module):
     cross_attention: `nnx.Dict` of blocks `block(x [B,T,D], context [B,E,D],
       context_mask [B,E]) -> x [B,T,D]`; the block under key str(i) runs before decoder
       layer i (key str(num_layers) runs after the last layer, before the final norm).
-      Called only when `context` is given. Empty by default.
+      Called only when `context` is given. Empty by default. A block may also expose
+      `context_kv(context) -> (k, v)` and accept `context_kv=(k, v)` in place of the
+      context (`GatedCrossAttention` does); `precompute_context` then caches its k/v.
   """
 
   def __init__(self, cfg: LlmConfig, *, rngs: nnx.Rngs):
@@ -125,6 +155,47 @@ class Decoder(nnx.Module):
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    end_index=jnp.zeros((), jnp.int32))
 
+  def precompute_context(self, context: jax.Array,
+                         context_mask: jax.Array | None = None) -> CrossContext:
+    """Projects the user context once for every cross-attention block.
+
+    Args:
+      context: [B,E,C] user embeddings.
+      context_mask: [B,E] bool (None: all valid).
+
+    Returns:
+      A `CrossContext` that `__call__` accepts as `context` with the same results as the
+      raw arrays, without recomputing the keys/values.
+    """
+    if context_mask is None:
+      context_mask = jnp.ones(context.shape[:2], jnp.bool_)
+    if context_mask.shape != context.shape[:2]:
+      raise ValueError(f"context_mask shape {context_mask.shape} != context (B, E) "
+                       f"{context.shape[:2]}")
+    ks, vs, raw = {}, {}, None
+    for key, block in self.cross_attention.items():
+      if hasattr(block, "context_kv"):
+        k, v = block.context_kv(context)  # [B,E,N,H] each
+        ks[key] = sharding.with_logical_constraint(k, _CONTEXT_KV)
+        vs[key] = sharding.with_logical_constraint(v, _CONTEXT_KV)
+      else:
+        raw = context
+    mask = sharding.with_logical_constraint(context_mask.astype(jnp.bool_), ("batch", "length"))
+    return CrossContext(k=ks, v=vs, mask=mask, raw=raw)
+
+  def _cross(self, key: str, x: jax.Array, context: jax.Array | CrossContext,
+             context_mask: jax.Array) -> jax.Array:
+    """Runs block `key` on raw context arrays or on a `CrossContext`."""
+    block = self.cross_attention[key]
+    if not isinstance(context, CrossContext):
+      return block(x, context, context_mask)
+    if key in context.k:
+      return block(x, None, context.mask, context_kv=(context.k[key], context.v[key]))
+    if context.raw is None:
+      raise ValueError(f"CrossContext holds no keys/values for cross-attention block {key!r} "
+                       "(built for a different decoder?)")
+    return block(x, context.raw, context.mask)
+
   def embed(self, tokens: jax.Array) -> jax.Array:
     """Token embeddings [B,T] -> [B,T,D] (Llama does not scale them)."""
     return self.embedder.encode(tokens)
@@ -139,7 +210,7 @@ class Decoder(nnx.Module):
                attention_mask: jax.Array | None = None,
                cache: KVCache | None = None,
                inputs_embeds: jax.Array | None = None,
-               context: jax.Array | None = None,
+               context: jax.Array | CrossContext | None = None,
                context_mask: jax.Array | None = None,
                return_hidden: bool = False,
                ) -> tuple[jax.Array, KVCache | None]:
@@ -152,8 +223,10 @@ class Decoder(nnx.Module):
         (S = T without a cache, the cache length with one). None -> causal.
       cache: KV cache; the new keys/values are written at [end_index, end_index + T).
       inputs_embeds: [B,T,D] embeddings used instead of `embed(tokens)` (soft prompts).
-      context: [B,E,D] user embeddings read by the cross-attention blocks.
-      context_mask: [B,E] bool, True for real (non-padding) user embeddings.
+      context: [B,E,D] user embeddings read by the cross-attention blocks, or their
+        `precompute_context` (decoding: projected once, reused at every step).
+      context_mask: [B,E] bool, True for real (non-padding) user embeddings (ignored for
+        a `CrossContext`, which carries its own mask).
       return_hidden: return the final-normed hidden states [B,T,D] in place of the
         logits (for chunked losses or scoring without materialising [B,T,V]).
 
@@ -178,18 +251,22 @@ class Decoder(nnx.Module):
     if attention_mask.shape != (b, t, expected_s):
       raise ValueError(f"attention_mask shape {attention_mask.shape} != (B, T, S) "
                        f"{(b, t, expected_s)}")
-    if context is not None and context_mask is None:
+    if isinstance(context, CrossContext):
+      if context.mask.shape[0] != b:
+        raise ValueError(f"CrossContext batch {context.mask.shape[0]} != text batch {b}")
+      context_mask = context.mask
+    elif context is not None and context_mask is None:
       context_mask = jnp.ones(context.shape[:2], jnp.bool_)
 
     kv = (cache.k, cache.v) if cache is not None else None
     for i, layer in enumerate(self.layers):
       if context is not None and str(i) in self.cross_attention:
         x = sharding.with_logical_constraint(
-            self.cross_attention[str(i)](x, context, context_mask), _ACT)
+            self._cross(str(i), x, context, context_mask), _ACT)
       x, kv = layer(x, positions, attention_mask, kv, end_index, i)
     last = str(len(self.layers))
     if context is not None and last in self.cross_attention:
-      x = self.cross_attention[last](x, context, context_mask)
+      x = self._cross(last, x, context, context_mask)
     x = self.final_norm(x)
 
     new_cache = None

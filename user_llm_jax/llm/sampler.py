@@ -8,6 +8,8 @@ slot T + i with position len_b + i. `DecodeState` carries everything a step need
 valid slots, next positions, cross-attention context), so the same `prefill` /
 `decode_step` functions serve the sampler, beam search and the User-LLM bridges (which
 prefill with `inputs_embeds` for a soft prompt or pass `context` for cross-attention).
+The cross-attention context is projected to per-block keys/values once, at prefill
+(`Decoder.precompute_context`); decode steps and beams reuse that `CrossContext`.
 
 Sampling: greedy (temperature 0), or temperature with optional top-k and top-p, with a
 fixed seed. Constrained decoding goes through a `Constraint` (e.g. `trie.TrieArrays`, or
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from user_llm_jax.llm.model import Decoder, KVCache
+from user_llm_jax.llm.model import CrossContext, Decoder, KVCache
 
 NEG_INF = -jnp.inf
 
@@ -84,14 +86,13 @@ class DecodeState:
     cache: KV cache ([L, B, S, K, H]; `end_index` = next slot to write).
     slot_valid: [B, S] bool, cache slots holding real (non-padding) tokens.
     next_position: [B] int32 RoPE position of the next token.
-    context: [B, E, D] user embeddings for cross-attention, or None.
-    context_mask: [B, E] bool, or None.
+    context: the cross-attention user context with every block's keys/values already
+      projected (`Decoder.precompute_context`; mask included), or None.
   """
   cache: KVCache
   slot_valid: jax.Array
   next_position: jax.Array
-  context: jax.Array | None = None
-  context_mask: jax.Array | None = None
+  context: CrossContext | None = None
 
 
 @flax.struct.dataclass
@@ -139,7 +140,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, bucket: int = 1,
 
 def prefill(model: Decoder, tokens: jax.Array | None, prompt_mask: jax.Array, *,
             cache_length: int, inputs_embeds: jax.Array | None = None,
-            context: jax.Array | None = None, context_mask: jax.Array | None = None,
+            context: jax.Array | CrossContext | None = None,
+            context_mask: jax.Array | None = None,
             ) -> tuple[jax.Array, DecodeState]:
   """Runs the (left-padded) prompt through the model into a fresh cache.
 
@@ -149,8 +151,9 @@ def prefill(model: Decoder, tokens: jax.Array | None, prompt_mask: jax.Array, *,
     prompt_mask: [B, T] bool, True on real prompt positions (padding on the left).
     cache_length: S >= T + number of tokens to decode.
     inputs_embeds: [B, T, D] prompt embeddings (soft prompt merged by the caller).
-    context: [B, E, D] cross-attention context, kept in the state for decoding.
-    context_mask: [B, E] bool.
+    context: [B, E, D] cross-attention context (or its `CrossContext`); projected once
+      here and kept in the state, so decode steps do not recompute its keys/values.
+    context_mask: [B, E] bool (ignored for a `CrossContext`).
 
   Returns:
     (logits [B, V] float32 for the first new token, DecodeState).
@@ -164,13 +167,14 @@ def prefill(model: Decoder, tokens: jax.Array | None, prompt_mask: jax.Array, *,
   causal = jnp.arange(cache_length)[None, :] <= jnp.arange(t)[:, None]          # [T, S]
   mask = causal[None] & slot_valid[:, None, :]                                   # [B, T, S]
   cache = model.init_cache(b, cache_length)
+  if context is not None and not isinstance(context, CrossContext):
+    context = model.precompute_context(context, context_mask)
   hidden, cache = model(tokens, positions=positions, attention_mask=mask, cache=cache,
-                        inputs_embeds=inputs_embeds, context=context,
-                        context_mask=context_mask, return_hidden=True)
+                        inputs_embeds=inputs_embeds, context=context, return_hidden=True)
   logits = model.head(hidden[:, -1:])[:, 0]  # [B, V]; only the last position is needed
   state = DecodeState(cache=cache, slot_valid=slot_valid,
                       next_position=prompt_mask.sum(-1).astype(jnp.int32),
-                      context=context, context_mask=context_mask)
+                      context=context)
   return logits, state
 
 
@@ -181,18 +185,21 @@ def decode_step(model: Decoder, tokens: jax.Array, state: DecodeState,
   slot_valid = state.slot_valid.at[:, slot].set(True)  # [B, S]
   logits, cache = model(tokens[:, None], positions=state.next_position[:, None],
                         attention_mask=slot_valid[:, None, :], cache=state.cache,
-                        context=state.context, context_mask=state.context_mask)
+                        context=state.context)
   return logits[:, 0], state.replace(cache=cache, slot_valid=slot_valid,
                                      next_position=state.next_position + 1)
 
 
 def reorder_state(state: DecodeState, rows: jax.Array) -> DecodeState:
-  """Gathers rows [N] of a DecodeState (beam reordering or tiling a prompt N times)."""
-  take = lambda x: None if x is None else x[rows]
+  """Gathers rows [N] of a DecodeState (beam reordering or tiling a prompt N times).
+
+  The cached cross-attention keys/values and mask follow their rows, so beams never
+  re-project the user context.
+  """
   cache = state.cache.replace(k=state.cache.k[:, rows], v=state.cache.v[:, rows])
   return DecodeState(cache=cache, slot_valid=state.slot_valid[rows],
                      next_position=state.next_position[rows],
-                     context=take(state.context), context_mask=take(state.context_mask))
+                     context=None if state.context is None else state.context.take(rows))
 
 
 def sample_logits(logits: jax.Array, rng: jax.Array, *, temperature: float = 0.0,
