@@ -261,20 +261,26 @@ class MovieLensReader(Reader):
           continue
         yield from self._make_item(path, reader.line_num, *fields)
 
-  def _items_dat(self) -> Iterator[RawItem]:
-    path = self.movies_path
-    with open(path, encoding="latin-1", newline="") as f:
+  def _movie_lines(self, separator: str) -> Iterator[tuple[int, list[str]]]:
+    """(1-based line number, fields) of each non-blank line of a latin-1 movies file.
+
+    Every line, blank or not, counts in the tracker.
+    """
+    with open(self.movies_path, encoding="latin-1", newline="") as f:
       for line_no, raw in enumerate(f, 1):
         self.tracker.count_lines()
         text = raw.rstrip("\r\n")
-        if not text:
-          continue
-        fields = text.split("::")
-        if len(fields) != 3:
-          self.tracker.bad(path, line_no,
-                           f"expected 3 '::'-separated fields, found {len(fields)}")
-          continue
-        yield from self._make_item(path, line_no, *fields)
+        if text:
+          yield line_no, text.split(separator)
+
+  def _items_dat(self) -> Iterator[RawItem]:
+    path = self.movies_path
+    for line_no, fields in self._movie_lines("::"):
+      if len(fields) != 3:
+        self.tracker.bad(path, line_no,
+                         f"expected 3 '::'-separated fields, found {len(fields)}")
+        continue
+      yield from self._make_item(path, line_no, *fields)
 
   def _ml100k_genres(self) -> tuple[str, ...]:
     path = os.path.join(self.directory, "u.genre")
@@ -298,20 +304,14 @@ class MovieLensReader(Reader):
     path = self.movies_path
     genres = self._ml100k_genres()
     expected = 5 + len(genres)
-    with open(path, encoding="latin-1", newline="") as f:
-      for line_no, raw in enumerate(f, 1):
-        self.tracker.count_lines()
-        text = raw.rstrip("\r\n")
-        if not text:
-          continue
-        fields = text.split("|")
-        if len(fields) != expected or any(x not in ("0", "1") for x in fields[5:]):
-          self.tracker.bad(path, line_no,
-                           f"expected {expected} '|'-separated fields ending in "
-                           f"{len(genres)} 0/1 genre flags, found {len(fields)} fields")
-          continue
-        names = "|".join(g for g, flag in zip(genres, fields[5:]) if flag == "1")
-        yield from self._make_item(path, line_no, fields[0], fields[1], names)
+    for line_no, fields in self._movie_lines("|"):
+      if len(fields) != expected or any(x not in ("0", "1") for x in fields[5:]):
+        self.tracker.bad(path, line_no,
+                         f"expected {expected} '|'-separated fields ending in "
+                         f"{len(genres)} 0/1 genre flags, found {len(fields)} fields")
+        continue
+      names = "|".join(g for g, flag in zip(genres, fields[5:]) if flag == "1")
+      yield from self._make_item(path, line_no, fields[0], fields[1], names)
 
   def _make_item(self, path: str, line_no: int, movie_id: str, title: str,
                  genres: str) -> Iterator[RawItem]:
