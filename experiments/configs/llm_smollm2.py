@@ -15,6 +15,8 @@ Variants: '' (SmolLM2 from the wheel), 'smoke' (random LLM_TINY with byte tokens
 
 import ml_collections
 
+from experiments.configs import common
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config; `arg` selects a variant ('' or None: default, 'smoke')."""
@@ -29,10 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.llm.dtype = "float32"       # compute dtype; params are always stored in float32
   config.llm.cache_dir = ""          # Orbax cache of the imported LLM ('' -> WORKDIR/llm_cache)
 
-  config.mesh = ml_collections.ConfigDict()
-  config.mesh.shape = (1, -1, 1)     # (data, fsdp, tensor); -1 takes the remaining devices.
-  config.mesh.axis_names = ("data", "fsdp", "tensor")
-  config.mesh.rules = ()             # Empty: user_llm_jax.sharding.DEFAULT_RULES.
+  config.mesh = common.mesh_section(shape=(1, -1, 1))  # every device on the fsdp axis
 
   config.perplexity = ml_collections.ConfigDict()
   config.perplexity.text_file = ""   # or --text_file=FILE

@@ -18,9 +18,8 @@ Variants: '' (SmolLM2, CPU budget), 'smoke' (tiny random LLM and encoder, second
 
 import ml_collections
 
+from experiments.configs import common
 from experiments.configs import user_llm_movielens
-from user_llm_jax import config as config_lib
-from user_llm_jax.encoder import config as encoder_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -31,58 +30,33 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.report_generation = True
 
   # Synthetic data sized for the CPU budget; leave-last-out (the encoder's validation split).
-  config.data.protocol = "leave_last_out"
-  config.data.window = 50
-  config.data.synthetic.num_users = 1500
-  config.data.synthetic.num_items = 400
-  config.data.synthetic.events_per_user_mean = 60.0
+  config.data.update(protocol="leave_last_out", window=50)
+  config.data.synthetic.update(num_users=1500, num_items=400, events_per_user_mean=60.0)
 
   # Stage 2: encoder pretraining (a small, fast encoder).
   config.pretrain = ml_collections.ConfigDict()
-  config.pretrain.model = config_lib.dataclass_section(
-      encoder_config.EncoderConfig, exclude=user_llm_movielens.DATA_FIXED, preset="tiny")
-  config.pretrain.model.num_layers = 2
-  config.pretrain.model.width = 64
-  config.pretrain.model.num_heads = 2
-  config.pretrain.model.mlp_dim = 128
-  config.pretrain.model.feature_dim = 32
-  config.pretrain.model.dropout = 0.1
-  config.pretrain.train = ml_collections.ConfigDict()
-  config.pretrain.train.batch_size = 64
-  config.pretrain.train.num_steps = 300
-  config.pretrain.train.learning_rate = 3e-3
-  config.pretrain.train.warmup = 40
-  config.pretrain.train.weight_decay = 0.01
-  config.pretrain.train.grad_clip = 1.0
-  config.pretrain.train.log_every = 50
-  config.pretrain.train.eval_every = 0
-  config.pretrain.train.checkpoint_every = 200
-  config.pretrain.train.keep_checkpoints = 1
+  config.pretrain.model = common.encoder_model_section(
+      "tiny", num_layers=2, width=64, num_heads=2, mlp_dim=128, feature_dim=32, dropout=0.1)
+  config.pretrain.train = common.train_section(
+      batch_size=64, num_steps=300, learning_rate=3e-3, warmup=40, log_every=50,
+      eval_every=0, checkpoint_every=200, keep_checkpoints=1)
 
   # Stage 3: User-LLM, cross-attention every 5th of SmolLM2's 30 layers, Enc strategy.
   config.strategy = "enc"
   config.llm.source = "smollm2"
-  config.tasks.max_prompt_tokens = 40   # the fixed prompts are 36-38 SmolLM2 tokens
-  config.tasks.max_answer_tokens = 18   # titles "The Crimson Harbor 337 (1932)": <= 17 tokens
-  config.train.batch_size = 8
-  config.train.num_steps = 100
-  config.train.learning_rate = 5e-4
-  config.train.warmup = 10
-  config.train.log_every = 10
-  config.train.checkpoint_every = 50
-  config.train.keep_checkpoints = 1
+  config.tasks.update(max_prompt_tokens=40,   # the fixed prompts are 36-38 SmolLM2 tokens
+                      max_answer_tokens=18)   # titles "The Crimson Harbor 337 (1932)": <= 17
+  config.train.update(batch_size=8, num_steps=100, learning_rate=5e-4, warmup=10,
+                      log_every=10, checkpoint_every=50, keep_checkpoints=1)
 
   # Stage 4: the text-prompt baseline reads the last events within 256 tokens, zero-shot
   # (fine-tuning it on 300-token prompts does not fit the 15-minute CPU budget; the
   # user_llm_movielens config trains it with LoRA or Full under the same budget).
-  config.baseline.strategy = "zero_shot"
-  config.baseline.history_tokens = 256
+  config.baseline.update(strategy="zero_shot", history_tokens=256)
 
   # Evaluation: the same 40 seeded test users for every method; beam search (beam 10)
   # over the 400-title trie.
-  config.eval.num_examples = 40
-  config.eval.batch_size = 8
-  config.eval.exact_threshold = 100
+  config.eval.update(num_examples=40, batch_size=8, exact_threshold=100)
 
   variant = arg or ""
   if variant == "smoke":
@@ -90,25 +64,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     user_llm_movielens.apply_smoke(config)
     config.encoder.init = "pretrained"
     config.baseline.strategy = "zero_shot"
-    config.pretrain.model.num_layers = 1
-    config.pretrain.model.width = 32
-    config.pretrain.model.mlp_dim = 64
-    config.pretrain.model.feature_dim = 16
-    config.pretrain.model.dropout = 0.0
-    config.pretrain.train.batch_size = 16
-    config.pretrain.train.num_steps = 4
-    config.pretrain.train.warmup = 1
-    config.pretrain.train.log_every = 2
-    config.pretrain.train.checkpoint_every = 4
-    config.train.num_steps = 4
-    config.train.checkpoint_every = 4
+    config.pretrain.model.update(num_layers=1, width=32, mlp_dim=64, feature_dim=16,
+                                 dropout=0.0)
+    config.pretrain.train.update(batch_size=16, num_steps=4, warmup=1, log_every=2,
+                                 checkpoint_every=4)
+    config.train.update(num_steps=4, checkpoint_every=4)
     config.eval.num_examples = 3
   elif variant == "tpu":
     config.name = "main:tpu"
     user_llm_movielens.apply_tpu(config)
     config.pretrain.model.preset = "paper"
-    config.pretrain.train.batch_size = 128
-    config.pretrain.train.num_steps = 3000
+    config.pretrain.train.update(batch_size=128, num_steps=3000)
   elif variant:
     raise ValueError(f"unknown variant {variant!r} of main; known: '', 'smoke', 'tpu'")
   return config

@@ -27,15 +27,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config; `arg` selects a variant ('', 'smoke', 'tpu')."""
   config = user_llm_movielens.base_config()
   config.name = "user_llm_amazon"
-  config.data.dataset = "amazon"
-  config.data.manual_dir = "../shared/data/amazon/Gift_Cards"
-  config.data.protocol = "leave_last_out"
-  config.data.window = 20
-  config.data.max_categories = 3
-  config.tasks.names = ("review",)
-  config.tasks.review_field = "summary"
-  config.tasks.max_prompt_tokens = 56    # fixed ~39 tokens + the product name (<= 12 tokens)
-  config.tasks.max_answer_tokens = 16
+  config.data.update(dataset="amazon", manual_dir="../shared/data/amazon/Gift_Cards",
+                     protocol="leave_last_out", window=20, max_categories=3)
+  config.tasks.update(
+      names=("review",), review_field="summary",
+      max_prompt_tokens=56,   # fixed ~39 tokens + the product name (<= 12 tokens)
+      max_answer_tokens=16)
   config.baseline.history_tokens = 384
   config.train.num_steps = 200
   config.eval.num_examples = 100
@@ -44,17 +41,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if variant == "smoke":
     config.name = "user_llm_amazon:smoke"
     user_llm_movielens.apply_smoke(config)
-    config.data.manual_dir = "../shared/data/amazon/Gift_Cards"
-    config.data.window = 12
-    config.tasks.names = ("review",)
-    config.tasks.max_prompt_tokens = 200
-    config.tasks.max_answer_tokens = 16
+    config.data.update(manual_dir="../shared/data/amazon/Gift_Cards", window=12)
+    config.tasks.update(names=("review",), max_prompt_tokens=200, max_answer_tokens=16)
   elif variant == "tpu":
     config.name = "user_llm_amazon:tpu"
     user_llm_movielens.apply_tpu(config)
-    config.data.manual_dir = "../shared/data/amazon/Movies_and_TV"
-    config.data.protocol = "paper"
-    config.data.window = 50
+    config.data.update(manual_dir="../shared/data/amazon/Movies_and_TV", protocol="paper",
+                       window=50)
   elif variant:
     raise ValueError(f"unknown variant {variant!r} of user_llm_amazon; known: '', 'smoke', "
                      "'tpu'")

@@ -28,11 +28,7 @@ Ablations are overrides: --config.bridge.mode=soft_prompt, --config.bridge.use_p
 import ml_collections
 from ml_collections import config_dict
 
-from user_llm_jax import config as config_lib
-from user_llm_jax.encoder import config as encoder_config
-
-DATA_FIXED = ("num_items", "num_ratings", "num_categories", "num_time_buckets", "max_len",
-               "max_categories")
+from experiments.configs import common
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -42,26 +38,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.name = "user_llm_movielens"
   config.seed = 0
   config.strategy = "enc"          # full | lora | enc | proj
-
-  config.data = ml_collections.ConfigDict()
-  config.data.dataset = "movielens"
-  config.data.manual_dir = ""      # Empty: synthetic MovieLens-format data in WORKDIR/raw.
-  config.data.data_dir = ""        # Empty: WORKDIR/data.
-  config.data.protocol = "paper"
-  config.data.window = 50
-  config.data.max_categories = 10
-  config.data.worker_count = 0
-  config.data.synthetic = ml_collections.ConfigDict()
-  config.data.synthetic.num_users = 2000
-  config.data.synthetic.num_items = 1000
-  config.data.synthetic.events_per_user_mean = 80.0
-  config.data.synthetic.seed = 0
+  config.data = common.movielens_data_section(protocol="paper", window=50)
 
   config.encoder = ml_collections.ConfigDict()
   config.encoder.init = "pretrained"   # pretrained | random (ablation)
   config.encoder.workdir = ""          # encoder pretraining workdir (init=pretrained)
-  config.encoder.model = config_lib.dataclass_section(   # used when init=random
-      encoder_config.EncoderConfig, exclude=DATA_FIXED, preset="paper")
+  config.encoder.model = common.encoder_model_section("paper")  # used when init=random
 
   config.llm = ml_collections.ConfigDict()
   config.llm.source = "smollm2"    # smollm2 | random | path to .gguf / HF dir / Orbax dir
@@ -100,79 +82,44 @@ def base_config() -> ml_collections.ConfigDict:
   config.baseline.strategy = "lora"    # zero_shot | lora | full
   config.baseline.history_tokens = 512
 
-  config.train = ml_collections.ConfigDict()
-  config.train.batch_size = 8
-  config.train.num_steps = 300
-  config.train.learning_rate = 1e-4
-  config.train.warmup = 30
-  config.train.weight_decay = 0.0
-  config.train.grad_clip = 1.0
-  config.train.log_every = 10
-  config.train.eval_every = 0
-  config.train.checkpoint_every = 100
-  config.train.keep_checkpoints = 1
-  # The zero-initialised tanh gates move ~lr per Adam step; without a larger rate they stay
-  # near 0 for a short run and the cross-attention blocks behind them barely learn.
-  config.train.lr_mults = (("_gate$", 100.0),)
-
-  config.eval = ml_collections.ConfigDict()
-  config.eval.num_examples = 200       # seeded sample of test records (<= 0: all)
-  config.eval.batch_size = 8
-  config.eval.ks = (1, 5, 10)
-  config.eval.exact_threshold = 1000   # catalogues up to this size are scored exactly
-
-  config.mesh = ml_collections.ConfigDict()
-  config.mesh.shape = (-1, 1, 1)
-  config.mesh.axis_names = ("data", "fsdp", "tensor")
-  config.mesh.rules = ()
+  config.train = common.train_section(
+      batch_size=8, num_steps=300, learning_rate=1e-4, warmup=30, weight_decay=0.0,
+      log_every=10, eval_every=0, checkpoint_every=100, keep_checkpoints=1,
+      # The zero-initialised tanh gates move ~lr per Adam step; without a larger rate they
+      # stay near 0 for a short run and the cross-attention blocks behind them barely learn.
+      lr_mults=(("_gate$", 100.0),))
+  config.eval = common.eval_section(
+      batch_size=8,
+      num_examples=200,       # seeded sample of test records (<= 0: all)
+      exact_threshold=1000)   # catalogues up to this size are scored exactly
+  config.mesh = common.mesh_section()
   return config
 
 
 def apply_smoke(config: ml_collections.ConfigDict) -> None:
   """Tiny random LLM + tiny random encoder on a few synthetic users (tests, CPU smoke)."""
-  config.data.protocol = "leave_last_out"
-  config.data.window = 12
-  config.data.max_categories = 3
-  config.data.synthetic.num_users = 120
-  config.data.synthetic.num_items = 60
-  config.data.synthetic.events_per_user_mean = 24.0
+  config.data.update(protocol="leave_last_out", window=12, max_categories=3)
+  config.data.synthetic.update(num_users=120, num_items=60, events_per_user_mean=24.0)
   config.encoder.init = "random"
   config.encoder.model.preset = "tiny"
-  config.llm.source = "random"
-  config.llm.preset = "tiny"
-  config.bridge.xattn_every = 2
-  config.bridge.num_latents = 4
-  config.bridge.perceiver_heads = 2
-  config.tasks.max_prompt_tokens = 160   # byte-level tokens: one per character
-  config.tasks.max_answer_tokens = 24
-  config.baseline.history_tokens = 64
-  config.baseline.strategy = "full"
-  config.train.batch_size = 8
-  config.train.num_steps = 6
-  config.train.learning_rate = 1e-3
-  config.train.warmup = 1
-  config.train.log_every = 2
-  config.train.checkpoint_every = 3
-  config.train.keep_checkpoints = 3
-  config.eval.num_examples = 6
-  config.eval.batch_size = 3
-  config.eval.ks = (1, 5, 10)
-  config.eval.exact_threshold = 100
+  config.llm.update(source="random", preset="tiny")
+  config.bridge.update(xattn_every=2, num_latents=4, perceiver_heads=2)
+  config.tasks.update(max_prompt_tokens=160,   # byte-level tokens: one per character
+                      max_answer_tokens=24)
+  config.baseline.update(history_tokens=64, strategy="full")
+  config.train.update(batch_size=8, num_steps=6, learning_rate=1e-3, warmup=1, log_every=2,
+                      checkpoint_every=3, keep_checkpoints=3)
+  config.eval.update(num_examples=6, batch_size=3, ks=(1, 5, 10), exact_threshold=100)
 
 
 def apply_tpu(config: ml_collections.ConfigDict) -> None:
   """Paper scale on a TPU slice: larger LLM, bigger batch, longer run, sharded mesh."""
-  config.llm.source = "smollm2"   # or a 1B+ Llama-family checkpoint path
-  config.llm.dtype = "bfloat16"
+  config.llm.update(source="smollm2",   # or a 1B+ Llama-family checkpoint path
+                    dtype="bfloat16")
   config.bridge.dtype = "bfloat16"
-  config.train.batch_size = 64
-  config.train.num_steps = 20_000
-  config.train.learning_rate = 1e-4
-  config.train.warmup = 500
-  config.train.checkpoint_every = 1000
-  config.train.keep_checkpoints = 3
-  config.eval.num_examples = 0
-  config.eval.batch_size = 64
+  config.train.update(batch_size=64, num_steps=20_000, learning_rate=1e-4, warmup=500,
+                      checkpoint_every=1000, keep_checkpoints=3)
+  config.eval.update(num_examples=0, batch_size=64)
   config.mesh.shape = (-1, 1, 1)
 
 
