@@ -305,3 +305,37 @@ def test_cached_decode_step_saves_the_context_projection_flops(setup):
   assert saved >= 0.99 * projection, (cached, recomputed, projection)
   # ... and not more than the projections plus the context LayerNorms (a few FLOPs/entry).
   assert saved <= projection + 20 * B * E * c * len(blocks), (cached, recomputed, projection)
+
+
+class _Shift(nnx.Module):
+  """A block without `context_kv`: adds the masked mean of the raw context."""
+
+  def __call__(self, x, context, context_mask):
+    w = context_mask[..., None].astype(x.dtype)
+    return x + (context * w).sum(1, keepdims=True) / jnp.maximum(w.sum(1, keepdims=True), 1)
+
+
+def test_blocks_without_context_kv_read_the_raw_context():
+  llm = Decoder(LLM_TINY, rngs=nnx.Rngs(0))
+  llm.cross_attention["1"] = GatedCrossAttention(
+      LLM_TINY.width, num_heads=2, head_dim=8, mlp_dim=32, gate_init=0.5, rngs=nnx.Rngs(1))
+  llm.cross_attention["3"] = _Shift()
+  context = jax.random.normal(jax.random.key(0), (2, 4, LLM_TINY.width))
+  mask = jnp.asarray([[1, 1, 1, 0], [1, 0, 0, 0]], bool)
+  tokens = jnp.asarray([[3, 4, 5], [6, 7, 8]])
+  pos = jnp.broadcast_to(jnp.arange(3), (2, 3))
+
+  @nnx.jit
+  def both(m):
+    cross = m.precompute_context(context, mask)
+    return (m(tokens, positions=pos, context=context, context_mask=mask)[0],
+            m(tokens, positions=pos, context=cross)[0], cross)
+
+  raw, cached, cross = both(llm)
+  assert list(cross.k) == ["1"] and cross.raw is not None
+  np.testing.assert_allclose(cached, raw, rtol=1e-5, atol=1e-5)
+  # A CrossContext built for other blocks is refused with the block's name.
+  llm.cross_attention["2"] = GatedCrossAttention(
+      LLM_TINY.width, num_heads=2, head_dim=8, mlp_dim=32, rngs=nnx.Rngs(2))
+  with pytest.raises(ValueError, match="'2'"):
+    llm(tokens, positions=pos, context=cross.replace(raw=None))

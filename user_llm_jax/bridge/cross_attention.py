@@ -12,6 +12,10 @@ embeddings, and padded embeddings get exactly zero attention weight.
 
 The blocks live in `Decoder.cross_attention` (an `nnx.Dict` keyed by the decoder layer index
 they run before), so the decoder is never forked; `insert_cross_attention` fills it.
+
+The keys/values of a block depend on the user context alone (`context_kv`: LN(U) @ W_k,
+LN(U) @ W_v). When decoding, `Decoder.precompute_context` computes them once per prompt and
+the blocks take them through `context_kv=` at every generated token and for every beam.
 """
 
 from __future__ import annotations
