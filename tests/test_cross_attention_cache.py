@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from user_llm_jax import sharding
 from user_llm_jax.bridge import user_llm as ullm
 from user_llm_jax.bridge.cross_attention import GatedCrossAttention
 from user_llm_jax.encoder import ENCODER_TINY, UserEncoder
@@ -339,3 +340,25 @@ def test_blocks_without_context_kv_read_the_raw_context():
       LLM_TINY.width, num_heads=2, head_dim=8, mlp_dim=32, rngs=nnx.Rngs(2))
   with pytest.raises(ValueError, match="'2'"):
     llm(tokens, positions=pos, context=cross.replace(raw=None))
+
+
+def test_sharded_cached_decode_matches_unsharded(setup):
+  """Mesh data=2 x fsdp=2 x tensor=2: the constrained k/v cache decodes the same tokens."""
+  if len(jax.devices()) < 8:
+    pytest.fail("tests/conftest.py should provide 8 fake CPU devices")
+  model, context, mask = setup
+  rows = np.asarray([0, 1, 2, 0])  # a batch of 4 divides data x fsdp
+  prompts = [PROMPTS[r] for r in rows]
+  want = sampler_lib.Sampler(model.llm, length_bucket=8)(
+      prompts, max_new_tokens=M, context=context[rows], context_mask=mask[rows],
+      return_logprobs=True)
+  mesh = sharding.make_mesh((2, 2, 2))
+  llm = nnx.clone(model.llm)
+  sharding.shard_model(llm, mesh)
+  with jax.set_mesh(mesh):
+    ctx = jax.device_put(context[rows], sharding.logical_sharding(mesh, ("batch",)))
+    got = sampler_lib.Sampler(llm, length_bucket=8)(
+        prompts, max_new_tokens=M, context=ctx, context_mask=mask[rows],
+        return_logprobs=True)
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_allclose(got.log_probs, want.log_probs, atol=1e-5)
