@@ -39,6 +39,12 @@ def test_json_has_flops_latency_and_ratios_per_length(report):
     assert entry["latency_ratio"] == pytest.approx(text["latency_s"] / ref["latency_s"])
     assert set(entry["ratios"]) == {"xattn", "xattn_perceiver", "soft_prompt_perceiver"}
     assert text["tokens_per_event"] > 1 and not text["capped"]
+    # Cross-attention decode steps reuse the context keys/values cached at prefill.
+    for v in ("xattn", "xattn_perceiver"):
+      m = entry["variants"][v]
+      steps = data["meta"]["decode_steps"]
+      assert m["decode_step_flops"] * steps == pytest.approx(m["flops_breakdown"]["decode"])
+      assert m["decode_step_flops_reprojecting_context"] > m["decode_step_flops"]
   assert out.with_suffix(".md").read_text().count("\n") >= 4
   assert out.with_suffix(".png").stat().st_size > 1000
 

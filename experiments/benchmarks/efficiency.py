@@ -58,7 +58,7 @@ from user_llm_jax.llm import gguf_loader
 from user_llm_jax.llm import sampler as sampler_lib
 from user_llm_jax.llm.config import get_preset
 from user_llm_jax.llm.loading import load_llm
-from user_llm_jax.llm.model import Decoder
+from user_llm_jax.llm.model import CrossContext, Decoder
 from user_llm_jax.llm.tokenizer import Tokenizer
 from user_llm_jax.tasks import prompts
 
@@ -182,6 +182,12 @@ def _decode_program(graphdef, state, token, dstate):
   return jnp.argmax(logits, -1).astype(jnp.int32), dstate
 
 
+def _decode_program_reprojecting(graphdef, state, token, dstate, context, context_mask):
+  """`_decode_program` re-projecting the raw user context at the step (no k/v cache)."""
+  raw = CrossContext(k={}, v={}, mask=context_mask, raw=context)  # blocks read `raw`
+  return _decode_program(graphdef, state, token, dstate.replace(context=raw))
+
+
 def _flops(compiled) -> float:
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # older jax: one dict per device
@@ -277,6 +283,23 @@ def _llm_parts(llm: Decoder, tokens: np.ndarray, context, context_mask, *, mode:
   return flops, run if time_it else None
 
 
+def _context_cache_flops(llm: Decoder, tokens: np.ndarray, context, context_mask, *,
+                         steps: int) -> dict[str, float]:
+  """FLOPs of one cross-attention decode step with the context keys/values cached at
+  prefill (what the benchmark runs) and re-projecting them at the step (compiled, not run).
+  """
+  graphdef, state = nnx.split(llm)
+  cache_length, tokens = tokens.shape[1] + steps, jnp.asarray(tokens)
+  first, dstate = jax.eval_shape(
+      lambda *a: _prefill_program(graphdef, *a, mode="cross_attention",
+                                  cache_length=cache_length), state, tokens, context, context_mask)
+  cached = _compile(_decode_program, graphdef, state, first, dstate)  # shared with _llm_parts
+  raw = _compile(_decode_program_reprojecting, graphdef, state, first, dstate, context,
+                 context_mask)
+  return {"decode_step_flops": _flops(cached),
+          "decode_step_flops_reprojecting_context": _flops(raw)}
+
+
 class Benchmark:
   """Builds the models once and measures every (history length, variant)."""
 
@@ -328,8 +351,11 @@ class Benchmark:
     flops["total"] = flops["encoder_bridge"] + flops["llm"]
     latency, runs = _median_seconds(lambda: llm_run(*user(user_state, batch)), self.cfg.repeats,
                                     self.cfg.long_run_seconds)
+    extra = {}
+    if model.cfg.mode == "cross_attention":
+      extra = _context_cache_flops(model.llm, tokens, context, context_mask, steps=steps)
     return Measurement(flops, latency, runs, prompt_tokens=len(self.question),
-                       user_embeddings=int(context.shape[1]))
+                       user_embeddings=int(context.shape[1]), extra=extra)
 
   def text_prompt(self, e: int) -> tuple[list[int], dict[str, Any]]:
     """The text-prompt tokens for the last `e` events, capped to the context."""
