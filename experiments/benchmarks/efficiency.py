@@ -285,8 +285,10 @@ def _llm_parts(llm: Decoder, tokens: np.ndarray, context, context_mask, *, mode:
 
 def _context_cache_flops(llm: Decoder, tokens: np.ndarray, context, context_mask, *,
                          steps: int) -> dict[str, float]:
-  """FLOPs of one cross-attention decode step with the context keys/values cached at
-  prefill (what the benchmark runs) and re-projecting them at the step (compiled, not run).
+  """FLOPs of one decode step with cached vs re-projected cross-attention keys/values.
+
+  The cached step is the one the benchmark runs (keys/values projected at prefill); the
+  re-projecting one is only compiled, for its cost analysis.
   """
   graphdef, state = nnx.split(llm)
   cache_length, tokens = tokens.shape[1] + steps, jnp.asarray(tokens)

@@ -190,8 +190,8 @@ def reorder_beams(state: sampler_lib.DecodeState, rows: jax.Array,
 
   Every beam's parent is a beam of the same prompt (`beam_search` picks parents within a
   prompt), and all beams of a prompt hold identical cross-attention keys/values. So once
-  the context has been tiled to the N beam rows (the first call, from B prompt rows), a
-  reorder leaves it where it is instead of gathering [N, E, N, H] per block every step.
+  the context has been tiled to the B*K beam rows (the first call, from B prompt rows), a
+  reorder leaves it where it is instead of gathering [B*K, E, N, H] per block every step.
   """
   context = state.context
   if context is not None and context.mask.shape[0] == rows.shape[0]:
