@@ -212,3 +212,19 @@ def test_catalogue_cuts_titles_like_the_training_answers(vocab, tok):
     out = tr.map(dict(make_record(5, target=target), task=prompts.NEXT_ITEM))
     answer = out[ex.TOKENS][out[ex.LOSS_MASK]].tolist()
     assert answer == cut.sequences[cut.title_index(target)]
+
+
+def test_majority_category_floor():
+  """The favorite-category floor: the most frequent training label, ties to the smaller id."""
+  from user_llm_jax.jobs import train_user_llm  # pylint: disable=g-import-not-at-top
+  vocab = schema.Vocabulary(dataset="movielens", items=(), ratings=(),
+                            categories=("<pad>", "<oov>", "Drama", "Comedy", "Horror"))
+  key = schema.FAVORITE_CATEGORY
+  train = [{key: 3}, {key: 4}, {key: 3}, {key: 4}, {key: 2}, {key: schema.PAD_ID}]
+  test = [{key: 3}, {key: 4}, {key: 3}, {key: 2}]
+  m = train_user_llm.majority_category(train, test, vocab)
+  assert m["answer"] == "Comedy"          # 3 and 4 tie at two each; padding is not a label
+  assert m["accuracy"] == pytest.approx(0.5)
+  assert m["num_examples"] == 4
+  with pytest.raises(ValueError, match="favorite category"):
+    train_user_llm.majority_category([{key: schema.PAD_ID}], test, vocab)

@@ -45,7 +45,7 @@ def finished_run(tmp_path_factory, data_dirs):
   return workdir, summary
 
 
-def test_job_writes_summary_with_metrics(finished_run):
+def test_job_writes_summary_with_metrics(finished_run, data_dirs):
   workdir, summary = finished_run
   on_disk = json.loads((workdir / "summary.json").read_text())
   assert on_disk["steps"] == 6
@@ -58,6 +58,16 @@ def test_job_writes_summary_with_metrics(finished_run):
   assert metrics["user_llm"]["next_item"]["num_examples"] == 6
   assert "exact scoring" in metrics["user_llm"]["next_item"]["procedure"]
   assert 0.0 <= metrics["user_llm"]["favorite_category"]["accuracy"] <= 1.0
+  # The majority-label floor, recomputed from the prepared records the job read.
+  data = train_user_llm.load_task_data(smoke_config(**data_dirs), str(workdir))
+  labels = [int(r["favorite_category"]) for r in data.train]
+  best = max(set(labels), key=lambda c: (labels.count(c), -c))
+  idx = train_user_llm.eval_indices(len(data.test), 6, 0)
+  expected = np.mean([int(data.test[i]["favorite_category"]) == best for i in idx])
+  majority = metrics["majority"]["favorite_category"]
+  assert majority["answer"] == data.vocab.categories[best]
+  assert majority["accuracy"] == pytest.approx(expected)
+  assert "majority" in (workdir / "summary.txt").read_text()
   # Enc strategy: encoder + bridge train, the LLM does not.
   groups = on_disk["param_groups"]
   assert on_disk["trainable_params"] == groups["encoder"] + groups["bridge"]

@@ -9,7 +9,8 @@ an interrupted one resumes from its checkpoint):
   3. user_llm   train User-LLM on the tasks with the pretrained encoder (WORKDIR/user_llm)
   4. text       the text-prompt baseline with the same LLM on the same test examples
                 (WORKDIR/text_baseline)
-  5. report     results table (User-LLM, text prompt, SASRec-style, popularity) and one
+  5. report     results table (User-LLM, text prompt, SASRec-style, popularity, majority
+                genre) and one
                 personalized generation, in WORKDIR/summary.json + summary.txt
 """
 
@@ -147,7 +148,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       f"User-LLM ({config.bridge.mode}, {config.strategy})": ullm_summary["metrics"]["user_llm"],
       f"text prompt ({text_summary['strategy']})": text_summary["metrics"]["text_prompt"],
   }
-  for name, label in (("sasrec", "SASRec-style encoder"), ("popularity", "popularity")):
+  for name, label in (("sasrec", "SASRec-style encoder"), ("popularity", "popularity"),
+                      ("majority", "majority genre")):
     if name in ullm_summary["metrics"]:
       metrics[label] = ullm_summary["metrics"][name]
   wall = time.perf_counter() - t0

@@ -157,24 +157,46 @@ def evaluate_tasks(condition: eval_lib.Conditioner, data: TaskData,
 
 
 def encoder_baselines(encoder: UserEncoder | None, data: TaskData,
-                      config: ml_collections.ConfigDict) -> dict[str, dict[str, float]]:
-  """SASRec-style (the encoder's next-item head) and popularity on the same test records."""
-  if prompts.NEXT_ITEM not in tuple(config.tasks.names):
-    return {}
+                      config: ml_collections.ConfigDict) -> dict[str, dict[str, dict[str, Any]]]:
+  """Non-LLM baselines on the same test records: {method: {task: metrics}}.
+
+  Next item: SASRec-style (the encoder's next-item head) and popularity. Favorite category:
+  the majority label of the training records, the floor any personalized answer must beat.
+  """
+  names = tuple(config.tasks.names)
   indices = eval_indices(len(data.test), config.eval.num_examples, config.seed)
   records = [data.test[i] for i in indices]
-  crop = [transforms_lib.CropAndPad(config.data.window, config.data.max_categories)]
-  batches = lambda: pipeline_lib.make_eval_pipeline(records, batch_size=64, transforms=crop)
-  ks = tuple(config.eval.ks)
-  out = {}
-  if encoder is not None:
-    out["sasrec"] = retrieval.evaluate_next_item(encoder, batches(), ks=ks)
-  counts = popularity.fit_item_counts(data.train, data.vocab.num_items)
-  out["popularity"] = popularity.evaluate_popularity(counts, batches(), ks=ks)
-  for m in out.values():
-    m["procedure"] = (f"full-catalogue ranking of {data.vocab.num_items - 2} items, ties by "
-                      "item id")
+  out: dict[str, dict[str, dict[str, Any]]] = {}
+  if prompts.NEXT_ITEM in names:
+    crop = [transforms_lib.CropAndPad(config.data.window, config.data.max_categories)]
+    batches = lambda: pipeline_lib.make_eval_pipeline(records, batch_size=64, transforms=crop)
+    ks = tuple(config.eval.ks)
+    procedure = f"full-catalogue ranking of {data.vocab.num_items - 2} items, ties by item id"
+    if encoder is not None:
+      out["sasrec"] = {prompts.NEXT_ITEM: dict(
+          retrieval.evaluate_next_item(encoder, batches(), ks=ks), procedure=procedure)}
+    counts = popularity.fit_item_counts(data.train, data.vocab.num_items)
+    out["popularity"] = {prompts.NEXT_ITEM: dict(
+        popularity.evaluate_popularity(counts, batches(), ks=ks), procedure=procedure)}
+  if prompts.FAVORITE_CATEGORY in names:
+    out["majority"] = {prompts.FAVORITE_CATEGORY: majority_category(data.train, records,
+                                                                     data.vocab)}
   return out
+
+
+def majority_category(train: Sequence[Mapping[str, Any]], test: Sequence[Mapping[str, Any]],
+                      vocab: schema.Vocabulary) -> dict[str, Any]:
+  """Accuracy of always answering the most frequent training favorite category."""
+  labels = np.asarray([int(r[schema.FAVORITE_CATEGORY]) for r in train], np.int64)
+  labels = labels[labels >= schema.FIRST_ID]
+  if not labels.size:
+    raise ValueError("no training record has a favorite category label")
+  counts = np.bincount(labels, minlength=vocab.num_categories)
+  best = int(np.argmax(counts))  # ties: the smallest id
+  truth = np.asarray([int(r[schema.FAVORITE_CATEGORY]) for r in test], np.int64)
+  return {"accuracy": float(np.mean(truth == best)) if truth.size else float("nan"),
+          "num_examples": int(truth.size), "answer": vocab.categories[best],
+          "procedure": f"always the training majority label {vocab.categories[best]!r}"}
 
 
 def _match_keys(target: Any, raw: Any, path: str) -> Any:
@@ -366,7 +388,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                             data, transform, config)
   eval_time = time.perf_counter() - t_eval
   metrics: dict[str, dict[str, Any]] = {"user_llm": user_llm}
-  metrics.update({name: {prompts.NEXT_ITEM: m} for name, m in baselines.items()})
+  metrics.update(baselines)
   groups = strategies.param_groups(result.model)
   wall = time.perf_counter() - t0
   summary = {
