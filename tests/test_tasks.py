@@ -228,3 +228,29 @@ def test_majority_category_floor():
   assert m["num_examples"] == 4
   with pytest.raises(ValueError, match="favorite category"):
     train_user_llm.majority_category([{key: schema.PAD_ID}], test, vocab)
+
+
+def test_rating_prior_review_floor(vocab, tok):
+  """The review floor answers with the commonest training answer of the review's rating."""
+  from user_llm_jax.jobs import train_user_llm  # pylint: disable=g-import-not-at-top
+
+  def rec(seed, rating, summary):
+    r = make_record(6, seed=seed, summary=summary)
+    r[schema.RATINGS] = np.full((6,), rating, np.int32)
+    return r
+
+  train = [rec(0, 6, "Five Stars"), rec(1, 6, "Five Stars"), rec(2, 6, "Love it"),
+           rec(3, 2, "Broken"), rec(4, 2, "")]   # an empty summary is no answer
+  test = [rec(5, 6, "Five Stars"), rec(6, 2, "Broken on arrival"), rec(7, 4, "Five Stars"),
+          rec(8, 6, "")]
+  data = train_user_llm.TaskData("mem", train, test, vocab, {})
+  m = train_user_llm.rating_prior_review(data, transform(vocab, tok), range(len(test)))
+  assert m["num_examples"] == 3            # the record without a summary is skipped
+  assert m["answers"] == {"1.0": "Broken", "5.0": "Five Stars"}
+  # Exact for rating 5; "Broken" vs "Broken on arrival"; an unseen rating (3.0) falls back to
+  # the overall commonest answer, "Five Stars", which is exact.
+  from user_llm_jax.tasks import evaluate as ev_lib  # pylint: disable=g-import-not-at-top
+  expected = ev_lib.rouge_lsum(["Five Stars", "Broken", "Five Stars"],
+                               ["Five Stars", "Broken on arrival", "Five Stars"])
+  assert m["rougeLsum"] == pytest.approx(expected)
+  assert m["rougeLsum"] == pytest.approx((1.0 + 0.5 + 1.0) / 3)   # F1 of 1/1 vs 1/3 is 0.5

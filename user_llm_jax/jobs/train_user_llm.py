@@ -157,11 +157,15 @@ def evaluate_tasks(condition: eval_lib.Conditioner, data: TaskData,
 
 
 def encoder_baselines(encoder: UserEncoder | None, data: TaskData,
-                      config: ml_collections.ConfigDict) -> dict[str, dict[str, dict[str, Any]]]:
+                      config: ml_collections.ConfigDict,
+                      transform: ex_lib.TaskExample | None = None,
+                      ) -> dict[str, dict[str, dict[str, Any]]]:
   """Non-LLM baselines on the same test records: {method: {task: metrics}}.
 
   Next item: SASRec-style (the encoder's next-item head) and popularity. Favorite category:
-  the majority label of the training records, the floor any personalized answer must beat.
+  the majority label of the training records. Review (needs `transform`): the most frequent
+  training answer for the review's rating. The last two are the floors a personalized answer
+  must beat.
   """
   names = tuple(config.tasks.names)
   indices = eval_indices(len(data.test), config.eval.num_examples, config.seed)
@@ -181,7 +185,47 @@ def encoder_baselines(encoder: UserEncoder | None, data: TaskData,
   if prompts.FAVORITE_CATEGORY in names:
     out["majority"] = {prompts.FAVORITE_CATEGORY: majority_category(data.train, records,
                                                                      data.vocab)}
+  if prompts.REVIEW in names and transform is not None:
+    out["rating_prior"] = {prompts.REVIEW: rating_prior_review(data, transform, indices)}
   return out
+
+
+def rating_prior_review(data: TaskData, transform: ex_lib.TaskExample,
+                        indices: Sequence[int]) -> dict[str, Any]:
+  """ROUGE-Lsum of answering each test review with the commonest training answer of its rating.
+
+  The review prompt states the rating, so "Five Stars" for a 5 is learnable without any
+  user context; this is the score a model reaches from the rating alone.
+  """
+  by_rating: dict[int, dict[str, int]] = {}
+  for record in data.train:
+    answer = transform.answer_text(dict(record), prompts.REVIEW)
+    if answer is None:
+      continue
+    rating = int(np.asarray(record[schema.RATINGS]).reshape(-1)[-1])
+    counts = by_rating.setdefault(rating, {})
+    counts[answer] = counts.get(answer, 0) + 1
+  if not by_rating:
+    raise ValueError("no training record has a review answer")
+  overall: dict[str, int] = {}
+  for counts in by_rating.values():
+    for answer, n in counts.items():
+      overall[answer] = overall.get(answer, 0) + n
+  commonest = lambda counts: min(counts, key=lambda a: (-counts[a], a))
+  predictions, references = [], []
+  for i in indices:
+    record = dict(data.test[i])
+    answer = transform.answer_text(record, prompts.REVIEW)
+    if answer is None:
+      continue  # the same records the LLMs are scored on
+    rating = int(np.asarray(record[schema.RATINGS]).reshape(-1)[-1])
+    predictions.append(commonest(by_rating.get(rating, overall)))
+    references.append(answer)
+  return {"rougeLsum": eval_lib.rouge_lsum(predictions, references),
+          "num_examples": len(references),
+          "answers": {str(data.vocab.ratings[r]) if r < data.vocab.num_ratings else str(r):
+                      commonest(c) for r, c in sorted(by_rating.items())},
+          "procedure": "the most frequent training answer for the review's rating"}
 
 
 def majority_category(train: Sequence[Mapping[str, Any]], test: Sequence[Mapping[str, Any]],
@@ -371,7 +415,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   data = load_task_data(config, workdir)
   model, tokenizer, pretrained = build_model(config, data)
   transform = ex_lib.TaskExample(data.vocab, tokenizer, example_config(config, vocab=data.vocab))
-  baselines = encoder_baselines(pretrained, data, config)
+  baselines = encoder_baselines(pretrained, data, config, transform)
   del pretrained
   wrt = strategies.trainable_filter(strategy)
   result = trainer_lib.train(
