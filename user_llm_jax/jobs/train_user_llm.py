@@ -452,7 +452,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                   "test_records": len(data.test), "train_records": len(data.train)},
   }
   table = results_table(metrics, tuple(config.eval.ks))
-  procedures = "\n".join(f"  {task}: {m['procedure']}" for task, m in user_llm.items())
+  procedures = "\n".join(
+      [f"  {task}: {m['procedure']}" for task, m in user_llm.items()]
+      + [f"  {name} ({task}): {m['procedure']}" for name, by_task in baselines.items()
+         for task, m in by_task.items()])
   text = (f"{config.name}: User-LLM ({config.bridge.mode}, perceiver="
           f"{bool(config.bridge.use_perceiver)}, strategy={strategy}, encoder="
           f"{config.encoder.init}), {result.step} steps x batch {train_cfg.batch_size}, "
