@@ -5,29 +5,17 @@ import math
 
 import pytest
 
-from experiments.configs import user_llm_movielens
+from tests import test_user_llm_job
+from tests.test_user_llm_job import data_dirs  # pylint: disable=unused-import  (shared fixture)
 from user_llm_jax import config as config_lib
-from user_llm_jax.jobs import pretrain_encoder
 from user_llm_jax.jobs import text_baseline
 
 
 def smoke_config(**changes):
-  config = user_llm_movielens.get_config("smoke")
-  config.job = "text_baseline"
-  config.train.num_steps = 4
-  config.train.checkpoint_every = 4
-  config.eval.num_examples = 3
-  for key, value in changes.items():
-    section, _, name = key.rpartition(".")
-    (config[section] if section else config)[name] = value
-  return config
-
-
-@pytest.fixture(scope="module")
-def data_dirs(tmp_path_factory):
-  root = tmp_path_factory.mktemp("text_data")
-  pretrain_encoder.prepare_data(smoke_config().data, str(root))
-  return {"data.manual_dir": str(root / "raw"), "data.data_dir": str(root / "data")}
+  """The User-LLM job's smoke config, as the text-prompt baseline job with a 4-step budget."""
+  return test_user_llm_job.smoke_config(**{
+      "job": "text_baseline", "train.num_steps": 4, "train.checkpoint_every": 4,
+      "eval.num_examples": 3, **changes})
 
 
 @pytest.mark.parametrize("strategy", ["lora", "full"])
