@@ -18,6 +18,7 @@ text-prompt baseline and the main pipeline.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -197,21 +198,15 @@ def rating_prior_review(data: TaskData, transform: ex_lib.TaskExample,
   The review prompt states the rating, so "Five Stars" for a 5 is learnable without any
   user context; this is the score a model reaches from the rating alone.
   """
-  by_rating: dict[int, dict[str, int]] = {}
+  by_rating: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
   for record in data.train:
     answer = transform.answer_text(dict(record), prompts.REVIEW)
-    if answer is None:
-      continue
-    rating = int(np.asarray(record[schema.RATINGS]).reshape(-1)[-1])
-    counts = by_rating.setdefault(rating, {})
-    counts[answer] = counts.get(answer, 0) + 1
+    if answer is not None:
+      by_rating[int(np.asarray(record[schema.RATINGS]).reshape(-1)[-1])][answer] += 1
   if not by_rating:
     raise ValueError("no training record has a review answer")
-  overall: dict[str, int] = {}
-  for counts in by_rating.values():
-    for answer, n in counts.items():
-      overall[answer] = overall.get(answer, 0) + n
-  commonest = lambda counts: min(counts, key=lambda a: (-counts[a], a))
+  overall = sum(by_rating.values(), collections.Counter())
+  commonest = lambda counts: min(counts, key=lambda a: (-counts[a], a))  # ties: alphabetical
   predictions, references = [], []
   for i in indices:
     record = dict(data.test[i])

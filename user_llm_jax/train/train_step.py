@@ -112,9 +112,9 @@ def scale_by_lr_mults(rules: tuple[tuple[str, float], ...]) -> optax.GradientTra
   def init_fn(params):
     # Checked once, eagerly: a rule that selects no trainable parameter is most likely a typo
     # (or a job without that module, e.g. the text baseline has no gates), so say so.
-    leaves = jax.tree_util.tree_leaves_with_path(params)
+    names = [param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
     for pattern, mult in rules:
-      hits = [param_path(p) for p, _ in leaves if re.search(pattern, param_path(p))]
+      hits = [name for name in names if re.search(pattern, name)]
       if hits:
         logging.info("lr_mults %r x%g: %d parameters (%s ...)", pattern, mult, len(hits),
                      hits[0])
