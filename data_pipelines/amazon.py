@@ -44,7 +44,7 @@ from collections.abc import Sequence
 
 from data_pipelines import jsonl
 from data_pipelines.jsonl import (ReviewColumns, clean_text, missing_field, missing_reason,
-                                  name_list, rating_reason)
+                                  name_list, negative_time_reason, rating_reason)
 # Also this module's API: callers sniff an Amazon file's line format with these.
 from data_pipelines.jsonl import FORMAT_JSON, FORMAT_PYTHON  # pylint: disable=unused-import
 from data_pipelines.jsonl import sniff_format  # pylint: disable=unused-import
@@ -199,6 +199,8 @@ def review_to_event(record: dict, row: int) -> RawEvent | str:
             "expected numbers")
   if rating not in RATING_VALUES:
     return rating_reason("overall", rating, RATING_VALUES)
+  if timestamp < 0:
+    return negative_time_reason("unixReviewTime", timestamp)
   return RawEvent(
       user=str(record["reviewerID"]), item=str(record["asin"]), rating=rating,
       timestamp=timestamp, row=row,

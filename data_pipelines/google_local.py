@@ -36,7 +36,7 @@ from collections.abc import Sequence
 
 from data_pipelines import jsonl
 from data_pipelines.jsonl import (ReviewColumns, clean_text, missing_field, missing_reason,
-                                  name_list, rating_reason)
+                                  name_list, negative_time_reason, rating_reason)
 from data_pipelines.readers import BadLineTracker
 from data_pipelines.records import BadInputError, RawEvent, RawItem
 
@@ -117,6 +117,8 @@ def review_to_event(record: dict, row: int) -> RawEvent | str:
             "(time in milliseconds)")
   if rating not in RATING_VALUES:
     return rating_reason("rating", rating, RATING_VALUES)
+  if time_ms < 0:
+    return negative_time_reason("time", time_ms)
   text = record.get("text")
   return RawEvent(
       user=str(record["user_id"]), item=str(record["gmap_id"]), rating=rating,

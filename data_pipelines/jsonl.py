@@ -6,7 +6,10 @@ metadata files side by side. This module holds what their readers have in common
   * line streaming: `iter_records` reads a JSON-lines or Python-literal-lines file (the
     format sniffed from its first parseable line, `sniff_format`) in big byte blocks and
     reports every unusable line to a `BadLineTracker` with its file and 1-based line number;
-    a corrupt gzip file or an unparseable file is a `BadInputError` naming the file;
+    a corrupt gzip file or an unparseable file is a `BadInputError` naming the file; a
+    last line without its line break is a bad line (the dumps end with a newline, so its
+    absence means a cut file, even when the cut fell between two records); a leading
+    UTF-8 byte-order mark is skipped;
   * columnar reading: `review_chunks` parses a JSON-lines review file in blocks with
     pyarrow's JSON parser, with exactly the events, line counts and bad lines of the
     per-line path (a block pyarrow cannot take whole is re-read line by line);
@@ -34,7 +37,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.json as pa_json
 
-from data_pipelines.readers import BadLineTracker, EventChunk, Reader
+from data_pipelines.readers import (UNTERMINATED_LAST_LINE, UTF8_BOM, BadLineTracker,
+                                    EventChunk, Reader)
 from data_pipelines.records import BadInputError, RawEvent, RawItem
 
 FORMAT_JSON = "json"
@@ -84,6 +88,14 @@ def sniff_format(path: str, max_lines: int = 100) -> str:
                       f"a Python-literal dict; first error at {first_error}")
 
 
+class _CutLine(bytes):
+  """The last line of a file when it has no line break (a sign of truncation)."""
+
+
+class _CutText(str):
+  """A decoded `_CutLine`: parsers report it as a bad line, format sniffing reads it."""
+
+
 def _raw_lines(path: str) -> Iterator[tuple[int, str | UnicodeDecodeError]]:
   """Yields (1-based line number, decoded line); corrupt gzip is a clear error.
 
@@ -124,6 +136,9 @@ def _parse_lines(path: str, numbered: Iterable[tuple[int, str | UnicodeDecodeErr
     if not text.strip():
       continue
     tracker.count_lines()
+    if isinstance(text, _CutText):
+      tracker.bad(path, lineno, UNTERMINATED_LAST_LINE)
+      continue
     try:
       record = _parse(text, fmt)
     except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
@@ -138,21 +153,26 @@ def _parse_lines(path: str, numbered: Iterable[tuple[int, str | UnicodeDecodeErr
 
 def _decode(raw: bytes) -> str | UnicodeDecodeError:
   try:
-    return raw.decode("utf-8")
+    text = raw.decode("utf-8")
   except UnicodeDecodeError as e:
     return e
+  return _CutText(text) if isinstance(raw, _CutLine) else text
 
 
 def _raw_blocks(path: str, block_lines: int,
                 read_bytes: int = 1 << 23) -> Iterator[tuple[int, list[bytes]]]:
   """Yields (1-based number of the first line, up to `block_lines` lines without "\n").
 
-  Reads big byte blocks and splits them: much faster than gzip's per-line readline.
+  Reads big byte blocks and splits them: much faster than gzip's per-line readline. A
+  leading byte-order mark is dropped; a non-blank last line without "\n" comes as a
+  `_CutLine` in a block of its own.
   """
   first, tail = 1, b""
   try:
     with _open_binary(path) as f:
       while data := f.read(read_bytes):
+        if first == 1 and not tail:
+          data = data.removeprefix(UTF8_BOM)
         lines = (tail + data).split(b"\n")
         tail = lines.pop()
         for i in range(0, len(lines), block_lines):
@@ -163,7 +183,7 @@ def _raw_blocks(path: str, block_lines: int,
         f"{path}: truncated or corrupt gzip file (read {first - 1:,} complete lines before "
         f"the error: {type(e).__name__}: {e}); re-download it") from e
   if tail:
-    yield first, [tail]
+    yield first, [_CutLine(tail) if tail.strip() else tail]
 
 
 # --------------------------------------------------------------------------- record fields
@@ -183,6 +203,10 @@ def missing_reason(name: str, required: Sequence[str]) -> str:
 
 def rating_reason(name: str, rating: float, values: Sequence[float]) -> str:
   return f"{name}={rating!r} is not one of {tuple(values)}"
+
+
+def negative_time_reason(name: str, value: int) -> str:
+  return f"timestamp must be >= 0, got {name}={value}"
 
 
 def clean_text(value) -> str:
@@ -272,6 +296,8 @@ def review_chunks(path: str, tracker: BadLineTracker, columns: ReviewColumns,
   for first, lines in _raw_blocks(path, block_lines):
     keep = [i for i, line in enumerate(lines) if line.strip()]
     try:
+      if isinstance(lines[-1], _CutLine):
+        raise ValueError("unterminated last line")  # The per-line path reports it.
       block = b"\n".join(lines)
       block.decode("utf-8")  # pyarrow does not validate UTF-8; the per-line path names it.
       table = pa_json.read_json(io.BytesIO(block), parse_options=options)
@@ -294,6 +320,9 @@ def review_chunks(path: str, tracker: BadLineTracker, columns: ReviewColumns,
     ratings = table[columns.rating].fill_null(columns.rating_values[0]).to_numpy()
     for i in np.flatnonzero(~np.isin(ratings, columns.rating_values)).tolist():
       bad.setdefault(i, rating_reason(columns.rating, float(ratings[i]), columns.rating_values))
+    times = table[columns.time].fill_null(0).to_numpy()
+    for i in np.flatnonzero(times < 0).tolist():
+      bad.setdefault(i, negative_time_reason(columns.time, int(times[i])))
     for i in sorted(bad):
       tracker.bad(path, int(linenos[i]), bad[i])
     good = np.ones(table.num_rows, bool)

@@ -3,7 +3,8 @@
 Layouts (GroupLens release -> files):
   * `csv`:  ml-latest(-small), ml-20m, ml-25m, ml-32m -> `ratings.csv`
     (userId,movieId,rating,timestamp) + `movies.csv` (movieId,title,genres);
-    UTF-8, LF or CRLF line ends, titles quoted when they contain commas.
+    UTF-8 (a leading byte-order mark, as Excel writes, is skipped), LF or CRLF line
+    ends, titles quoted when they contain commas.
     Ten half-star rating tokens.
   * `dat`:  ml-1m, ml-10m -> `ratings.dat` / `movies.dat` with `::` separators,
     latin-1. ml-1m (recognised by its `users.dat`) has 5 integer rating tokens,
@@ -17,6 +18,10 @@ so ML-20M-sized files take seconds. Any anomaly in a block (a row with the wrong
 number of fields, a non-numeric value, a rating outside the layout's scale, an
 empty line) switches to a line-by-line parser from the first row of that block,
 which reports the exact file and line of every malformed row to the tracker.
+
+A negative timestamp is a malformed row. So is a last line without its line break
+(in any of the files): a download cut mid-line can still parse (`610,170875,3.0,149`
+for `...,1493846415`), so the missing newline is the only sign of the truncation.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
-from data_pipelines.readers import EventChunk, Reader, require_file
+from data_pipelines.readers import (UNTERMINATED_LAST_LINE, EventChunk, Reader,
+                                    ends_with_newline, is_unterminated, open_text,
+                                    require_file)
 from data_pipelines.records import BadInputError, RawEvent, RawItem
 
 HALF_STARS = tuple(x / 2 for x in range(1, 11))  # 0.5 ... 5.0
@@ -113,7 +120,7 @@ class MovieLensReader(Reader):
   def _arrow_options(self):
     """(read, parse, convert options, header lines, field names) of the layout."""
     if self.layout == "csv":
-      with open(self.ratings_path, encoding="utf-8", newline="") as f:
+      with open_text(self.ratings_path, "utf-8") as f:
         header = f.readline().rstrip("\r\n").split(",")
       missing = [c for c in _CSV_COLUMNS if c not in header]
       if missing:
@@ -150,32 +157,50 @@ class MovieLensReader(Reader):
         return False
       if name.startswith("_") and not pc.all(pc.equal(col, "")).as_py():
         return False
+    if pc.any(pc.less(batch.column("timestamp"), 0)).as_py():
+      return False
     ratings = batch.column("rating").to_numpy()
     return bool(np.isin(ratings, self._valid_ratings).all())
 
   def event_chunks(self, chunk_size: int | None = None) -> Iterator[EventChunk]:
-    """Yields the ratings as columnar chunks in file order (ids stay int64)."""
+    """Yields the ratings as columnar chunks in file order (ids stay int64).
+
+    Each clean block is yielded once the next one has been read: when the file lacks
+    its final newline, its last block goes to the line-by-line parser, which reports
+    the unterminated line.
+    """
     read, parse, convert, header_lines, names = self._arrow_options()
+    cut = not ends_with_newline(self.ratings_path)
     self._invalid_seen = False
-    rows_done = 0
+    rows_done, pending, clean_to_end = 0, None, False
+
+    def emit(batch: pa.RecordBatch) -> EventChunk:
+      nonlocal rows_done
+      self.tracker.count_lines(batch.num_rows)
+      rows_done += batch.num_rows
+      return EventChunk(
+          users=batch.column("userId").to_numpy(),
+          items=batch.column("movieId").to_numpy(),
+          ratings=batch.column("rating").to_numpy(),
+          timestamps=batch.column("timestamp").to_numpy())
+
     try:
       reader = pa_csv.open_csv(self.ratings_path, read_options=read, parse_options=parse,
                                convert_options=convert)
       for batch in reader:
         if self._invalid_seen or not self._block_is_clean(batch):
           break
-        n = batch.num_rows
-        self.tracker.count_lines(n)
-        rows_done += n
-        yield EventChunk(
-            users=batch.column("userId").to_numpy(),
-            items=batch.column("movieId").to_numpy(),
-            ratings=batch.column("rating").to_numpy(),
-            timestamps=batch.column("timestamp").to_numpy())
+        if pending is not None:
+          yield emit(pending)
+        pending = batch
       else:
-        return
+        clean_to_end = True
     except pa.ArrowInvalid:
       pass  # a value that does not convert: locate it line by line below.
+    if pending is not None and not (clean_to_end and cut):
+      yield emit(pending)
+    if clean_to_end and not cut:
+      return
     yield from self._slow_chunks(first_line=header_lines + rows_done + 1, names=names)
 
   def _parse_rating_line(self, text: str, names: list[str]):
@@ -204,17 +229,20 @@ class MovieLensReader(Reader):
       ts = int(cols["timestamp"])
     except ValueError:
       return f"timestamp {cols['timestamp']!r} is not an integer"
+    if ts < 0:
+      return f"timestamp must be >= 0, got {ts}"
     return user, item, rating, ts
 
   def _slow_chunks(self, first_line: int, names: list[str]) -> Iterator[EventChunk]:
     """Line-by-line parse from 1-based `first_line`, reporting bad lines exactly."""
     encoding = "utf-8" if self.layout == "csv" else "latin-1"
     buf: list[tuple] = []
-    with open(self.ratings_path, encoding=encoding, newline="") as f:
+    with open_text(self.ratings_path, encoding) as f:
       for line_no, raw in enumerate(itertools.islice(f, first_line - 1, None), first_line):
         text = raw.rstrip("\r\n")
         self.tracker.count_lines()
-        parsed = self._parse_rating_line(text, names)
+        parsed = (UNTERMINATED_LAST_LINE if is_unterminated(raw)
+                  else self._parse_rating_line(text, names))
         if isinstance(parsed, str):
           self.tracker.bad(self.ratings_path, line_no, parsed)
           continue
@@ -245,8 +273,9 @@ class MovieLensReader(Reader):
 
   def _items_csv(self) -> Iterator[RawItem]:
     path = self.movies_path
-    with open(path, encoding="utf-8", newline="") as f:
-      reader = csv.reader(f)
+    with open_text(path, "utf-8") as f:
+      lines = _LastLineWatch(f)
+      reader = csv.reader(lines)
       header = next(reader, None)
       if header is None or [h.strip() for h in header[:3]] != ["movieId", "title", "genres"]:
         raise BadInputError(
@@ -255,6 +284,9 @@ class MovieLensReader(Reader):
         self.tracker.count_lines()
         if not fields:
           continue  # blank line
+        if lines.unterminated:
+          self.tracker.bad(path, reader.line_num, UNTERMINATED_LAST_LINE)
+          continue
         if len(fields) != 3:
           self.tracker.bad(path, reader.line_num,
                            f"expected 3 fields (movieId,title,genres), found {len(fields)}")
@@ -266,11 +298,13 @@ class MovieLensReader(Reader):
 
     Every line, blank or not, counts in the tracker.
     """
-    with open(self.movies_path, encoding="latin-1", newline="") as f:
+    with open_text(self.movies_path, "latin-1") as f:
       for line_no, raw in enumerate(f, 1):
         self.tracker.count_lines()
         text = raw.rstrip("\r\n")
-        if text:
+        if text and is_unterminated(raw):
+          self.tracker.bad(self.movies_path, line_no, UNTERMINATED_LAST_LINE)
+        elif text:
           yield line_no, text.split(separator)
 
   def _items_dat(self) -> Iterator[RawItem]:
@@ -287,11 +321,13 @@ class MovieLensReader(Reader):
     if not os.path.exists(path):
       return ML100K_GENRES
     names = {}
-    with open(path, encoding="latin-1") as f:
+    with open_text(path, "latin-1") as f:
       for line_no, raw in enumerate(f, 1):
         text = raw.strip()
         if not text:
           continue
+        if is_unterminated(raw):
+          raise BadInputError(f"{path}:{line_no}: {UNTERMINATED_LAST_LINE}")
         name, _, idx = text.rpartition("|")
         if not name or not idx.isdigit():
           raise BadInputError(f"{path}:{line_no}: expected 'name|index', found {text!r}")
@@ -321,6 +357,26 @@ class MovieLensReader(Reader):
       return
     cats = tuple(g for g in genres.split("|") if g and g != NO_GENRES)
     yield RawItem(item=str(int(movie_id)), title=title.strip(), categories=cats)
+
+
+class _LastLineWatch:
+  """Iterates a text file's lines for `csv.reader`, noting a last line without line break.
+
+  `csv.reader` pulls lines only as far as the record it returns, so `unterminated` is
+  True exactly when the record just returned ends on such a line.
+  """
+
+  def __init__(self, lines: Iterator[str]):
+    self._lines = iter(lines)
+    self.unterminated = False
+
+  def __iter__(self) -> "_LastLineWatch":
+    return self
+
+  def __next__(self) -> str:
+    line = next(self._lines)
+    self.unterminated = is_unterminated(line)
+    return line
 
 
 def _chunk_from_rows(rows: list[tuple]) -> EventChunk:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import importlib
+import io
 import os
 from collections.abc import Iterator, Sequence
 from typing import ClassVar
@@ -216,6 +217,41 @@ def make_reader(dataset: str, manual_dir: str | os.PathLike, *,
                 tracker: BadLineTracker | None = None, **options) -> Reader:
   """Builds the reader registered under `dataset` for the files in `manual_dir`."""
   return get_reader_class(dataset)(manual_dir, tracker=tracker, **options)
+
+
+# What Excel and Notepad put at the start of a UTF-8 file; not part of the first field.
+UTF8_BOM = b"\xef\xbb\xbf"
+# The bad-line reason of a last line without its line break.
+UNTERMINATED_LAST_LINE = ("last line has no trailing newline: the file may be truncated "
+                          "(re-download it, or end the file with a newline if the line is "
+                          "complete)")
+
+
+def open_text(path: str, encoding: str) -> io.TextIOWrapper:
+  """Opens a text file for reading with a leading UTF-8 byte-order mark skipped.
+
+  Line ends are kept as written (`newline=""`), so callers can tell a last line that
+  lost its line break.
+  """
+  f = open(path, "rb")  # pylint: disable=consider-using-with
+  if f.read(len(UTF8_BOM)) != UTF8_BOM:
+    f.seek(0)
+  return io.TextIOWrapper(f, encoding=encoding, newline="")
+
+
+def is_unterminated(raw: str | bytes) -> bool:
+  """True for a raw line (as read, line end included) that has no line break."""
+  end = raw[-1:]
+  return end not in ("\n", "\r", b"\n", b"\r")
+
+
+def ends_with_newline(path: str) -> bool:
+  """True when the file is empty or its last byte is a line break."""
+  with open(path, "rb") as f:
+    if f.seek(0, os.SEEK_END) == 0:
+      return True
+    f.seek(-1, os.SEEK_END)
+    return not is_unterminated(f.read(1))
 
 
 def require_file(directory: str, candidates: Sequence[str], what: str) -> str:

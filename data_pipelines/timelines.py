@@ -241,6 +241,10 @@ def build_timelines(reader: Reader, options: TimelineOptions,
   if not events_read:
     raise EmptyDatasetError(f"no events read from {reader.manual_dir!r} "
                             f"({', '.join(reader.source_files()) or reader.name})")
+  if len(ts) and ts.min() < 0:  # Readers report these as bad lines; this guards the rest.
+    row = int(np.argmax(ts < 0))
+    raise BadInputError(f"{type(reader).__name__} yielded event row {row} (0-based) with "
+                        f"timestamp {int(ts[row])}: timestamp must be >= 0")
 
   # Exact duplicates (the Amazon 2018 5-core files repeat reviews verbatim).
   text_codes = None

@@ -171,8 +171,9 @@ def test_columnar_chunks_equal_per_line_events(tmp_path, chunk_size):
   for chunk in columnar.event_chunks(chunk_size=chunk_size):
     got += zip(chunk.users.tolist(), chunk.items.tolist(), chunk.ratings.tolist(),
                chunk.timestamps.tolist(), chunk.review_texts.tolist())
-  assert got == expected == [("1", "0x1", 5.0, 1, "Nice place"), ("2", "0x2", 5.0, -1, ""),
+  assert got == expected == [("1", "0x1", 5.0, 1, "Nice place"),
                              ("3", "0x3", 5.0, 2, "Nice place"),
                              ("6", "0x6", 5.0, 7, "spaced")]
   assert columnar.tracker.to_json() == per_line.tracker.to_json()
-  assert [b.line for b in columnar.tracker.examples] == [5, 6, 8]
+  assert [b.line for b in columnar.tracker.examples] == [2, 5, 6, 8]
+  assert columnar.tracker.examples[0].reason == "timestamp must be >= 0, got time=-1"
