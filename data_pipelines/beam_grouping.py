@@ -287,23 +287,38 @@ def run(dataset: str, manual_dir: str, output_prefix: str,
 _KEY_ROW_BITS, _KEY_RECORD_BITS = 40, 20
 
 
-def cut_user(n: int, options: TimelineOptions) -> tuple[dict, int]:
+def cut_user(n: int, options: TimelineOptions) -> tuple[dict, list[tuple[int, int]]]:
   """Record slices [start, end) per split of one n-event timeline, and train coverage.
 
   The per-user form of `timelines._cut_records`: same protocols, same windows.
+
+  Returns:
+    (split -> slices, the disjoint [start, end) runs of events some train record covers:
+    the vocabularies count these events only).
   """
   if options.protocol == "leave_last_out":
     if n < 3:
-      return {}, 0
-    return {"train": [(0, n - 2)], "validation": [(0, n - 1)], "test": [(0, n)]}, n - 2
+      return {}, []
+    return {"train": [(0, n - 2)], "validation": [(0, n - 1)], "test": [(0, n)]}, [(0, n - 2)]
   w, stride = options.window, options.stride
   if n < w + 2:
-    return {}, 0
+    return {}, []
   test_start = n - (w + 1)
   num_train = test_start // stride
   starts = [test_start - k * stride for k in range(num_train, 0, -1)]
   records = {"train": [(s, s + w + 1) for s in starts], "test": [(test_start, n)]}
-  return records, (n - stride if num_train else 0)
+  return records, merge_slices(records["train"])
+
+
+def merge_slices(slices: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+  """The union of [start, end) slices sorted by start, as disjoint runs."""
+  runs: list[tuple[int, int]] = []
+  for start, end in slices:
+    if runs and start <= runs[-1][1]:
+      runs[-1] = (runs[-1][0], max(runs[-1][1], end))
+    else:
+      runs.append((start, end))
+  return runs
 
 
 def record_key(first_seen: tuple[int, int], index: int) -> int:
@@ -486,8 +501,8 @@ def build_splits(pipeline: beam.Pipeline, config, manual_dir: str, out_dir: str)
   user_stats = (users | "UserStats" >> beam.Map(lambda r: (len(r[2]), bool(r[3][0])))
                 | "UserList" >> beam.combiners.ToList())
   dups = users | "Dups" >> beam.Map(lambda r: r[4]) | "SumDups" >> beam.CombineGlobally(sum)
-  train = (users | "TrainItems" >> beam.FlatMap(lambda r: [(e.item, 1) for e in
-                                                          r[2][:r[3][1]]])
+  train = (users | "TrainItems" >> beam.FlatMap(
+      lambda r: [(e.item, 1) for start, end in r[3][1] for e in r[2][start:end]])
            | "CountTrain" >> beam.CombinePerKey(sum))
   first = (group.keyed_events
            | "ItemFirst" >> beam.Map(lambda kv: (kv[1][3].item, (kv[1][1], kv[1][2])))

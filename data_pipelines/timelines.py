@@ -16,9 +16,11 @@ that tens of millions of events fit in memory as a few int arrays:
    * `paper`: users with >= window + 2 events; windows of window + 1 events,
      aligned to the end of the timeline and `stride` apart; each user's last
      window -> test, earlier windows -> train;
-6. build vocabularies (PAD=0, OOV=1 reserved) from the events the TRAIN records
-   cover only: items below `min_item_count` and items seen only in validation /
-   test map to OOV_ID and are counted, never dropped.
+6. build vocabularies (PAD=0, OOV=1 reserved) from the events some TRAIN record
+   covers only (under the paper protocol with stride > 1, a user's leading events
+   before the first window, and gaps between windows when stride > window + 1, are
+   in no train record): items below `min_item_count` and items seen only outside
+   train records map to OOV_ID and are counted, never dropped.
 
 The last event of every record is its target (see `user_llm_jax/data/schema.py`).
 """
@@ -266,8 +268,8 @@ def build_timelines(reader: Reader, options: TimelineOptions,
   u_start = np.concatenate([[0], bounds]).astype(np.int64)
   u_len = np.diff(np.concatenate([u_start, [len(user)]])).astype(np.int64)
 
-  # Records of the protocol, and how much of each timeline the train records cover.
-  records, covered = _cut_records(u_start, u_len, options, drops)
+  # Records of the protocol.
+  records = _cut_records(u_start, u_len, options, drops)
   if any(len(v) == 0 for v in records.values()):
     need = 3 if options.protocol == "leave_last_out" else options.window + 2
     raise EmptyDatasetError(
@@ -275,8 +277,7 @@ def build_timelines(reader: Reader, options: TimelineOptions,
         f"{options.protocol!r} protocol needs (users read: {len(u_len):,}, max events "
         f"per user: {int(u_len.max()):,}); records per split: "
         f"{ {k: len(v) for k, v in records.items()} }")
-  pos_in_user = np.arange(len(user)) - np.repeat(u_start, u_len)
-  in_train = pos_in_user < np.repeat(covered, u_len)
+  in_train = covered_mask(len(user), records["train"])
 
   # Item metadata, first occurrence of each id wins.
   meta: dict[str, tuple[str, tuple[str, ...]]] = {}
@@ -367,18 +368,23 @@ def build_timelines(reader: Reader, options: TimelineOptions,
       splits=records)
 
 
+def covered_mask(n: int, slices: np.ndarray) -> np.ndarray:
+  """bool [n]: True for the events that at least one of the [start, end) `slices` covers."""
+  depth = np.zeros(n + 1, dtype=np.int64)
+  np.add.at(depth, slices[:, 0], 1)
+  np.add.at(depth, slices[:, 1], -1)
+  return np.cumsum(depth[:-1]) > 0
+
+
 def _cut_records(u_start: np.ndarray, u_len: np.ndarray, options: TimelineOptions,
-                 drops: DropCounter) -> tuple[dict, np.ndarray]:
-  """Record slices per split and, per user, how many leading events train covers."""
-  covered = np.zeros(len(u_len), dtype=np.int64)
+                 drops: DropCounter) -> dict:
+  """Record slices [start, end) per split, as int64 [R, 2] arrays."""
   if options.protocol == "leave_last_out":
     ok = u_len >= 3
     _count_dropped_users(drops, ~ok, u_len, "user_fewer_than_3_events")
     s, n = u_start[ok], u_len[ok]
-    covered[ok] = n - 2
-    records = {"train": np.stack([s, s + n - 2], 1), "validation": np.stack([s, s + n - 1], 1),
-               "test": np.stack([s, s + n], 1)}
-    return records, covered
+    return {"train": np.stack([s, s + n - 2], 1), "validation": np.stack([s, s + n - 1], 1),
+            "test": np.stack([s, s + n], 1)}
   w, stride = options.window, options.stride
   ok = u_len >= w + 2
   _count_dropped_users(drops, ~ok, u_len, f"user_fewer_than_{w + 2}_events")
@@ -389,9 +395,7 @@ def _cut_records(u_start: np.ndarray, u_len: np.ndarray, options: TimelineOption
       np.zeros(0, np.int64))
   starts = np.repeat(test_start, num_train) - k.astype(np.int64) * stride
   train = np.stack([starts, starts + w + 1], 1).astype(np.int64)
-  covered[ok] = np.where(num_train > 0, (n - (w + 1)) - stride + (w + 1), 0)
-  records = {"train": train, "test": np.stack([test_start, test_start + w + 1], 1)}
-  return records, covered
+  return {"train": train, "test": np.stack([test_start, test_start + w + 1], 1)}
 
 
 def _count_dropped_users(drops: DropCounter, mask: np.ndarray, u_len: np.ndarray,

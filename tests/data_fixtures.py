@@ -158,3 +158,15 @@ class ListReader:
     _Reader.rating_values = tuple(rating_values)
     _Reader.has_text = has_text
     return _Reader(manual_dir or tempfile.gettempdir(), tracker=tracker)
+
+
+def write_one_user_timeline(directory, n: int, first_item: int = 100,
+                            user: int = 1) -> pathlib.Path:
+  """MovieLens csv with one user rating items first_item, first_item + 1, ... at t = 1..n.
+
+  Every item occurs once, so an item is in the vocabulary exactly when a train record
+  covers the event at its position (item - first_item).
+  """
+  ratings = [(user, first_item + k, 3.0, k + 1) for k in range(n)]
+  movies = [(first_item + k, f"Movie {k} (2000)", ("Drama",)) for k in range(n)]
+  return write_movielens_csv(directory, ratings=ratings, movies=movies)

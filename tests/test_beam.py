@@ -20,6 +20,7 @@ from data_pipelines import prepare  # noqa: E402
 from data_pipelines.readers import make_reader  # noqa: E402
 from data_pipelines.records import RawEvent  # noqa: E402
 from data_pipelines.timelines import TimelineOptions, build_timelines  # noqa: E402
+from tests import data_fixtures as fx  # noqa: E402
 from user_llm_jax.data import schema  # noqa: E402
 
 OOV = "<oov>"
@@ -152,7 +153,11 @@ def _prepare(config: dict, dataset, manual_dir, data_dir, beam_pipeline_options=
     ("movielens", movielens_fixture, {"protocol": "paper", "window": 1, "stride": 2}),
 ])
 def test_beam_builder_writes_the_same_dataset(tmp_path, dataset, make, config):
-  manual_dir = make(tmp_path / "raw")
+  _assert_same_dataset(tmp_path, dataset, make(tmp_path / "raw"), config)
+
+
+def _assert_same_dataset(tmp_path, dataset, manual_dir, config) -> dict:
+  """Prepares in memory and on Beam, asserts equal outputs; returns the vocabulary JSON."""
   mem, mem_side = _prepare(config, dataset, manual_dir, tmp_path / "mem")
   par, par_side = _prepare(config, dataset, manual_dir, tmp_path / "beam", [])
   splits = builder_lib.TimelineBuilderConfig.make(dataset, **config).options().splits
@@ -175,6 +180,19 @@ def test_beam_builder_writes_the_same_dataset(tmp_path, dataset, make, config):
   timing = {"seconds_timelines", "seconds_total", "events_per_second", "records_per_second"}
   for key in set(stats) - {"drops", "source"} - timing:
     assert stats[key] == beam_stats[key], key
+  return vocab
+
+
+@pytest.mark.parametrize("window, stride, n, covered", [
+    (2, 2, 6, [1, 2, 3]),  # The leading event is in no train window.
+    (1, 4, 11, [1, 2, 5, 6]),  # Neither are the gaps between windows.
+])
+def test_beam_vocabulary_counts_only_events_a_train_record_covers(tmp_path, window, stride,
+                                                                   n, covered):
+  manual_dir = fx.write_one_user_timeline(tmp_path / "raw", n)
+  config = {"protocol": "paper", "window": window, "stride": stride}
+  vocab = _assert_same_dataset(tmp_path, "movielens", manual_dir, config)
+  assert [row[0] for row in vocab["items"][schema.FIRST_ID:]] == [str(100 + k) for k in covered]
 
 
 def test_order_timeline_keeps_first_duplicate_and_read_order_on_ties():

@@ -108,6 +108,31 @@ def test_paper_protocol_stride_is_aligned_to_the_last_window(tmp_path):
   assert tl.statistics["drops"]["counts"]["oov_target_test_counted_not_dropped"] == 1
 
 
+# (window, stride, timeline length, positions some train record covers): a leading event
+# before the first window (stride 2), and gaps between windows (stride > window + 1).
+UNCOVERED_CASES = [(2, 2, 6, [1, 2, 3]), (1, 3, 8, [0, 1, 3, 4]), (1, 4, 11, [1, 2, 5, 6])]
+
+
+@pytest.mark.parametrize("window, stride, n, covered", UNCOVERED_CASES)
+def test_vocabulary_counts_only_events_a_train_record_covers(tmp_path, window, stride, n,
+                                                              covered):
+  fx.write_one_user_timeline(tmp_path, n)
+  options = timelines.TimelineOptions(protocol="paper", window=window, stride=stride)
+  tl = timelines.build_timelines(make_reader("movielens", tmp_path), options,
+                                 show_progress=False)
+  train = {k for rec in tl.splits["train"].tolist() for k in range(*rec)}
+  assert sorted(train) == covered
+  vocab = [it.raw_id for it in tl.vocabulary.items[schema.FIRST_ID:]]
+  assert vocab == [str(100 + k) for k in covered]
+  assert tl.vocabulary.categories[schema.FIRST_ID:] == ("Drama",)
+
+
+def test_covered_mask():
+  mask = timelines.covered_mask(10, np.array([[1, 3], [2, 4], [6, 7]]))
+  assert np.flatnonzero(mask).tolist() == [1, 2, 3, 6]
+  assert not timelines.covered_mask(3, np.zeros((0, 2), np.int64)).any()
+
+
 def test_duplicates_counted_and_first_kept(tmp_path):
   ratings = fx.RATINGS + [(10, 2, 4.0, 100), (20, 3, 2.5, 30), (20, 3, 2.5, 30),
                           (20, 3, 3.0, 30)]  # last one differs in rating: kept
