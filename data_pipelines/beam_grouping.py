@@ -14,7 +14,9 @@ assert it with the DirectRunner's in-process engine and with the BundleBasedDire
 over files (categories / states); grouping, the memory-bound part, is distributed by user.
 
 On top of the grouping, `BeamUserTimelines` is the TFDS builder of `data_pipelines.builder`
-prepared entirely on Beam: protocol cuts per user, item / category vocabularies from train
+prepared entirely on Beam: optional k-core filtering (`kcore_filter`: the passes of
+`timelines.kcore_mask` unrolled up to `KCORE_MAX_ROUNDS`, item counts as a side input),
+protocol cuts per user, item / category vocabularies from train
 counts (only the per-item tables meet on one worker), records, `vocabulary.json` and
 `statistics.json`, identical to the in-memory builder's output (tested). Use it through
 
@@ -279,6 +281,85 @@ def run(dataset: str, manual_dir: str, output_prefix: str,
   return stats
 
 
+# --------------------------------------------------------------------------- k-core filter
+# Beam graphs have no loops: the passes of `timelines.kcore_mask` are unrolled up to this
+# bound, and a preparation whose last unrolled pass still removed events fails (raise the
+# bound, or prepare in memory). Passes after convergence remove nothing and cost little.
+KCORE_MAX_ROUNDS = 24
+
+
+class _KcorePass(beam.DoFn):
+  """One k-core pass over one user: the events of kept users on kept items.
+
+  As in `timelines.kcore_mask`, the user's and the items' event counts are those at the
+  start of the pass (the items' come as a side input), so each pass removes the same
+  events in both builders.
+  """
+
+  def __init__(self, min_user: int, min_item: int):
+    super().__init__()
+    self._min_user, self._min_item = min_user, min_item
+
+  def process(self, row, item_counts):
+    user, first_seen, timeline, dropped = row
+    kept = [] if len(timeline) < self._min_user else [
+        e for e in timeline if item_counts[e.item] >= self._min_item]
+    if len(kept) < len(timeline):
+      yield beam.pvalue.TaggedOutput("removed", (len(timeline) - len(kept), int(not kept)))
+    if kept:
+      yield user, first_seen, kept, dropped
+
+
+def _add_up(rows: Iterable[tuple[int, ...]]) -> tuple[int, int]:
+  """Element-wise sum of (a, b) pairs ((0, 0) for none): a CombineGlobally function."""
+  a = b = 0
+  for x, y in rows:
+    a, b = a + x, b + y
+  return a, b
+
+
+def _kcore_summary(unused, before, after, items_left, *removed) -> dict:
+  del unused
+  events = [n for n, _ in removed]
+  return {"users_before": before[0], "events_before": before[1], "users_left": after[0],
+          "events_left": after[1], "items_left": items_left,
+          "rounds": sum(n > 0 for n in events), "converged": not events[-1]}
+
+
+def kcore_filter(grouped, options: TimelineOptions, max_rounds: int | None = None):
+  """The k-core of (user, first_seen, timeline, dropped) rows, as `timelines.kcore_mask`.
+
+  Returns:
+    (the rows of users left, with their timelines filtered; a one-element PCollection of
+    the summary dict: users / events before and left, items left, passes, convergence).
+  """
+  max_rounds = max_rounds or KCORE_MAX_ROUNDS
+  pipeline = grouped.pipeline
+  size = lambda label, rows: (rows | f"{label}Pairs" >> beam.Map(lambda r: (1, len(r[2])))
+                              | f"{label}Sum" >> beam.CombineGlobally(_add_up))
+  before = size("KcoreBefore", grouped)
+  current, removed = grouped, []
+  for r in range(max_rounds):
+    counts = (current
+              | f"KcoreItems{r}" >> beam.FlatMap(lambda row: [(e.item, 1) for e in row[2]])
+              | f"KcoreCount{r}" >> beam.CombinePerKey(sum))
+    step = current | f"KcorePass{r}" >> beam.ParDo(
+        _KcorePass(options.kcore_users, options.kcore_items),
+        beam.pvalue.AsDict(counts)).with_outputs("removed", main="kept")
+    removed.append(step.removed | f"KcoreRemoved{r}" >> beam.CombineGlobally(_add_up))
+    current = step.kept
+  items_left = (current | "KcoreItemsLeft" >> beam.FlatMap(lambda row: {e.item for e in row[2]})
+                | "KcoreDistinct" >> beam.Distinct()
+                | "KcoreCountItems" >> beam.combiners.Count.Globally())
+  summary = (pipeline | "KcoreSeed" >> beam.Create([None])
+             | "KcoreSummary" >> beam.Map(
+                 _kcore_summary, beam.pvalue.AsSingleton(before),
+                 beam.pvalue.AsSingleton(size("KcoreAfter", current)),
+                 beam.pvalue.AsSingleton(items_left),
+                 *[beam.pvalue.AsSingleton(x) for x in removed]))
+  return current, summary
+
+
 # --------------------------------------------------------------------------- TFDS builder
 # The same records, vocabularies and statistics as `timelines.build_timelines`, computed
 # user by user on Beam. Only the per-item tables (counts, metadata, vocabulary) meet on
@@ -425,9 +506,15 @@ class _EncodeUser(beam.DoFn):
 
 
 def _write_side_files(unused, out_dir, settings, options, describe, rating_values,
-                      max_bad_fraction, read, meta, users, dups, vocab, oov) -> None:
+                      max_bad_fraction, read, meta, users, dups, vocab, oov, kcore) -> None:
   """Checks the totals, then writes vocabulary.json and statistics.json into `out_dir`."""
   del unused
+  if kcore and not kcore["converged"]:
+    raise RuntimeError(
+        f"k-core filtering (users >= {options.kcore_users}, items >= {options.kcore_items} "
+        f"events) still removed events in its last of {kcore['rounds']} unrolled passes on "
+        "Beam: raise data_pipelines.beam_grouping.KCORE_MAX_ROUNDS, or prepare in memory "
+        "(without --beam)")
   lines, bad = read[LINES_READ] + meta[LINES_READ], read[BAD_LINES] + meta[BAD_LINES]
   check_bad_fraction({LINES_READ: lines, BAD_LINES: bad,
                       "bad_examples": read["bad_examples"] + meta["bad_examples"]},
@@ -449,6 +536,15 @@ def _write_side_files(unused, out_dir, settings, options, describe, rating_value
   counts[reason] = int((~kept).sum())
   counts[f"events_of_{reason}"] = int(lengths[~kept].sum())
   counts.update({f"oov_target_{s}_counted_not_dropped": n for s, _, n in oov})
+  kcore_stats = {}
+  if kcore:
+    kcore_stats = {"kcore": timelines_lib.kcore_statistics(
+        options, kcore["rounds"], users_before=kcore["users_before"],
+        items_before=vocab["counts"]["items_read"], events_before=kcore["events_before"],
+        users_left=kcore["users_left"], items_left=kcore["items_left"],
+        events_left=kcore["events_left"])}
+    counts.update({f"kcore_{what}_removed": kcore_stats["kcore"][f"{what}_removed"]
+                   for what in ("users", "items", "events")})
   reader_counts = {k: read["reader_counts"].get(k, 0) + meta["reader_counts"].get(k, 0)
                    for k in {**read["reader_counts"], **meta["reader_counts"]}}
   source = {**describe, "reader_counts": reader_counts, "engine": "apache_beam"}
@@ -467,7 +563,8 @@ def _write_side_files(unused, out_dir, settings, options, describe, rating_value
                     "max_bad_fraction": max_bad_fraction,
                     "examples": (read["bad_examples"] + meta["bad_examples"])[:20]},
       "events_read": read[EVENTS_READ], "duplicate_events": dups,
-      "events_after_dedup": int(lengths.sum()), "users_read": len(users),
+      "events_after_dedup": kcore["events_before"] if kcore else int(lengths.sum()),
+      **kcore_stats, "users_read": kcore["users_before"] if kcore else len(users),
       "users_kept": int(kept.sum()), "events_kept": int(lengths[kept].sum()),
       **{k: v for k, v in vocab["counts"].items() if k != "item_below_min_count"},
       "rating_values": [float(r) for r in rating_values],
@@ -496,11 +593,16 @@ def build_splits(pipeline: beam.Pipeline, config, manual_dir: str, out_dir: str)
   group = GroupTimelines(config.dataset, manual_dir, reader_options, config.max_bad_fraction,
                          with_first_seen=True)
   grouped = pipeline | "Group" >> group
+  # Before the k-core filter, which may remove users: every duplicate is counted.
+  dups = grouped | "Dups" >> beam.Map(lambda r: r[3]) | "SumDups" >> beam.CombineGlobally(sum)
+  if options.kcore:
+    grouped, kcore = kcore_filter(grouped, options)
+  else:
+    kcore = pipeline | "NoKcore" >> beam.Create([None])
   users = grouped | "Cut" >> beam.MapTuple(
       lambda u, first, tl, dropped: (u, first, tl, cut_user(len(tl), options), dropped))
   user_stats = (users | "UserStats" >> beam.Map(lambda r: (len(r[2]), bool(r[3][0])))
                 | "UserList" >> beam.combiners.ToList())
-  dups = users | "Dups" >> beam.Map(lambda r: r[4]) | "SumDups" >> beam.CombineGlobally(sum)
   train = (users | "TrainItems" >> beam.FlatMap(
       lambda r: [(e.item, 1) for start, end in r[3][1] for e in r[2][start:end]])
            | "CountTrain" >> beam.CombinePerKey(sum))
@@ -539,7 +641,8 @@ def build_splits(pipeline: beam.Pipeline, config, manual_dir: str, out_dir: str)
            group.rating_values, config.max_bad_fraction,
            beam.pvalue.AsSingleton(group.stats), beam.pvalue.AsSingleton(meta_stats),
            beam.pvalue.AsSingleton(user_stats), beam.pvalue.AsSingleton(dups),
-           beam.pvalue.AsSingleton(vocab), beam.pvalue.AsSingleton(oov)))
+           beam.pvalue.AsSingleton(vocab), beam.pvalue.AsSingleton(oov),
+           beam.pvalue.AsSingleton(kcore)))
   return {s: encoded[s] for s in options.splits}
 
 

@@ -4,7 +4,12 @@ Usage:
   python -m data_pipelines.prepare --dataset=movielens \
       --manual_dir=../shared/data/ml-latest-small --data_dir=/tmp/prepared \
       [--protocol=leave_last_out|paper] [--window=50] [--stride=1] \
-      [--min_item_count=1] [--max_bad_fraction=0] [--reader_option=key=value ...]
+      [--min_item_count=1] [--kcore_users=0 --kcore_items=0] [--max_bad_fraction=0] \
+      [--reader_option=key=value ...]
+
+`--kcore_users=5 --kcore_items=5` keeps the 5-core of the events (users and items with
+>= 5 events each, removed iteratively until stable) before the protocol cuts records;
+the report says how many users, items and events that removed, in how many passes.
 
 Prints a statistics report (also written as JSON: `statistics.json` in the
 prepared directory, and `--statistics_output` if given). A malformed input line
@@ -55,7 +60,8 @@ def prepare_dataset(dataset: str, manual_dir: str | os.PathLike, data_dir: str |
                     min_item_count: int = 1, min_category_count: int = 1,
                     max_bad_fraction: float = 0.0, reader_options: dict | None = None,
                     force: bool = False, show_progress: bool = True,
-                    beam_pipeline_options: list[str] | None = None) -> PreparedDataset:
+                    beam_pipeline_options: list[str] | None = None,
+                    kcore_users: int = 0, kcore_items: int = 0) -> PreparedDataset:
   """Prepares (or reuses) `dataset` from `manual_dir` into `data_dir`.
 
   Args:
@@ -71,6 +77,8 @@ def prepare_dataset(dataset: str, manual_dir: str | os.PathLike, data_dir: str |
     show_progress: progress bars.
     beam_pipeline_options: None prepares in memory; a list (possibly empty) of Beam
       pipeline flags prepares on Apache Beam (`data_pipelines.beam_grouping`).
+    kcore_users, kcore_items: k-core filtering thresholds (0: off); part of the prepared
+      dataset's config name and settings.
 
   Returns:
     The `PreparedDataset`.
@@ -84,7 +92,8 @@ def prepare_dataset(dataset: str, manual_dir: str | os.PathLike, data_dir: str |
   config = builder_lib.TimelineBuilderConfig.make(
       dataset, protocol=protocol, window=window, stride=stride,
       min_item_count=min_item_count, min_category_count=min_category_count,
-      max_bad_fraction=max_bad_fraction, reader_options=reader_options)
+      max_bad_fraction=max_bad_fraction, reader_options=reader_options,
+      kcore_users=kcore_users, kcore_items=kcore_items)
   manual_dir, data_dir = os.fspath(manual_dir), os.fspath(data_dir)
   if not os.path.isdir(manual_dir):
     raise FileNotFoundError(f"--manual_dir {manual_dir!r} does not exist or is not a directory")
@@ -166,6 +175,16 @@ def format_report(statistics: dict) -> str:
       ("users read", n(s["users_read"])),
       ("users kept", n(s["users_kept"])),
       ("events kept", n(s["events_kept"])),
+  ]
+  if "kcore" in s:
+    k = s["kcore"]
+    rows.insert(-2, ("k-core", (
+        f"users >= {k['kcore_users']}, items >= {k['kcore_items']} events: removed "
+        f"{n(k['users_removed'])} users, {n(k['items_removed'])} items, "
+        f"{n(k['events_removed'])} events in {k['rounds']} pass(es); left "
+        f"{n(k['users_left'])} users, {n(k['items_left'])} items, "
+        f"{n(k['events_left'])} events")))
+  rows += [
       ("items read", n(s["items_read"])),
       ("items in vocabulary", n(s["items_in_vocabulary"])),
       ("items without metadata", n(s["items_without_metadata"])),
@@ -203,7 +222,8 @@ def main(argv) -> None:
         stride=f.stride, min_item_count=f.min_item_count,
         min_category_count=f.min_category_count, max_bad_fraction=f.max_bad_fraction,
         reader_options=options, force=f.force,
-        beam_pipeline_options=f.beam_pipeline_options if f.beam else None)
+        beam_pipeline_options=f.beam_pipeline_options if f.beam else None,
+        kcore_users=f.kcore_users, kcore_items=f.kcore_items)
   except (BadInputError, FileNotFoundError, ValueError, TypeError) as e:
     print(f"ERROR: {e}", file=sys.stderr)
     sys.exit(1)
@@ -226,6 +246,10 @@ def _define_flags() -> None:
   flags.DEFINE_integer("stride", 1, "Paper protocol: window stride.")
   flags.DEFINE_integer("min_item_count", 1, "Items rarer in train become OOV.")
   flags.DEFINE_integer("min_category_count", 1, "Categories rarer in train become OOV.")
+  flags.DEFINE_integer("kcore_users", 0, "k-core filtering: keep users with >= this many "
+                       "events, iterated with --kcore_items until stable (0: off).")
+  flags.DEFINE_integer("kcore_items", 0, "k-core filtering: keep items with >= this many "
+                       "events, iterated with --kcore_users until stable (0: off).")
   flags.DEFINE_float("max_bad_fraction", 0.0, "Tolerated fraction of malformed lines.")
   flags.DEFINE_multi_string("reader_option", [], "key=value option for the reader.")
   flags.DEFINE_bool("force", False, "Re-prepare even if a complete preparation exists.")

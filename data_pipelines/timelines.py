@@ -7,16 +7,22 @@ that tens of millions of events fit in memory as a few int arrays:
    ratings to rating tokens;
 2. drop exact repeated events (same user, item, rating, time and text; the
    first occurrence is kept) and count them;
-3. sort each user's events by timestamp, ties broken stably by original row order;
-4. join item metadata (repeated metadata ids: first kept, counted; items with
+3. optionally (`kcore_users` / `kcore_items`, off by default) keep the k-core of the
+   user-item graph: repeatedly remove the users with fewer than `kcore_users` events
+   and the items with fewer than `kcore_items` events (both counted on the events
+   still kept, each pass removing every such user and item at once) until a pass
+   removes nothing. The result is the largest event set in which every user and item
+   meets its threshold, whatever the removal order; what was removed is counted;
+4. sort each user's events by timestamp, ties broken stably by original row order;
+5. join item metadata (repeated metadata ids: first kept, counted; items with
    no metadata get their raw id as title and no categories, counted);
-5. cut records with a protocol:
+6. cut records with a protocol:
    * `leave_last_out`: train = timeline[:-2], validation = timeline[:-1],
      test = timeline; users with < 3 events are dropped (counted);
    * `paper`: users with >= window + 2 events; windows of window + 1 events,
      aligned to the end of the timeline and `stride` apart; each user's last
      window -> test, earlier windows -> train;
-6. build vocabularies (PAD=0, OOV=1 reserved) from the events some TRAIN record
+7. build vocabularies (PAD=0, OOV=1 reserved) from the events some TRAIN record
    covers only (under the paper protocol with stride > 1, a user's leading events
    before the first window, and gaps between windows when stride > window + 1, are
    in no train record): items below `min_item_count` and items seen only outside
@@ -56,6 +62,11 @@ class TimelineOptions:
     stride: paper protocol: distance between consecutive windows of a user.
     min_item_count: items with fewer occurrences in the train events -> OOV_ID.
     min_category_count: categories with fewer train occurrences -> OOV_ID.
+    kcore_users: k-core filtering: users keep >= this many events (0: no user threshold).
+    kcore_items: k-core filtering: items keep >= this many events (0: no item threshold).
+      Applied to the de-duplicated events before the protocol cuts records; both 0
+      (the default) turns the filtering off. Events are counted with repeats (a user who
+      rated an item twice at different times has two events).
   """
 
   protocol: str = "leave_last_out"
@@ -63,6 +74,8 @@ class TimelineOptions:
   stride: int = 1
   min_item_count: int = 1
   min_category_count: int = 1
+  kcore_users: int = 0
+  kcore_items: int = 0
 
   def __post_init__(self):
     if self.protocol not in PROTOCOLS:
@@ -71,6 +84,14 @@ class TimelineOptions:
       raise ValueError(f"window and stride must be >= 1, got {self.window}, {self.stride}")
     if self.min_item_count < 1 or self.min_category_count < 1:
       raise ValueError("min_item_count and min_category_count must be >= 1")
+    if self.kcore_users < 0 or self.kcore_items < 0:
+      raise ValueError(f"kcore_users and kcore_items must be >= 0 (0: off), got "
+                       f"{self.kcore_users}, {self.kcore_items}")
+
+  @property
+  def kcore(self) -> bool:
+    """Whether k-core filtering applies."""
+    return self.kcore_users > 1 or self.kcore_items > 1
 
   @property
   def splits(self) -> tuple[str, ...]:
@@ -255,8 +276,25 @@ def build_timelines(reader: Reader, options: TimelineOptions,
   keep = _dedup_mask(user, item, rating, ts, text_codes)
   num_dup = int((~keep).sum())
   _count(drops, "duplicate_event", num_dup)
-  # Chronological per user; lexsort is stable, so ties keep the original row order.
   order = np.flatnonzero(keep)
+  users_read, events_after_dedup = len(users.raw), len(order)
+  kcore = None
+  if options.kcore:
+    in_core, rounds = kcore_mask(user[order], item[order], options.kcore_users,
+                                 options.kcore_items)
+    kcore = kcore_statistics(
+        options, rounds, users_before=users_read, items_before=len(items.raw),
+        events_before=events_after_dedup,
+        users_left=len(np.unique(user[order[in_core]])),
+        items_left=len(np.unique(item[order[in_core]])), events_left=int(in_core.sum()))
+    _count_kcore(drops, kcore)
+    order = order[in_core]
+    if not len(order):
+      raise EmptyDatasetError(
+          f"k-core filtering (users >= {options.kcore_users}, items >= "
+          f"{options.kcore_items} events) removed all {events_after_dedup:,} events of "
+          f"{reader.manual_dir!r}")
+  # Chronological per user; lexsort is stable, so ties keep the original row order.
   order = order[np.lexsort((ts[order], user[order]))]
   user, item, rating, ts = user[order], item[order], rating[order], ts[order]
   if text is not None:
@@ -344,8 +382,9 @@ def build_timelines(reader: Reader, options: TimelineOptions,
       "bad_lines": tracker.to_json(),
       "events_read": events_read,
       "duplicate_events": num_dup,
-      "events_after_dedup": int(len(user)),
-      "users_read": int(len(u_len)),
+      "events_after_dedup": events_after_dedup,
+      **({"kcore": kcore} if kcore else {}),
+      "users_read": users_read,
       "users_kept": int(kept_users.sum()),
       "events_kept": int(u_len[kept_users].sum()),
       "items_read": num_raw_items,
@@ -366,6 +405,50 @@ def build_timelines(reader: Reader, options: TimelineOptions,
       event_rating=rating.astype(np.int32), event_ts=ts, event_text=text,
       event_summary=summary, item_cat_offsets=offsets, item_cat_flat=flat,
       splits=records)
+
+
+def kcore_mask(user: np.ndarray, item: np.ndarray, min_user: int,
+               min_item: int) -> tuple[np.ndarray, int]:
+  """The events of the (min_user, min_item)-core of the user-item event graph.
+
+  Each pass counts events per user and per item among the events still kept and removes
+  every event of a user below `min_user` or of an item below `min_item`; passes repeat
+  until one removes nothing.
+
+  Args:
+    user, item: int codes of the events, [N].
+    min_user, min_item: thresholds (<= 1: none).
+
+  Returns:
+    (bool [N] mask of the events kept, number of passes that removed events).
+  """
+  keep = np.ones(len(user), dtype=bool)
+  num_users, num_items = int(user.max(initial=-1)) + 1, int(item.max(initial=-1)) + 1
+  rounds = 0
+  while True:
+    per_user = np.bincount(user[keep], minlength=num_users)
+    per_item = np.bincount(item[keep], minlength=num_items)
+    drop = keep & ((per_user[user] < min_user) | (per_item[item] < min_item))
+    if not drop.any():
+      return keep, rounds
+    keep &= ~drop
+    rounds += 1
+
+
+def kcore_statistics(options: TimelineOptions, rounds: int, *, users_before: int,
+                     items_before: int, events_before: int, users_left: int,
+                     items_left: int, events_left: int) -> dict:
+  """The `kcore` section of the statistics report (in-memory and Beam builders alike)."""
+  return {"kcore_users": options.kcore_users, "kcore_items": options.kcore_items,
+          "rounds": rounds, "users_removed": users_before - users_left,
+          "items_removed": items_before - items_left,
+          "events_removed": events_before - events_left, "users_left": users_left,
+          "items_left": items_left, "events_left": events_left}
+
+
+def _count_kcore(drops: DropCounter, kcore: dict) -> None:
+  for what in ("users", "items", "events"):
+    _count(drops, f"kcore_{what}_removed", kcore[f"{what}_removed"])
 
 
 def covered_mask(n: int, slices: np.ndarray) -> np.ndarray:

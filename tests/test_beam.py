@@ -151,6 +151,9 @@ def _prepare(config: dict, dataset, manual_dir, data_dir, beam_pipeline_options=
     ("google_local", google_fixture, {"protocol": "paper", "window": 2,
                                       "min_item_count": 2}),
     ("movielens", movielens_fixture, {"protocol": "paper", "window": 1, "stride": 2}),
+    # k-core on text events with exact repeats (de-duplicated before the filter).
+    ("amazon", amazon_fixture, {"protocol": "leave_last_out", "kcore_users": 5,
+                                "kcore_items": 5}),  # Removes 1 user, 3 items.
 ])
 def test_beam_builder_writes_the_same_dataset(tmp_path, dataset, make, config):
   _assert_same_dataset(tmp_path, dataset, make(tmp_path / "raw"), config)
@@ -224,3 +227,26 @@ def test_missing_input_fails_before_the_pipeline(tmp_path):
   (tmp_path / "raw").mkdir()
   with pytest.raises(FileNotFoundError, match="no Amazon review file"):
     beam_grouping.GroupTimelines("amazon", str(tmp_path / "raw"))
+
+
+def test_beam_kcore_equals_in_memory(tmp_path):
+  from tests import test_kcore
+
+  manual_dir = test_kcore.write_kcore_fixture(tmp_path / "raw")
+  _assert_same_dataset(tmp_path, "movielens", manual_dir, {"kcore_users": 3, "kcore_items": 2})
+  stats = json.loads(next((tmp_path / "beam").rglob(builder_lib.STATISTICS_FILENAME))
+                     .read_text())
+  assert stats["kcore"] == test_kcore.EXPECTED
+
+
+def test_beam_kcore_that_needs_more_passes_than_unrolled_fails(tmp_path, monkeypatch):
+  from tests import test_kcore
+
+  monkeypatch.setattr(beam_grouping, "KCORE_MAX_ROUNDS", 2)  # The fixture needs 3 passes.
+  manual_dir = test_kcore.write_kcore_fixture(tmp_path / "raw")
+  with pytest.raises(Exception, match="KCORE_MAX_ROUNDS, or prepare in memory"):
+    _prepare({"kcore_users": 3, "kcore_items": 2}, "movielens", manual_dir, tmp_path / "b", [])
+  monkeypatch.setattr(beam_grouping, "KCORE_MAX_ROUNDS", 3)
+  _, side = _prepare({"kcore_users": 3, "kcore_items": 2}, "movielens", manual_dir,
+                     tmp_path / "c", [])
+  assert side[builder_lib.STATISTICS_FILENAME]["kcore"]["rounds"] == 2
