@@ -13,8 +13,9 @@ from user_llm_jax import sharding
 from user_llm_jax.data import pipeline
 from user_llm_jax.data import transforms as T
 from user_llm_jax.encoder import ENCODER_PAPER, ENCODER_TINY, EncoderConfig, UserEncoder
-from user_llm_jax.encoder import count_params, losses
+from user_llm_jax.encoder import losses
 from user_llm_jax.eval import retrieval
+from user_llm_jax.params import count_params
 
 CFG = ENCODER_TINY  # 2 layers x width 32, window 8, 40 items
 
@@ -120,7 +121,7 @@ class TestModel:
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
       names = var.get_metadata().get("out_sharding")
       assert names is not None and len(names) == var.ndim, path
-      assert all(n in rules for n in names), (path, names)
+      assert all(n in rules and not n.startswith("activation_") for n in names), (path, names)
       assert var.dtype == jnp.float32, path
 
   def test_late_fusion_has_one_encoder_per_feature(self):
@@ -200,6 +201,38 @@ class TestModel:
     with jax.set_mesh(mesh):
       got = nnx.jit(lambda m, b: m(b))(model, batch)
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+  def test_rules_context_reshards_params_and_activations_alike(self):
+    """A job's `mesh.rules`, made active once, moves the weights and the event states."""
+    cfg = CFG.replace(num_ratings=8)
+    batch = to_batch(pattern_records(8, CFG, seed=1), CFG)  # 8 rows: divisible by any axis
+    model = UserEncoder(cfg, rngs=nnx.Rngs(0))
+    want = forward_fn(model, batch)
+    mesh = sharding.make_mesh((2, 2, 2))
+    graphdef, state = nnx.split(model)
+
+    def output_spec(state):
+      """Sharding of the forward's output: the last op is the encoder's constraint."""
+      fn = jax.jit(lambda s, b: nnx.merge(graphdef, s)(b))
+      compiled = fn.lower(state, batch).compile()
+      return compiled.output_shardings, fn(state, batch)
+
+    rules = (("embed", "tensor"), ("mlp", "fsdp"), ("activation_batch", "data"),
+             ("activation_embed", "tensor"))
+    with sharding.axis_rules(rules, mesh):
+      sharding.shard_model(model, mesh)
+      spec, got = output_spec(nnx.state(model))
+    P = jax.sharding.PartitionSpec
+    assert model.fusion.encoder.blocks[0].mlp.up.kernel[...].sharding.spec == P("tensor", "fsdp")
+    assert spec.is_equivalent_to(jax.sharding.NamedSharding(mesh, P("data", None, "tensor")), 3)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # The defaults: batch over data x fsdp, the width replicated.
+    with sharding.axis_rules((), mesh):
+      sharding.shard_model(model, mesh)
+      spec, _ = output_spec(nnx.state(model))
+    assert model.fusion.encoder.blocks[0].mlp.up.kernel[...].sharding.spec == P("fsdp", "tensor")
+    assert spec.is_equivalent_to(
+        jax.sharding.NamedSharding(mesh, P(("data", "fsdp"), None, None)), 3)
 
 
 class TestLoss:

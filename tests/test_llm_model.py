@@ -10,8 +10,9 @@ from user_llm_jax import sharding
 from user_llm_jax.llm import config as config_lib
 from user_llm_jax.llm.config import LLM_TINY, LlmConfig, RopeScaling
 from user_llm_jax.llm.layers import apply_rope, rope_inv_freq
-from user_llm_jax.llm.model import (Decoder, causal_mask, count_params, create_sharded,
-                                    decoder_from_params, decoder_params)
+from user_llm_jax.llm.model import (Decoder, causal_mask, create_sharded, decoder_from_params,
+                                    decoder_params)
+from user_llm_jax.params import count_params
 
 B, T = 2, 12
 
@@ -195,11 +196,11 @@ def test_config_validation_errors():
 
 def test_decoder_from_params_errors(model):
   params = {k: np.asarray(v) for k, v in decoder_params(model).items()}
-  bad = dict(params, **{"layers.1.attn.q.kernel": np.zeros((3, 3, 3), np.float32)})
-  with pytest.raises(ValueError, match=r"layers\.1\.attn\.q\.kernel.*\(3, 3, 3\)"):
+  bad = dict(params, **{"layers/1/attn/q/kernel": np.zeros((3, 3, 3), np.float32)})
+  with pytest.raises(ValueError, match=r"layers/1/attn/q/kernel.*\(3, 3, 3\)"):
     decoder_from_params(LLM_TINY, bad, source="unit")
-  missing = {k: v for k, v in params.items() if k != "final_norm.scale"}
-  with pytest.raises(ValueError, match="final_norm.scale.*missing"):
+  missing = {k: v for k, v in params.items() if k != "final_norm/scale"}
+  with pytest.raises(ValueError, match="final_norm/scale.*missing"):
     decoder_from_params(LLM_TINY, missing, source="unit")
 
 

@@ -73,7 +73,7 @@ def test_only_adapters_train(trained):
   assert losses[-1] < losses[0]
   params = {k: np.asarray(v) for k, v in decoder_params(model).items()}
   for key, value in base_params.items():
-    wrapped = key.replace(".kernel", ".base.kernel")
+    wrapped = key.replace("/kernel", "/base/kernel")
     np.testing.assert_array_equal(params.get(key, params.get(wrapped)), value, err_msg=key)
   b = np.asarray(model.layers[0].attn.q.lora_b[...])
   assert np.abs(b).max() > 0

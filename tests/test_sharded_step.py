@@ -101,3 +101,44 @@ def test_checkpoint_restores_onto_another_mesh(runs, tmp_path):
   assert [x.sharding for x in leaves] == shardings  # Laid out for the new mesh ...
   for x, y in zip(leaves, jax.tree.leaves(nnx.to_pure_dict(single_state))):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # ... bit-identical values.
+
+
+def test_train_step_follows_the_rules_context():
+  """Rules active at creation place state and batches, and shape the step's activations."""
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices")
+  P = jax.sharding.PartitionSpec
+  mesh = sharding_lib.make_mesh((2, 2, 2))
+  seen = []
+
+  def loss_fn(model, batch):
+    h = model(batch["x"])[:, None, :]                                   # [B, 1, F]
+    h = sharding_lib.with_logical_constraint(h, sharding_lib.ACT_BTF)
+    jax.debug.inspect_array_sharding(h, callback=seen.append)
+    loss = jax.numpy.mean(h ** 2)
+    return loss, {}
+
+  def create(**kwargs):
+    init = sharding_lib.partitioned(nnx.initializers.lecun_normal(), ("embed", "mlp"))
+    with nnx.use_eager_sharding(False):
+      model = nnx.Linear(8, 16, kernel_init=init, rngs=nnx.Rngs(0))
+    opt = nnx.Optimizer(model, train_step_lib.make_tx(TRAIN.optim()), wrt=nnx.Param)
+    return train_step_lib.TrainStep.create(model, opt, loss_fn, mesh=mesh, **kwargs)
+
+  rules = (("embed", "tensor"), ("mlp", "fsdp"), ("activation_batch", "data"),
+           ("activation_mlp", "tensor"))
+  with sharding_lib.axis_rules(rules):
+    step, state = create()
+    default_step, default_state = create(rules=())  # explicit rules win over the context
+  assert state[0]["kernel"][...].sharding.spec == P("tensor", "fsdp")
+  assert step.batch_sharding.spec == P("data")
+  assert default_state[0]["kernel"][...].sharding.spec == P("fsdp", "tensor")
+  assert default_step.batch_sharding.spec == P(("data", "fsdp"))
+  # Traced at the first call, outside the context: the step re-enters its own rules.
+  batch = {"x": np.ones((8, 8), np.float32)}
+  step(state, batch, 0)
+  default_step(default_state, batch, 0)
+  custom, default = seen
+  assert custom.is_equivalent_to(jax.sharding.NamedSharding(mesh, P("data", None, "tensor")), 3)
+  assert default.is_equivalent_to(
+      jax.sharding.NamedSharding(mesh, P(("data", "fsdp"), None, "tensor")), 3)

@@ -50,7 +50,7 @@ def _with_layout(model, layout, permute_heads):
   params = {}
   for key, value in model_lib.decoder_params(model).items():
     value = np.asarray(value)
-    if permute_heads and key.endswith(("attn.q.kernel", "attn.k.kernel")):
+    if permute_heads and key.endswith(("attn/q/kernel", "attn/k/kernel")):
       value = value[..., perm]
     params[key] = value
   return model_lib.decoder_from_params(model.cfg.replace(rope_layout=layout), params)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from user_llm_jax import params as params_lib
 from user_llm_jax import sharding as sharding_lib
 from user_llm_jax.train import checkpointing
 from user_llm_jax.train import train_step as train_step_lib
@@ -25,11 +26,11 @@ class TinyRegressor(nnx.Module):
   def __init__(self, *, rngs: nnx.Rngs, dropout: float = 0.1):
     init = nnx.initializers.lecun_normal()
     self.up = nnx.Linear(D_IN, D_HID, rngs=rngs,
-                         kernel_init=nnx.with_partitioning(init, ("embed", "mlp")),
-                         bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("mlp",)))
+                         kernel_init=sharding_lib.partitioned(init, ("embed", "mlp")),
+                         bias_init=sharding_lib.partitioned(nnx.initializers.zeros, ("mlp",)))
     self.down = nnx.Linear(D_HID, 1, rngs=rngs,
-                           kernel_init=nnx.with_partitioning(init, ("mlp", None)),
-                           bias_init=nnx.with_partitioning(nnx.initializers.zeros, (None,)))
+                           kernel_init=sharding_lib.partitioned(init, ("mlp", None)),
+                           bias_init=sharding_lib.partitioned(nnx.initializers.zeros, (None,)))
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
   def __call__(self, x):
@@ -206,7 +207,7 @@ def test_lr_mults_bad_rules_are_config_errors():
     config_lib.to_dataclass(trainer_lib.TrainConfig, {"lr_mults": (("gate", -1.0),)}, "train")
   with pytest.raises(config_lib.ConfigError, match="does not compile"):
     config_lib.to_dataclass(trainer_lib.TrainConfig, {"lr_mults": (("gate(", 2.0),)}, "train")
-  assert train_step_lib.param_path(
+  assert params_lib.param_path(
       (jax.tree_util.DictKey("llm"), jax.tree_util.GetAttrKey("cross_attention"),
        jax.tree_util.DictKey(0), jax.tree_util.DictKey("attn_gate"))) == (
            "llm/cross_attention/0/attn_gate")

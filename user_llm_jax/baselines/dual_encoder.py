@@ -41,7 +41,7 @@ from user_llm_jax.data import transforms as T
 from user_llm_jax.encoder import losses
 from user_llm_jax.encoder.config import EncoderConfig
 from user_llm_jax.encoder.model import UserEncoder
-from user_llm_jax.encoder.transformer import partitioned
+from user_llm_jax.sharding import partitioned
 
 TRAIN_POSITIONS = ("all", "last")
 Batch = Mapping[str, Any]
@@ -114,13 +114,13 @@ def _linear(in_dim: int, out_dim: int, in_axis: str, out_axis: str, cfg: DualEnc
             *, rngs: nnx.Rngs) -> nnx.Linear:
   return nnx.Linear(
       in_dim, out_dim, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
-      kernel_init=partitioned(nnx.initializers.lecun_normal(), in_axis, out_axis),
-      bias_init=partitioned(nnx.initializers.zeros_init(), out_axis), rngs=rngs)
+      kernel_init=partitioned(nnx.initializers.lecun_normal(), (in_axis, out_axis)),
+      bias_init=partitioned(nnx.initializers.zeros_init(), (out_axis,)), rngs=rngs)
 
 
 def _embed(num: int, dim: int, cfg: DualEncoderConfig, *, rngs: nnx.Rngs) -> nnx.Embed:
   return nnx.Embed(num, dim, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
-                   embedding_init=partitioned(nnx.initializers.normal(0.02), "vocab", "features"),
+                   embedding_init=partitioned(nnx.initializers.normal(0.02), ("vocab", "features")),
                    rngs=rngs)
 
 
@@ -259,8 +259,3 @@ def in_batch_softmax_loss(queries: jax.Array, keys: jax.Array, items: jax.Array,
              "queries": count,
              "masked_duplicates": jnp.sum(dup * weights) / jnp.maximum(count, 1.0)}
   return loss, metrics
-
-
-def count_params(model: nnx.Module) -> int:
-  """Parameters of `model` (`nnx.Param` only: the item feature table is not counted)."""
-  return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))

@@ -26,19 +26,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from user_llm_jax import nn
 from user_llm_jax import sharding
-
-# Weight of a masked logit before the softmax; finite so that fully-masked rows stay NaN-free.
-_MASKED_LOGIT = -1e30
-
-
-def partitioned(init: nnx.Initializer, names: tuple[str | None, ...]) -> nnx.Initializer:
-  """Annotates an initializer with logical axis names, without eager sharding.
-
-  Placement happens later, by the rules in `user_llm_jax.sharding`, so the bridge modules
-  can be built with or without a mesh.
-  """
-  return nnx.with_partitioning(init, tuple(names), eager_sharding=False)
+from user_llm_jax.sharding import partitioned
 
 
 def _dense_init(in_axis, out_axis):
@@ -55,30 +45,6 @@ def layer_norm(width: int, *, eps: float, dtype: Any, param_dtype: Any,
       scale_init=partitioned(nnx.initializers.ones_init(), ("embed",)),
       bias_init=partitioned(nnx.initializers.zeros_init(), ("embed",)),
       rngs=rngs)
-
-
-def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                     kv_mask: jax.Array) -> jax.Array:
-  """Softmax attention without a causal mask; padded keys get exactly zero weight.
-
-  Args:
-    q: queries [B, T, N, H], already scaled.
-    k: keys [B, S, N, H].
-    v: values [B, S, N, H].
-    kv_mask: [B, S] bool, True for keys that may be attended.
-
-  Returns:
-    [B, T, N, H]. A query whose example has no valid key gets a zero vector (not NaN, and
-    independent of the padded values).
-  """
-  logits = jnp.einsum("BTNH,BSNH->BNTS", q, k).astype(jnp.float32)  # [B,N,T,S]
-  mask = kv_mask[:, None, None, :]  # [B,1,1,S]
-  logits = jnp.where(mask, logits, _MASKED_LOGIT)
-  probs = jax.nn.softmax(logits, axis=-1)
-  # With at least one valid key the masked weights underflow to exactly 0 already; when
-  # every key is padding the softmax is uniform over padding, so zero it explicitly.
-  probs = jnp.where(mask, probs, 0.0).astype(v.dtype)
-  return jnp.einsum("BNTS,BSNH->BTNH", probs, v)  # [B,T,N,H]
 
 
 class Attention(nnx.Module):
@@ -130,13 +96,14 @@ class Attention(nnx.Module):
     """
     x = x.astype(self.dtype)
     q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(self.dtype))
-    q = q * jnp.asarray(self.head_dim ** -0.5, self.dtype)
     if context_kv is None:
       if context is None:
         raise ValueError("cross-attention needs `context` or `context_kv`")
       context_kv = self.context_kv(context)
     k, v = (t.astype(self.dtype) for t in context_kv)  # [B,S,N,H] each
-    out = masked_attention(q, k, v, context_mask)  # [B,T,N,H]
+    # No causal mask over user embeddings; padded ones get exactly zero weight, and a text
+    # token whose example has no valid embedding gets zeros (not NaN).
+    out = nn.attention(q, k, v, context_mask[:, None, :])  # [B,T,N,H]
     return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(self.dtype))
 
 
@@ -154,7 +121,7 @@ class FeedForward(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """x [B,T,D] -> [B,T,D]."""
     h = jnp.einsum("BTD,DF->BTF", x.astype(self.dtype), self.up[...].astype(self.dtype))
-    h = sharding.with_logical_constraint(jax.nn.gelu(h), ("batch", "length", "mlp"))
+    h = sharding.with_logical_constraint(jax.nn.gelu(h), sharding.ACT_BTF)
     return jnp.einsum("BTF,FD->BTD", h, self.down[...].astype(self.dtype))
 
 
@@ -237,7 +204,7 @@ class GatedCrossAttention(nnx.Module):
     ffn = self.mlp(self.mlp_norm(x))  # [B,T,D]
     gate_b = jnp.tanh(self.mlp_gate[...]).astype(x.dtype)
     x = x + gate_b * ffn.astype(x.dtype)
-    return sharding.with_logical_constraint(x, ("batch", "length", "embed"))
+    return sharding.with_logical_constraint(x, sharding.ACT_BTD)
 
 
 def cross_attention_layers(num_layers: int, every_k: int) -> tuple[int, ...]:

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from user_llm_jax import sharding
-from user_llm_jax.bridge.cross_attention import Attention, FeedForward, layer_norm, partitioned
+from user_llm_jax.bridge.cross_attention import Attention, FeedForward, layer_norm
+from user_llm_jax.sharding import partitioned
 
 
 class PerceiverLayer(nnx.Module):
@@ -40,7 +41,7 @@ class PerceiverLayer(nnx.Module):
         [event_mask, jnp.ones(latents.shape[:2], bool)], axis=1)  # [B,E+Q]
     latents = latents + self.attn(q, kv, kv_mask).astype(latents.dtype)
     latents = latents + self.mlp(self.mlp_norm(latents)).astype(latents.dtype)
-    return sharding.with_logical_constraint(latents, ("batch", "latents", "embed"))
+    return sharding.with_logical_constraint(latents, sharding.ACT_BQD)
 
 
 class PerceiverResampler(nnx.Module):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from user_llm_jax import sharding
-from user_llm_jax.bridge.cross_attention import partitioned
+from user_llm_jax.sharding import partitioned
 
 
 class Projection(nnx.Module):
@@ -59,4 +59,4 @@ class Projection(nnx.Module):
       h = h + bias[...].astype(self.dtype)
       if i < len(self.kernels) - 1:
         h = jax.nn.gelu(h)
-    return sharding.with_logical_constraint(h, ("batch", "length", "embed"))
+    return sharding.with_logical_constraint(h, sharding.ACT_BTD)

@@ -12,6 +12,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+# Re-exported while callers move to `user_llm_jax.llm.losses`, where the loss now lives.
+from user_llm_jax.llm.losses import next_token_loss  # noqa: F401
+
 
 def merge_soft_prompt(soft: jax.Array, soft_mask: jax.Array | None, token_embeds: jax.Array,
                       text_mask: jax.Array | None = None,
@@ -100,31 +103,3 @@ def prepend_loss_mask(loss_mask: jax.Array, num_prefix: int) -> jax.Array:
   """Extends a [B,T] text loss mask with `num_prefix` False slots for the soft prompt."""
   pad = jnp.zeros((loss_mask.shape[0], num_prefix), bool)
   return jnp.concatenate([pad, loss_mask.astype(bool)], axis=1)
-
-
-def next_token_loss(logits: jax.Array, tokens: jax.Array,
-                    loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Mean next-token cross-entropy over the tokens marked in `loss_mask`.
-
-  `loss_mask[b, t]` says token `t` is a target (an answer token); it is predicted from the
-  logits at `t - 1`, so position 0 can never be a target.
-
-  Args:
-    logits: [B, T, V].
-    tokens: [B, T] int.
-    loss_mask: [B, T] bool.
-
-  Returns:
-    (loss, num_targets): scalar float32 mean, and the number of target tokens. When no
-    token is a target the loss is exactly 0 with zero gradients (never NaN).
-  """
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)  # [B,T-1,V]
-  targets = tokens[:, 1:]
-  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [B,T-1]
-  weights = loss_mask[:, 1:].astype(jnp.float32)
-  count = weights.sum()
-  # where() rather than a division by max(count, 1) alone: keeps the all-masked case at an
-  # exact 0 whatever the (masked) per-token losses are.
-  total = jnp.sum(jnp.where(weights > 0, nll, 0.0))
-  loss = total / jnp.maximum(count, 1.0)
-  return loss, count

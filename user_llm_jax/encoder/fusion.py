@@ -17,13 +17,14 @@ from flax import nnx
 from user_llm_jax.data import schema
 from user_llm_jax.data import transforms as T
 from user_llm_jax.encoder.config import EncoderConfig
-from user_llm_jax.encoder.transformer import CausalTransformer, dense, partitioned
+from user_llm_jax.encoder.transformer import CausalTransformer, dense
+from user_llm_jax.sharding import partitioned
 
 
 def _embed(num: int, cfg: EncoderConfig, rngs: nnx.Rngs) -> nnx.Embed:
   return nnx.Embed(
       num, cfg.feature_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-      embedding_init=partitioned(nnx.initializers.normal(0.02), "vocab", "embed"),
+      embedding_init=partitioned(nnx.initializers.normal(0.02), ("vocab", "embed")),
       rngs=rngs)
 
 

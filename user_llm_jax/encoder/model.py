@@ -6,7 +6,7 @@ these). Pretrained self-supervised by predicting every feature of the next event
 
 Parameters are created with logical axis names as metadata only (no eager sharding):
 build the model anywhere, then place it with `sharding.shard_model` or a jitted init
-with `sharding.model_shardings` as out_shardings.
+with `sharding.model_shardings` as out_shardings (both read the active rules).
 
 Axis letters: B batch, E events, D width, F feature_dim, V vocabulary.
 """
@@ -24,7 +24,9 @@ from user_llm_jax.data import transforms as T
 from user_llm_jax.encoder import losses
 from user_llm_jax.encoder.config import EncoderConfig
 from user_llm_jax.encoder.fusion import EarlyFusion, FeatureEmbeddings, LateFusion
-from user_llm_jax.encoder.transformer import dense, layer_norm, partitioned
+from user_llm_jax.encoder.transformer import dense, layer_norm
+from user_llm_jax.params import count_params  # noqa: F401  (re-exported by the package)
+from user_llm_jax.sharding import partitioned
 
 Batch = dict[str, Any]
 
@@ -50,7 +52,7 @@ class UserEncoder(nnx.Module):
     if cfg.tie_item_head:
       # Tied head: D -> F, then a dot product with the item table (+ per-item bias).
       self.item_query = dense(cfg.width, cfg.feature_dim, "embed", "features", cfg, rngs=rngs)
-      self.item_bias = nnx.Param(partitioned(nnx.initializers.zeros_init(), "vocab")(
+      self.item_bias = nnx.Param(partitioned(nnx.initializers.zeros_init(), ("vocab",))(
           rngs.params(), (cfg.num_items,), cfg.param_dtype))
       self.item_head = None
     else:
@@ -86,7 +88,7 @@ class UserEncoder(nnx.Module):
     features = self.features(batch)                                       # n x [B, E, F]
     x = self.fusion(features, mask, deterministic=deterministic)          # [B, E, D]
     x = self.final_norm(x)
-    return sharding.with_logical_constraint(x, ("batch", "length", "embed"))
+    return sharding.with_logical_constraint(x, sharding.ACT_BTD)
 
   def item_logits(self, states: jax.Array) -> jax.Array:
     """[..., D] states -> float32 [..., num_items] next-item scores (reserved ids included)."""
@@ -141,8 +143,3 @@ class UserEncoder(nnx.Module):
     last = jnp.asarray(batch[T.LAST_INDEX], jnp.int32)                   # [B]
     last_state = jnp.take_along_axis(states, last[:, None, None], axis=1)[:, 0]  # [B, D]
     return losses.mask_reserved(self.item_logits(last_state), -jnp.inf)
-
-
-def count_params(model: nnx.Module) -> int:
-  """Number of parameters (elements of every `nnx.Param`)."""
-  return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))

@@ -10,13 +10,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from user_llm_jax import nn
 from user_llm_jax import sharding
 from user_llm_jax.encoder.config import EncoderConfig
-
-
-def partitioned(init, *names: str | None):
-  """An initializer carrying logical axis names as metadata (placed later, not eagerly)."""
-  return nnx.with_partitioning(init, tuple(names), eager_sharding=False)
+from user_llm_jax.sharding import partitioned
 
 
 def dense(in_dim: int, out_dim: int, in_axis: str, out_axis: str, cfg: EncoderConfig, *,
@@ -24,16 +21,16 @@ def dense(in_dim: int, out_dim: int, in_axis: str, out_axis: str, cfg: EncoderCo
   """A Linear layer with logical axis names on its kernel and bias."""
   return nnx.Linear(
       in_dim, out_dim, use_bias=use_bias,
-      kernel_init=partitioned(nnx.initializers.lecun_normal(), in_axis, out_axis),
-      bias_init=partitioned(nnx.initializers.zeros_init(), out_axis),
+      kernel_init=partitioned(nnx.initializers.lecun_normal(), (in_axis, out_axis)),
+      bias_init=partitioned(nnx.initializers.zeros_init(), (out_axis,)),
       dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
 
 
 def layer_norm(cfg: EncoderConfig, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
   return nnx.LayerNorm(
       cfg.width, epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-      scale_init=partitioned(nnx.initializers.ones_init(), "embed"),
-      bias_init=partitioned(nnx.initializers.zeros_init(), "embed"), rngs=rngs)
+      scale_init=partitioned(nnx.initializers.ones_init(), ("embed",)),
+      bias_init=partitioned(nnx.initializers.zeros_init(), ("embed",)), rngs=rngs)
 
 
 def attention_mask(mask: jax.Array) -> jax.Array:
@@ -57,14 +54,14 @@ class Attention(nnx.Module):
     init = nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
     d, n, h = cfg.width, cfg.num_heads, cfg.head_dim
     shape_dnh = (d, n, h)
-    self.q_dnh = nnx.Param(partitioned(init, "embed", "heads", "head_dim")(
+    self.q_dnh = nnx.Param(partitioned(init, ("embed", "heads", "head_dim"))(
         rngs.params(), shape_dnh, cfg.param_dtype))
-    self.k_dnh = nnx.Param(partitioned(init, "embed", "heads", "head_dim")(
+    self.k_dnh = nnx.Param(partitioned(init, ("embed", "heads", "head_dim"))(
         rngs.params(), shape_dnh, cfg.param_dtype))
-    self.v_dnh = nnx.Param(partitioned(init, "embed", "heads", "head_dim")(
+    self.v_dnh = nnx.Param(partitioned(init, ("embed", "heads", "head_dim"))(
         rngs.params(), shape_dnh, cfg.param_dtype))
     out_init = nnx.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
-    self.o_nhd = nnx.Param(partitioned(out_init, "heads", "head_dim", "embed")(
+    self.o_nhd = nnx.Param(partitioned(out_init, ("heads", "head_dim", "embed"))(
         rngs.params(), (n, h, d), cfg.param_dtype))
     self.dtype = cfg.dtype
     self.scale = h ** -0.5
@@ -74,12 +71,8 @@ class Attention(nnx.Module):
     q = jnp.einsum("BED,DNH->BENH", x, self.q_dnh[...].astype(self.dtype))  # [B, E, N, H]
     k = jnp.einsum("BSD,DNH->BSNH", x, self.k_dnh[...].astype(self.dtype))  # [B, S, N, H]
     v = jnp.einsum("BSD,DNH->BSNH", x, self.v_dnh[...].astype(self.dtype))  # [B, S, N, H]
-    logits = jnp.einsum("BENH,BSNH->BNES", q, k).astype(jnp.float32) * self.scale
-    # A finite floor (not -inf) keeps an all-padding row finite (uniform weights) instead of
-    # NaN; for a row with any valid key the masked weights underflow to exactly 0.
-    logits = jnp.where(mask_bes[:, None, :, :], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)          # [B, N, E, S]
-    out = jnp.einsum("BNES,BSNH->BENH", probs, v)                       # [B, E, N, H]
+    # A query with no valid key (an all-padding row) gets zeros, never NaN.
+    out = nn.attention(q, k, v, mask_bes, scale=self.scale)             # [B, E, N, H]
     return jnp.einsum("BENH,NHD->BED", out, self.o_nhd[...].astype(self.dtype))
 
 
@@ -109,14 +102,14 @@ class Block(nnx.Module):
     x = x + self.dropout(h, deterministic=deterministic)
     h = self.mlp(self.mlp_norm(x))
     x = x + self.dropout(h, deterministic=deterministic)
-    return sharding.with_logical_constraint(x, ("batch", "length", "embed"))
+    return sharding.with_logical_constraint(x, sharding.ACT_BTD)
 
 
 class CausalTransformer(nnx.Module):
   """Learned positions + a stack of causal blocks over [B, E, D] event states."""
 
   def __init__(self, cfg: EncoderConfig, num_layers: int, *, rngs: nnx.Rngs):
-    self.positions = nnx.Param(partitioned(nnx.initializers.normal(0.02), "length", "embed")(
+    self.positions = nnx.Param(partitioned(nnx.initializers.normal(0.02), ("length", "embed"))(
         rngs.params(), (cfg.max_len, cfg.width), cfg.param_dtype))
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
     self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(num_layers)])
@@ -136,7 +129,7 @@ class CausalTransformer(nnx.Module):
     length = x.shape[1]
     x = x.astype(self.dtype) + self.positions[...][:length].astype(self.dtype)[None]
     x = self.dropout(x, deterministic=deterministic)
-    x = sharding.with_logical_constraint(x, ("batch", "length", "embed"))
+    x = sharding.with_logical_constraint(x, sharding.ACT_BTD)
     mask_bes = attention_mask(mask)
     for block in self.blocks:
       x = block(x, mask_bes, deterministic=deterministic)

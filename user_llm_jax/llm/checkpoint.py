@@ -64,13 +64,14 @@ def read_config(directory: str | os.PathLike) -> LlmConfig:
 
 
 def restore_decoder(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
-                    rules=sharding.DEFAULT_RULES, **overrides) -> Decoder:
+                    rules: sharding.Rules | None = None, **overrides) -> Decoder:
   """Restores a decoder saved by `save_decoder`.
 
   Args:
     directory: the saved directory.
     mesh: place parameters on this mesh by their logical axes (default: one device).
-    rules: logical-axis rules used with `mesh`.
+    rules: logical-axis rules used with `mesh`; None reads the active ones
+      (`sharding.axis_rules`).
     **overrides: non-architectural LlmConfig changes (e.g. dtype='bfloat16').
 
   Raises:
@@ -84,8 +85,8 @@ def restore_decoder(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | N
   abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   if mesh is not None:
-    place = lambda var: sharding.logical_sharding(  # noqa: E731
-        mesh, var.get_metadata().get("out_sharding") or (), rules)
+    table = sharding.active_rules() if rules is None else rules
+    place = lambda var: sharding.variable_sharding(var, mesh, table)  # noqa: E731
   else:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     place = lambda var: device  # noqa: E731

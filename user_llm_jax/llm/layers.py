@@ -1,7 +1,7 @@
 """Building blocks of the Llama-family decoder: projections, RMSNorm, RoPE, GQA attention, SwiGLU.
 
-Every parameter carries logical axis names (see `user_llm_jax.sharding`) and is created
-without eager sharding, so a model can be built on one host and placed on a mesh with
+Every parameter carries logical axis names (`sharding.partitioned`) and is created without
+eager sharding, so a model can be built on one host and placed on a mesh with
 `sharding.shard_model`, or initialised directly sharded with `model.create_sharded`.
 Parameters are stored in `param_dtype` (float32); activations use the compute `dtype`.
 """
@@ -16,12 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from user_llm_jax import nn
 from user_llm_jax.llm.config import LlmConfig, RopeScaling
-
-
-def sharded_init(init: nnx.Initializer, names: Sequence[str | None]) -> nnx.Initializer:
-  """Annotates an initializer with logical axis names; placement happens later on a mesh."""
-  return nnx.with_partitioning(init, tuple(names), eager_sharding=False)
+from user_llm_jax.sharding import partitioned
 
 
 def _parse_eqn(eqn: str) -> tuple[str, str, str]:
@@ -49,7 +46,7 @@ class Einsum(nnx.Module):
     self.dtype = dtype
     fan_in = int(np.prod(shape[:in_ndim]))
     init = nnx.initializers.normal(stddev=1.0 / math.sqrt(fan_in))
-    self.kernel = nnx.Param(sharded_init(init, names)(rngs.params(), tuple(shape), param_dtype))
+    self.kernel = nnx.Param(partitioned(init, names)(rngs.params(), tuple(shape), param_dtype))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return jnp.einsum(self.eqn, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
@@ -63,7 +60,7 @@ class RMSNorm(nnx.Module):
     del rngs  # ones-initialised; kept for a uniform constructor signature
     self.eps = eps
     self.dtype = dtype
-    self.scale = nnx.Param(sharded_init(nnx.initializers.ones, ("embed",))(
+    self.scale = nnx.Param(partitioned(nnx.initializers.ones, ("embed",))(
         jax.random.key(0), (width,), param_dtype))
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -164,15 +161,7 @@ class Attention(nnx.Module):
       v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], start)
       kv = (k_all, v_all)
       k, v = k_all[layer], v_all[layer]  # [B,S,K,H]
-    b, t, n, h = q.shape
-    g = n // self.num_kv_heads
-    q = q.reshape(b, t, self.num_kv_heads, g, h)  # [B,T,K,G,H]
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(q.dtype),
-                        preferred_element_type=jnp.float32) / math.sqrt(h)
-    # A finite floor (not -inf) so a fully masked row (a padded slot) gives zeros, not NaN.
-    logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)  # [B,K,G,T,S]
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(x.dtype)).reshape(b, t, n, h)
+    out = nn.attention(q, k, v, mask)  # [B,T,N,H]; a query seeing no slot gets zeros
     return self.o(out), kv
 
 

@@ -76,9 +76,9 @@ def _gguf_tokenizer(path: pathlib.Path) -> Tokenizer | None:
   return Tokenizer.from_gguf(path)
 
 
-def _import(source: str, cfg: LlmConfig | None, overrides: dict, mesh,
-            rules) -> tuple[Decoder, Tokenizer | None]:
-  """Imports `source`; parameters land on `mesh` directly when one is given."""
+def _import(source: str, cfg: LlmConfig | None, overrides: dict,
+            mesh) -> tuple[Decoder, Tokenizer | None]:
+  """Imports `source`; parameters land on `mesh` (by the active rules) when one is given."""
   if source.lower() == "smollm2":
     path = gguf_loader.smollm2_gguf_path()
     return (gguf_loader.load_gguf(path, cfg, mesh=mesh, **overrides),
@@ -91,7 +91,7 @@ def _import(source: str, cfg: LlmConfig | None, overrides: dict, mesh,
         f"LLM source {source!r} is neither 'smollm2', 'random', an existing .gguf file nor a "
         "directory")
   if checkpoint.is_checkpoint_dir(path):
-    return (checkpoint.restore_decoder(path, mesh=mesh, rules=rules, **overrides),
+    return (checkpoint.restore_decoder(path, mesh=mesh, **overrides),
             _tokenizer_from_dir(path))
   if (path / safetensors_io.CONFIG_JSON).is_file() or cfg is not None:
     return (safetensors_io.load_hf_dir(path, cfg, mesh=mesh, **overrides),
@@ -102,7 +102,7 @@ def _import(source: str, cfg: LlmConfig | None, overrides: dict, mesh,
 
 def load_llm(source: str, cfg: LlmConfig | str | None = None, *,
              dtype: str | None = None, seed: int = 0,
-             mesh: jax.sharding.Mesh | None = None, rules=sharding.DEFAULT_RULES,
+             mesh: jax.sharding.Mesh | None = None, rules: sharding.Rules | None = None,
              cache_dir: str | os.PathLike | None = None) -> LoadedLlm:
   """Loads a decoder and tokenizer from `source`.
 
@@ -113,12 +113,16 @@ def load_llm(source: str, cfg: LlmConfig | str | None = None, *,
     dtype: compute dtype override ('float32' or 'bfloat16'); params stay float32.
     seed: init seed for 'random'.
     mesh: shard the parameters over this mesh by their logical axes.
-    rules: logical-axis rules for `mesh`.
+    rules: logical-axis rules for `mesh`; None reads the active ones (`sharding.axis_rules`).
     cache_dir: Orbax cache of an imported checkpoint (see the module docstring).
 
   Returns:
     LoadedLlm(model, tokenizer or None when the source has none, seconds).
   """
+  if rules is not None:
+    # Every importer reads the active rules: make the explicit ones active for all of them.
+    with sharding.axis_rules(rules):
+      return load_llm(source, cfg, dtype=dtype, seed=seed, mesh=mesh, cache_dir=cache_dir)
   start = time.perf_counter()
   if isinstance(cfg, str):
     cfg = get_preset(cfg)
@@ -128,17 +132,17 @@ def load_llm(source: str, cfg: LlmConfig | str | None = None, *,
       raise ValueError("load_llm('random') needs cfg= (an LlmConfig or a preset name)")
     cfg = cfg.replace(**overrides)
     model = (Decoder(cfg, rngs=nnx.Rngs(seed)) if mesh is None
-             else create_sharded(cfg, mesh, seed, rules))
+             else create_sharded(cfg, mesh, seed))
     tokenizer = None
   elif cache_dir is not None and _cached_source(cache_dir) == _source_key(source):
     logging.info("restoring cached LLM from %s", cache_dir)
-    model = checkpoint.restore_decoder(cache_dir, mesh=mesh, rules=rules, **overrides)
+    model = checkpoint.restore_decoder(cache_dir, mesh=mesh, **overrides)
     tokenizer = _tokenizer_from_dir(pathlib.Path(cache_dir))
     if tokenizer is None and source.lower() == "smollm2":
       tokenizer = Tokenizer.smollm2()
     return LoadedLlm(model, tokenizer, time.perf_counter() - start)
   else:
-    model, tokenizer = _import(source, cfg, overrides, mesh, rules)
+    model, tokenizer = _import(source, cfg, overrides, mesh)
     if cache_dir is not None:
       if checkpoint.is_checkpoint_dir(cache_dir):
         logging.warning("LLM cache %s holds %r, not %r: replacing it", cache_dir,

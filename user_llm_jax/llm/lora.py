@@ -18,7 +18,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from user_llm_jax.llm.layers import Einsum, _parse_eqn, sharded_init
+from user_llm_jax.llm.layers import Einsum, _parse_eqn
+from user_llm_jax.params import count_params
+from user_llm_jax.sharding import partitioned
 
 ATTN_TARGETS = ("q", "k", "v", "o")
 MLP_TARGETS = ("gate", "up", "down")
@@ -69,9 +71,9 @@ class LoraEinsum(nnx.Module):
     names = tuple(base.kernel.get_metadata().get("out_sharding") or (None,) * len(shape))
     param_dtype = base.kernel[...].dtype
     fan_in = math.prod(shape[:base.in_ndim])
-    a_init = sharded_init(nnx.initializers.normal(stddev=1.0 / math.sqrt(fan_in)),
+    a_init = partitioned(nnx.initializers.normal(stddev=1.0 / math.sqrt(fan_in)),
                           names[:base.in_ndim] + ("lora_rank",))
-    b_init = sharded_init(nnx.initializers.zeros, ("lora_rank",) + names[base.in_ndim:])
+    b_init = partitioned(nnx.initializers.zeros, ("lora_rank",) + names[base.in_ndim:])
     self.lora_a = LoraParam(a_init(rngs.params(), (*shape[:base.in_ndim], rank), param_dtype))
     self.lora_b = LoraParam(b_init(rngs.params(), (rank, *shape[base.in_ndim:]), param_dtype))
 
@@ -134,4 +136,4 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
 
 def lora_param_count(model: nnx.Module) -> int:
   """Number of scalar adapter weights in `model`."""
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, LoraParam)))
+  return count_params(model, LoraParam)

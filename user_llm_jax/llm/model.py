@@ -2,23 +2,23 @@
 
 The decoder is shared by the sampler (KV cache in, cache out), the User-LLM bridges
 (cross-attention blocks in `Decoder.cross_attention`, soft prompts via `inputs_embeds`)
-and the checkpoint importers. Parameter tree (names used by the importers/exporters):
+and the checkpoint importers. Parameter names (`params.param_path`, used by the
+importers/exporters):
 
-  embedder.embedding              [V,D]   ('vocab', 'embed')
-  layers[i].attn_norm.scale       [D]
-  layers[i].attn.{q,k,v}.kernel   [D,N|K,H]
-  layers[i].attn.o.kernel         [N,H,D]
-  layers[i].mlp_norm.scale        [D]
-  layers[i].mlp.{gate,up}.kernel  [D,F]
-  layers[i].mlp.down.kernel       [F,D]
-  final_norm.scale                [D]
-  lm_head.kernel                  [D,V]   (only when the head is untied)
+  embedder/embedding              [V,D]   ('vocab', 'embed')
+  layers/{i}/attn_norm/scale      [D]
+  layers/{i}/attn/{q,k,v}/kernel  [D,N|K,H]
+  layers/{i}/attn/o/kernel        [N,H,D]
+  layers/{i}/mlp_norm/scale       [D]
+  layers/{i}/mlp/{gate,up}/kernel [D,F]
+  layers/{i}/mlp/down/kernel      [F,D]
+  final_norm/scale                [D]
+  lm_head/kernel                  [D,V]   (only when the head is untied)
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import flax
 import numpy as np
@@ -26,14 +26,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from user_llm_jax import params as params_lib
 from user_llm_jax import sharding
 from user_llm_jax.llm.config import LlmConfig
-from user_llm_jax.llm.layers import Attention, Einsum, Mlp, RMSNorm, sharded_init
+from user_llm_jax.llm.layers import Attention, Einsum, Mlp, RMSNorm
+from user_llm_jax.sharding import partitioned
 
-_ACT = ("batch", "length", "embed")  # logical axes of the residual stream [B,T,D]
-# Logical axes of cached cross-attention keys/values [B,E,N,H] (E user embeddings are
-# replicated like a sequence axis).
-_CONTEXT_KV = ("batch", "length", "heads", "head_dim")
+_ACT = sharding.ACT_BTD  # the residual stream [B,T,D]
+# Cached cross-attention keys/values [B,E,N,H]: E user embeddings laid out like positions.
+_CONTEXT_KV = sharding.ACT_BENH
 
 
 @flax.struct.dataclass
@@ -85,7 +86,7 @@ class Embedder(nnx.Module):
 
   def __init__(self, cfg: LlmConfig, *, rngs: nnx.Rngs):
     self.dtype = cfg.compute_dtype
-    init = sharded_init(nnx.initializers.normal(stddev=1.0), ("vocab", "embed"))
+    init = partitioned(nnx.initializers.normal(stddev=1.0), ("vocab", "embed"))
     self.embedding = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.width),
                                     cfg.storage_dtype))
 
@@ -180,7 +181,7 @@ class Decoder(nnx.Module):
         vs[key] = sharding.with_logical_constraint(v, _CONTEXT_KV)
       else:
         raw = context
-    mask = sharding.with_logical_constraint(context_mask.astype(jnp.bool_), ("batch", "length"))
+    mask = sharding.with_logical_constraint(context_mask.astype(jnp.bool_), sharding.ACT_BE)
     return CrossContext(k=ks, v=vs, mask=mask, raw=raw)
 
   def _cross(self, key: str, x: jax.Array, context: jax.Array | CrossContext,
@@ -203,8 +204,7 @@ class Decoder(nnx.Module):
   def head(self, x: jax.Array) -> jax.Array:
     """Final-normed hidden states [B,T,D] -> float32 logits [B,T,V]."""
     logits = self.embedder.decode(x) if self.cfg.tie_embeddings else self.lm_head(x)
-    return sharding.with_logical_constraint(logits.astype(jnp.float32),
-                                            ("batch", "length", "vocab"))
+    return sharding.with_logical_constraint(logits.astype(jnp.float32), sharding.ACT_BTV)
 
   def __call__(self, tokens: jax.Array | None, *, positions: jax.Array,
                attention_mask: jax.Array | None = None,
@@ -277,15 +277,16 @@ class Decoder(nnx.Module):
     return self.head(x), new_cache
 
 
-def count_params(model: nnx.Module, wrt=nnx.Param) -> int:
-  """Number of scalar parameters of `model` selected by the filter `wrt`."""
-  state = nnx.state(model, wrt)
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
+# Re-exported for `user_llm_jax.llm`'s public API; the one definition is in `params`.
+count_params = params_lib.count_params
 
 
 def create_sharded(cfg: LlmConfig, mesh: jax.sharding.Mesh, seed: int = 0,
-                   rules=sharding.DEFAULT_RULES) -> Decoder:
-  """Initialises a `Decoder` directly on `mesh` (params never materialise unsharded)."""
+                   rules: sharding.Rules | None = None) -> Decoder:
+  """Initialises a `Decoder` directly on `mesh` (params never materialise unsharded).
+
+  `rules`: logical-axis rules; None reads the active ones (`sharding.axis_rules`).
+  """
   abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(seed)))
   graphdef, _ = nnx.split(abstract)
   shardings = sharding.model_shardings(abstract, mesh, rules)
@@ -299,30 +300,22 @@ def create_sharded(cfg: LlmConfig, mesh: jax.sharding.Mesh, seed: int = 0,
   return nnx.merge(graphdef, state)
 
 
-def _path_key(path) -> str:
-  """'layers.0.attn.q.kernel' from a jax key path of an nnx.State (drops '.value')."""
-  parts = []
-  for p in path:
-    if isinstance(p, jax.tree_util.GetAttrKey) and p.name == "value":
-      continue
-    parts.append(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))))
-  return ".".join(parts)
-
-
 def decoder_params(model: nnx.Module, wrt=nnx.Param) -> dict[str, jax.Array]:
-  """Flat {dotted path: array} view of the parameters of `model` (no copies)."""
+  """Flat {parameter name ('layers/0/attn/q/kernel'): array} view of `model` (no copies)."""
   state = nnx.state(model, wrt)
-  return {_path_key(p): v for p, v in jax.tree_util.tree_flatten_with_path(state)[0]}
+  return {params_lib.param_path(p): v
+          for p, v in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
 def decoder_from_params(cfg: LlmConfig, params: dict[str, np.ndarray | jax.Array], *,
                         source: str = "checkpoint", mesh: jax.sharding.Mesh | None = None,
-                        rules=sharding.DEFAULT_RULES) -> Decoder:
-  """Builds a `Decoder` whose parameters are `params` (dotted paths as `decoder_params`).
+                        rules: sharding.Rules | None = None) -> Decoder:
+  """Builds a `Decoder` whose parameters are `params` (named as by `decoder_params`).
 
   No random initialisation happens (the structure comes from `nnx.eval_shape`), so
   importing a large checkpoint costs only the conversion itself. With `mesh`, each host
-  array goes straight to its sharded placement (never whole onto one device).
+  array goes straight to its sharded placement (never whole onto one device), by `rules`
+  (None: the active ones, `sharding.axis_rules`).
 
   Raises:
     ValueError: naming `source` and the tensor, if a parameter is missing, unexpected or
@@ -334,13 +327,13 @@ def decoder_from_params(cfg: LlmConfig, params: dict[str, np.ndarray | jax.Array
   placements = [None] * len(leaves)
   if mesh is not None:
     placements = jax.tree.leaves(sharding.model_shardings(abstract, mesh, rules))
-  expected = {_path_key(p) for p, _ in leaves}
+  expected = {params_lib.param_path(p) for p, _ in leaves}
   unexpected = sorted(set(params) - expected)
   if unexpected:
     raise ValueError(f"{source}: unexpected parameters {unexpected[:5]} for this config")
   values = []
   for (path, leaf), placement in zip(leaves, placements, strict=True):
-    key = _path_key(path)
+    key = params_lib.param_path(path)
     if key not in params:
       raise ValueError(f"{source}: parameter {key!r} (shape {tuple(leaf.shape)}) is missing")
     value = params[key]

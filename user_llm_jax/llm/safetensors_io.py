@@ -45,22 +45,22 @@ def hf_to_params(tensors: Mapping[str, np.ndarray], cfg: LlmConfig, *,
                        f"expected {shape} for this config")
     return np.asarray(t, dtype=np.float32)
 
-  out = {"embedder.embedding": get("model.embed_tokens.weight", (v, d)),
-         "final_norm.scale": get("model.norm.weight", (d,))}
+  out = {"embedder/embedding": get("model.embed_tokens.weight", (v, d)),
+         "final_norm/scale": get("model.norm.weight", (d,))}
   if not cfg.tie_embeddings:
-    out["lm_head.kernel"] = get("lm_head.weight", (v, d)).T
+    out["lm_head/kernel"] = get("lm_head.weight", (v, d)).T
   for i in range(cfg.num_layers):
-    hf, ours = f"model.layers.{i}", f"layers.{i}"
-    out[f"{ours}.attn_norm.scale"] = get(f"{hf}.input_layernorm.weight", (d,))
-    out[f"{ours}.mlp_norm.scale"] = get(f"{hf}.post_attention_layernorm.weight", (d,))
+    hf, ours = f"model.layers.{i}", f"layers/{i}"
+    out[f"{ours}/attn_norm/scale"] = get(f"{hf}.input_layernorm.weight", (d,))
+    out[f"{ours}/mlp_norm/scale"] = get(f"{hf}.post_attention_layernorm.weight", (d,))
     attn = f"{hf}.self_attn"
-    out[f"{ours}.attn.q.kernel"] = get(f"{attn}.q_proj.weight", (n * h, d)).T.reshape(d, n, h)
-    out[f"{ours}.attn.k.kernel"] = get(f"{attn}.k_proj.weight", (k * h, d)).T.reshape(d, k, h)
-    out[f"{ours}.attn.v.kernel"] = get(f"{attn}.v_proj.weight", (k * h, d)).T.reshape(d, k, h)
-    out[f"{ours}.attn.o.kernel"] = get(f"{attn}.o_proj.weight", (d, n * h)).T.reshape(n, h, d)
-    out[f"{ours}.mlp.gate.kernel"] = get(f"{hf}.mlp.gate_proj.weight", (f, d)).T
-    out[f"{ours}.mlp.up.kernel"] = get(f"{hf}.mlp.up_proj.weight", (f, d)).T
-    out[f"{ours}.mlp.down.kernel"] = get(f"{hf}.mlp.down_proj.weight", (d, f)).T
+    out[f"{ours}/attn/q/kernel"] = get(f"{attn}.q_proj.weight", (n * h, d)).T.reshape(d, n, h)
+    out[f"{ours}/attn/k/kernel"] = get(f"{attn}.k_proj.weight", (k * h, d)).T.reshape(d, k, h)
+    out[f"{ours}/attn/v/kernel"] = get(f"{attn}.v_proj.weight", (k * h, d)).T.reshape(d, k, h)
+    out[f"{ours}/attn/o/kernel"] = get(f"{attn}.o_proj.weight", (d, n * h)).T.reshape(n, h, d)
+    out[f"{ours}/mlp/gate/kernel"] = get(f"{hf}.mlp.gate_proj.weight", (f, d)).T
+    out[f"{ours}/mlp/up/kernel"] = get(f"{hf}.mlp.up_proj.weight", (f, d)).T
+    out[f"{ours}/mlp/down/kernel"] = get(f"{hf}.mlp.down_proj.weight", (d, f)).T
   return {key: np.ascontiguousarray(val) for key, val in out.items()}
 
 
@@ -76,19 +76,19 @@ def params_to_hf(model: Decoder) -> dict[str, np.ndarray]:
   if lora:
     raise ValueError(f"merge LoRA adapters before export (found {lora[:3]})")
   d = cfg.width
-  out = {"model.embed_tokens.weight": p["embedder.embedding"],
-         "model.norm.weight": p["final_norm.scale"]}
+  out = {"model.embed_tokens.weight": p["embedder/embedding"],
+         "model.norm.weight": p["final_norm/scale"]}
   if not cfg.tie_embeddings:
-    out["lm_head.weight"] = p["lm_head.kernel"].T
+    out["lm_head.weight"] = p["lm_head/kernel"].T
   for i in range(cfg.num_layers):
-    hf, ours = f"model.layers.{i}", f"layers.{i}"
-    out[f"{hf}.input_layernorm.weight"] = p[f"{ours}.attn_norm.scale"]
-    out[f"{hf}.post_attention_layernorm.weight"] = p[f"{ours}.mlp_norm.scale"]
+    hf, ours = f"model.layers.{i}", f"layers/{i}"
+    out[f"{hf}.input_layernorm.weight"] = p[f"{ours}/attn_norm/scale"]
+    out[f"{hf}.post_attention_layernorm.weight"] = p[f"{ours}/mlp_norm/scale"]
     for proj in ("q", "k", "v"):
-      out[f"{hf}.self_attn.{proj}_proj.weight"] = p[f"{ours}.attn.{proj}.kernel"].reshape(d, -1).T
-    out[f"{hf}.self_attn.o_proj.weight"] = p[f"{ours}.attn.o.kernel"].reshape(-1, d).T
+      out[f"{hf}.self_attn.{proj}_proj.weight"] = p[f"{ours}/attn/{proj}/kernel"].reshape(d, -1).T
+    out[f"{hf}.self_attn.o_proj.weight"] = p[f"{ours}/attn/o/kernel"].reshape(-1, d).T
     for proj in ("gate", "up", "down"):
-      out[f"{hf}.mlp.{proj}_proj.weight"] = p[f"{ours}.mlp.{proj}.kernel"].T
+      out[f"{hf}.mlp.{proj}_proj.weight"] = p[f"{ours}/mlp/{proj}/kernel"].T
   return {key: np.ascontiguousarray(val) for key, val in out.items()}
 
 

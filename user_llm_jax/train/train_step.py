@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from user_llm_jax import params as params_lib
 from user_llm_jax import sharding as sharding_lib
 
 Batch = Mapping[str, Any]
@@ -75,21 +76,9 @@ def make_schedule(cfg: OptimConfig) -> optax.Schedule:
       end_value=cfg.learning_rate * cfg.end_lr_fraction)
 
 
-def param_path(path: tuple[Any, ...]) -> str:
-  """'/'-joined names of a pytree key path, e.g. 'llm/cross_attention/0/attn_gate'."""
-  names = []
-  # A flattened nnx.Variable adds a trailing attribute key ('value'); it is not a name.
-  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name in (
-      "value", "raw_value"):
-    path = path[:-1]
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        names.append(str(getattr(k, attr)))
-        break
-    else:
-      names.append(str(k))
-  return "/".join(names)
+# Re-exported for callers that still import them from here; defined once in `params`.
+param_path = params_lib.param_path
+count_params = params_lib.count_params
 
 
 def lr_mult_tree(params: Any, rules: tuple[tuple[str, float], ...]) -> Any:
@@ -97,7 +86,7 @@ def lr_mult_tree(params: Any, rules: tuple[tuple[str, float], ...]) -> Any:
   compiled = [(re.compile(pattern), float(mult)) for pattern, mult in rules]
 
   def mult(path, _):
-    name = param_path(path)
+    name = params_lib.param_path(path)
     for pattern, m in compiled:
       if pattern.search(name):
         return m
@@ -112,7 +101,7 @@ def scale_by_lr_mults(rules: tuple[tuple[str, float], ...]) -> optax.GradientTra
   def init_fn(params):
     # Checked once, eagerly: a rule that selects no trainable parameter is most likely a typo
     # (or a job without that module, e.g. the text baseline has no gates), so say so.
-    names = [param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    names = [params_lib.param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
     for pattern, mult in rules:
       hits = [name for name in names if re.search(pattern, name)]
       if hits:
@@ -143,12 +132,6 @@ def make_tx(cfg: OptimConfig) -> optax.GradientTransformation:
   return optax.chain(*parts)
 
 
-def count_params(model: nnx.Module, wrt: Any = nnx.Param) -> int:
-  """Number of scalar parameters of `model` selected by the filter `wrt`."""
-  state = nnx.state(model, wrt)
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))
-
-
 def rng_stream_names(node: Any) -> tuple[str, ...]:
   """Names (tags) of every `nnx.RngStream` inside `node`, sorted."""
   tags = {obj.tag for _, obj in nnx.iter_graph(node) if isinstance(obj, nnx.RngStream)}
@@ -158,23 +141,6 @@ def rng_stream_names(node: Any) -> tuple[str, ...]:
 def step_key(seed: int, step: jax.Array | int) -> jax.Array:
   """The RNG key of one training step: a pure function of (seed, step)."""
   return jax.random.fold_in(jax.random.key(seed), step)
-
-
-def variable_shardings(state: Any, mesh: jax.sharding.Mesh,
-                       rules=sharding_lib.DEFAULT_RULES) -> Any:
-  """NamedShardings of every variable in `state`, from its logical `out_sharding` names.
-
-  Optimizer moments inherit their parameter's names, so they shard like the parameter.
-  """
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-  def spec(var):
-    names = var.get_metadata().get("out_sharding")
-    if names is None or len(names) != np.ndim(var[...]):
-      return replicated
-    return sharding_lib.logical_sharding(mesh, names, rules)
-
-  return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 class NonFiniteError(FloatingPointError):
@@ -191,12 +157,17 @@ class TrainStep:
   the returned state equals the input state (the bad update is discarded on device) and
   `metrics['finite']` is False; the caller raises `NonFiniteError`.
 
+  The logical-axis rules fixed at creation place the state and the batches, and are active
+  (`sharding.axis_rules`) while the step is traced, so its activation constraints follow
+  the same layout as its parameters.
+
   Attributes:
     graphdef: static structure of `(model, optimizer)`.
     rng_state: the RNG-stream variables (re-keyed from (seed, step) inside the step).
     state_shardings: NamedShardings of `state` on the mesh.
     batch_sharding: NamedSharding of a batch leaf's leading (batch) axis.
     mesh: the device mesh the step runs on.
+    rules: the complete logical-axis rules table of the step.
     fn: the jitted function.
   """
 
@@ -205,11 +176,12 @@ class TrainStep:
   state_shardings: Any
   batch_sharding: jax.sharding.NamedSharding
   mesh: jax.sharding.Mesh
+  rules: sharding_lib.Rules
   fn: Callable[..., Any]
 
   @classmethod
   def create(cls, model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: LossFn, *,
-             mesh: jax.sharding.Mesh, rules=sharding_lib.DEFAULT_RULES, seed: int = 0,
+             mesh: jax.sharding.Mesh, rules: sharding_lib.Rules | None = None, seed: int = 0,
              donate: bool = True) -> tuple["TrainStep", Any]:
     """Shards `(model, optimizer)` onto `mesh` and compiles the step.
 
@@ -218,7 +190,8 @@ class TrainStep:
       optimizer: `nnx.Optimizer(model, tx, wrt=...)`; `wrt` decides what trains.
       loss_fn: `(model, batch) -> (scalar loss, dict of scalar metrics)`.
       mesh: device mesh (`sharding.make_mesh`).
-      rules: logical-axis rules.
+      rules: logical-axis rules (merged over `sharding.DEFAULT_RULES`); None takes the
+        active ones (`sharding.axis_rules`).
       seed: base seed of the per-step dropout keys.
       donate: donate the input state buffers (off only for debugging).
 
@@ -226,12 +199,13 @@ class TrainStep:
       The step and the initial (sharded) state.
     """
     wrt = optimizer.wrt
+    rules = sharding_lib.active_rules() if rules is None else sharding_lib.normalize_rules(rules)
     graphdef, state, rng_state = nnx.split((model, optimizer), nnx.Not(nnx.RngState), ...)
-    state_shardings = variable_shardings(state, mesh, rules)
+    state_shardings = sharding_lib.model_shardings(state, mesh, rules)
     state = jax.device_put(state, state_shardings)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     rng_state = jax.device_put(rng_state, replicated)
-    batch_sharding = sharding_lib.logical_sharding(mesh, ("batch",), rules)
+    batch_sharding = sharding_lib.logical_sharding(mesh, ("activation_batch",), rules)
     streams = rng_stream_names(model)
 
     def step_fn(state, rng_state, batch, step):
@@ -258,7 +232,7 @@ class TrainStep:
 
     fn = jax.jit(step_fn, out_shardings=(state_shardings, replicated),
                  donate_argnums=(0,) if donate else ())
-    return cls(graphdef, rng_state, state_shardings, batch_sharding, mesh, fn), state
+    return cls(graphdef, rng_state, state_shardings, batch_sharding, mesh, rules, fn), state
 
   def place_batch(self, batch: Batch) -> dict[str, jax.Array]:
     """Puts a host batch on the mesh, split along its leading (batch) axis.
@@ -272,12 +246,12 @@ class TrainStep:
     return {k: jax.device_put(np.asarray(v), self.batch_sharding) for k, v in batch.items()}
 
   def __call__(self, state: Any, batch: Batch, step: int) -> tuple[Any, dict[str, jax.Array]]:
-    with jax.set_mesh(self.mesh):
+    with sharding_lib.axis_rules(self.rules, self.mesh):
       return self.fn(state, self.rng_state, self.place_batch(batch), np.int32(step))
 
   def lower(self, state: Any, batch: Batch, step: int = 0):
     """Lowers the step for ahead-of-time compilation / cost analysis."""
-    with jax.set_mesh(self.mesh):
+    with sharding_lib.axis_rules(self.rules, self.mesh):
       return self.fn.lower(state, self.rng_state, self.place_batch(batch), np.int32(step))
 
   def merge(self, state: Any) -> tuple[nnx.Module, nnx.Optimizer]:
