@@ -20,8 +20,8 @@ NUM_STEPS = 20
 OVERRIDES = (
     "--config.data.synthetic.num_users=60", "--config.data.synthetic.num_items=80",
     "--config.data.synthetic.events_per_user_mean=30", "--config.data.window=16",
-    "--config.model.num_layers=1", "--config.model.width=32", "--config.model.mlp_dim=64",
-    "--config.model.feature_dim=16", "--config.train.batch_size=16",
+    "--config.encoder.model.num_layers=1", "--config.encoder.model.width=32", "--config.encoder.model.mlp_dim=64",
+    "--config.encoder.model.feature_dim=16", "--config.train.batch_size=16",
     f"--config.train.num_steps={NUM_STEPS}", "--config.train.checkpoint_every=4",
     "--config.train.log_every=4", "--config.train.eval_every=10", "--config.eval.batch_size=64",
 )
@@ -63,7 +63,7 @@ def start_and_signal(workdir, raw, sig) -> subprocess.Popen:
 
 
 def final_params(workdir: pathlib.Path) -> dict:
-  path = workdir / "checkpoints" / str(NUM_STEPS) / "state"
+  path = workdir / "checkpoints" / str(NUM_STEPS) / "model"
   with ocp.StandardCheckpointer() as ckptr:
     return ckptr.restore(path)
 

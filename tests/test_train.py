@@ -170,7 +170,7 @@ def test_incompatible_and_corrupt_checkpoints_are_clear_errors(tmp_path):
     trainer_lib.train(make_model(), tiny_loss, cfg, make_iter(make_data()), mesh=single_mesh(),
                       workdir=str(tmp_path), fingerprint={"model": {"width": 32}})
   # Corrupt the array data of the saved state.
-  state_dir = tmp_path / "checkpoints" / "10" / "state"
+  state_dir = tmp_path / "checkpoints" / "10" / "model"
   for path in state_dir.rglob("*"):
     if path.is_file() and "metadata" not in path.name:
       path.write_bytes(b"garbage")

@@ -195,3 +195,50 @@ def to_plain(config: Any) -> Any:
   if isinstance(config, (tuple, list)):
     return [to_plain(v) for v in config]
   return config
+
+
+# Config keys that cannot change what a run computes: reporting, parallelism, checkpoint
+# cadence, caches. Everything else (data, models, seed, schedule, tasks) is part of a
+# run's fingerprint. A resume after a change of one of these is allowed.
+HARMLESS_KEYS = frozenset({
+    "name", "eval", "mesh", "report_generation",
+    "data.worker_count",
+    "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "llm.cache_dir",
+})
+# Keys holding filesystem paths: compared as absolute paths.
+PATH_KEYS = frozenset({"data.manual_dir", "data.data_dir", "encoder.workdir"})
+
+
+def fingerprint(config: Mapping[str, Any], *, drop: tuple[str, ...] = (),
+                **extra: Any) -> dict[str, Any]:
+  """The config keys that change a run's result, as a JSON-able nested dict.
+
+  One function for every job: a checkpoint records it, and a resume compares it key by
+  key (`train.checkpointing`), naming the first keys that differ.
+
+  Args:
+    config: the run's resolved config.
+    drop: further dotted keys to leave out (keys a job does not read).
+    **extra: facts to add that are not config keys (e.g. the encoder architecture read
+      from the data).
+  """
+  harmless = HARMLESS_KEYS | set(drop)
+
+  def walk(node: Any, prefix: str) -> Any:
+    if isinstance(node, (ml_collections.ConfigDict, dict)):
+      out = {}
+      for key, value in dict(node).items():
+        path = f"{prefix}{key}"
+        if path in harmless:
+          continue
+        out[key] = walk(value, path + ".")
+      return out
+    path = prefix[:-1]
+    if path in PATH_KEYS and isinstance(node, str) and node:
+      return os.path.abspath(os.path.expanduser(node))
+    return to_plain(node)
+
+  plain = walk(config, "")
+  plain.update(to_plain(extra))
+  return plain

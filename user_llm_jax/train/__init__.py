@@ -3,7 +3,6 @@
 from user_llm_jax.train.checkpointing import Checkpointer
 from user_llm_jax.train.checkpointing import CheckpointError
 from user_llm_jax.train.checkpointing import PreemptionGuard
-from user_llm_jax.train.train_step import count_params
 from user_llm_jax.train.train_step import make_tx
 from user_llm_jax.train.train_step import NonFiniteError
 from user_llm_jax.train.train_step import OptimConfig

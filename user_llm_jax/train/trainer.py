@@ -22,6 +22,7 @@ import numpy as np
 import tqdm
 from flax import nnx
 
+from user_llm_jax import params as params_lib
 from user_llm_jax import sharding as sharding_lib
 from user_llm_jax.train import checkpointing
 from user_llm_jax.train import metrics_writer
@@ -32,37 +33,27 @@ CountFn = Callable[[Mapping[str, Any]], int]
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """The `train.*` section of a config.
+class TrainConfig(train_step_lib.OptimConfig):
+  """The `train.*` section of a config: the optimizer's keys (`OptimConfig`, documented
+  there: learning_rate, num_steps, warmup, weight_decay, grad_clip, end_lr_fraction,
+  lr_mults) plus the loop's.
 
   Attributes:
     batch_size: global batch size (split over the mesh's batch axes).
-    num_steps: optimizer steps of the whole run.
-    learning_rate: peak learning rate.
-    warmup: linear warmup steps.
-    weight_decay: AdamW weight decay.
-    grad_clip: global-norm clip (<= 0 disables).
     log_every: steps between logged (averaged) training metrics.
     eval_every: steps between evaluations (<= 0: only at the end).
     checkpoint_every: steps between checkpoints (the last step is always saved).
     keep_checkpoints: how many of the latest checkpoints to keep.
-    lr_mults: `(regex, multiplier)` learning-rate multipliers by parameter path
-      (see `train_step.OptimConfig`).
   """
 
   batch_size: int = 128
-  num_steps: int = 1000
-  learning_rate: float = 1e-3
-  warmup: int = 100
-  weight_decay: float = 0.01
-  grad_clip: float = 1.0
   log_every: int = 50
   eval_every: int = 500
   checkpoint_every: int = 500
   keep_checkpoints: int = 3
-  lr_mults: tuple = ()
 
   def __post_init__(self):
+    super().__post_init__()  # validates lr_mults
     for name in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
       if getattr(self, name) <= 0:
         raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
@@ -70,13 +61,10 @@ class TrainConfig:
       raise ValueError(f"train.learning_rate must be positive, got {self.learning_rate}")
     if self.warmup < 0:
       raise ValueError(f"train.warmup must be >= 0, got {self.warmup}")
-    self.optim()  # validates lr_mults
 
   def optim(self) -> train_step_lib.OptimConfig:
-    return train_step_lib.OptimConfig(
-        learning_rate=self.learning_rate, num_steps=self.num_steps, warmup=self.warmup,
-        weight_decay=self.weight_decay, grad_clip=self.grad_clip,
-        lr_mults=tuple(tuple(r) for r in self.lr_mults))
+    """The optimizer's view of this config (itself: a TrainConfig is an OptimConfig)."""
+    return self
 
 
 @dataclasses.dataclass
@@ -133,10 +121,10 @@ class _Accumulator:
 
 def train(model: nnx.Module, loss_fn: train_step_lib.LossFn, cfg: TrainConfig,
           train_iter: Iterator[Mapping[str, Any]], *, mesh: jax.sharding.Mesh,
-          rules=sharding_lib.DEFAULT_RULES, seed: int = 0, wrt: Any = nnx.Param,
+          rules: sharding_lib.Rules | None = None, seed: int = 0, wrt: Any = nnx.Param,
           workdir: str | None = None, eval_fn: EvalFn | None = None,
           fingerprint: Mapping[str, Any] | None = None, count_fn: CountFn | None = None,
-          desc: str = "train") -> TrainResult:
+          desc: str = "train", description: Mapping[str, Any] | None = None) -> TrainResult:
   """Trains `model` for `cfg.num_steps` steps, resuming from `workdir` if possible.
 
   Args:
@@ -146,7 +134,7 @@ def train(model: nnx.Module, loss_fn: train_step_lib.LossFn, cfg: TrainConfig,
     train_iter: repeating iterator of host batches (a Grain `DatasetIterator` when the
       position must be checkpointed).
     mesh: device mesh; params and batches are placed by the logical-axis `rules`.
-    rules: logical-axis -> mesh-axis rules.
+    rules: logical-axis -> mesh-axis rules (None: the active `sharding.axis_rules`).
     seed: seed of the per-step dropout keys.
     wrt: filter of the parameters that train.
     workdir: checkpoints go to `workdir/checkpoints`, TensorBoard files to
@@ -155,6 +143,8 @@ def train(model: nnx.Module, loss_fn: train_step_lib.LossFn, cfg: TrainConfig,
     fingerprint: config facts a checkpoint must match to be resumed.
     count_fn: `batch -> number of real events`, for the events/s readout.
     desc: progress-bar label.
+    description: the run's description stored in every checkpoint's metadata
+      (`runs.description`: resolved config and model architectures).
 
   Returns:
     A `TrainResult`.
@@ -165,8 +155,8 @@ def train(model: nnx.Module, loss_fn: train_step_lib.LossFn, cfg: TrainConfig,
   """
   t0 = time.perf_counter()
   optimizer = nnx.Optimizer(model, train_step_lib.make_tx(cfg.optim()), wrt=wrt)
-  trainable = train_step_lib.count_params(model, wrt)
-  total = train_step_lib.count_params(model, nnx.Param)
+  trainable = params_lib.count_params(model, wrt)
+  total = params_lib.count_params(model, nnx.Param)
   step_fn, state = train_step_lib.TrainStep.create(
       model, optimizer, loss_fn, mesh=mesh, rules=rules, seed=seed)
 
@@ -178,7 +168,7 @@ def train(model: nnx.Module, loss_fn: train_step_lib.LossFn, cfg: TrainConfig,
   if workdir is not None:
     ckpt = checkpointing.Checkpointer(
         os.path.join(workdir, "checkpoints"), every=cfg.checkpoint_every,
-        keep=cfg.keep_checkpoints, fingerprint=fingerprint)
+        keep=cfg.keep_checkpoints, fingerprint=fingerprint, description=description)
     if ckpt.latest_step() is not None:
       data_iter = train_iter if hasattr(train_iter, "get_state") else None
       state, extra, start = ckpt.restore(state, data_iter)
@@ -204,6 +194,24 @@ def train(model: nnx.Module, loss_fn: train_step_lib.LossFn, cfg: TrainConfig,
   preempted = False
   step = start
   interval_start = time.perf_counter()
+  # Step metrics stay on device until a log step, a checkpoint or the end: fetching them
+  # every step would block the host on each step and stall asynchronous dispatch.
+  pending: list[tuple[int, Mapping[str, Any], int]] = []
+
+  def flush() -> None:
+    """Fetches the pending step metrics; raises on the first non-finite step."""
+    nonlocal pending
+    fetched = jax.device_get([m for _, m, _ in pending])
+    for (i, _, events), metrics in zip(pending, fetched):
+      if not bool(metrics["finite"]):
+        last = ckpt.latest_step() if ckpt is not None else None
+        raise train_step_lib.NonFiniteError(
+            f"non-finite training step {i}: loss={float(metrics['loss'])}, "
+            f"grad_norm={float(metrics['grad_norm'])}; stopping. The update was discarded "
+            f"on device, and nothing from step {i} on was saved (last checkpoint: {last}).")
+      acc.add(metrics, events)
+    pending = []
+
   try:
     with checkpointing.PreemptionGuard() as guard, tqdm.tqdm(
         total=cfg.num_steps, initial=start, desc=desc, dynamic_ncols=True,
@@ -217,17 +225,11 @@ def train(model: nnx.Module, loss_fn: train_step_lib.LossFn, cfg: TrainConfig,
               "pipeline must repeat (num_epochs=None)") from e
         state, metrics = step_fn(state, batch, step)
         step += 1
-        metrics = jax.device_get(metrics)
-        if not bool(metrics["finite"]):
-          last = ckpt.latest_step() if ckpt is not None else None
-          raise train_step_lib.NonFiniteError(
-              f"non-finite training step {step}: loss={float(metrics['loss'])}, "
-              f"grad_norm={float(metrics['grad_norm'])}; stopping. The update was discarded "
-              f"and nothing from step {step} was saved (last checkpoint: {last}).")
-        acc.add(metrics, int(count_fn(batch)) if count_fn is not None else 0)
+        pending.append((step, metrics, int(count_fn(batch)) if count_fn is not None else 0))
         bar.update(1)
 
         if step % cfg.log_every == 0 or step == cfg.num_steps:
+          flush()
           now = time.perf_counter()
           means = acc.means()
           means["learning_rate"] = float(train_step_lib.make_schedule(cfg.optim())(step - 1))
@@ -242,6 +244,7 @@ def train(model: nnx.Module, loss_fn: train_step_lib.LossFn, cfg: TrainConfig,
 
         if eval_fn is not None and ((cfg.eval_every > 0 and step % cfg.eval_every == 0)
                                     or step == cfg.num_steps):
+          flush()
           sync_model()
           result = {k: float(v) for k, v in eval_fn(model).items()}
           writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
@@ -250,6 +253,7 @@ def train(model: nnx.Module, loss_fn: train_step_lib.LossFn, cfg: TrainConfig,
               f"{k}={v:.4f}" for k, v in sorted(result.items())))
 
         if guard.requested or step == cfg.num_steps or (ckpt and ckpt.should_save(step)):
+          flush()  # nothing non-finite may reach a checkpoint
           save(step)
         if guard.requested:
           preempted = True

@@ -1,0 +1,82 @@
+"""Run fingerprints: one function, the keys that change a result, a clear resume refusal."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from experiments.configs import encoder_movielens
+from experiments.configs import main as main_config
+from user_llm_jax import config as config_lib
+from user_llm_jax.train import checkpointing
+
+
+def test_fingerprint_keeps_result_keys_and_drops_harmless_ones():
+  config = encoder_movielens.get_config("smoke")
+  base = config_lib.fingerprint(config)
+  assert base["train"]["learning_rate"] == config.train.learning_rate
+  assert base["train"]["num_steps"] == config.train.num_steps
+  assert base["encoder"]["model"]["width"] == 64
+  for harmless in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_every"):
+    assert harmless not in base["train"]
+  assert "eval" not in base and "mesh" not in base and "name" not in base
+  changed = encoder_movielens.get_config("smoke")
+  changed.train.log_every = 7
+  changed.mesh.shape = (1, -1, 1)
+  changed.data.worker_count = 2
+  assert config_lib.fingerprint(changed) == base
+
+
+def test_relative_and_absolute_paths_fingerprint_alike(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  a = main_config.get_config("smoke")
+  a.data.data_dir = "prepared"
+  b = main_config.get_config("smoke")
+  b.data.data_dir = str(tmp_path / "prepared")
+  assert config_lib.fingerprint(a) == config_lib.fingerprint(b)
+
+
+def test_resume_with_a_changed_learning_rate_is_refused_naming_the_key(tmp_path):
+  model = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+  opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+  state = nnx.state((model, opt))
+  config = encoder_movielens.get_config("smoke")
+  ckpt = checkpointing.Checkpointer(str(tmp_path), every=1,
+                                    fingerprint=config_lib.fingerprint(config),
+                                    description={"job": "test"})
+  ckpt.save(1, state)
+  ckpt.close()
+  config.train.learning_rate *= 2
+  again = checkpointing.Checkpointer(str(tmp_path), every=1,
+                                     fingerprint=config_lib.fingerprint(config))
+  with pytest.raises(checkpointing.CheckpointError, match=r"train\.learning_rate: checkpoint"):
+    again.restore(state)
+  again.close()
+  config.train.learning_rate /= 2
+  config.train.log_every = 3
+  ok = checkpointing.Checkpointer(str(tmp_path), every=1,
+                                  fingerprint=config_lib.fingerprint(config))
+  _, _, step = ok.restore(state)
+  ok.close()
+  assert step == 1
+  assert checkpointing.read_description(str(tmp_path)) == {"job": "test"}
+
+
+def test_restore_params_reads_the_model_item_alone_and_names_mismatches(tmp_path):
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+  ckpt = checkpointing.Checkpointer(str(tmp_path), every=1)
+  ckpt.save(4, nnx.state((model, opt)))
+  ckpt.close()
+  names = {p.name for p in (tmp_path / "4").iterdir()}
+  assert {"meta", "model", "opt"} <= names
+  fresh = nnx.Linear(3, 2, rngs=nnx.Rngs(1))
+  assert checkpointing.restore_params(fresh, str(tmp_path)) == 4
+  np.testing.assert_array_equal(np.asarray(fresh.kernel[...]), np.asarray(model.kernel[...]))
+  wrong = nnx.Linear(5, 2, rngs=nnx.Rngs(1))
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"kernel: checkpoint has shape \(3, 2\)"):
+    checkpointing.restore_params(wrong, str(tmp_path))
+  with pytest.raises(checkpointing.CheckpointError, match="does not exist"):
+    checkpointing.restore_params(fresh, str(tmp_path / "none"))
