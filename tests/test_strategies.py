@@ -138,9 +138,9 @@ def test_counts_add_up(base_model):
       "proj": groups["bridge"],
   }
   for name, trainable in expected.items():
-    assert strategies.count_params(base_model, name) == (trainable, total)
+    assert strategies.trainable_and_total(base_model, name) == (trainable, total)
     assert strategies.check_strategy(base_model, name) == (trainable, total)
-    frozen = strategies.count_params(base_model, strategies.frozen_filter(name))[0]
+    frozen = strategies.trainable_and_total(base_model, strategies.frozen_filter(name))[0]
     assert trainable + frozen == total
     # The optimizer holds moments for exactly the counted parameters.
     opt = nnx.Optimizer(base_model, optax.sgd(0.1, momentum=0.9),

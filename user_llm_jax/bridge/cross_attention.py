@@ -207,18 +207,24 @@ class GatedCrossAttention(nnx.Module):
     return sharding.with_logical_constraint(x, sharding.ACT_BTD)
 
 
-def cross_attention_layers(num_layers: int, every_k: int) -> tuple[int, ...]:
-  """Decoder layer indices that get a block before them: 0, k, 2k, ... < num_layers."""
+def cross_attention_layers(num_layers: int, every_k: int, first: int = 0) -> tuple[int, ...]:
+  """Decoder layer indices that get a block before them: first, first + k, ... < num_layers.
+
+  Blocks only in the upper layers (`first` > 0) also make training cheaper: no gradient
+  has to flow through the frozen layers below the first block.
+  """
   if every_k < 1:
     raise ValueError(f"xattn every_k must be >= 1, got {every_k}")
-  return tuple(range(0, num_layers, every_k))
+  if not 0 <= first < num_layers:
+    raise ValueError(f"xattn first layer must be in [0, {num_layers}), got {first}")
+  return tuple(range(first, num_layers, every_k))
 
 
 def insert_cross_attention(decoder: nnx.Module, every_k: int = 5, *, rngs: nnx.Rngs,
                            context_width: int | None = None, num_heads: int | None = None,
                            head_dim: int | None = None, mlp_dim: int | None = None,
                            gate_init: float = 0.0, dtype: Any = None,
-                           param_dtype: Any = jnp.float32) -> tuple[int, ...]:
+                           param_dtype: Any = jnp.float32, first: int = 0) -> tuple[int, ...]:
   """Puts a `GatedCrossAttention` block before every `every_k`-th layer of `decoder`.
 
   The block stored under key `str(i)` of `decoder.cross_attention` runs before decoder layer
@@ -238,6 +244,7 @@ def insert_cross_attention(decoder: nnx.Module, every_k: int = 5, *, rngs: nnx.R
     gate_init: initial tanh-gate pre-activation; 0 keeps the LLM unchanged.
     dtype: compute dtype (default: the decoder's).
     param_dtype: storage dtype.
+    first: the first layer with a block (0: from the bottom).
 
   Returns:
     The layer indices that received a block.
@@ -249,7 +256,7 @@ def insert_cross_attention(decoder: nnx.Module, every_k: int = 5, *, rngs: nnx.R
   if len(decoder.cross_attention):
     raise ValueError(
         f"decoder already has cross-attention blocks at {sorted(decoder.cross_attention)}")
-  layers = cross_attention_layers(cfg.num_layers, every_k)
+  layers = cross_attention_layers(cfg.num_layers, every_k, first)
   for i in layers:
     decoder.cross_attention[str(i)] = GatedCrossAttention(
         cfg.width, context_width=context_width, num_heads=num_heads or cfg.num_heads,

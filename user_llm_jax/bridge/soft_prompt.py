@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 
 # Re-exported while callers move to `user_llm_jax.llm.losses`, where the loss now lives.
-from user_llm_jax.llm.losses import next_token_loss  # noqa: F401
 
 
 def merge_soft_prompt(soft: jax.Array, soft_mask: jax.Array | None, token_embeds: jax.Array,

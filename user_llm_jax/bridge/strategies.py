@@ -11,21 +11,23 @@ Which parameters train is a filter handed to `nnx.Optimizer(model, tx, wrt=filte
 The filters address a `UserLLM` by path: `encoder/...`, `bridge/...` (projection and
 Perceiver) and `llm/...` (the decoder). Cross-attention blocks live inside the decoder at
 `llm/cross_attention/...` but are new, randomly initialised bridge parameters, so they count
-as bridge and train under every strategy.
+as bridge and train under every strategy; so does the optional `item_head` (full-catalogue
+item scores from the LLM state).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
-import jax
 from flax import nnx
 
+from user_llm_jax import params as params_lib
 from user_llm_jax.llm.lora import LoraParam
 
 STRATEGIES = ("full", "lora", "enc", "proj")
+# The text-prompt baseline has no encoder or bridge: the LLM alone, untrained or trained.
+TEXT_STRATEGIES = ("zero_shot", "lora", "full")
 
 Filter = Any  # an nnx filter: a type, a predicate `(path, value) -> bool`, or a combinator
 
@@ -46,7 +48,8 @@ class PathPrefix:
 
 
 ENCODER = PathPrefix(("encoder",))
-BRIDGE = nnx.Any(PathPrefix(("bridge",)), PathPrefix(("llm", "cross_attention")))
+BRIDGE = nnx.Any(PathPrefix(("bridge",)), PathPrefix(("llm", "cross_attention")),
+                 PathPrefix(("item_head",)))
 LLM = nnx.All(PathPrefix(("llm",)), nnx.Not(PathPrefix(("llm", "cross_attention"))))
 
 
@@ -73,20 +76,32 @@ def trainable_filter(strategy: str) -> Filter:
   raise ValueError(f"unknown training strategy {strategy!r}; expected one of {STRATEGIES}")
 
 
+def text_trainable_filter(strategy: str) -> Filter:
+  """The `wrt` filter of a text-prompt baseline strategy over a bare `Decoder`.
+
+  Raises:
+    ValueError: for 'zero_shot' (nothing trains) or an unknown name.
+  """
+  name = strategy.lower()
+  if name == "lora":
+    return nnx.All(nnx.Param, LORA)
+  if name == "full":
+    return nnx.Param
+  raise ValueError(f"text-prompt strategy {strategy!r} trains nothing or is unknown; "
+                   f"expected one of {TEXT_STRATEGIES[1:]}")
+
+
 def frozen_filter(strategy: str) -> Filter:
   """Parameters that `strategy` keeps fixed (the complement of `trainable_filter`)."""
   return nnx.All(nnx.Param, nnx.Not(trainable_filter(strategy)))
 
 
-def _size(state: Any) -> int:
-  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(state)))
-
-
-def count_params(model: nnx.Module, wrt: Filter | str) -> tuple[int, int]:
+def trainable_and_total(model: nnx.Module, wrt: Filter | str) -> tuple[int, int]:
   """(trainable, total) scalar parameter counts; `wrt` is a filter or a strategy name."""
   if isinstance(wrt, str):
     wrt = trainable_filter(wrt)
-  return _size(nnx.state(model, nnx.All(nnx.Param, wrt))), _size(nnx.state(model, nnx.Param))
+  return (params_lib.count_params(model, nnx.All(nnx.Param, wrt)),
+          params_lib.count_params(model, nnx.Param))
 
 
 def param_groups(model: nnx.Module) -> dict[str, int]:
@@ -98,7 +113,7 @@ def param_groups(model: nnx.Module) -> dict[str, int]:
       "llm": nnx.All(nnx.Param, LLM, nnx.Not(lora)),
       "llm_lora": nnx.All(nnx.Param, LLM, lora),
   }
-  return {k: _size(nnx.state(model, f)) for k, f in groups.items()}
+  return {k: params_lib.count_params(model, f) for k, f in groups.items()}
 
 
 def check_strategy(model: nnx.Module, strategy: str) -> tuple[int, int]:
@@ -110,7 +125,7 @@ def check_strategy(model: nnx.Module, strategy: str) -> tuple[int, int]:
       outside the encoder / bridge / llm groups (they would be frozen by accident).
   """
   groups = param_groups(model)
-  trainable, total = count_params(model, strategy)
+  trainable, total = trainable_and_total(model, strategy)
   if strategy.lower() == "lora" and not groups["llm_lora"]:
     raise ValueError("strategy 'lora' needs LoRA parameters in the LLM; apply LoRA to the "
                      "decoder first (user_llm_jax.llm.lora)")

@@ -16,6 +16,12 @@ mask, ...) plus
   tokens      int32[B, T]  prompt followed by the answer, right-padded
   loss_mask   bool[B, T]   True on answer tokens (the tokens the loss predicts)
   text_mask   bool[B, T]   optional, True on real tokens (default: all real)
+  task_id     int32[B]     optional, the task of each example (per-task loss metrics)
+
+and, with the item head (`UserLlmConfig.item_head`), `prompt_length` int32[B] and the
+encoder crop's `targets_item` / `last_index` (the record's target item), which the head
+learns to rank first among the whole catalogue from the LLM state at the prompt's last
+token (next-item examples only).
 """
 
 from __future__ import annotations
@@ -28,21 +34,25 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from user_llm_jax.bridge import item_head as item_head_lib
 from user_llm_jax.bridge import soft_prompt
-from user_llm_jax.bridge.cross_attention import insert_cross_attention
+from user_llm_jax.bridge.cross_attention import GatedCrossAttention, insert_cross_attention
 from user_llm_jax.bridge.perceiver import PerceiverResampler
 from user_llm_jax.bridge.projection import Projection
 from user_llm_jax.data import transforms
 from user_llm_jax.encoder.config import EncoderConfig
 from user_llm_jax.encoder.model import UserEncoder
 from user_llm_jax.llm.config import LlmConfig
+from user_llm_jax.llm.losses import next_token_nll
 from user_llm_jax.llm.model import Decoder
+from user_llm_jax.tasks import examples as ex_lib
+from user_llm_jax.tasks import prompts
 
 MODES = ("cross_attention", "soft_prompt")
 
-TOKENS = "tokens"
-LOSS_MASK = "loss_mask"
-TEXT_MASK = "text_mask"
+# The task-batch keys are defined once, with the task examples that produce them.
+TOKENS, LOSS_MASK, TEXT_MASK = ex_lib.TOKENS, ex_lib.LOSS_MASK, ex_lib.TEXT_MASK
+TASK_ID, PROMPT_LENGTH = ex_lib.TASK_ID, ex_lib.PROMPT_LENGTH
 
 Batch = Mapping[str, Any]
 
@@ -61,10 +71,18 @@ class UserLlmConfig:
     perceiver_heads: Perceiver attention heads (must divide the encoder width).
     projection_layers: dense layers of the encoder -> LLM width MLP.
     projection_hidden: hidden width of that MLP (None: the LLM width).
-    xattn_every: a cross-attention block before every k-th decoder layer (0, k, 2k, ...).
+    xattn_every: a cross-attention block before every k-th decoder layer (first, first + k,
+      ...).
+    xattn_first: the first decoder layer with a block (0: from the bottom; higher is
+      cheaper to train, as no gradient flows through the frozen layers below it).
     xattn_heads: heads of each block (None: the LLM's query heads).
     xattn_mlp_dim: FFN width of each block (None: the LLM's MLP width).
     xattn_gate_init: initial tanh-gate pre-activation; 0 leaves the LLM unchanged.
+    item_head: add an `ItemHead` that ranks the whole catalogue from the LLM's state at
+      the prompt's last token, trained on the next-item examples.
+    item_head_dim: width of the head's item table (None: the encoder's `feature_dim`, so
+      the table starts from the pretrained encoder's item embeddings).
+    item_loss_weight: weight of the head's softmax loss next to the token loss.
     dtype: compute dtype of the bridge.
     param_dtype: storage dtype of the bridge parameters.
   """
@@ -77,9 +95,13 @@ class UserLlmConfig:
   projection_layers: int = 2
   projection_hidden: int | None = None
   xattn_every: int = 5
+  xattn_first: int = 0
   xattn_heads: int | None = None
   xattn_mlp_dim: int | None = None
   xattn_gate_init: float = 0.0
+  item_head: bool = False
+  item_head_dim: int | None = None
+  item_loss_weight: float = 1.0
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -91,7 +113,9 @@ class UserLlmConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"UserLlmConfig.{name}={value!r}: must be a positive int")
-    for name in ("projection_hidden", "xattn_heads", "xattn_mlp_dim"):
+    if not isinstance(self.xattn_first, int) or self.xattn_first < 0:
+      raise ValueError(f"UserLlmConfig.xattn_first={self.xattn_first!r}: must be an int >= 0")
+    for name in ("projection_hidden", "xattn_heads", "xattn_mlp_dim", "item_head_dim"):
       value = getattr(self, name)
       if value is not None and (not isinstance(value, int) or value < 1):
         raise ValueError(f"UserLlmConfig.{name}={value!r}: must be None or a positive int")
@@ -152,6 +176,7 @@ class UserLLM(nnx.Module):
     encoder: the `UserEncoder` (pretrained or random).
     bridge: `Bridge` (optional Perceiver, then projection).
     llm: the `Decoder`; in cross-attention mode it holds the gated blocks.
+    item_head: the full-catalogue `ItemHead`, or None.
   """
 
   def __init__(self, cfg: UserLlmConfig, *, encoder: UserEncoder, llm: Decoder,
@@ -174,7 +199,18 @@ class UserLLM(nnx.Module):
           llm, cfg.xattn_every, rngs=rngs, context_width=llm.cfg.width,
           num_heads=cfg.xattn_heads, head_dim=llm.cfg.head_dim, mlp_dim=cfg.xattn_mlp_dim,
           gate_init=cfg.xattn_gate_init, dtype=jnp.dtype(cfg.dtype),
+          param_dtype=jnp.dtype(cfg.param_dtype), first=cfg.xattn_first)
+    head = None
+    if cfg.item_head:
+      dim = cfg.item_head_dim or encoder.cfg.feature_dim
+      head = item_head_lib.ItemHead(
+          llm.cfg.width, encoder.cfg.num_items, dim, rngs=rngs, dtype=jnp.dtype(cfg.dtype),
           param_dtype=jnp.dtype(cfg.param_dtype))
+      table = encoder.features.item.embedding[...]
+      if tuple(table.shape) == tuple(head.items.shape):
+        # Start from the pretrained encoder's notion of item similarity.
+        head.init_items_from(table)
+    self.item_head = nnx.data(head)
 
   def user_context(self, user_batch: Batch, *,
                    deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
@@ -182,6 +218,32 @@ class UserLLM(nnx.Module):
     states = self.encoder(user_batch, deterministic=deterministic)  # [B,E,D_enc]
     mask = jnp.asarray(user_batch[transforms.MASK], bool)  # [B,E]
     return self.bridge(states, mask)
+
+  def hidden_states(self, user_batch: Batch, tokens: jax.Array, *,
+                    positions: jax.Array | None = None,
+                    attention_mask: jax.Array | None = None,
+                    text_mask: jax.Array | None = None,
+                    deterministic: bool = True) -> jax.Array:
+    """Final-normed LLM states of the text positions given the user: [B, T, D].
+
+    Args: as `__call__`.
+    """
+    b, t = tokens.shape
+    text_mask = jnp.ones((b, t), bool) if text_mask is None else text_mask.astype(bool)
+    context, context_mask = self.user_context(user_batch, deterministic=deterministic)
+    if self.cfg.mode == "cross_attention":
+      if positions is None:
+        positions = soft_prompt.text_positions(text_mask)
+      if attention_mask is None:
+        attention_mask = soft_prompt.text_attention_mask(text_mask)
+      hidden, _ = self.llm(tokens, positions=positions, attention_mask=attention_mask,
+                           context=context, context_mask=context_mask, return_hidden=True)
+      return hidden
+    embeds, mask, merged_positions = soft_prompt.merge_soft_prompt(
+        context, context_mask, self.llm.embed(tokens), text_mask, attention_mask, positions)
+    hidden, _ = self.llm(None, positions=merged_positions, attention_mask=mask,
+                         inputs_embeds=embeds, return_hidden=True)  # [B,P+T,D]
+    return hidden[:, context.shape[1]:]
 
   def __call__(self, user_batch: Batch, tokens: jax.Array, *,
                positions: jax.Array | None = None,
@@ -202,23 +264,35 @@ class UserLLM(nnx.Module):
     Returns:
       float32 logits [B, T, V] for the text positions only (in both modes).
     """
-    b, t = tokens.shape
-    text_mask = jnp.ones((b, t), bool) if text_mask is None else text_mask.astype(bool)
-    context, context_mask = self.user_context(user_batch, deterministic=deterministic)
-    if self.cfg.mode == "cross_attention":
-      if positions is None:
-        positions = soft_prompt.text_positions(text_mask)
-      if attention_mask is None:
-        attention_mask = soft_prompt.text_attention_mask(text_mask)
-      logits, _ = self.llm(tokens, positions=positions, attention_mask=attention_mask,
-                           context=context, context_mask=context_mask)
-      return logits
-    embeds, mask, merged_positions = soft_prompt.merge_soft_prompt(
-        context, context_mask, self.llm.embed(tokens), text_mask, attention_mask, positions)
-    hidden, _ = self.llm(None, positions=merged_positions, attention_mask=mask,
-                         inputs_embeds=embeds, return_hidden=True)  # [B,P+T,D]
-    # Only text positions need the [.., V] head: skip it for the soft prompt.
-    return self.llm.head(hidden[:, context.shape[1]:])
+    # Only text positions need the [.., V] head (the soft prompt's are dropped).
+    return self.llm.head(self.hidden_states(
+        user_batch, tokens, positions=positions, attention_mask=attention_mask,
+        text_mask=text_mask, deterministic=deterministic))
+
+  def next_item_logits(self, batch: Batch) -> jax.Array:
+    """Item-head scores of every catalogue item for task examples: float32 [B, V].
+
+    The LLM reads each example's prompt (what follows it is causally invisible) and the
+    head scores the catalogue from the state at the prompt's last token; PAD and OOV are
+    -inf. Same contract as `UserEncoder.next_item_logits`, so `eval.retrieval` ranks both.
+    """
+    if self.item_head is None:
+      raise ValueError("this User-LLM has no item head (bridge.item_head=False)")
+    tokens = jnp.asarray(batch[TOKENS], jnp.int32)
+    text_mask = batch.get(TEXT_MASK)
+    hidden = self.hidden_states(batch, tokens, text_mask=None if text_mask is None
+                                else jnp.asarray(text_mask, bool))
+    states = item_head_lib.last_prompt_states(hidden, batch[PROMPT_LENGTH])
+    return self.item_head(states)
+
+  def gate_values(self) -> dict[str, jax.Array]:
+    """tanh of every cross-attention gate, by block ('xattn<i>/attn', 'xattn<i>/mlp')."""
+    out = {}
+    for key, block in self.llm.cross_attention.items():
+      if isinstance(block, GatedCrossAttention):
+        out[f"gate/xattn{key}_attn"] = jnp.tanh(block.attn_gate[...])
+        out[f"gate/xattn{key}_mlp"] = jnp.tanh(block.mlp_gate[...])
+    return out
 
   def sampler_inputs(self, user_batch: Batch, tokens: jax.Array,
                      text_mask: jax.Array | None = None) -> dict[str, jax.Array | None]:
@@ -250,12 +324,15 @@ class UserLLM(nnx.Module):
            deterministic: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean next-token cross-entropy over the answer tokens of a task batch.
 
-    Examples with `example_mask` False (eval padding) contribute nothing. A batch without
-    any answer token gives loss 0 with zero gradients.
+    With the item head, plus `item_loss_weight` x the head's softmax cross-entropy over the
+    catalogue on the next-item examples. Examples with `example_mask` False (eval padding)
+    contribute nothing. A batch without any answer token gives loss 0 with zero gradients.
 
     Returns:
-      (loss, metrics): `answer_tokens` (count) and `token_accuracy` (greedy argmax hits
-      among answer tokens).
+      (loss, metrics): `answer_tokens` (count), `token_accuracy` (greedy argmax hits among
+      answer tokens), `task_nll/<task>` and `task_tokens/<task>` (summed token loss and
+      token count per task, when `task_id` is given),
+      `item_loss` (item head), and the cross-attention gates' tanh values (`gate/...`).
     """
     for key in (TOKENS, LOSS_MASK):
       if key not in batch:
@@ -267,14 +344,46 @@ class UserLLM(nnx.Module):
                        f"shape of batch[{TOKENS!r}] {tokens.shape}")
     text_mask = batch.get(TEXT_MASK)
     if text_mask is not None:
-      loss_mask = loss_mask & jnp.asarray(text_mask, bool)
+      text_mask = jnp.asarray(text_mask, bool)
+      loss_mask = loss_mask & text_mask
+    example_mask = jnp.ones(tokens.shape[:1], bool)
     if transforms.EXAMPLE_MASK in batch:
-      loss_mask = loss_mask & jnp.asarray(batch[transforms.EXAMPLE_MASK], bool)[:, None]
-    logits = self(batch, tokens, text_mask=text_mask, deterministic=deterministic)
-    loss, count = soft_prompt.next_token_loss(logits, tokens, loss_mask)
+      example_mask = jnp.asarray(batch[transforms.EXAMPLE_MASK], bool)
+      loss_mask = loss_mask & example_mask[:, None]
+    hidden = self.hidden_states(batch, tokens, text_mask=text_mask,
+                                deterministic=deterministic)            # [B,T,D]
+    logits = self.llm.head(hidden)                                        # [B,T,V]
+    nll = next_token_nll(logits, tokens)                                  # [B,T-1]
+    weights = loss_mask[:, 1:].astype(jnp.float32)
+    count = weights.sum()
+    # where(): an all-masked batch gives exactly 0 whatever the masked losses are.
+    token_nll = jnp.where(weights > 0, nll, 0.0)
+    loss = token_nll.sum() / jnp.maximum(count, 1.0)
     hits = (jnp.argmax(logits[:, :-1], axis=-1) == tokens[:, 1:]) & loss_mask[:, 1:]
-    accuracy = hits.sum() / jnp.maximum(count, 1.0)
-    return loss, {"answer_tokens": count, "token_accuracy": accuracy}
+    metrics = {"answer_tokens": count, "token_accuracy": hits.sum() / jnp.maximum(count, 1.0)}
+    if TASK_ID in batch:
+      task_id = jnp.asarray(batch[TASK_ID], jnp.int32)
+      per_example = token_nll.sum(axis=1)                                 # [B]
+      per_count = weights.sum(axis=1)
+      for i, name in enumerate(prompts.TASKS):
+        # Sums, not means: averaged over a log interval they give the per-task loss as a
+        # ratio of totals, also when a step draws no example of a task.
+        rows = task_id == i
+        metrics[f"task_nll/{name}"] = jnp.where(rows, per_example, 0.0).sum()
+        metrics[f"task_tokens/{name}"] = jnp.where(rows, per_count, 0.0).sum()
+    if self.item_head is not None:
+      states = item_head_lib.last_prompt_states(hidden, batch[PROMPT_LENGTH])
+      targets = jnp.take_along_axis(jnp.asarray(batch[transforms.TARGETS_ITEM], jnp.int32),
+                                    jnp.asarray(batch[transforms.LAST_INDEX],
+                                                jnp.int32)[:, None], axis=1)[:, 0]
+      rows = example_mask
+      if TASK_ID in batch:
+        rows = rows & (jnp.asarray(batch[TASK_ID]) == prompts.TASKS.index(prompts.NEXT_ITEM))
+      item_nll, item_count = item_head_lib.item_loss(self.item_head(states), targets, rows)
+      loss = loss + self.cfg.item_loss_weight * item_nll
+      metrics.update(item_loss=item_nll, item_examples=item_count)
+    metrics.update(self.gate_values())
+    return loss, metrics
 
 
 def build_user_llm(cfg: UserLlmConfig, encoder_cfg: EncoderConfig, llm_cfg: LlmConfig, *,

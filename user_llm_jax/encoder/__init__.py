@@ -1,4 +1,4 @@
 """Multimodal autoregressive user encoder: config, model, fusion variants, losses."""
 
 from user_llm_jax.encoder.config import ENCODER_PAPER, ENCODER_TINY, EncoderConfig
-from user_llm_jax.encoder.model import UserEncoder, count_params
+from user_llm_jax.encoder.model import UserEncoder

@@ -25,7 +25,6 @@ from user_llm_jax.encoder import losses
 from user_llm_jax.encoder.config import EncoderConfig
 from user_llm_jax.encoder.fusion import EarlyFusion, FeatureEmbeddings, LateFusion
 from user_llm_jax.encoder.transformer import dense, layer_norm
-from user_llm_jax.params import count_params  # noqa: F401  (re-exported by the package)
 from user_llm_jax.sharding import partitioned
 
 Batch = dict[str, Any]

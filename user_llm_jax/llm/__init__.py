@@ -12,12 +12,12 @@ Public API (submodules hold the rest):
 from user_llm_jax.llm.config import (LLAMA_3_2_1B, LLAMA_3_2_3B, LLM_TINY, PRESETS,
                                      SMOLLM2_135M, SMOLLM2_360M, SMOLLM2_1_7B, LlmConfig,
                                      RopeScaling, get_preset)
-from user_llm_jax.llm.model import (Decoder, KVCache, causal_mask, count_params,
+from user_llm_jax.llm.model import (Decoder, KVCache, causal_mask,
                                     create_sharded, decoder_from_params, decoder_params)
 
 __all__ = [
     "LLAMA_3_2_1B", "LLAMA_3_2_3B", "LLM_TINY", "PRESETS", "SMOLLM2_135M", "SMOLLM2_360M",
     "SMOLLM2_1_7B", "LlmConfig", "RopeScaling", "get_preset",
-    "Decoder", "KVCache", "causal_mask", "count_params", "create_sharded",
+    "Decoder", "KVCache", "causal_mask", "create_sharded",
     "decoder_from_params", "decoder_params",
 ]

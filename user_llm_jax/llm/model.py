@@ -277,8 +277,6 @@ class Decoder(nnx.Module):
     return self.head(x), new_cache
 
 
-# Re-exported for `user_llm_jax.llm`'s public API; the one definition is in `params`.
-count_params = params_lib.count_params
 
 
 def create_sharded(cfg: LlmConfig, mesh: jax.sharding.Mesh, seed: int = 0,

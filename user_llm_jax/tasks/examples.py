@@ -58,6 +58,9 @@ class ExampleConfig:
       tokens is part of the prompt; 0: User-LLM (the prompt carries no history).
     review_field: 'summary' or 'text', the review task's answer.
     dataset: dataset family, for the prompts' wording.
+    next_item_titles: next-item examples carry the target's title as the answer (the
+      generative path). False: the prompt alone, for a User-LLM whose item head ranks the
+      catalogue from the prompt's last state (shorter sequences, no title decoding).
   """
 
   tasks: tuple[str, ...] = (prompts.NEXT_ITEM, prompts.FAVORITE_CATEGORY)
@@ -68,6 +71,7 @@ class ExampleConfig:
   history_tokens: int = 0
   review_field: str = "summary"
   dataset: str = "movielens"
+  next_item_titles: bool = True
 
   def __post_init__(self):
     unknown = [t for t in self.tasks if t not in prompts.TASKS]
@@ -204,7 +208,10 @@ class TaskExample(grain.transforms.Map):
       raise ValueError(f"element has task {task!r}, not among the configured {self.cfg.tasks}")
     out = self.crop.map(element)
     prompt = self.prompt(element, task)
-    answer = self.answer_tokens(self.answer_text(element, task))
+    answer_text = self.answer_text(element, task)
+    answer = self.answer_tokens(answer_text)
+    if task == prompts.NEXT_ITEM and not self.cfg.next_item_titles:
+      answer = []  # the item head learns the target from `target_item`
     length = self.cfg.text_length
     tokens = np.full((length,), self.tokenizer.pad_id, np.int32)
     seq = prompt + answer
@@ -218,7 +225,7 @@ class TaskExample(grain.transforms.Map):
     out[TASK_ID] = np.int32(prompts.TASKS.index(task))
     out[TARGET_ITEM] = np.int32(np.asarray(element[schema.ITEM_IDS]).reshape(-1)[-1])
     out[LABEL] = np.int32(element.get(schema.FAVORITE_CATEGORY, schema.PAD_ID))
-    out[HAS_ANSWER] = np.bool_(bool(answer))
+    out[HAS_ANSWER] = np.bool_(answer_text is not None)
     return out
 
 
