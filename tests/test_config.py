@@ -54,8 +54,10 @@ def launch_in_process(*args: str) -> str:
 
 def test_unknown_override_key_through_the_cli(tmp_path):
   # The real command line: one line on stderr, no traceback, non-zero exit, nothing started.
-  proc = launch(f"--config={CONFIG}:smoke", "--config.model.widht=3", f"--workdir={tmp_path}")
-  last = assert_clean_error(proc, "'model.widht'", "valid keys of model", "width", "num_layers")
+  proc = launch(f"--config={CONFIG}:smoke", "--config.encoder.model.widht=3",
+                f"--workdir={tmp_path}")
+  last = assert_clean_error(proc, "'encoder.model.widht'", "valid keys of encoder.model",
+                            "width", "num_layers")
   assert last.startswith("error:")
   assert not any(tmp_path.iterdir())
 
@@ -63,7 +65,7 @@ def test_unknown_override_key_through_the_cli(tmp_path):
 def test_unknown_override_section_and_wrong_type(tmp_path):
   msg = launch_in_process(f"--config={CONFIG}", "--config.trian.num_steps=3",
                           f"--workdir={tmp_path}")
-  assert "'trian'" in msg and "train" in msg and "model" in msg
+  assert "'trian'" in msg and "train" in msg and "encoder" in msg
   msg = launch_in_process(f"--config={CONFIG}", "--config.train.num_steps=many",
                           f"--workdir={tmp_path}")
   assert "config.train.num_steps" in msg and "many" in msg
@@ -120,33 +122,65 @@ def test_sections_convert_to_dataclasses_with_clear_errors():
 
 
 def test_encoder_config_from_preset_and_overrides():
+  from user_llm_jax import models  # pylint: disable=import-outside-toplevel
+  from user_llm_jax.data import schema  # pylint: disable=import-outside-toplevel
   from user_llm_jax.encoder import config as enc_lib
   import experiments.configs.encoder_movielens as cfg_file  # pylint: disable=import-outside-toplevel
+  vocab = schema.Vocabulary(
+      dataset="movielens", items=tuple(schema.ItemInfo(str(i), f"t{i}", ()) for i in range(50)),
+      ratings=tuple(range(12)), categories=tuple(f"c{i}" for i in range(22)))
   config = cfg_file.get_config("smoke")
-  enc = pretrain_encoder.encoder_config_from(
-      config.model, num_items=50, num_ratings=12, num_categories=22, window=30,
-      max_categories=10)
+  enc = models.encoder_config_from(config.encoder.model, vocab, window=30, max_categories=10)
   assert (enc.num_layers, enc.width, enc.num_heads) == (2, 64, 2)
   assert enc.use_time == enc_lib.ENCODER_TINY.use_time  # Unset keys come from the preset.
-  assert (enc.num_items, enc.max_len) == (50, 30)
-  paper = pretrain_encoder.encoder_config_from(
-      cfg_file.get_config().model, num_items=50, num_ratings=12, num_categories=22,
-      window=50, max_categories=10)
+  assert (enc.num_items, enc.num_ratings, enc.num_categories, enc.max_len) == (50, 12, 22, 30)
+  paper = models.encoder_config_from(cfg_file.get_config().encoder.model, vocab, window=50,
+                                     max_categories=10)
   assert (paper.num_layers, paper.width) == (6, 128)
-  config.model.preset = "huge"
-  with pytest.raises(config_lib.ConfigError, match="model.preset.*paper"):
-    pretrain_encoder.encoder_config_from(config.model, num_items=50, num_ratings=12,
-                                         num_categories=22, window=30, max_categories=10)
+  config.encoder.model.preset = "huge"
+  with pytest.raises(config_lib.ConfigError, match="encoder.model.preset.*paper"):
+    models.encoder_config_from(config.encoder.model, vocab, window=30, max_categories=10)
   config = cfg_file.get_config("smoke")
-  config.model.num_heads = 3  # 64 is not divisible by 3.
-  with pytest.raises(config_lib.ConfigError, match="invalid config section 'model'.*num_heads"):
-    pretrain_encoder.encoder_config_from(config.model, num_items=50, num_ratings=12,
-                                         num_categories=22, window=30, max_categories=10)
+  config.encoder.model.num_heads = 3  # 64 is not divisible by 3.
+  with pytest.raises(config_lib.ConfigError,
+                     match="invalid config section 'encoder.model'.*num_heads"):
+    models.encoder_config_from(config.encoder.model, vocab, window=30, max_categories=10)
+  # The saved architecture rebuilds the same frozen config.
+  assert models.encoder_config_from_architecture(models.architecture(encoder=enc)) == enc
 
 
 def test_job_registry():
   assert jobs.resolve("pretrain_encoder", "train") is pretrain_encoder.run
   with pytest.raises(KeyError, match="registered"):
     jobs.resolve("pretrain_encoder", "nonsense")
-  assert "model.widht" in launcher.explain_override_error(
-      ["prog", f"--config={CONFIG}:smoke", "--config.model.widht=3"])
+  assert "encoder.model.widht" in launcher.explain_override_error(
+      ["prog", f"--config={CONFIG}:smoke", "--config.encoder.model.widht=3"])
+
+
+def test_launcher_shows_our_missing_file_errors_but_keeps_os_tracebacks(tmp_path):
+  """A FileNotFoundError of ours (a message) is one line; one from the OS is a bug."""
+  from user_llm_jax.jobs import launcher  # pylint: disable=import-outside-toplevel
+  config = config_lib.load_config_file(CONFIG, "smoke")
+
+  def ours(config, workdir):
+    raise FileNotFoundError("config key 'data.manual_dir' points to nowhere")
+
+  def os_level(config, workdir):
+    open(os.path.join(workdir, "no", "such", "file"), encoding="utf-8")  # noqa: SIM115
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS(["test"])
+  for name, fn in (("_test_ours", ours), ("_test_os", os_level)):
+    jobs.JOBS[name] = f"{__name__}:{fn.__name__}"
+    globals()[fn.__name__] = fn
+  try:
+    config.job = "_test_ours"
+    with pytest.raises(SystemExit, match="error: config key 'data.manual_dir'"):
+      launcher.run(config, workdir=str(tmp_path), mode="train", config_file=None)
+    config.job = "_test_os"
+    with pytest.raises(FileNotFoundError) as exc:
+      launcher.run(config, workdir=str(tmp_path), mode="train", config_file=None)
+    assert exc.value.errno is not None
+  finally:
+    for name in ("_test_ours", "_test_os"):
+      jobs.JOBS.pop(name, None)

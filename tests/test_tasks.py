@@ -140,7 +140,10 @@ def test_recall_from_lists_hand_made_case():
                     [0, 1, 2, 3]])    # target without a title (-1): a miss
   targets = np.array([1, 4, 9, 8, -1])
   got = ev.recall_from_lists(lists, targets, (1, 2, 4))
-  assert got == {"recall@1": 1 / 5, "recall@2": 3 / 5, "recall@4": 3 / 5}
+  assert {k: v for k, v in got.items() if not k.endswith("_stderr")} == {
+      "recall@1": 1 / 5, "recall@2": 3 / 5, "recall@4": 3 / 5}
+  # Binomial standard error of each proportion over the 5 examples.
+  assert got["recall@2_stderr"] == pytest.approx(np.sqrt(0.6 * 0.4 / 5))
 
 
 def test_rouge_lsum_known_strings():
@@ -216,23 +219,26 @@ def test_catalogue_cuts_titles_like_the_training_answers(vocab, tok):
 
 def test_majority_category_floor():
   """The favorite-category floor: the most frequent training label, ties to the smaller id."""
-  from user_llm_jax.jobs import train_user_llm  # pylint: disable=g-import-not-at-top
+  from user_llm_jax.eval import floors  # pylint: disable=g-import-not-at-top
   vocab = schema.Vocabulary(dataset="movielens", items=(), ratings=(),
                             categories=("<pad>", "<oov>", "Drama", "Comedy", "Horror"))
   key = schema.FAVORITE_CATEGORY
   train = [{key: 3}, {key: 4}, {key: 3}, {key: 4}, {key: 2}, {key: schema.PAD_ID}]
-  test = [{key: 3}, {key: 4}, {key: 3}, {key: 2}]
-  m = train_user_llm.majority_category(train, test, vocab)
+  test = [{key: 3}, {key: 4}, {key: 3}, {key: 2}, {key: schema.PAD_ID}]
+  m = floors.majority_category(train, test, vocab)
   assert m["answer"] == "Comedy"          # 3 and 4 tie at two each; padding is not a label
   assert m["accuracy"] == pytest.approx(0.5)
+  # Scored on the labelled test records only, like the LLM rows.
   assert m["num_examples"] == 4
+  assert m["accuracy_stderr"] == pytest.approx(np.sqrt(0.5 * 0.5 / 4))
   with pytest.raises(ValueError, match="favorite category"):
-    train_user_llm.majority_category([{key: schema.PAD_ID}], test, vocab)
+    floors.majority_category([{key: schema.PAD_ID}], test, vocab)
 
 
 def test_rating_prior_review_floor(vocab, tok):
   """The review floor answers with the commonest training answer of the review's rating."""
-  from user_llm_jax.jobs import train_user_llm  # pylint: disable=g-import-not-at-top
+  from user_llm_jax.data import prepared  # pylint: disable=g-import-not-at-top
+  from user_llm_jax.eval import floors  # pylint: disable=g-import-not-at-top
 
   def rec(seed, rating, summary):
     r = make_record(6, seed=seed, summary=summary)
@@ -243,8 +249,8 @@ def test_rating_prior_review_floor(vocab, tok):
            rec(3, 2, "Broken"), rec(4, 2, "")]   # an empty summary is no answer
   test = [rec(5, 6, "Five Stars"), rec(6, 2, "Broken on arrival"), rec(7, 4, "Five Stars"),
           rec(8, 6, "")]
-  data = train_user_llm.TaskData("mem", train, test, vocab, {})
-  m = train_user_llm.rating_prior_review(data, transform(vocab, tok), range(len(test)))
+  data = prepared.Splits("mem", train, test, None, vocab, {})
+  m = floors.rating_prior_review(data, transform(vocab, tok), range(len(test)))
   assert m["num_examples"] == 3            # the record without a summary is skipped
   assert m["answers"] == {"1.0": "Broken", "5.0": "Five Stars"}
   # Exact for rating 5; "Broken" vs "Broken on arrival"; an unseen rating (3.0) falls back to

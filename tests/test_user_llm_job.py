@@ -14,9 +14,14 @@ from absl import flags
 
 from experiments.configs import main as main_config
 from experiments.configs import user_llm_movielens
+from data_pipelines import records
+from user_llm_jax import inference
+from user_llm_jax import runs
 from user_llm_jax.jobs import generate
 from user_llm_jax.jobs import main_pipeline
 from user_llm_jax.jobs import train_user_llm
+from user_llm_jax.tasks import runner
+from user_llm_jax.train import checkpointing
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +38,8 @@ def smoke_config(**changes):
 def data_dirs(tmp_path_factory):
   """Synthetic raw data + its preparation, shared by the runs of this module."""
   root = tmp_path_factory.mktemp("smoke_data")
-  from user_llm_jax.jobs import pretrain_encoder  # pylint: disable=g-import-not-at-top
-  pretrain_encoder.prepare_data(smoke_config().data, str(root))
+  from user_llm_jax.data import prepared  # pylint: disable=g-import-not-at-top
+  prepared.prepare(smoke_config().data, str(root))
   return {"data.manual_dir": str(root / "raw"), "data.data_dir": str(root / "data")}
 
 
@@ -59,10 +64,10 @@ def test_job_writes_summary_with_metrics(finished_run, data_dirs):
   assert "exact scoring" in metrics["user_llm"]["next_item"]["procedure"]
   assert 0.0 <= metrics["user_llm"]["favorite_category"]["accuracy"] <= 1.0
   # The majority-label floor, recomputed from the prepared records the job read.
-  data = train_user_llm.load_task_data(smoke_config(**data_dirs), str(workdir))
+  data = runner.load(smoke_config(**data_dirs), str(workdir))
   labels = [int(r["favorite_category"]) for r in data.train]
   best = max(set(labels), key=lambda c: (labels.count(c), -c))
-  idx = train_user_llm.eval_indices(len(data.test), 6, 0)
+  idx = runner.eval_indices(len(data.test), 6, 0)
   expected = np.mean([int(data.test[i]["favorite_category"]) == best for i in idx])
   majority = metrics["majority"]["favorite_category"]
   assert majority["answer"] == data.vocab.categories[best]
@@ -74,6 +79,20 @@ def test_job_writes_summary_with_metrics(finished_run, data_dirs):
   assert on_disk["total_params"] == sum(groups.values()) > on_disk["trainable_params"]
   assert "recall@10" in (workdir / "summary.txt").read_text()
   assert summary["history"][-1]["step"] == 6
+  # Diagnostics kept in every run: per-task losses, gate values, the shuffled control.
+  last = summary["history"][-1]
+  assert any(k.startswith("gate/xattn") for k in last)
+  assert "loss/next_item" in last and "loss/favorite_category" in last
+  shuffled = metrics["user_llm_shuffled"]
+  assert set(shuffled) == {"next_item", "favorite_category"}
+  assert shuffled["favorite_category"]["num_examples"] == 6
+  assert "accuracy_stderr" in metrics["user_llm"]["favorite_category"]
+  # The run describes itself: config, architecture, vocabulary and tokenizer.
+  run = runs.load_run(str(workdir), job="train_user_llm")
+  assert run.architecture["strategy"] == "enc"
+  assert run.config.train.num_steps == 6
+  assert run.vocabulary().num_items == data.vocab.num_items
+  assert run.tokenizer().vocab_size > 0
 
 
 def test_resume_of_a_user_llm_run_is_exact(finished_run, tmp_path, data_dirs):
@@ -82,11 +101,41 @@ def test_resume_of_a_user_llm_run_is_exact(finished_run, tmp_path, data_dirs):
   shutil.copytree(workdir / "checkpoints", run2 / "checkpoints")
   # Drop the final checkpoint: the rerun restores step 3 and trains steps 4-6 again.
   shutil.rmtree(run2 / "checkpoints" / "6")
-  resumed = train_user_llm.run(smoke_config(**data_dirs), str(run2))
+  # A change of a key that cannot change the result resumes.
+  resumed = train_user_llm.run(smoke_config(**data_dirs, **{"train.log_every": 3}), str(run2))
   assert resumed["resumed_from"] == 3
   assert resumed["trainable_checksum"] == summary["trainable_checksum"]
-  assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in summary["history"]]
-  assert resumed["metrics"]["user_llm"] == summary["metrics"]["user_llm"]
+  assert resumed["history"][-1]["step"] == 6
+  assert resumed["history"][-1]["loss"] == summary["history"][-1]["loss"]
+  for key in ("user_llm", "user_llm_shuffled"):
+    for task, m in resumed["metrics"][key].items():
+      timing = ("eval_sec", "sec_per_answer")
+      assert ({k: v for k, v in m.items() if k not in timing}
+              == {k: v for k, v in summary["metrics"][key][task].items() if k not in timing})
+
+
+def test_resume_refuses_a_changed_learning_rate(finished_run, tmp_path, data_dirs):
+  workdir, _ = finished_run
+  run2 = tmp_path / "changed"
+  shutil.copytree(workdir / "checkpoints", run2 / "checkpoints")
+  with pytest.raises(checkpointing.CheckpointError, match=r"train\.learning_rate"):
+    train_user_llm.run(smoke_config(**data_dirs, **{"train.learning_rate": 0.5}), str(run2))
+
+
+def test_item_head_ranks_the_catalogue_and_trains(tmp_path, data_dirs):
+  config = smoke_config(**data_dirs, **{"bridge.item_head": True,
+                                        "tasks.next_item_titles": False})
+  summary = train_user_llm.run(config, str(tmp_path))
+  head = summary["metrics"]["user_llm_item_head"]["next_item"]
+  sasrec_protocol = summary["metrics"]["popularity"]["next_item"]
+  assert head["num_examples"] == sasrec_protocol["num_examples"] == 6
+  assert "item head" in head["procedure"] and "full-catalogue" in head["procedure"]
+  assert 0.0 <= head["recall@1"] <= head["recall@10"] <= 1.0
+  assert "ndcg@10" in head
+  # No titles were trained, so none are decoded.
+  assert "next_item" not in summary["metrics"]["user_llm"]
+  assert all(h["item_examples"] > 0 for h in summary["history"])
+  assert "user_llm_item_head_shuffled" in summary["metrics"]
 
 
 def test_soft_prompt_perceiver_lora_with_random_encoder(tmp_path, data_dirs):
@@ -105,10 +154,16 @@ def test_main_pipeline_smoke_and_generate(tmp_path):
   config = main_config.get_config("smoke")
   summary = main_pipeline.run(config, str(workdir))
   methods = list(summary["metrics"])
-  assert methods[0].startswith("User-LLM") and methods[1].startswith("text prompt")
-  assert {"SASRec-style encoder", "popularity"} <= set(methods)
-  for name in methods[:2]:
+  assert methods[0].startswith("User-LLM")
+  assert any("shuffled" in m for m in methods)
+  assert {"SASRec-style encoder", "popularity", "majority genre"} <= set(methods)
+  text_row = next(m for m in methods if m.startswith("text prompt"))
+  for name in (methods[0], text_row):
     assert 0.0 <= summary["metrics"][name]["next_item"]["recall@10"] <= 1.0
+    for task in summary["metrics"][name].values():
+      assert task["num_examples"] == 3
+  assert summary["flops_per_answer"]["text_prompt"] > 0
+  assert summary["verdicts"]
   gen = summary["generation"]
   assert gen["recent"] and set(gen["answers"]) == {"next_item", "favorite_category"}
   for stage in ("encoder", "user_llm", "text_baseline"):
@@ -122,7 +177,16 @@ def test_main_pipeline_smoke_and_generate(tmp_path):
   assert os.path.getmtime(workdir / "user_llm" / "summary.json") == mtime
   assert again["metrics"] == summary["metrics"]
 
-  # --mode=generate on a user's own MovieLens-format history.
+  # A changed config is refused rather than a finished stage silently reused.
+  changed = main_config.get_config("smoke")
+  changed.train.learning_rate = 0.5
+  with pytest.raises(main_pipeline.StageConfigChanged, match="train.learning_rate"):
+    main_pipeline.run(changed, str(workdir))
+
+  # --mode=generate from a copy of the User-LLM stage alone: no encoder run, no data.
+  alone = tmp_path / "alone"
+  shutil.copytree(workdir / "user_llm", alone)
+  shutil.rmtree(workdir / "encoder")
   history = tmp_path / "me.csv"
   history.write_text("userId,movieId,rating,timestamp\n7,1,4.0,100\n7,2,3.5,200\n"
                      "7,999999,5.0,300\n")
@@ -130,10 +194,13 @@ def test_main_pipeline_smoke_and_generate(tmp_path):
     flags.FLAGS(["test"])
   flags.FLAGS.history_file = str(history)
   try:
-    out = generate.run(config, str(workdir))
+    out = generate.run(config, str(alone))
   finally:
     flags.FLAGS.history_file = None
   assert isinstance(out["answer"], str) and len(out["recent"]) == 3
+  assert out["unknown_items"] == 1
+  with pytest.raises(runs.NotARunError, match="no trained User-LLM.*experiments.main"):
+    inference.load_trained(str(tmp_path / "empty"))
 
 
 def test_history_file_errors_name_file_and_line(tmp_path, data_dirs):
@@ -141,12 +208,25 @@ def test_history_file_errors_name_file_and_line(tmp_path, data_dirs):
   _, vocab, _ = source.load_prepared(data_dirs["data.data_dir"], "train")
   bad = tmp_path / "bad.csv"
   bad.write_text("userId,movieId,rating,timestamp\n1,1,x,5\n")
-  with pytest.raises(ValueError, match=r"bad.csv:2"):
-    generate.history_record(str(bad), vocab)
+  with pytest.raises(records.BadInputError, match=r"bad.csv:2"):
+    inference.history_record(str(bad), vocab)
+  empty = tmp_path / "empty.csv"
+  empty.write_text("")
+  with pytest.raises(records.BadInputError, match="no events"):
+    inference.history_record(str(empty), vocab)
+  unknown = tmp_path / "unknown.csv"
+  unknown.write_text("userId,movieId,rating,timestamp\n1,99999,4.0,1\n1,abc,5.0,2\n")
+  with pytest.raises(records.BadInputError, match="none of its 2 events"):
+    inference.history_record(str(unknown), vocab)
+  # JSON lines count lines from 1 (no header offset).
+  bad_json = tmp_path / "bad.jsonl"
+  bad_json.write_text('{"movieId": "1"}\n{"movieId": "2", "rating": "x"}\n')
+  with pytest.raises(records.BadInputError, match=r"bad.jsonl:2:"):
+    inference.history_record(str(bad_json), vocab)
   good = tmp_path / "good.jsonl"
   good.write_text('{"movieId": "2", "rating": 4.0, "timestamp": 2}\n'
                   '{"movieId": "1", "rating": 3.0, "timestamp": 1}\n')
-  record = generate.history_record(str(good), vocab)
+  record = inference.history_record(str(good), vocab)
   # Sorted by time, plus the placeholder target after the last event.
   assert record["item_ids"].tolist()[-1] == 0 and len(record["item_ids"]) == 3
   assert np.all(np.diff(record["timestamps"]) >= 0)

@@ -25,6 +25,7 @@ from absl import app
 from absl import flags
 from flax import nnx
 
+from user_llm_jax import params as params_lib
 from user_llm_jax import sharding as sharding_lib
 from user_llm_jax.data import schema
 from user_llm_jax.data import transforms as T
@@ -101,7 +102,7 @@ def measure_step(cfg: enc_lib.EncoderConfig, batch_size: int, steps: int) -> dic
   events = int(batch[T.MASK].sum())
   return {"sec_per_step": sec, "events_per_sec": events / sec, "events_per_step": events,
           "flops_per_step": flops, "flops_per_sec": flops / sec, "compile_sec": compile_sec,
-          "params": train_step_lib.count_params(model), "loss": float(metrics["loss"])}
+          "params": params_lib.count_params(model), "loss": float(metrics["loss"])}
 
 
 def measure_matmul(m: int, repeats: int = 10) -> dict:

@@ -17,7 +17,7 @@ Paper protocol (sliding windows of 50, each user's last window is test):
 
 Variants: '' (user tower 2 x 128, window 50, batch 64, leave-last-out), 'paper' (paper
 protocol, otherwise the same), 'smoke' (tiny, ~300 synthetic users, seconds on a CPU).
-`model.*` is the user tower (an EncoderConfig; None keeps the preset's value),
+`encoder.model.*` is the user tower (an EncoderConfig; None keeps the preset's value),
 `dual_encoder.*` the towers' shared space, item tower and loss.
 """
 
@@ -37,7 +37,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data = common.movielens_data_section(protocol="leave_last_out", window=50)
 
   # The user tower. 2 layers keep a CPU run to minutes; the paper encoder is 6 x 128.
-  config.model = common.encoder_model_section("paper", num_layers=2, dropout=0.2)
+  config.encoder = ml_collections.ConfigDict()
+  config.encoder.model = common.encoder_model_section("paper", num_layers=2, dropout=0.2)
   config.dual_encoder = config_lib.dataclass_section(dual_encoder.DualEncoderConfig)
   config.dual_encoder.update(output_dim=64, temperature=0.05, train_positions="all")
 
@@ -55,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.name = "dual_encoder_movielens:smoke"
     config.data.window = 20
     config.data.synthetic.update(num_users=300, num_items=200, events_per_user_mean=40.0)
-    config.model.update(preset="tiny", num_layers=1, width=32, num_heads=2, mlp_dim=64,
+    config.encoder.model.update(preset="tiny", num_layers=1, width=32, num_heads=2, mlp_dim=64,
                         feature_dim=16, dropout=0.0)
     config.dual_encoder.update(output_dim=32, item_dim=32, category_dim=16, item_hidden=64)
     config.train.update(batch_size=32, num_steps=60, learning_rate=3e-3, warmup=10,

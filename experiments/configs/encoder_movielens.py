@@ -13,8 +13,8 @@ Real MovieLens (any layout the MovieLens reader knows, e.g. ml-latest-small):
 
 Variants (`:name` after the file): '' (paper-size encoder 6 x 128, window 50, batch 128),
 'smoke' (tiny encoder, ~300 synthetic users, about a minute on 2 CPU cores).
-Any key can be overridden: `--config.train.num_steps=500 --config.model.num_layers=2`.
-Model keys left at None take the preset's value (`model.preset`: 'paper' or 'tiny').
+Any key can be overridden: `--config.train.num_steps=500 --config.encoder.model.num_layers=2`.
+Encoder keys left at None take the preset's value (`encoder.model.preset`: 'paper' or 'tiny').
 """
 
 import ml_collections
@@ -29,7 +29,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.name = "encoder_movielens"
   config.seed = 0
   config.data = common.movielens_data_section(protocol="leave_last_out", window=50)
-  config.model = common.encoder_model_section("paper")
+  config.encoder = ml_collections.ConfigDict()
+  config.encoder.model = common.encoder_model_section("paper")
   config.train = common.train_section(
       batch_size=128, num_steps=3000, learning_rate=1e-3, warmup=200, log_every=50,
       eval_every=1000, checkpoint_every=500, keep_checkpoints=3)
@@ -41,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.name = "encoder_movielens:smoke"
     config.data.window = 30
     config.data.synthetic.update(num_users=300, num_items=300, events_per_user_mean=60.0)
-    config.model.update(preset="tiny", num_layers=2, width=64, num_heads=2, mlp_dim=128,
+    config.encoder.model.update(preset="tiny", num_layers=2, width=64, num_heads=2, mlp_dim=128,
                         feature_dim=32, dropout=0.1)
     config.train.update(batch_size=32, num_steps=300, learning_rate=3e-3, warmup=30,
                         log_every=25, eval_every=150, checkpoint_every=100)

@@ -43,7 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.encoder = ml_collections.ConfigDict()
   config.encoder.init = "pretrained"   # pretrained | random (ablation)
   config.encoder.workdir = ""          # encoder pretraining workdir (init=pretrained)
-  config.encoder.model = common.encoder_model_section("paper")  # used when init=random
+  # The encoder architecture: used when init=random (and by a pipeline's pretraining
+  # stage); with init=pretrained the pretraining run's saved architecture is used.
+  config.encoder.model = common.encoder_model_section("paper")
 
   config.llm = ml_collections.ConfigDict()
   config.llm.source = "smollm2"    # smollm2 | random | path to .gguf / HF dir / Orbax dir
@@ -60,9 +62,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.bridge.projection_layers = 2
   config.bridge.projection_hidden = config_dict.placeholder(int)
   config.bridge.xattn_every = 5
+  config.bridge.xattn_first = 0   # first decoder layer with a block (higher: cheaper steps)
   config.bridge.xattn_heads = config_dict.placeholder(int)
   config.bridge.xattn_mlp_dim = config_dict.placeholder(int)
   config.bridge.xattn_gate_init = 0.0
+  config.bridge.item_head = False          # full-catalogue item scores from the LLM state
+  config.bridge.item_head_dim = config_dict.placeholder(int)  # None: encoder feature_dim
+  config.bridge.item_loss_weight = 1.0
   config.bridge.dtype = "float32"
   config.bridge.param_dtype = "float32"
 
@@ -76,11 +82,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.tasks.max_prompt_tokens = 48   # User-LLM prompts are ~36 SmolLM2 tokens
   config.tasks.max_answer_tokens = 24
   config.tasks.review_field = "summary"
+  config.tasks.next_item_titles = True  # False: next item by the item head alone
 
   # The text-prompt baseline (job=text_baseline): same LLM, history as text.
   config.baseline = ml_collections.ConfigDict()
   config.baseline.strategy = "lora"    # zero_shot | lora | full
   config.baseline.history_tokens = 512
+  # Answer length of the text prompt (None: tasks.max_answer_tokens); it writes whole titles.
+  config.baseline.max_answer_tokens = config_dict.placeholder(int)
 
   config.train = common.train_section(
       batch_size=8, num_steps=300, learning_rate=1e-4, warmup=30, weight_decay=0.0,
@@ -91,7 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval = common.eval_section(
       batch_size=8,
       num_examples=200,       # seeded sample of test records (<= 0: all)
-      exact_threshold=1000)   # catalogues up to this size are scored exactly
+      exact_threshold=1000,   # catalogues up to this size are scored exactly
+      shuffled_control=True,  # also evaluate with each user's context swapped
+      curve_examples=0)       # > 0 with train.eval_every > 0: learning-curve points
   config.mesh = common.mesh_section()
   return config
 
@@ -103,10 +114,10 @@ def apply_smoke(config: ml_collections.ConfigDict) -> None:
   config.encoder.init = "random"
   config.encoder.model.preset = "tiny"
   config.llm.update(source="random", preset="tiny")
-  config.bridge.update(xattn_every=2, num_latents=4, perceiver_heads=2)
+  config.bridge.update(xattn_every=2, xattn_first=0, num_latents=4, perceiver_heads=2)
   config.tasks.update(max_prompt_tokens=160,   # byte-level tokens: one per character
                       max_answer_tokens=24)
-  config.baseline.update(history_tokens=64, strategy="full")
+  config.baseline.update(history_tokens=64, strategy="full", max_answer_tokens=None)
   config.train.update(batch_size=8, num_steps=6, learning_rate=1e-3, warmup=1, log_every=2,
                       checkpoint_every=3, keep_checkpoints=3)
   config.eval.update(num_examples=6, batch_size=3, ks=(1, 5, 10), exact_threshold=100)

@@ -17,10 +17,15 @@ import ml_collections
 from flax import nnx
 
 from user_llm_jax import config as config_lib
+from user_llm_jax import models
+from user_llm_jax import runs
 from user_llm_jax.baselines import dual_encoder as dual_lib
 from user_llm_jax.data import transforms as transforms_lib
-from user_llm_jax.jobs import pretrain_encoder
+from user_llm_jax.eval import ranking
+from user_llm_jax.train import setup
 from user_llm_jax.train import trainer as trainer_lib
+
+JOB = "dual_encoder"
 
 
 def dual_config_from(section: ml_collections.ConfigDict) -> dual_lib.DualEncoderConfig:
@@ -32,11 +37,9 @@ def dual_config_from(section: ml_collections.ConfigDict) -> dual_lib.DualEncoder
 
 
 def build_model(config: ml_collections.ConfigDict, vocab) -> dual_lib.DualEncoder:
-  """The dual encoder for the prepared vocabulary (user tower from `config.model`)."""
-  enc = pretrain_encoder.encoder_config_from(
-      config.model, num_items=vocab.num_items, num_ratings=vocab.num_ratings,
-      num_categories=vocab.num_categories, window=config.data.window,
-      max_categories=config.data.max_categories)
+  """The dual encoder for the prepared vocabulary (user tower from `config.encoder.model`)."""
+  enc = models.encoder_config_from(config.encoder.model, vocab, window=config.data.window,
+                                   max_categories=config.data.max_categories)
   cfg = dual_config_from(config.dual_encoder)
   table = dual_lib.item_category_table(vocab, config.data.max_categories)
   with nnx.use_eager_sharding(False):
@@ -44,34 +47,31 @@ def build_model(config: ml_collections.ConfigDict, vocab) -> dual_lib.DualEncode
                                 rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
 
 
-def _fingerprint(config: ml_collections.ConfigDict, model: dual_lib.DualEncoder) -> dict:
-  enc = {k: str(v) for k, v in dataclasses.asdict(model.user_tower.cfg).items()}
-  return {"model": enc, "dual_encoder": dataclasses.asdict(model.cfg),
-          "data": pretrain_encoder.data_fingerprint(config.data), "seed": config.seed,
-          "batch_size": config.train.batch_size}
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains and evaluates the dual encoder; returns the summary dict."""
   t0 = time.perf_counter()
-  train_cfg, ks, mesh, rules = pretrain_encoder.start_job(config, workdir)
-  data = pretrain_encoder.load_retrieval_data(config, workdir)
+  train_cfg, mesh, rules = setup.start(config, workdir)
+  ks = tuple(int(k) for k in config.eval.ks)
+  data = ranking.RankingData.load(config, workdir)
   model = build_model(config, data.vocab)
+  arch = models.architecture(encoder=model.user_tower.cfg)
+  arch["dual_encoder"] = dataclasses.asdict(model.cfg)
+  description = runs.save_run(workdir, JOB, config, arch, vocab=data.vocab)
   result = trainer_lib.train(
       model, lambda m, batch: m.loss(batch, deterministic=False), train_cfg,
       data.train_iterator(config, train_cfg.batch_size), mesh=mesh, rules=rules,
       seed=config.seed, workdir=workdir, eval_fn=data.validation_fn(config, ks),
-      fingerprint=_fingerprint(config, model),
+      fingerprint=config_lib.fingerprint(config, architecture=arch), description=description,
       count_fn=lambda b: int(b[transforms_lib.MASK].sum()), desc="dual encoder")
   if result.preempted:
     return {"preempted": True, "step": result.step}
 
-  dual_metrics, pop_metrics, summary = pretrain_encoder.test_summary(
+  dual_metrics, pop_metrics, summary = ranking.test_summary(
       config, result, data, ks=ks, start_time=t0)
   summary["eval_protocol"] = ("full-catalogue ranking of each test record's target by the item "
                               "tower (no sampled negatives; ties broken by item id)")
-  summary["model"] = _fingerprint(config, model)
-  pretrain_encoder.write_report(
+  summary["model"] = arch
+  ranking.write_report(
       config, result, summary, workdir, data=data, model_name="dual_encoder",
       metrics=dual_metrics, pop_metrics=pop_metrics, ks=ks, test_noun="records")
   return summary

@@ -25,7 +25,11 @@ _OVERRIDE = re.compile(r"^--?config\.([A-Za-z0-9_.]+)(=.*)?$")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-  """Exception types that mean bad input, not a bug (reported without a traceback)."""
+  """Exception types that mean bad input, not a bug (reported without a traceback).
+
+  `FileNotFoundError` counts only when raised by the project's own checks (a message, no
+  errno); one raised by the OS carries an errno and is re-raised with its traceback.
+  """
   from data_pipelines import records  # pylint: disable=g-import-not-at-top
   from user_llm_jax import sharding  # pylint: disable=g-import-not-at-top
   from user_llm_jax.train import checkpointing, train_step  # pylint: disable=g-import-not-at-top
@@ -133,8 +137,20 @@ def run(config: ml_collections.ConfigDict, *, workdir: str, mode: str,
       absl_logging.set_verbosity(absl_logging.WARNING)
     os.makedirs(workdir, exist_ok=True)
     logging.info("Running %s (mode=%s) in %s", config.job, mode, workdir)
-    return job(config, workdir)
+    from user_llm_jax import sharding  # pylint: disable=g-import-not-at-top
+    rules = config.mesh.rules if "mesh" in config and "rules" in config.mesh else ()
+    try:
+      context = sharding.axis_rules(rules)
+    except ValueError as e:
+      raise config_lib.ConfigError(str(e)) from e
+    # One rules table for the whole job: parameter placement and activation constraints.
+    with context:
+      return job(config, workdir)
   except _user_errors() as e:
+    if isinstance(e, FileNotFoundError) and e.errno is not None:
+      # Raised by the OS (a path the code built itself), not a message of ours naming
+      # what the user should fix: a bug, so keep the traceback.
+      raise
     sys.exit(f"error: {e}")
 
 

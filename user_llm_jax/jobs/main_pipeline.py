@@ -1,17 +1,21 @@
 """The README's main job: the whole system end to end on the embedded synthetic data.
 
-Stages (each in its own subdirectory of WORKDIR; a finished stage is skipped on rerun and
-an interrupted one resumes from its checkpoint):
+Stages (each in its own subdirectory of WORKDIR; a finished stage is reused on rerun when
+its config is unchanged, and an interrupted one resumes from its checkpoint):
 
   1. data       generate the synthetic MovieLens-format dataset (WORKDIR/raw) and prepare
                 it (WORKDIR/data)
-  2. encoder    pretrain the user encoder (WORKDIR/encoder)
-  3. user_llm   train User-LLM on the tasks with the pretrained encoder (WORKDIR/user_llm)
+  2. encoder    pretrain the user encoder (WORKDIR/encoder; job `pretrain_encoder`)
+  3. user_llm   train User-LLM on the tasks with the pretrained encoder (WORKDIR/user_llm;
+                job `train_user_llm`), with its shuffled-context control
   4. text       the text-prompt baseline with the same LLM on the same test examples
-                (WORKDIR/text_baseline)
-  5. report     results table (User-LLM, text prompt, SASRec-style, popularity, majority
-                genre) and one
-                personalized generation, in WORKDIR/summary.json + summary.txt
+                (WORKDIR/text_baseline; job `text_baseline`)
+  5. report     results table (every method's metric +- standard error and number of test
+                users, estimated FLOPs and measured seconds per answer), whether User-LLM
+                beats the floors and the text prompt by more than two standard errors, and
+                one personalized generation, in WORKDIR/summary.json + summary.txt
+
+Stages are run through the job registry (`jobs.resolve`), never by importing other jobs.
 """
 
 from __future__ import annotations
@@ -19,85 +23,97 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 import numpy as np
 
-from user_llm_jax.jobs import generate as generate_lib
-from user_llm_jax.jobs import pretrain_encoder
-from user_llm_jax.jobs import text_baseline
-from user_llm_jax.jobs import train_user_llm
+from user_llm_jax import config as config_lib
+from user_llm_jax import inference
+from user_llm_jax import jobs
+from user_llm_jax import runs
+from user_llm_jax.data import prepared
+from user_llm_jax.eval import cost
 from user_llm_jax.tasks import examples as ex_lib
 from user_llm_jax.tasks import prompts
+from user_llm_jax.tasks import runner
 from user_llm_jax.train import summary as summary_lib
 
 
-def _finished(stage_dir: str) -> dict[str, Any] | None:
-  path = os.path.join(stage_dir, summary_lib.SUMMARY_JSON)
-  if not os.path.exists(path):
-    return None
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+class StageConfigChanged(config_lib.ConfigError):
+  """A finished stage was run with a config that differs from the current one."""
 
 
-def _stage(name: str, fn, config: ml_collections.ConfigDict, stage_dir: str) -> dict[str, Any]:
-  done = _finished(stage_dir)
-  if done is not None:
+def _stage(name: str, config: ml_collections.ConfigDict, stage_dir: str) -> dict[str, Any]:
+  """Runs (or reuses, when finished with the same config) one stage; returns its summary."""
+  summary_path = os.path.join(stage_dir, summary_lib.SUMMARY_JSON)
+  run_path = os.path.join(stage_dir, runs.RUN_JSON)
+  if os.path.exists(summary_path) and os.path.exists(run_path):
+    with open(run_path, encoding="utf-8") as f:
+      saved = ml_collections.ConfigDict(json.load(f)["config"])
+    old, new = config_lib.fingerprint(saved), config_lib.fingerprint(config)
+    if json.dumps(old, sort_keys=True, default=str) != json.dumps(new, sort_keys=True,
+                                                                   default=str):
+      keys = _differing_keys(old, new)
+      raise StageConfigChanged(
+          f"stage {name} in {stage_dir} finished with a different config ({', '.join(keys[:5])}"
+          "); use a fresh --workdir, or delete that stage's directory to rerun it")
     print(f"[main] stage {name}: already finished in {stage_dir}, reusing", flush=True)
-    return done
+    with open(summary_path, encoding="utf-8") as f:
+      return json.load(f)
   print(f"[main] stage {name} -> {stage_dir}", flush=True)
   os.makedirs(stage_dir, exist_ok=True)
   t0 = time.perf_counter()
-  out = fn(config, stage_dir)
+  out = jobs.resolve(config.job)(config, stage_dir)
   if out.get("preempted"):
     raise SystemExit(f"[main] stage {name} preempted at step {out['step']}; rerun to resume")
   out["stage_sec"] = time.perf_counter() - t0
   return out
 
 
-def encoder_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The encoder pretraining config of the pipeline (encoder_movielens keys)."""
-  c = ml_collections.ConfigDict()
-  c.job, c.name, c.seed = "pretrain_encoder", f"{config.name}/encoder", config.seed
-  c.data = ml_collections.ConfigDict(config.data.to_dict())
-  c.model = ml_collections.ConfigDict(config.pretrain.model.to_dict())
-  c.train = ml_collections.ConfigDict(config.pretrain.train.to_dict())
-  c.mesh = ml_collections.ConfigDict(config.mesh.to_dict())
-  c.eval = ml_collections.ConfigDict({"batch_size": 256, "ks": tuple(config.eval.ks)})
-  return c
+def _differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+  if isinstance(a, Mapping) and isinstance(b, Mapping):
+    out = []
+    for key in sorted(set(a) | set(b), key=str):
+      out += _differing_keys(a.get(key), b.get(key), f"{prefix}{key}.")
+    return out
+  return [] if a == b else [prefix[:-1]]
 
 
-def stage_config(config: ml_collections.ConfigDict, job: str,
-                 **changes: Any) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict(config.to_dict())
-  del c["pretrain"]
-  c.job = job
-  for key, value in changes.items():
-    section, _, name = key.rpartition(".")
-    (c[section] if section else c)[name] = value
-  return c
+def stage_configs(config: ml_collections.ConfigDict,
+                  workdir: str) -> dict[str, ml_collections.ConfigDict]:
+  """The config of each training stage, all reading the data prepared in WORKDIR."""
+  base = ml_collections.ConfigDict(config.to_dict())
+  base.data.manual_dir = config.data.manual_dir or os.path.join(workdir, "raw")
+  base.data.data_dir = config.data.data_dir or os.path.join(workdir, "data")
+  # Encoder pretraining reads only its own keys, so a change of the LLM stages does not
+  # invalidate it.
+  enc = ml_collections.ConfigDict()
+  enc.job, enc.name, enc.seed = "pretrain_encoder", f"{config.name}/encoder", config.seed
+  enc.data = ml_collections.ConfigDict(base.data.to_dict())
+  enc.encoder = ml_collections.ConfigDict({"model": config.encoder.model.to_dict()})
+  enc.train = ml_collections.ConfigDict(config.encoder.train.to_dict())
+  enc.mesh = ml_collections.ConfigDict(config.mesh.to_dict())
+  enc.eval = ml_collections.ConfigDict({"batch_size": 256, "ks": tuple(config.eval.ks)})
+  ullm = ml_collections.ConfigDict(base.to_dict())
+  ullm.job = "train_user_llm"
+  ullm.encoder.init = "pretrained"
+  ullm.encoder.workdir = os.path.join(workdir, "encoder")
+  text = ml_collections.ConfigDict(base.to_dict())
+  text.job = "text_baseline"
+  text.eval.shuffled_control = False
+  return {"encoder": enc, "user_llm": ullm, "text_baseline": text}
 
 
-def user_llm_stage_config(config: ml_collections.ConfigDict,
-                          workdir: str) -> ml_collections.ConfigDict:
-  """The `train_user_llm` config of the pipeline's User-LLM stage."""
-  return stage_config(
-      config, "train_user_llm", **{
-          "data.manual_dir": os.path.join(workdir, "raw"),
-          "data.data_dir": os.path.join(workdir, "data"),
-          "encoder.init": "pretrained", "encoder.workdir": os.path.join(workdir, "encoder")})
-
-
-def personalized_generation(ullm_config: ml_collections.ConfigDict,
-                            workdir: str) -> dict[str, Any]:
+def personalized_generation(workdir: str, config: ml_collections.ConfigDict,
+                            data: runner.TaskData) -> dict[str, Any]:
   """One test user's recent history and the trained User-LLM's answers to the tasks."""
-  config = ullm_config
-  model, tokenizer, data = generate_lib.load_trained(ullm_config, os.path.join(workdir,
-                                                                               "user_llm"))
-  transform = ex_lib.TaskExample(data.vocab, tokenizer, train_user_llm.example_config(
-      ullm_config, vocab=data.vocab))
-  index = train_user_llm.eval_indices(len(data.test), config.eval.num_examples, config.seed)[0]
+  model, tokenizer, vocab, trained = inference.load_trained(os.path.join(workdir,
+                                                                            "user_llm"))
+  transform = ex_lib.TaskExample(vocab, tokenizer,
+                                 runner.example_config(trained.config, vocab=vocab))
+  index = runner.eval_indices(len(data.test), config.eval.num_examples, config.seed)[0]
   record = dict(data.test[index])
   events = transform.history_events(record)
   out = {"user": ex_lib.text_of(record["user_id"]), "history_events": len(events),
@@ -109,10 +125,49 @@ def personalized_generation(ullm_config: ml_collections.ConfigDict,
         "question": prompts.question(transform.cfg.spec, task),
         # A few tokens of slack beyond the trained answer length: a free-form answer may
         # be a little longer than the reference.
-        "model": generate_lib.answer(model, tokenizer, example, prompt,
+        "model": inference.answer(model, tokenizer, example, prompt,
                                      config.tasks.max_answer_tokens + 8),
         "truth": transform.answer_text(record, task)}
   return out
+
+
+def _flops_per_answer(config: ml_collections.ConfigDict, workdir: str,
+                      metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+  """Estimated FLOPs of reading the user + prompt once, per method (see `eval.cost`)."""
+  model, _, _, _ = inference.load_trained(os.path.join(workdir, "user_llm"))
+  ullm = metrics["user_llm"]
+  prompt = float(np.mean([m["mean_prompt_tokens"] for m in ullm.values()]))
+  text = metrics["text_prompt"]
+  text_prompt = float(np.mean([m["mean_prompt_tokens"] for m in text.values()]))
+  return {"user_llm": cost.user_llm_flops(model, prompt, config.data.window),
+          "text_prompt": cost.text_prompt_flops(model.llm.cfg, text_prompt)}
+
+
+def verdict(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[str]:
+  """Is User-LLM ahead of the floor, the text prompt and its own shuffled control, by more
+  than two standard errors (of the difference), on each task? One line per comparison."""
+  lines = []
+  ullm = metrics.get("user_llm", {})
+  columns = {prompts.FAVORITE_CATEGORY: "accuracy", prompts.NEXT_ITEM: "recall@10",
+             prompts.REVIEW: "rougeLsum"}
+  for task, key in columns.items():
+    if task not in ullm:
+      continue
+    mine = ullm[task]
+    for other in ("majority", "popularity", "rating_prior", "text_prompt", "user_llm_shuffled",
+                  "sasrec"):
+      theirs = metrics.get(other, {}).get(task)
+      if theirs is None or key not in theirs:
+        continue
+      diff = float(mine[key]) - float(theirs[key])
+      se = float(np.hypot(mine.get(f"{key}_stderr", np.nan), theirs.get(f"{key}_stderr", np.nan)))
+      if np.isfinite(se) and se > 0 and abs(diff) > 2 * se:
+        word = "ahead of" if diff > 0 else "BEHIND"
+      else:
+        word = "tied with (difference under 2 standard errors)"
+      lines.append(f"{task} {key}: User-LLM {float(mine[key]):.3f} is {word} {other} "
+                   f"{float(theirs[key]):.3f} (difference {diff:+.3f}, 2 SE = {2 * se:.3f})")
+  return lines
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -120,50 +175,65 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   workdir = os.path.abspath(workdir)
   summary_lib.remove_stale(workdir)
   # 1. data: generated and prepared once; every stage reads the same prepared files.
-  pretrain_encoder.prepare_data(config.data, workdir)
-  data_keys = {"data.manual_dir": os.path.join(workdir, "raw"),
-               "data.data_dir": os.path.join(workdir, "data")}
-  enc = encoder_config(config)
-  enc.data.manual_dir, enc.data.data_dir = data_keys["data.manual_dir"], data_keys["data.data_dir"]
+  configs = stage_configs(config, workdir)
+  data = prepared.load_splits(config.data, workdir)
   timings = {}
-  # 2. encoder pretraining.
-  enc_dir = os.path.join(workdir, "encoder")
-  enc_summary = _stage("encoder", pretrain_encoder.run, enc, enc_dir)
-  timings["encoder_sec"] = enc_summary.get("stage_sec", enc_summary.get("wall_time_sec"))
-  # 3. User-LLM.
-  ullm = user_llm_stage_config(config, workdir)
-  ullm_summary = _stage("user_llm", train_user_llm.run, ullm, os.path.join(workdir, "user_llm"))
-  timings["user_llm_sec"] = ullm_summary.get("stage_sec", ullm_summary.get("wall_time_sec"))
-  # 4. Text-prompt baseline on the same test examples.
-  text = stage_config(config, "text_baseline", **data_keys)
-  text_summary = _stage("text_baseline", text_baseline.run, text,
-                        os.path.join(workdir, "text_baseline"))
-  timings["text_baseline_sec"] = text_summary.get("stage_sec",
-                                                  text_summary.get("wall_time_sec"))
+  summaries = {}
+  for name in ("encoder", "user_llm", "text_baseline"):   # 2-4
+    summaries[name] = _stage(name, configs[name], os.path.join(workdir, name))
+    timings[f"{name}_sec"] = summaries[name].get("stage_sec",
+                                                 summaries[name].get("wall_time_sec"))
+  ullm_summary, text_summary = summaries["user_llm"], summaries["text_baseline"]
   # 5. Report.
   t_gen = time.perf_counter()
-  example = personalized_generation(ullm, workdir) if config.report_generation else None
+  example = (personalized_generation(workdir, configs["user_llm"], data)
+             if config.report_generation else None)
   timings["generation_sec"] = time.perf_counter() - t_gen
-  metrics = {
-      f"User-LLM ({config.bridge.mode}, {config.strategy})": ullm_summary["metrics"]["user_llm"],
-      f"text prompt ({text_summary['strategy']})": text_summary["metrics"]["text_prompt"],
-  }
-  for name, label in (("sasrec", "SASRec-style encoder"), ("popularity", "popularity"),
-                      ("majority", "majority genre")):
-    if name in ullm_summary["metrics"]:
-      metrics[label] = ullm_summary["metrics"][name]
+  labels = {"user_llm": f"User-LLM ({config.bridge.mode}, {config.strategy})",
+            "user_llm_item_head": "User-LLM item head",
+            "user_llm_shuffled": "User-LLM, shuffled users (control)",
+            "user_llm_item_head_shuffled": "User-LLM item head, shuffled users (control)",
+            "text_prompt": f"text prompt ({text_summary['strategy']})",
+            "sasrec": "SASRec-style encoder", "popularity": "popularity",
+            "majority": "majority genre", "rating_prior": "rating prior"}
+  raw = dict(ullm_summary["metrics"])
+  raw["text_prompt"] = text_summary["metrics"]["text_prompt"]
+  flops = _flops_per_answer(configs["user_llm"], workdir, raw)
+  order = ["user_llm", "user_llm_item_head", "user_llm_shuffled",
+           "user_llm_item_head_shuffled", "text_prompt", "sasrec", "popularity", "majority",
+           "rating_prior"]
+  metrics = {labels[k]: raw[k] for k in order if k in raw}
+  by_label = {labels[k]: k for k in order}
+
+  def flops_cell(name: str) -> str:
+    key = by_label[name]
+    value = flops.get("user_llm" if key.startswith("user_llm") else key)
+    return f"{value / 1e9:.1f}" if value is not None else "-"
+
+  def seconds_cell(name: str) -> str:
+    by_task = metrics[name]
+    secs = [m["sec_per_answer"] for m in by_task.values() if "sec_per_answer" in m]
+    return f"{np.mean(secs):.2f}" if secs else "-"
+
+  table = runner.results_table(metrics, tuple(config.eval.ks),
+                               extra={"GFLOPs/answer": flops_cell, "s/answer": seconds_cell})
+  verdicts = verdict(raw)
   wall = time.perf_counter() - t0
-  table = train_user_llm.results_table(metrics, tuple(config.eval.ks))
-  procedures = "\n".join(f"  {task}: {m['procedure']}"
-                         for task, m in ullm_summary["metrics"]["user_llm"].items())
+  procedures = "\n".join(f"  {name} ({task}): {m['procedure']}"
+                         for name, by_task in metrics.items() for task, m in by_task.items()
+                         if "procedure" in m)
   lines = [
       f"{config.name}: LLM={config.llm.source}, {ullm_summary['steps']} User-LLM steps x batch "
       f"{config.train.batch_size}, User-LLM {ullm_summary['trainable_params']:,} trainable / "
       f"{ullm_summary['total_params']:,} params; text prompt "
       f"{text_summary['trainable_params']:,} trainable, mean prompt "
-      f"{text_summary['mean_prompt_tokens']:.0f} tokens; test examples per task: "
-      f"{config.eval.num_examples}; wall {wall:.0f} s (this process)", table,
-      "procedures:", procedures]
+      f"{text_summary['mean_prompt_tokens']:.0f} tokens; wall {wall:.0f} s (this process)",
+      "metric +- standard error; n = test users the figure rests on; GFLOPs/answer: "
+      "estimated forward FLOPs of reading the user and the prompt (eval/cost.py); s/answer: "
+      "measured evaluation seconds per answer on this machine", table,
+      "verdicts (a difference under two standard errors is a tie):"]
+  lines += [f"  {v}" for v in verdicts]
+  lines += ["procedures:", procedures]
   if example is not None:
     lines.append(f"personalized generation for user {example['user']} "
                  f"({example['history_events']} events read; most recent last):")
@@ -172,10 +242,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       lines.append(f"  Q: {a['question']}\n  A (User-LLM): {a['model']}   [truth: {a['truth']}]")
   text_out = "\n".join(lines)
   summary = {"config_name": config.name, "job": config.job, "metrics": metrics,
-             "stages": {"encoder": enc_summary.get("metrics"),
+             "metrics_by_key": raw, "verdicts": verdicts, "flops_per_answer": flops,
+             "stages": {"encoder": summaries["encoder"].get("metrics"),
                         "user_llm": {k: ullm_summary.get(k) for k in (
                             "trainable_params", "total_params", "steps", "budget",
-                            "param_groups")},
+                            "param_groups", "history")},
                         "text_baseline": {k: text_summary.get(k) for k in (
                             "strategy", "trainable_params", "total_params", "steps", "budget",
                             "mean_prompt_tokens")}},

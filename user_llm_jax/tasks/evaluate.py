@@ -44,7 +44,7 @@ from user_llm_jax.tasks import examples as ex_lib
 from user_llm_jax.tasks import prompts
 
 DEFAULT_KS = (1, 5, 10)
-_ENCODER_KEYS = (transforms_lib.INPUTS_ITEM, transforms_lib.INPUTS_RATING,
+ENCODER_KEYS = (transforms_lib.INPUTS_ITEM, transforms_lib.INPUTS_RATING,
                  transforms_lib.INPUTS_CATEGORY, transforms_lib.INPUTS_TIME,
                  transforms_lib.MASK, transforms_lib.LAST_INDEX)
 
@@ -95,7 +95,7 @@ def user_llm_conditioner(model: nnx.Module, pad_id: int) -> Conditioner:
   """A `UserLLM` reads the user through its bridge (cross-attention or soft prompt)."""
   def condition(batch):
     graphdef, state = nnx.split((model.encoder, model.bridge))
-    context, mask = _user_context(graphdef, state, {k: batch[k] for k in _ENCODER_KEYS})
+    context, mask = _user_context(graphdef, state, {k: batch[k] for k in ENCODER_KEYS})
     token_lists = [ex_lib.prompt_of({k: v[i] for k, v in batch.items()})
                    for i in range(batch[ex_lib.TOKENS].shape[0])]
     if model.cfg.mode == "cross_attention":
@@ -213,7 +213,23 @@ def recall_from_lists(lists: np.ndarray, targets: np.ndarray,
     for k in ks:
       hits[k] += float(rank is not None and rank < k)
   n = max(len(targets), 1)
-  return {f"recall@{k}": hits[k] / n for k in ks}
+  out = {f"recall@{k}": hits[k] / n for k in ks}
+  out.update({f"recall@{k}_stderr": binomial_stderr(hits[k] / n, len(targets)) for k in ks})
+  return out
+
+
+def binomial_stderr(p: float, n: int) -> float:
+  """Standard error of a proportion `p` measured on `n` independent examples."""
+  return float(np.sqrt(p * (1.0 - p) / n)) if n > 0 else float("nan")
+
+
+def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
+  """(mean, standard error of the mean) of per-example scores."""
+  values = np.asarray(values, np.float64)
+  if values.size == 0:
+    return 0.0, float("nan")
+  se = float(values.std(ddof=1) / np.sqrt(values.size)) if values.size > 1 else float("nan")
+  return float(values.mean()), se
 
 
 def evaluate_next_item(condition: Conditioner, examples: Sequence[dict[str, np.ndarray]],
@@ -258,18 +274,24 @@ def evaluate_category(condition: Conditioner, examples: Sequence[dict[str, np.nd
     pred = np.argmax(scores, axis=1) + schema.FIRST_ID
     correct += int((pred == labels[valid]).sum())
     total += int(valid.sum())
-  return {"accuracy": correct / max(total, 1), "num_examples": total,
+  accuracy = correct / max(total, 1)
+  return {"accuracy": accuracy, "accuracy_stderr": binomial_stderr(accuracy, total),
+          "num_examples": total,
           "procedure": f"exact scoring of the {len(names)} category names, argmax"}
+
+
+def rouge_lsum_scores(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+  """Per-pair ROUGE-Lsum F1 (rouge-score, stemming)."""
+  from rouge_score import rouge_scorer  # pylint: disable=g-import-not-at-top
+  scorer = rouge_scorer.RougeScorer(["rougeLsum"], use_stemmer=True)
+  return [scorer.score(r, p)["rougeLsum"].fmeasure for p, r in zip(predictions, references)]
 
 
 def rouge_lsum(predictions: Sequence[str], references: Sequence[str]) -> float:
   """Mean ROUGE-Lsum F1 (rouge-score, stemming) of prediction/reference pairs."""
-  from rouge_score import rouge_scorer  # pylint: disable=g-import-not-at-top
-  scorer = rouge_scorer.RougeScorer(["rougeLsum"], use_stemmer=True)
   if not references:
     return 0.0
-  return float(np.mean([scorer.score(r, p)["rougeLsum"].fmeasure
-                        for p, r in zip(predictions, references)]))
+  return mean_stderr(rouge_lsum_scores(predictions, references))[0]
 
 
 def generate(cond: Conditioned, tokenizer: Tokenizer, max_new_tokens: int) -> list[str]:
@@ -292,7 +314,8 @@ def evaluate_review(condition: Conditioner, examples: Sequence[dict[str, np.ndar
   predictions: list[str] = []
   for batch in _batches(examples, batch_size, desc):
     predictions.extend(generate(condition(batch), tokenizer, max_new_tokens))
-  return {"rougeLsum": rouge_lsum(predictions, references), "num_examples": len(references),
+  mean, se = mean_stderr(rouge_lsum_scores(predictions, references))
+  return {"rougeLsum": mean, "rougeLsum_stderr": se, "num_examples": len(references),
           "procedure": f"greedy decoding (<= {max_new_tokens} tokens), ROUGE-Lsum F1 "
                        "(rouge-score, stemmed) against the real review",
           "samples": [{"prediction": p, "reference": r}

@@ -49,16 +49,25 @@ def metrics_table(metrics: Mapping[str, Mapping[str, float]],
   return format_table(rows, ["method", *keys])
 
 
+def loss_png(workdir: str) -> str:
+  return os.path.join(workdir, LOSS_PNG)
+
+
 def plot_loss(history: Sequence[Mapping[str, float]], path: str,
               evals: Sequence[Mapping[str, float]] = (), eval_key: str | None = None,
-              title: str = "") -> None:
-  """Training loss (and optionally one eval metric) against steps, as a PNG."""
+              title: str = "", series: Sequence[str] = ()) -> None:
+  """Training loss (plus the `series` keys present, e.g. per-task losses, and optionally
+  one eval metric) against steps, as a PNG."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   fig, ax = plt.subplots(figsize=(6, 4))
   ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss")
+  for key in series:
+    pts = [(h["step"], h[key]) for h in history if key in h]
+    if pts:
+      ax.plot(*zip(*pts), "--", label=key)
   ax.set_xlabel("step")
   ax.set_ylabel("loss")
   ax.set_title(title)

@@ -1,0 +1,126 @@
+"""A run's own description in its workdir: resolved config, model architectures, vocabulary.
+
+Every training job calls `save_run` before it trains, so a workdir explains itself:
+
+  WORKDIR/run.json            {"job", "config" (resolved, plain JSON), "architecture"}
+  WORKDIR/vocabulary.json     the prepared dataset's vocabulary (ids <-> items, titles)
+  WORKDIR/tokenizer/          the LLM's tokenizer (runs that have an LLM)
+  WORKDIR/checkpoints/        Orbax steps; their metadata repeats config and architecture
+
+Downstream jobs (the User-LLM job reading a pretrained encoder, `--mode=generate`) rebuild
+the models with `load_run` + `models.*_from_architecture` and load the weights with
+`checkpointing.restore_params`; they never read a report (`summary.json`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+from user_llm_jax import config as config_lib
+from user_llm_jax.data import schema
+from user_llm_jax.llm.tokenizer import Tokenizer
+from user_llm_jax.train import checkpointing
+
+RUN_JSON = "run.json"
+VOCABULARY_JSON = "vocabulary.json"
+TOKENIZER_DIR = "tokenizer"
+CHECKPOINTS = "checkpoints"
+
+
+class NotARunError(FileNotFoundError):
+  """A workdir holds no finished run of the expected kind."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """A run read back from its workdir.
+
+  Attributes:
+    workdir: the run's directory.
+    job: the job that wrote it.
+    config: its resolved config.
+    architecture: the frozen architectures of its models (`models.architecture`).
+  """
+
+  workdir: str
+  job: str
+  config: ml_collections.ConfigDict
+  architecture: dict[str, Any]
+
+  @property
+  def checkpoints(self) -> str:
+    return os.path.join(self.workdir, CHECKPOINTS)
+
+  def vocabulary(self) -> schema.Vocabulary:
+    path = os.path.join(self.workdir, VOCABULARY_JSON)
+    if not os.path.exists(path):
+      raise NotARunError(f"{self.workdir!r} has no {VOCABULARY_JSON}")
+    return schema.Vocabulary.load(path)
+
+  def tokenizer(self) -> Tokenizer:
+    path = os.path.join(self.workdir, TOKENIZER_DIR, "tokenizer.json")
+    if not os.path.exists(path):
+      raise NotARunError(f"{self.workdir!r} has no {TOKENIZER_DIR}/tokenizer.json (the run "
+                         "has no LLM)")
+    return Tokenizer.from_tokenizer_json(os.path.dirname(path))
+
+
+def description(job: str, config: ml_collections.ConfigDict,
+                architecture: Mapping[str, Any]) -> dict[str, Any]:
+  """The JSON a run records about itself (also stored in its checkpoints' metadata)."""
+  return {"job": job, "config": config_lib.to_plain(config),
+          "architecture": dict(architecture)}
+
+
+def save_run(workdir: str, job: str, config: ml_collections.ConfigDict,
+             architecture: Mapping[str, Any], *, vocab: schema.Vocabulary | None = None,
+             tokenizer: Tokenizer | None = None) -> dict[str, Any]:
+  """Writes `run.json` (and the vocabulary / tokenizer) into `workdir`; returns the record."""
+  os.makedirs(workdir, exist_ok=True)
+  record = description(job, config, architecture)
+  tmp = os.path.join(workdir, RUN_JSON + ".tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(record, f, indent=2, default=str)
+  os.replace(tmp, os.path.join(workdir, RUN_JSON))
+  if vocab is not None:
+    vocab.save(os.path.join(workdir, VOCABULARY_JSON))
+  if tokenizer is not None:
+    tokenizer.save_tokenizer_json(os.path.join(workdir, TOKENIZER_DIR))
+  return record
+
+
+def load_run(workdir: str, *, job: str | tuple[str, ...] | None = None,
+             what: str = "run", make: str = "") -> Run:
+  """Reads the run in `workdir` (written by `save_run`) that has a checkpoint.
+
+  Args:
+    workdir: the run's directory.
+    job: the job(s) that must have written it (None: any).
+    what: what the caller needs, for messages ('trained User-LLM').
+    make: the command that makes such a run, for messages.
+
+  Raises:
+    NotARunError: no run.json, a run of another job, or no checkpoint; the message says
+      what to run first.
+  """
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  hint = f"; make one with: {make}" if make else ""
+  path = os.path.join(workdir, RUN_JSON)
+  if not os.path.exists(path):
+    raise NotARunError(f"{workdir!r} holds no {what} (no {RUN_JSON}){hint}")
+  with open(path, encoding="utf-8") as f:
+    record = json.load(f)
+  jobs = (job,) if isinstance(job, str) else job
+  if jobs is not None and record.get("job") not in jobs:
+    raise NotARunError(f"{workdir!r} holds a {record.get('job')!r} run, not a {what}{hint}")
+  if checkpointing.latest_step(os.path.join(workdir, CHECKPOINTS)) is None:
+    raise NotARunError(f"{workdir!r} holds no trained {what} yet (no checkpoint in "
+                       f"{CHECKPOINTS}/){hint}")
+  return Run(workdir, record["job"], ml_collections.ConfigDict(record["config"]),
+             dict(record.get("architecture", {})))
