@@ -1,0 +1,103 @@
+r"""User-LLM study: named arms, each a set of overrides of the main config, on synthetic data.
+
+  python -m experiments.benchmarks.user_llm_study --output=runs/study/study.json
+  python -m experiments.benchmarks.user_llm_study --output=runs/study/study.json \
+      --only=user_llm,text_lora,perceiver            # a subset of ARMS
+  python -m experiments.benchmarks.user_llm_study --output=/tmp/study/study.json \
+      --variant=smoke                                # tiny random LLM, about a minute
+
+Every arm starts from `get_config(variant)` (experiments/configs/main.py with the study's
+budget: same synthetic data, encoder pretraining and defaults), applies its overrides
+(dotted config keys) and runs as one job (`train_user_llm`, or `text_baseline` for the text
+prompt) in its own subdirectory of the output directory. Arms whose resolved configs are
+identical run once (`strategy_enc` and `history_50` are the `user_llm` arm).
+
+History length: `data.window` = L events read by the encoder, with
+`data.synthetic.events_per_user_mean` = 1.2 L (the main config's 60 events for a window of
+50), so most users fill the window; each length has its own data and encoder pretraining.
+The text prompt always reads the most recent events that fit `baseline.history_tokens`
+(256 SmolLM2 tokens, about 11 events), whatever the history length.
+
+Variants: 'cpu' (default; SmolLM2-135M, `STEPS` steps x batch 8 per arm, about 2 hours on
+2 cores: see the benchmark's docstring) and 'smoke' (main.py:smoke: tiny random LLM and
+encoder, 4 steps; `SMOKE_ARMS` only; tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+from experiments.configs import main as main_config
+
+# Training steps of every LLM arm in the 'cpu' variant (batch 8): the same budget for all.
+STEPS = 100
+# The arm every other arm is compared with in the verdicts.
+REFERENCE = "user_llm"
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  """One study arm.
+
+  Attributes:
+    label: what the arm is, for the table.
+    overrides: dotted config keys -> values, applied over the variant's config (`job`
+      selects the job; default the main pipeline's User-LLM stage).
+  """
+
+  label: str
+  overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def history(events: int) -> dict[str, Any]:
+  """Overrides of a history-length arm: a window of `events`, 1.2x as many per user."""
+  return {"data.window": events, "data.synthetic.events_per_user_mean": 1.2 * events}
+
+
+ARMS: dict[str, Arm] = {
+    "user_llm": Arm("User-LLM: cross-attention, Enc, pretrained encoder, 50 events"),
+    # Favorite genre only: the text prompt has no item head, and decoding titles by beam
+    # search over 300-token prompts would cost more than the rest of the study.
+    "text_lora": Arm("text prompt, LoRA, favorite genre only, same steps",
+                     {"job": "text_baseline", "baseline.strategy": "lora",
+                      "tasks.names": ("favorite_category",),
+                      "baseline.max_answer_tokens": None}),
+    "random_encoder": Arm("User-LLM, random (not pretrained) encoder",
+                          {"encoder.init": "random"}),
+    "soft_prompt": Arm("User-LLM, soft prompt", {"bridge.mode": "soft_prompt"}),
+    "perceiver": Arm("User-LLM, Perceiver (16 latents)",
+                     {"bridge.use_perceiver": True, "bridge.num_latents": 16}),
+    "strategy_enc": Arm("User-LLM, strategy Enc (encoder + bridge)", {"strategy": "enc"}),
+    "strategy_lora": Arm("User-LLM, strategy LoRA (+ LLM adapters)", {"strategy": "lora"}),
+    "strategy_full": Arm("User-LLM, strategy Full (everything)", {"strategy": "full"}),
+    "strategy_proj": Arm("User-LLM, strategy Proj (bridge only)", {"strategy": "proj"}),
+    "history_50": Arm("User-LLM, 50-event history", history(50)),
+    "history_200": Arm("User-LLM, 200-event history", history(200)),
+    "history_500": Arm("User-LLM, 500-event history", history(500)),
+}
+SMOKE_ARMS = ("user_llm", "random_encoder", "text_lora")
+VARIANT_ARMS: dict[str, tuple[str, ...]] = {"cpu": tuple(ARMS), "smoke": SMOKE_ARMS}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The config every arm starts from; `arg` selects a variant ('cpu' (default), 'smoke')."""
+  variant = arg or "cpu"
+  if variant == "cpu":
+    config = main_config.get_config("")
+    config.name = "user_llm_study"
+    config.train.update(num_steps=STEPS, checkpoint_every=50, eval_every=25)
+    config.eval.curve_examples = 40    # learning-curve points on 40 test users
+  elif variant == "smoke":
+    config = main_config.get_config("smoke")
+    config.name = "user_llm_study:smoke"
+    config.train.eval_every = 2
+    config.eval.curve_examples = 3
+  else:
+    raise ValueError(f"unknown variant {variant!r} of user_llm_study; known: "
+                     f"{sorted(VARIANT_ARMS)}")
+  config.report_generation = False
+  return config
