@@ -171,13 +171,18 @@ def _batches(examples: Sequence[dict[str, np.ndarray]], batch_size: int, desc: s
     yield ex_lib.collate(examples[lo:lo + batch_size])
 
 
-def next_item_lists(cond: Conditioned, catalogue: Catalogue, k: int, *, exact: bool,
-                    score_batch: int = 64) -> np.ndarray:
-  """[B, k] title indices, best first (-1 where fewer than k complete titles were found)."""
+def next_item_ranking(cond: Conditioned, catalogue: Catalogue, k: int, *, exact: bool,
+                      score_batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+  """The k best catalogue titles and their log-probabilities for each conditioned prompt.
+
+  Returns:
+    ([B, k] title indices, best first, -1 where fewer than k complete titles were found;
+    [B, k] their log-probabilities, -inf there).
+  """
   if exact:
     scores = score_options(cond, catalogue.sequences, score_batch)        # [B, C]
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]            # ties: smaller index
-    return order
+    return order, np.take_along_axis(scores, order, axis=1)
   out = beam_lib.beam_search_model(
       cond.decoder, cond.prompts, beam_size=k, max_steps=catalogue.trie.max_depth,
       stop_tokens=(catalogue.end,), constraint=catalogue.trie.to_arrays(),
@@ -189,7 +194,13 @@ def next_item_lists(cond: Conditioned, catalogue: Catalogue, k: int, *, exact: b
       if out.valid[b, j]:
         items = catalogue.trie.items_of(out.tokens[b, j, :out.lengths[b, j]].tolist())
         lists[b, j] = items[0] if items else -1
-  return lists
+  return lists, np.where(lists >= 0, np.asarray(out.scores), -np.inf)
+
+
+def next_item_lists(cond: Conditioned, catalogue: Catalogue, k: int, *, exact: bool,
+                    score_batch: int = 64) -> np.ndarray:
+  """[B, k] title indices, best first (-1 where fewer than k complete titles were found)."""
+  return next_item_ranking(cond, catalogue, k, exact=exact, score_batch=score_batch)[0]
 
 
 def recall_from_lists(lists: np.ndarray, targets: np.ndarray,
