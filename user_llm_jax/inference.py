@@ -1,114 +1,63 @@
-"""Answering for users with a trained User-LLM: load it from its workdir, read a history.
+"""Answering for users with a trained User-LLM: load it from its workdir, answer in batches.
 
 Everything comes from the User-LLM workdir (for the main pipeline: its `user_llm` stage):
 the architecture and config (`run.json`), the weights (its checkpoint), the tokenizer and
 the catalogue vocabulary. Neither the encoder pretraining run nor the LLM's original
-weights are read.
+weights are read. Users' history files are read by `histories` (formats and checks there).
 
-A user's history file is a CSV in the MovieLens ratings format
-(userId,movieId,rating,timestamp; the first user's rows are used) or JSON lines with
-`movieId` (or `item_id`) and optional `rating` and `timestamp` keys; ids are the catalogue's
-raw item ids. Ids not in the catalogue are counted and reported; a history with no known
-item is refused.
+For each user an `Answerer` gives
+
+  * the top-K catalogue items with scores: from the item head on the next-item prompt
+    (`UserLLM.next_item_logits`) when the model has one, else by the run's evaluation
+    procedure over catalogue titles (`tasks.evaluate.next_item_ranking`: exact scoring of
+    every title for catalogues up to `eval.exact_threshold` titles, constrained beam search
+    above);
+  * greedy answers to the configured tasks' prompts, or to a free question.
+
+Batches keep the user on the leading axis and run through the same jitted functions as
+the evaluation (`user_llm_conditioner`, the sampler, beam search, `next_item_logits`), so
+a user's answers do not depend on who else is in the batch.
 """
 
 from __future__ import annotations
 
-import csv
-import json
+import dataclasses
+import functools
 import os
+from collections.abc import Sequence
 from typing import Any
 
+import jax
+import ml_collections
 import numpy as np
+from flax import nnx
 
-from data_pipelines import records
+from user_llm_jax import histories
 from user_llm_jax import models
 from user_llm_jax import runs
 from user_llm_jax.data import schema
+from user_llm_jax.llm.tokenizer import Tokenizer
 from user_llm_jax.tasks import evaluate as eval_lib
 from user_llm_jax.tasks import examples as ex_lib
+from user_llm_jax.tasks import prompts
+from user_llm_jax.tasks import runner
 from user_llm_jax.train import checkpointing
 
 USER_LLM_JOBS = ("train_user_llm",)
 MAKE_HINT = ("python -m experiments.main --config=experiments/configs/main.py --workdir=DIR "
              "(or a user_llm_*.py config)")
-
-
-def _rows(path: str) -> list[tuple[int, dict[str, Any]]]:
-  """(line number, row) pairs of a CSV (header on line 1) or JSON-lines history file."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"--history_file {path!r} does not exist")
-  rows = []
-  with open(path, encoding="utf-8-sig") as f:
-    if path.endswith((".jsonl", ".json")):
-      for line_no, line in enumerate(f, 1):
-        if line.strip():
-          try:
-            row = json.loads(line)
-          except json.JSONDecodeError as e:
-            raise records.BadInputError(f"{path}:{line_no}: not a JSON object ({e})") from e
-          if not isinstance(row, dict):
-            raise records.BadInputError(f"{path}:{line_no}: expected a JSON object, got "
-                                        f"{type(row).__name__}")
-          rows.append((line_no, row))
-      return rows
-    # Data rows start on line 2, after the header.
-    return [(line_no, row) for line_no, row in enumerate(csv.DictReader(f), 2)]
+RANKINGS = ("auto", "item_head", "titles")
+_SCORE_DECIMALS = 6
 
 
 def history_record(path: str, vocab: schema.Vocabulary) -> dict[str, Any]:
-  """The user's events as a schema record, plus a placeholder target after the last event.
-
-  The record also carries `unknown_items` (rows whose id is not in the catalogue).
+  """The first user's schema record of a history file, with `unknown_items` ('line:id').
 
   Raises:
-    BadInputError: an empty file, a row without an item id, a malformed rating or
-      timestamp (naming file and line), or no event with a catalogue item.
+    BadInputError: see `histories.read_histories`.
   """
-  by_raw = {it.raw_id: i for i, it in enumerate(vocab.items)}
-  rating_ids = {r: i for i, r in enumerate(vocab.ratings) if i >= schema.FIRST_ID}
-  rows = _rows(path)
-  if not rows:
-    raise records.BadInputError(f"{path}: no events (an empty history file)")
-  first_user = rows[0][1].get("userId")
-  items, ratings, times, cats, lengths, unknown = [], [], [], [], [], []
-  for line_no, row in rows:
-    if first_user is not None and row.get("userId") != first_user:
-      continue
-    raw = row.get("movieId", row.get("item_id"))
-    if raw is None or not str(raw).strip():
-      raise records.BadInputError(
-          f"{path}:{line_no}: no 'movieId' (or 'item_id') in {sorted(row)}")
-    try:
-      rating = float(row.get("rating", 0.0) or 0.0)
-      ts = int(float(row.get("timestamp", line_no) or line_no))
-    except (TypeError, ValueError) as e:
-      raise records.BadInputError(f"{path}:{line_no}: bad rating/timestamp ({e})") from e
-    item = by_raw.get(str(raw).strip(), schema.OOV_ID)
-    if item == schema.OOV_ID:
-      unknown.append(f"{line_no}:{str(raw).strip()}")
-    items.append(item)
-    ratings.append(rating_ids.get(rating, schema.OOV_ID))
-    times.append(ts)
-    c = list(vocab.items[item].category_ids) if item >= schema.FIRST_ID else []
-    cats.extend(c)
-    lengths.append(len(c))
-  if all(i == schema.OOV_ID for i in items):
-    raise records.BadInputError(
-        f"{path}: none of its {len(items)} events names a catalogue item (unknown ids at "
-        f"line:id {', '.join(unknown[:5])}); ids must be the dataset's raw item ids")
-  order = np.argsort(np.asarray(times), kind="stable")
-  split = schema.split_categories(cats, lengths)
-  items = [items[i] for i in order] + [schema.PAD_ID]
-  ratings = [ratings[i] for i in order] + [schema.PAD_ID]
-  times = [times[i] for i in order] + [times[order[-1]]]
-  split = [split[i] for i in order] + [[]]
-  return {schema.USER_ID: b"you", schema.ITEM_IDS: np.asarray(items, np.int32),
-          schema.RATINGS: np.asarray(ratings, np.int32),
-          schema.TIMESTAMPS: np.asarray(times, np.int64),
-          schema.CATEGORY_IDS: np.asarray([c for cs in split for c in cs], np.int32),
-          schema.CATEGORY_LENGTHS: np.asarray([len(cs) for cs in split], np.int32),
-          schema.FAVORITE_CATEGORY: np.int32(schema.PAD_ID), "unknown_items": unknown}
+  history, _ = histories.read_history(path, vocab)
+  return dict(history.record, unknown_items=list(history.unknown_ids))
 
 
 def run_dir(workdir: str) -> str:
@@ -119,24 +68,219 @@ def run_dir(workdir: str) -> str:
   return workdir
 
 
+def trained_run(workdir: str) -> runs.Run:
+  """The trained User-LLM run of `workdir` (nothing built yet).
+
+  Raises:
+    NotARunError: the workdir holds no trained User-LLM (the message says what to run).
+  """
+  return runs.load_run(run_dir(workdir), job=USER_LLM_JOBS, what="trained User-LLM",
+                       make=MAKE_HINT)
+
+
+def load_model(run: runs.Run) -> nnx.Module:
+  """The run's User-LLM with the weights of its latest checkpoint."""
+  model = models.user_llm_from_architecture(run.architecture, seed=0)
+  checkpointing.restore_params(model, run.checkpoints)
+  return model
+
+
 def load_trained(workdir: str):
   """(model, tokenizer, vocabulary, run) of the trained User-LLM in `workdir`.
 
   Raises:
     NotARunError: the workdir holds no trained User-LLM (the message says what to run).
   """
-  run = runs.load_run(run_dir(workdir), job=USER_LLM_JOBS, what="trained User-LLM",
-                      make=MAKE_HINT)
-  model = models.user_llm_from_architecture(run.architecture, seed=0)
-  checkpointing.restore_params(model, run.checkpoints)
-  return model, run.tokenizer(), run.vocabulary(), run
+  run = trained_run(workdir)
+  return load_model(run), run.tokenizer(), run.vocabulary(), run
 
 
-def answer(model, tokenizer, example: dict[str, np.ndarray], prompt: list[int],
-           max_new_tokens: int) -> str:
+def _padded(rows: list[dict[str, np.ndarray]], size: int | None) -> list[dict[str, np.ndarray]]:
+  """`rows` repeated at the end up to `size` (constant shapes: one compile per batch size)."""
+  if size is None or len(rows) >= size:
+    return rows
+  return rows + [rows[-1]] * (size - len(rows))
+
+
+def answers(model: nnx.Module, tokenizer: Tokenizer, examples: Sequence[dict[str, np.ndarray]],
+            prompt_tokens: Sequence[Sequence[int]], max_new_tokens: int, *,
+            pad_to: int | None = None) -> list[str]:
+  """Greedy answers of the User-LLM, one per (user example, prompt), in one batch.
+
+  Args:
+    model: the User-LLM.
+    tokenizer: its tokenizer.
+    examples: each user's encoder inputs (a task example or `CropAndPad` output).
+    prompt_tokens: each user's prompt.
+    max_new_tokens: the longest answer.
+    pad_to: pad the batch to this many rows (repeating the last; results dropped).
+  """
+  length = max(len(p) for p in prompt_tokens)
+  rows = []
+  for example, prompt in zip(examples, prompt_tokens, strict=True):
+    row = {k: np.asarray(example[k]) for k in eval_lib.ENCODER_KEYS}
+    tokens = np.full((length,), tokenizer.pad_id, np.int32)
+    tokens[:len(prompt)] = prompt
+    row[ex_lib.TOKENS] = tokens
+    row[ex_lib.PROMPT_LENGTH] = np.int32(len(prompt))
+    rows.append(row)
+  cond = eval_lib.user_llm_conditioner(model, tokenizer.pad_id)(
+      ex_lib.collate(_padded(rows, pad_to)))
+  return eval_lib.generate(cond, tokenizer, max_new_tokens)[:len(rows)]
+
+
+def answer(model: nnx.Module, tokenizer: Tokenizer, example: dict[str, np.ndarray],
+           prompt: list[int], max_new_tokens: int) -> str:
   """Greedy answer of the User-LLM to `prompt` for the user of `example`."""
-  example = dict(example)
-  example[ex_lib.TOKENS] = np.asarray(prompt, np.int32)
-  example[ex_lib.PROMPT_LENGTH] = np.int32(len(prompt))
-  cond = eval_lib.user_llm_conditioner(model, tokenizer.pad_id)(ex_lib.collate([example]))
-  return eval_lib.generate(cond, tokenizer, max_new_tokens)[0]
+  return answers(model, tokenizer, [example], [prompt], max_new_tokens)[0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _item_head_top(graphdef, state, batch, k):
+  scores = nnx.merge(graphdef, state).next_item_logits(batch)   # [B, V], PAD/OOV -inf
+  return jax.lax.top_k(scores, k)                                # [B, k] scores, ids
+
+
+def ranking_method(model: nnx.Module, ranking: str = "auto") -> str:
+  """'item_head' or 'titles': how the top-K items are found.
+
+  `auto` uses the item head when the model has one, else the catalogue titles.
+  """
+  if ranking not in RANKINGS:
+    raise ValueError(f"ranking={ranking!r}: expected one of {RANKINGS}")
+  has_head = getattr(model, "item_head", None) is not None
+  if ranking == "item_head" and not has_head:
+    raise ValueError("ranking='item_head' but this User-LLM has no item head "
+                     "(bridge.item_head=False)")
+  return "item_head" if ranking == "item_head" or (ranking == "auto" and has_head) \
+      else "titles"
+
+
+class Answerer:
+  """Top-K items and greedy task answers for batches of users of one trained User-LLM.
+
+  Args:
+    model: the trained User-LLM.
+    tokenizer: its tokenizer.
+    vocab: its catalogue.
+    config: the run's config (`tasks`, `data`, `eval.exact_threshold`).
+    top_k: items ranked per user.
+    ranking: 'auto', 'item_head' or 'titles' (see `ranking_method`); `method` is then
+      'item_head', 'exact' or 'beam'.
+    pad_to: pad every batch to this many users (None: no padding).
+  """
+
+  def __init__(self, model: nnx.Module, tokenizer: Tokenizer, vocab: schema.Vocabulary,
+               config: ml_collections.ConfigDict, *, top_k: int = 10, ranking: str = "auto",
+               pad_to: int | None = None):
+    if top_k < 1:
+      raise ValueError(f"--top_k must be >= 1, got {top_k}")
+    self.model, self.tokenizer, self.vocab = model, tokenizer, vocab
+    self.top_k, self.pad_to = int(top_k), pad_to
+    cfg = runner.example_config(config, vocab=vocab)
+    self.tasks = tuple(cfg.tasks)
+    self.next_item_titles = cfg.next_item_titles
+    self.max_answer_tokens = cfg.max_answer_tokens
+    # Every task's prompt can be built, whichever tasks the run trained.
+    self.transform = ex_lib.TaskExample(vocab, tokenizer,
+                                        dataclasses.replace(cfg, tasks=prompts.TASKS))
+    self.condition = eval_lib.user_llm_conditioner(model, tokenizer.pad_id)
+    self.catalogue = None
+    self.method = ranking_method(model, ranking)
+    if self.method == "titles":
+      # As the evaluation: exact scoring of every title up to `eval.exact_threshold`
+      # distinct titles, constrained beam search above.
+      self.catalogue = eval_lib.Catalogue(vocab, tokenizer, max_tokens=cfg.max_answer_tokens)
+      self.method = ("exact" if len(self.catalogue) <= int(config.eval.exact_threshold)
+                     else "beam")
+      self.title_items: list[list[int]] = [[] for _ in range(len(self.catalogue))]
+      for item in range(schema.FIRST_ID, vocab.num_items):
+        self.title_items[self.catalogue.title_index(item)].append(item)
+    else:
+      self._graphdef, self._state = nnx.split(model)
+
+  @property
+  def procedure(self) -> str:
+    """How the top-K items and their scores are found."""
+    if self.method == "item_head":
+      return (f"item head scores (logits) of all {self.vocab.num_items - schema.FIRST_ID} "
+              "catalogue items at the next-item prompt's last token")
+    if self.method == "exact":
+      return (f"exact log-probability of each of the {len(self.catalogue)} distinct "
+              "catalogue titles after the next-item prompt")
+    return (f"constrained beam search (beam = {self.top_k}) over the trie of the "
+            f"{len(self.catalogue)} catalogue titles, log-probabilities")
+
+  def answered_tasks(self, with_targets: bool) -> tuple[str, ...]:
+    """The configured tasks whose answers are decoded.
+
+    Next item only when the run taught the model to write titles; review only for
+    records with a target event (its prompt names the item to review).
+    """
+    return tuple(t for t in self.tasks
+                 if (t != prompts.NEXT_ITEM or self.next_item_titles)
+                 and (t != prompts.REVIEW or with_targets))
+
+  def example(self, record: dict[str, Any], task: str) -> dict[str, np.ndarray]:
+    return self.transform.map(dict(record, **{ex_lib.TASK: task}))
+
+  def _item(self, item: int, score: float) -> dict[str, Any]:
+    info = self.vocab.items[item]
+    return {"item_id": info.raw_id, "title": info.title,
+            "score": round(float(score), _SCORE_DECIMALS)}
+
+  def top_items(self, records: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Each user's top-K catalogue items, best first: {item_id, title, score}.
+
+    Ranked by titles, items sharing a title form one entry (their ids in `item_ids`).
+    """
+    examples = [self.example(r, prompts.NEXT_ITEM) for r in records]
+    batch = ex_lib.collate(_padded(examples, self.pad_to))
+    out: list[list[dict[str, Any]]] = []
+    if self.method == "item_head":
+      keys = eval_lib.ENCODER_KEYS + (ex_lib.TOKENS, ex_lib.TEXT_MASK, ex_lib.PROMPT_LENGTH)
+      k = min(self.top_k, self.vocab.num_items - schema.FIRST_ID)
+      scores, ids = jax.device_get(_item_head_top(
+          self._graphdef, self._state, {key: batch[key] for key in keys}, k))
+      for row in range(len(records)):
+        out.append([self._item(int(i), s) for i, s in zip(ids[row], scores[row])
+                    if np.isfinite(s)])
+      return out
+    lists, scores = eval_lib.next_item_ranking(self.condition(batch), self.catalogue,
+                                               self.top_k, exact=self.method == "exact")
+    for row in range(len(records)):
+      entries = []
+      for title, score in zip(lists[row], scores[row]):
+        if title < 0:
+          continue
+        items = self.title_items[int(title)]
+        entry = self._item(items[0], score)
+        if len(items) > 1:
+          entry["item_ids"] = [self.vocab.items[i].raw_id for i in items]
+        entries.append(entry)
+      out.append(entries)
+    return out
+
+  def task_answers(self, records: Sequence[dict[str, Any]],
+                   tasks: Sequence[str]) -> list[dict[str, str]]:
+    """Each user's greedy answer to each task's fixed prompt: [{task: text}]."""
+    out: list[dict[str, str]] = [{} for _ in records]
+    for task in tasks:
+      examples = [self.example(r, task) for r in records]
+      texts = answers(self.model, self.tokenizer, examples,
+                      [ex_lib.prompt_of(e) for e in examples], self.max_answer_tokens + 1,
+                      pad_to=self.pad_to)
+      for row, text in zip(out, texts):
+        row[task] = text
+    return out
+
+  def ask(self, records: Sequence[dict[str, Any]], prompt: list[int],
+          max_new_tokens: int) -> list[str]:
+    """Each user's greedy answer to the same free prompt."""
+    crops = [self.transform.crop.map(r) for r in records]
+    return answers(self.model, self.tokenizer, crops, [prompt] * len(crops), max_new_tokens,
+                   pad_to=self.pad_to)
+
+  def references(self, record: dict[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
+    """The true answers of a record with a target event (a prepared split's record)."""
+    return {t: self.transform.answer_text(record, t) for t in tasks}

@@ -34,7 +34,8 @@ _PROMPT = flags.DEFINE_multi_string("prompt", None,
 _MAX_NEW = flags.DEFINE_integer("sample_max_new_tokens", 128,
                                 "--mode=generate_text: most tokens generated per prompt.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = all).")
+_TOP_K = flags.DEFINE_integer("sample_top_k", 0,
+                             "--mode=generate_text: keep the k most likely tokens (0 = all).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
 _SEED = flags.DEFINE_integer("sample_seed", 0, "--mode=generate_text: sampling seed.")
 _CHAT = flags.DEFINE_bool("chat", True, "Wrap each prompt in the chat template.")
