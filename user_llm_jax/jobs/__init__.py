@@ -23,6 +23,7 @@ JOBS: dict[str, str] = {
     "text_baseline": "user_llm_jax.jobs.text_baseline:run",
     "main_pipeline": "user_llm_jax.jobs.main_pipeline:run",
     "generate": "user_llm_jax.jobs.generate:run",
+    "infer": "user_llm_jax.jobs.infer:run",
     "dual_encoder": "user_llm_jax.jobs.dual_encoder:run",
     "generate_text": "user_llm_jax.jobs.generate_text:run",
     "perplexity": "user_llm_jax.jobs.perplexity:run",
