@@ -90,6 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.baseline.history_tokens = 512
   # Answer length of the text prompt (None: tasks.max_answer_tokens); it writes whole titles.
   config.baseline.max_answer_tokens = config_dict.placeholder(int)
+  config.baseline.tasks = ()           # the tasks it is trained / scored on (): tasks.names
 
   config.train = common.train_section(
       batch_size=8, num_steps=300, learning_rate=1e-4, warmup=30, weight_decay=0.0,

@@ -106,13 +106,16 @@ def stage_configs(config: ml_collections.ConfigDict,
   return {"encoder": enc, "user_llm": ullm, "text_baseline": text}
 
 
-def personalized_generation(workdir: str, config: ml_collections.ConfigDict,
-                            data: runner.TaskData) -> dict[str, Any]:
-  """One test user's recent history and the trained User-LLM's answers to the tasks."""
-  model, tokenizer, vocab, trained = inference.load_trained(os.path.join(workdir,
-                                                                            "user_llm"))
+def personalized_generation(trained: tuple, config: ml_collections.ConfigDict,
+                            data: runner.TaskData, top_k: int = 5) -> dict[str, Any]:
+  """One test user's recent history and the trained User-LLM's answers to the tasks.
+
+  Next item: the item head's top `top_k` titles when the model ranks the catalogue with it
+  (no titles were trained), else a generated title.
+  """
+  model, tokenizer, vocab, run = trained   # inference.load_trained(...)
   transform = ex_lib.TaskExample(vocab, tokenizer,
-                                 runner.example_config(trained.config, vocab=vocab))
+                                 runner.example_config(run.config, vocab=vocab))
   index = runner.eval_indices(len(data.test), config.eval.num_examples, config.seed)[0]
   record = dict(data.test[index])
   events = transform.history_events(record)
@@ -120,42 +123,52 @@ def personalized_generation(workdir: str, config: ml_collections.ConfigDict,
          "recent": events[-5:], "answers": {}}
   for task in transform.cfg.tasks:
     example = transform.map(dict(record, task=task))
-    prompt = ex_lib.prompt_of(example)
-    out["answers"][task] = {
-        "question": prompts.question(transform.cfg.spec, task),
-        # A few tokens of slack beyond the trained answer length: a free-form answer may
-        # be a little longer than the reference.
-        "model": inference.answer(model, tokenizer, example, prompt,
-                                     config.tasks.max_answer_tokens + 8),
-        "truth": transform.answer_text(record, task)}
+    if task == prompts.NEXT_ITEM and not transform.cfg.next_item_titles:
+      scores = np.asarray(model.next_item_logits(ex_lib.collate([example])))[0]
+      best = np.argsort(-scores, kind="stable")[:top_k]
+      answer = "; ".join(vocab.items[int(i)].title for i in best)
+    else:
+      # A few tokens of slack beyond the trained answer length: a free-form answer may
+      # be a little longer than the reference.
+      answer = inference.answer(model, tokenizer, example, ex_lib.prompt_of(example),
+                                transform.cfg.max_answer_tokens + 8)
+    out["answers"][task] = {"question": prompts.question(transform.cfg.spec, task),
+                            "model": answer, "truth": transform.answer_text(record, task)}
   return out
 
 
-def _flops_per_answer(config: ml_collections.ConfigDict, workdir: str,
+def _flops_per_answer(model: Any, window: int,
                       metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
   """Estimated FLOPs of reading the user + prompt once, per method (see `eval.cost`)."""
-  model, _, _, _ = inference.load_trained(os.path.join(workdir, "user_llm"))
-  ullm = metrics["user_llm"]
-  prompt = float(np.mean([m["mean_prompt_tokens"] for m in ullm.values()]))
-  text = metrics["text_prompt"]
-  text_prompt = float(np.mean([m["mean_prompt_tokens"] for m in text.values()]))
-  return {"user_llm": cost.user_llm_flops(model, prompt, config.data.window),
-          "text_prompt": cost.text_prompt_flops(model.llm.cfg, text_prompt)}
+  mean_prompt = lambda by_task: float(np.mean([m["mean_prompt_tokens"]
+                                               for m in by_task.values()]))
+  return {"user_llm": cost.user_llm_flops(model, mean_prompt(metrics["user_llm"]), window),
+          "text_prompt": cost.text_prompt_flops(model.llm.cfg,
+                                                mean_prompt(metrics["text_prompt"]))}
+
+
+# (User-LLM row, task, metric, the rows it is compared with).
+COMPARISONS = (
+    ("user_llm", prompts.FAVORITE_CATEGORY, "accuracy",
+     ("majority", "text_prompt", "user_llm_shuffled")),
+    ("user_llm", prompts.NEXT_ITEM, "recall@10",
+     ("popularity", "sasrec", "text_prompt", "user_llm_shuffled")),
+    ("user_llm_item_head", prompts.NEXT_ITEM, "recall@10",
+     ("popularity", "sasrec", "text_prompt", "user_llm_item_head_shuffled")),
+    ("user_llm", prompts.REVIEW, "rougeLsum", ("rating_prior", "text_prompt",
+                                               "user_llm_shuffled")),
+)
 
 
 def verdict(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[str]:
-  """Is User-LLM ahead of the floor, the text prompt and its own shuffled control, by more
+  """Is User-LLM ahead of the floors, the text prompt and its own shuffled control by more
   than two standard errors (of the difference), on each task? One line per comparison."""
   lines = []
-  ullm = metrics.get("user_llm", {})
-  columns = {prompts.FAVORITE_CATEGORY: "accuracy", prompts.NEXT_ITEM: "recall@10",
-             prompts.REVIEW: "rougeLsum"}
-  for task, key in columns.items():
-    if task not in ullm:
+  for row, task, key, others in COMPARISONS:
+    mine = metrics.get(row, {}).get(task)
+    if mine is None or key not in mine:
       continue
-    mine = ullm[task]
-    for other in ("majority", "popularity", "rating_prior", "text_prompt", "user_llm_shuffled",
-                  "sasrec"):
+    for other in others:
       theirs = metrics.get(other, {}).get(task)
       if theirs is None or key not in theirs:
         continue
@@ -165,7 +178,7 @@ def verdict(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[str]
         word = "ahead of" if diff > 0 else "BEHIND"
       else:
         word = "tied with (difference under 2 standard errors)"
-      lines.append(f"{task} {key}: User-LLM {float(mine[key]):.3f} is {word} {other} "
+      lines.append(f"{task} {key}: {row} {float(mine[key]):.3f} is {word} {other} "
                    f"{float(theirs[key]):.3f} (difference {diff:+.3f}, 2 SE = {2 * se:.3f})")
   return lines
 
@@ -186,7 +199,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   ullm_summary, text_summary = summaries["user_llm"], summaries["text_baseline"]
   # 5. Report.
   t_gen = time.perf_counter()
-  example = (personalized_generation(workdir, configs["user_llm"], data)
+  trained = inference.load_trained(os.path.join(workdir, "user_llm"))
+  example = (personalized_generation(trained, configs["user_llm"], data)
              if config.report_generation else None)
   timings["generation_sec"] = time.perf_counter() - t_gen
   labels = {"user_llm": f"User-LLM ({config.bridge.mode}, {config.strategy})",
@@ -198,7 +212,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             "majority": "majority genre", "rating_prior": "rating prior"}
   raw = dict(ullm_summary["metrics"])
   raw["text_prompt"] = text_summary["metrics"]["text_prompt"]
-  flops = _flops_per_answer(configs["user_llm"], workdir, raw)
+  flops = _flops_per_answer(trained[0], config.data.window, raw)
   order = ["user_llm", "user_llm_item_head", "user_llm_shuffled",
            "user_llm_item_head_shuffled", "text_prompt", "sasrec", "popularity", "majority",
            "rating_prior"]
@@ -230,7 +244,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       f"{text_summary['mean_prompt_tokens']:.0f} tokens; wall {wall:.0f} s (this process)",
       "metric +- standard error; n = test users the figure rests on; GFLOPs/answer: "
       "estimated forward FLOPs of reading the user and the prompt (eval/cost.py); s/answer: "
-      "measured evaluation seconds per answer on this machine", table,
+      "measured evaluation seconds per answer on this machine (a method's first evaluation "
+      "includes its compilation)", table,
       "verdicts (a difference under two standard errors is a tie):"]
   lines += [f"  {v}" for v in verdicts]
   lines += ["procedures:", procedures]

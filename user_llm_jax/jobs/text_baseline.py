@@ -65,7 +65,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   models.apply_lora(llm, lora, config.seed + 2)
   transform = ex_lib.TaskExample(data.vocab, tokenizer, runner.example_config(
       config, history_tokens=config.baseline.history_tokens, vocab=data.vocab,
-      max_answer_tokens=config.baseline.max_answer_tokens))
+      max_answer_tokens=config.baseline.max_answer_tokens,
+      tasks=config.baseline.tasks or None))
   arch = models.architecture(llm=llm.cfg, lora=lora, strategy=strategy)
   description = runs.save_run(workdir, JOB, config, arch, vocab=data.vocab, tokenizer=tokenizer)
   total = params_lib.count_params(llm, nnx.Param)

@@ -43,15 +43,17 @@ def load(config: ml_collections.ConfigDict, workdir: str) -> TaskData:
 
 def example_config(config: ml_collections.ConfigDict, *, history_tokens: int = 0,
                    vocab: schema.Vocabulary | None = None,
-                   max_answer_tokens: int | None = None) -> ex_lib.ExampleConfig:
+                   max_answer_tokens: int | None = None,
+                   tasks: Sequence[str] | None = None) -> ex_lib.ExampleConfig:
   """Task example shapes from `config.tasks` / `config.data` (history_tokens > 0: text prompt).
 
-  `max_answer_tokens` overrides `tasks.max_answer_tokens` (a method with its own answer
-  format, e.g. the text prompt decoding whole titles).
+  `max_answer_tokens` and `tasks` override `tasks.max_answer_tokens` / `tasks.names` (a
+  method with its own answer format or task subset, e.g. the text prompt decoding whole
+  titles).
   """
   t = config.tasks
   return ex_lib.ExampleConfig(
-      tasks=tuple(t.names), window=config.data.window,
+      tasks=tuple(tasks or t.names), window=config.data.window,
       max_categories=config.data.max_categories,
       max_prompt_tokens=t.max_prompt_tokens + history_tokens,
       max_answer_tokens=max_answer_tokens or t.max_answer_tokens,
