@@ -7,9 +7,9 @@ Formats (one event per row; the file's extension decides):
   JSON lines (.jsonl/.json) one object per line with `movieId` (or `item_id`) or `title`,
                            and optional `userId`, `rating`, `timestamp`
 
-Items are named by the catalogue's raw id or by title (the id when a row has both). A title is matched exactly first,
-then case-, accent- and punctuation-insensitively ("toy story 1995" finds
-"Toy Story (1995)"). Nothing is dropped silently:
+Items are named by the catalogue's raw id or by title (the id when a row has both). A
+title is matched exactly first, then case-, accent- and punctuation-insensitively
+("toy story 1995" finds "Toy Story (1995)"). Nothing is dropped silently:
 
   * a malformed row (wrong number of CSV fields, not a JSON object, no item id or title, a
     rating that is not a finite number, a timestamp that is not an integer >= 0) stops
