@@ -32,6 +32,12 @@ def test_trained_text_baseline(tmp_path, data_dirs, strategy):
   metrics = summary["metrics"]["text_prompt"]
   assert 0.0 <= metrics["favorite_category"]["accuracy"] <= 1.0
   assert metrics["next_item"]["num_examples"] == 3
+  # The mean prompt length covers every evaluated example of every task.
+  per_task = [(m["mean_prompt_tokens"], m["num_examples"]) for m in metrics.values()]
+  assert len(per_task) == 2
+  assert summary["mean_prompt_tokens"] == pytest.approx(
+      sum(t * n for t, n in per_task) / sum(n for _, n in per_task))
+  assert per_task[0][0] != per_task[1][0]   # the two tasks' prompts differ in length
   on_disk = json.loads((tmp_path / "summary.json").read_text())
   assert on_disk["trainable_params"] == summary["trainable_params"]
   assert f"({strategy}," in (tmp_path / "summary.txt").read_text()

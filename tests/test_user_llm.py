@@ -337,3 +337,32 @@ def test_gate_lr_mult_rule_selects_exactly_the_gates(xattn_pair):
   assert blocks
   assert picked == sorted(f"llm/cross_attention/{b}/{g}" for b in blocks
                           for g in ("attn_gate", "mlp_gate"))
+
+
+def test_per_module_gradient_norms_and_first_block_layer():
+  """The train step reports each group's gradient norm; blocks start at `xattn_first`."""
+  import optax  # pylint: disable=import-outside-toplevel
+  from user_llm_jax.bridge import strategies  # pylint: disable=import-outside-toplevel
+  from user_llm_jax.train import train_step as train_step_lib  # pylint: disable=import-outside-toplevel
+  cfg = ullm.UserLlmConfig(mode="cross_attention", xattn_every=2, xattn_first=1)
+  model = ullm.build_user_llm(cfg, ENCODER_TINY, LLM_TINY, rngs=nnx.Rngs(0))
+  assert sorted(model.llm.cross_attention.keys(), key=int) == [
+      str(i) for i in range(1, LLM_TINY.num_layers, 2)]
+  open_gates(model)  # closed gates pass no gradient to what is behind them
+  groups = strategies.gradient_groups(model)
+  assert set(groups) == {"encoder", "projection", "cross_attention"}
+  opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=strategies.trainable_filter("proj"))
+  step, state = train_step_lib.TrainStep.create(
+      model, opt, lambda m, b: m.loss(b), mesh=sharding.make_mesh((-1, 1, 1)),
+      grad_groups=groups)
+  batch = {k: np.concatenate([v] * 4) for k, v in make_batch().items()}  # B = 8
+  _, metrics = step(state, batch, 0)
+  norms = {k: float(v) for k, v in metrics.items() if k.startswith("grad_norm/")}
+  assert norms["grad_norm/encoder"] == 0.0          # frozen under 'proj'
+  assert norms["grad_norm/projection"] > 0.0
+  assert norms["grad_norm/cross_attention"] > 0.0
+  total = float(metrics["grad_norm"])
+  assert np.hypot(norms["grad_norm/projection"], norms["grad_norm/cross_attention"]) \
+      == pytest.approx(total, rel=1e-5)
+  with pytest.raises(ValueError, match="xattn_first"):
+    ullm.UserLlmConfig(xattn_first=-1)

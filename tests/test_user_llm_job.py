@@ -77,7 +77,7 @@ def test_job_writes_summary_with_metrics(finished_run, data_dirs):
   groups = on_disk["param_groups"]
   assert on_disk["trainable_params"] == groups["encoder"] + groups["bridge"]
   assert on_disk["total_params"] == sum(groups.values()) > on_disk["trainable_params"]
-  assert "recall@10" in (workdir / "summary.txt").read_text()
+  assert "R@10" in (workdir / "summary.txt").read_text()
   assert summary["history"][-1]["step"] == 6
   # Diagnostics kept in every run: per-task losses, gate values, the shuffled control.
   last = summary["history"][-1]
@@ -101,12 +101,13 @@ def test_resume_of_a_user_llm_run_is_exact(finished_run, tmp_path, data_dirs):
   shutil.copytree(workdir / "checkpoints", run2 / "checkpoints")
   # Drop the final checkpoint: the rerun restores step 3 and trains steps 4-6 again.
   shutil.rmtree(run2 / "checkpoints" / "6")
-  # A change of a key that cannot change the result resumes.
-  resumed = train_user_llm.run(smoke_config(**data_dirs, **{"train.log_every": 3}), str(run2))
+  # A change of a key that cannot change the result resumes (log_every too, in
+  # tests/test_fingerprint.py; here it would regroup the logged averages).
+  resumed = train_user_llm.run(smoke_config(**data_dirs, **{"train.keep_checkpoints": 2}),
+                               str(run2))
   assert resumed["resumed_from"] == 3
   assert resumed["trainable_checksum"] == summary["trainable_checksum"]
-  assert resumed["history"][-1]["step"] == 6
-  assert resumed["history"][-1]["loss"] == summary["history"][-1]["loss"]
+  assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in summary["history"]]
   for key in ("user_llm", "user_llm_shuffled"):
     for task, m in resumed["metrics"][key].items():
       timing = ("eval_sec", "sec_per_answer")

@@ -52,7 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.tasks.update(max_prompt_tokens=40,   # the fixed prompts are 36-38 SmolLM2 tokens
                       max_answer_tokens=6,    # genre names are at most 5 tokens
                       next_item_titles=False)
-  config.train.update(batch_size=8, num_steps=200, learning_rate=5e-4, warmup=10,
+  config.train.update(batch_size=8, num_steps=300, learning_rate=5e-4, warmup=10,
                       log_every=10, checkpoint_every=100, keep_checkpoints=1)
 
   # Stage 4: the text-prompt baseline reads the last events within 256 tokens, zero-shot

@@ -116,6 +116,23 @@ def param_groups(model: nnx.Module) -> dict[str, int]:
   return {k: params_lib.count_params(model, f) for k, f in groups.items()}
 
 
+def gradient_groups(model: nnx.Module) -> dict[str, Filter]:
+  """The parameter groups of a `UserLLM` whose gradient norms a run logs.
+
+  encoder, projection (+ Perceiver), cross-attention blocks, item head and LLM LoRA factors
+  (the groups a model lacks are left out).
+  """
+  groups = {
+      "encoder": ENCODER,
+      "projection": PathPrefix(("bridge",)),
+      "cross_attention": PathPrefix(("llm", "cross_attention")),
+      "item_head": PathPrefix(("item_head",)),
+      "llm_lora": nnx.All(LLM, LORA),
+  }
+  return {k: f for k, f in groups.items()
+          if params_lib.count_params(model, nnx.All(nnx.Param, f))}
+
+
 def check_strategy(model: nnx.Module, strategy: str) -> tuple[int, int]:
   """Validates that `strategy` trains something sensible on `model`; returns the counts.
 

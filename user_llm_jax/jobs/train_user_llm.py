@@ -204,6 +204,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       eval_fn=curve_fn(model, tokenizer, data, transform, config),
       fingerprint=config_lib.fingerprint(config, architecture=arch), description=description,
       count_fn=lambda b: int(np.asarray(b[ex_lib.LOSS_MASK]).sum()),
+      grad_groups=strategies.gradient_groups(model),
       desc=f"user-llm {config.bridge.mode}/{strategy}")
   if result.preempted:
     return {"preempted": True, "step": result.step}

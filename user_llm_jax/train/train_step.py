@@ -182,7 +182,8 @@ class TrainStep:
   @classmethod
   def create(cls, model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: LossFn, *,
              mesh: jax.sharding.Mesh, rules: sharding_lib.Rules | None = None, seed: int = 0,
-             donate: bool = True) -> tuple["TrainStep", Any]:
+             donate: bool = True,
+             grad_groups: Mapping[str, Any] | None = None) -> tuple["TrainStep", Any]:
     """Shards `(model, optimizer)` onto `mesh` and compiles the step.
 
     Args:
@@ -194,6 +195,8 @@ class TrainStep:
         active ones (`sharding.axis_rules`).
       seed: base seed of the per-step dropout keys.
       donate: donate the input state buffers (off only for debugging).
+      grad_groups: {name: nnx filter} of parameter groups whose gradient norms are
+        reported as `grad_norm/<name>` (e.g. encoder, bridge, cross-attention).
 
     Returns:
       The step and the initial (sharded) state.
@@ -220,13 +223,15 @@ class TrainStep:
       grad_fn = nnx.value_and_grad(loss_of, argnums=nnx.DiffState(0, wrt), has_aux=True)
       (loss, aux), grads = grad_fn(model)
       grad_norm = optax.tree.norm(grads)
+      group_norms = {f"grad_norm/{name}": optax.tree.norm(grads.filter(f))
+                     for name, f in (grad_groups or {}).items()}
       optimizer.update(model, grads)
       new_state = nnx.state((model, optimizer), nnx.Not(nnx.RngState))
       finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
       # Keep the last good state on device when the update is poisoned, so nothing
       # non-finite can ever reach a checkpoint.
       new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
-      metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
+      metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, **group_norms,
                  **{k: jnp.asarray(v) for k, v in aux.items()}}
       return new_state, metrics
 

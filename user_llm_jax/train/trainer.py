@@ -124,7 +124,8 @@ def train(model: nnx.Module, loss_fn: train_step_lib.LossFn, cfg: TrainConfig,
           rules: sharding_lib.Rules | None = None, seed: int = 0, wrt: Any = nnx.Param,
           workdir: str | None = None, eval_fn: EvalFn | None = None,
           fingerprint: Mapping[str, Any] | None = None, count_fn: CountFn | None = None,
-          desc: str = "train", description: Mapping[str, Any] | None = None) -> TrainResult:
+          desc: str = "train", description: Mapping[str, Any] | None = None,
+          grad_groups: Mapping[str, Any] | None = None) -> TrainResult:
   """Trains `model` for `cfg.num_steps` steps, resuming from `workdir` if possible.
 
   Args:
@@ -145,6 +146,7 @@ def train(model: nnx.Module, loss_fn: train_step_lib.LossFn, cfg: TrainConfig,
     desc: progress-bar label.
     description: the run's description stored in every checkpoint's metadata
       (`runs.description`: resolved config and model architectures).
+    grad_groups: {name: filter} whose gradient norms are logged (`grad_norm/<name>`).
 
   Returns:
     A `TrainResult`.
@@ -158,7 +160,7 @@ def train(model: nnx.Module, loss_fn: train_step_lib.LossFn, cfg: TrainConfig,
   trainable = params_lib.count_params(model, wrt)
   total = params_lib.count_params(model, nnx.Param)
   step_fn, state = train_step_lib.TrainStep.create(
-      model, optimizer, loss_fn, mesh=mesh, rules=rules, seed=seed)
+      model, optimizer, loss_fn, mesh=mesh, rules=rules, seed=seed, grad_groups=grad_groups)
 
   ckpt = None
   history: list[dict[str, float]] = []
