@@ -242,3 +242,13 @@ def fingerprint(config: Mapping[str, Any], *, drop: tuple[str, ...] = (),
   plain = walk(config, "")
   plain.update(to_plain(extra))
   return plain
+
+
+def differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+  """Dotted keys whose values differ between two nested mappings (e.g. two fingerprints)."""
+  if isinstance(a, Mapping) and isinstance(b, Mapping):
+    out = []
+    for key in sorted(set(a) | set(b), key=str):
+      out += differing_keys(a.get(key), b.get(key), f"{prefix}{key}.")
+    return out
+  return [] if a == b else [prefix[:-1]]

@@ -234,15 +234,6 @@ def _finished(workdir: str) -> bool:
   return os.path.exists(os.path.join(workdir, summary_lib.SUMMARY_JSON))
 
 
-def _differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-  if isinstance(a, Mapping) and isinstance(b, Mapping):
-    out = []
-    for key in sorted(set(a) | set(b), key=str):
-      out += _differing_keys(a.get(key), b.get(key), f"{prefix}{key}.")
-    return out
-  return [] if a == b else [prefix[:-1]]
-
-
 def run_or_reuse(config: ml_collections.ConfigDict, workdir: str,
                  what: str) -> tuple[dict[str, Any], bool]:
   """(summary, reused): the finished run in `workdir`, else `config.job` run there.
@@ -260,7 +251,7 @@ def run_or_reuse(config: ml_collections.ConfigDict, workdir: str,
       old = json.loads(json.dumps(config_lib.fingerprint(saved), default=str))
       new = json.loads(json.dumps(config_lib.fingerprint(config), default=str))
       if old != new:
-        keys = _differing_keys(old, new)
+        keys = config_lib.differing_keys(old, new)
         raise StudyConfigChanged(
             f"{what} in {workdir} finished with a different config ({', '.join(keys[:5])}); "
             "use a fresh output directory, or delete that directory to rerun it")

@@ -55,7 +55,7 @@ def _stage(name: str, config: ml_collections.ConfigDict, stage_dir: str) -> dict
     old, new = config_lib.fingerprint(saved), config_lib.fingerprint(config)
     if json.dumps(old, sort_keys=True, default=str) != json.dumps(new, sort_keys=True,
                                                                    default=str):
-      keys = _differing_keys(old, new)
+      keys = config_lib.differing_keys(old, new)
       raise StageConfigChanged(
           f"stage {name} in {stage_dir} finished with a different config ({', '.join(keys[:5])}"
           "); use a fresh --workdir, or delete that stage's directory to rerun it")
@@ -70,15 +70,6 @@ def _stage(name: str, config: ml_collections.ConfigDict, stage_dir: str) -> dict
     raise SystemExit(f"[main] stage {name} preempted at step {out['step']}; rerun to resume")
   out["stage_sec"] = time.perf_counter() - t0
   return out
-
-
-def _differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-  if isinstance(a, Mapping) and isinstance(b, Mapping):
-    out = []
-    for key in sorted(set(a) | set(b), key=str):
-      out += _differing_keys(a.get(key), b.get(key), f"{prefix}{key}.")
-    return out
-  return [] if a == b else [prefix[:-1]]
 
 
 def stage_configs(config: ml_collections.ConfigDict,
