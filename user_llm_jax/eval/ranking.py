@@ -36,9 +36,25 @@ class RankingData:
   def load(cls, config: ml_collections.ConfigDict, workdir: str) -> "RankingData":
     return cls(prepared.load_splits(config.data, workdir), (prepared.crop(config.data),))
 
-  def __getattr__(self, name: str) -> Any:
-    # train / test / validation / vocab / stats / path of the splits.
-    return getattr(self.splits, name)
+  @property
+  def path(self) -> str:
+    return self.splits.path
+
+  @property
+  def train(self) -> Any:
+    return self.splits.train
+
+  @property
+  def test(self) -> Any:
+    return self.splits.test
+
+  @property
+  def vocab(self) -> Any:
+    return self.splits.vocab
+
+  @property
+  def stats(self) -> dict:
+    return self.splits.stats
 
   def train_iterator(self, config: ml_collections.ConfigDict, batch_size: int):
     """Endless shuffled training batches (`batch_size` is global; each process reads its share)."""
