@@ -206,6 +206,9 @@ HARMLESS_KEYS = frozenset({
     "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
     "llm.cache_dir",
 })
+# Sections that are switched off while one of their keys is 0 (a stage that does not run):
+# left out of the fingerprint then, so runs saved before the section existed still match.
+OFF_WHEN_ZERO = {"align": "steps"}
 # Keys holding filesystem paths: compared as absolute paths.
 PATH_KEYS = frozenset({"data.manual_dir", "data.data_dir", "encoder.workdir"})
 
@@ -231,6 +234,9 @@ def fingerprint(config: Mapping[str, Any], *, drop: tuple[str, ...] = (),
       for key, value in dict(node).items():
         path = f"{prefix}{key}"
         if path in harmless:
+          continue
+        if (path in OFF_WHEN_ZERO and isinstance(value, (ml_collections.ConfigDict, dict))
+            and not dict(value).get(OFF_WHEN_ZERO[path])):
           continue
         out[key] = walk(value, path + ".")
       return out

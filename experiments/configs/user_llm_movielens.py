@@ -22,7 +22,8 @@ Variants: '' (CPU-sized: SmolLM2-135M, 300 steps x 8), 'smoke' (tiny random LLM 
 random tiny encoder on ~150 synthetic users; seconds on a CPU), 'tpu' (paper scale:
 SmolLM2-1.7B, batch 64, 20k steps, mesh over all chips).
 Ablations are overrides: --config.bridge.mode=soft_prompt, --config.bridge.use_perceiver=True,
---config.strategy=full|lora|enc|proj, --config.encoder.init=random.
+--config.strategy=full|lora|enc|proj, --config.encoder.init=random; an alignment stage
+before the tasks: --config.align.steps=100 (--config.align.trainable, .events, ...).
 """
 
 import ml_collections
@@ -91,6 +92,17 @@ def base_config() -> ml_collections.ConfigDict:
   # Answer length of the text prompt (None: tasks.max_answer_tokens); it writes whole titles.
   config.baseline.max_answer_tokens = config_dict.placeholder(int)
   config.baseline.tasks = ()           # the tasks it is trained / scored on (): tasks.names
+
+  # Alignment stage before the tasks (LLaVA's stage 1): the LLM frozen, the named bridge
+  # modules learn to write out the user's last `events` titles (free supervision from every
+  # window). Off (steps=0) until it is measured to help.
+  config.align = ml_collections.ConfigDict()
+  config.align.steps = 0
+  config.align.events = 5
+  config.align.trainable = ("projection", "perceiver", "cross_attention")  # or + "encoder"
+  config.align.learning_rate = 1e-3
+  config.align.warmup = 10
+  config.align.max_answer_tokens = 64   # "Recent: t1; ...; t5": ~50 SmolLM2 tokens
 
   config.train = common.train_section(
       batch_size=8, num_steps=300, learning_rate=1e-4, warmup=30, weight_decay=0.0,

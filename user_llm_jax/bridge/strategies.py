@@ -76,6 +76,30 @@ def trainable_filter(strategy: str) -> Filter:
   raise ValueError(f"unknown training strategy {strategy!r}; expected one of {STRATEGIES}")
 
 
+# The modules of a `UserLLM` by name, for stages that train a named subset of them (the
+# alignment stage trains the bridge alone under the frozen LLM).
+MODULES: dict[str, Filter] = {
+    "encoder": ENCODER,
+    "projection": PathPrefix(("bridge", "projection")),
+    "perceiver": PathPrefix(("bridge", "perceiver")),
+    "cross_attention": PathPrefix(("llm", "cross_attention")),
+    "item_head": PathPrefix(("item_head",)),
+}
+
+
+def module_filter(names: tuple[str, ...] | list[str]) -> Filter:
+  """The parameters of the named modules (keys of `MODULES`).
+
+  Raises:
+    ValueError: for an empty selection or an unknown name.
+  """
+  unknown = [n for n in names if n not in MODULES]
+  if unknown or not names:
+    raise ValueError(f"modules {tuple(names)}: unknown {unknown}; expected names among "
+                     f"{tuple(MODULES)}")
+  return nnx.All(nnx.Param, nnx.Any(*(MODULES[n] for n in names)))
+
+
 def text_trainable_filter(strategy: str) -> Filter:
   """The `wrt` filter of a text-prompt baseline strategy over a bare `Decoder`.
 

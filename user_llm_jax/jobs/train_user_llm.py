@@ -2,7 +2,11 @@
 
 For any (mode, use_perceiver, strategy, encoder init) of the config it trains User-LLM on
 the configured tasks with the generic trainer (the strategy is the optimizer's `wrt`
-filter), then evaluates on a fixed, seeded sample of test records:
+filter), then evaluates on a fixed, seeded sample of test records. With `align.steps > 0`
+an alignment stage comes first (`tasks/alignment.py`: the LLM frozen, only the modules of
+`align.trainable` train, on writing out each user's most recent titles); its checkpoints
+are in `WORKDIR/align/checkpoints`, its loss curve in the summary (`align`) and at
+steps <= 0 of `loss.png`.
 
   user_llm            the tasks' metrics (procedures in `tasks/evaluate.py`)
   user_llm_item_head  next item by the item head, full-catalogue ranking (bridge.item_head)
@@ -18,6 +22,8 @@ to `WORKDIR/summary.json` / `summary.txt`. Rerunning with the same workdir resum
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 from typing import Any
 
@@ -28,6 +34,7 @@ from flax import nnx
 
 from user_llm_jax import config as config_lib
 from user_llm_jax import models
+from user_llm_jax import params as params_lib
 from user_llm_jax import runs
 from user_llm_jax.bridge import strategies
 from user_llm_jax.bridge.user_llm import UserLLM
@@ -35,6 +42,7 @@ from user_llm_jax.encoder.model import UserEncoder
 from user_llm_jax.eval import floors
 from user_llm_jax.eval import retrieval
 from user_llm_jax.llm.tokenizer import Tokenizer
+from user_llm_jax.tasks import alignment
 from user_llm_jax.tasks import evaluate as eval_lib
 from user_llm_jax.tasks import examples as ex_lib
 from user_llm_jax.tasks import prompts
@@ -45,6 +53,7 @@ from user_llm_jax.train import summary as summary_lib
 from user_llm_jax.train import trainer as trainer_lib
 
 JOB = "train_user_llm"
+ALIGN_DIR = "align"  # the alignment stage's checkpoints and TensorBoard files, in WORKDIR
 ENCODER_HINT = ("python -m experiments.main --config=experiments/configs/encoder_movielens.py "
                 "--workdir=DIR (same data keys), then --config.encoder.workdir=DIR")
 
@@ -184,6 +193,105 @@ def curve_fn(model: UserLLM, tokenizer: Tokenizer, data: runner.TaskData,
   return evaluate
 
 
+def align_config(config: ml_collections.ConfigDict) -> alignment.AlignConfig:
+  """The `align` section (absent, as in runs saved before it existed: no alignment)."""
+  section = config.get("align")
+  if section is None:
+    return alignment.AlignConfig()
+  return config_lib.to_dataclass(alignment.AlignConfig, section, "align")
+
+
+def align_stage(model: UserLLM, tokenizer: Tokenizer, data: runner.TaskData,
+                transform: ex_lib.TaskExample, config: ml_collections.ConfigDict,
+                align_cfg: alignment.AlignConfig, train_cfg: trainer_lib.TrainConfig, *,
+                mesh: Any, rules: Any, workdir: str, fingerprint: dict[str, Any],
+                description: dict[str, Any]) -> dict[str, Any]:
+  """Trains the modules of `align.trainable` on writing out the users' recent titles.
+
+  Resumes from `WORKDIR/align/checkpoints` like any training; once the task stage has a
+  checkpoint (which holds the aligned model), only the stage's record is read back.
+
+  Returns:
+    The stage's summary (`steps`, `history`, `trainable_params`, ...), or
+    `{"preempted": True, ...}` when a SIGTERM stopped it.
+
+  Raises:
+    ConfigError: `align.trainable` selects no parameter of this model.
+  """
+  wrt = strategies.module_filter(align_cfg.trainable)
+  trainable = params_lib.count_params(model, wrt)
+  if not trainable:
+    raise config_lib.ConfigError(
+        f"config key 'align.trainable'={align_cfg.trainable} selects no parameter of this "
+        f"User-LLM (bridge.mode={config.bridge.mode!r}, "
+        f"use_perceiver={bool(config.bridge.use_perceiver)})")
+  stage_dir = os.path.join(workdir, ALIGN_DIR)
+  # The task stage's optimizer keys (weight decay, clipping, lr_mults: the gates need theirs
+  # here too) on the stage's own schedule.
+  cfg = dataclasses.replace(train_cfg, num_steps=align_cfg.steps, warmup=align_cfg.warmup,
+                            learning_rate=align_cfg.learning_rate, eval_every=0)
+  record = {"steps": align_cfg.steps, "events": align_cfg.events,
+            "trainable": list(align_cfg.trainable), "trainable_params": trainable,
+            "learning_rate": align_cfg.learning_rate, "checkpoints": stage_dir}
+  ckpt_dir = os.path.join(stage_dir, "checkpoints")
+  done = checkpointing.latest_step(ckpt_dir)
+  if done == align_cfg.steps and checkpointing.latest_step(
+      os.path.join(workdir, "checkpoints")) is not None:
+    ckpt = checkpointing.Checkpointer(ckpt_dir, every=cfg.checkpoint_every,
+                                      fingerprint=fingerprint)
+    try:
+      extra = ckpt.read_meta(done).get("extra", {})
+    finally:
+      ckpt.close()
+    return dict(record, history=align_history(extra.get("history", [])), resumed_from=done,
+                train_sec=0.0)
+  t0 = time.perf_counter()
+  examples = alignment.AlignExample(data.vocab, tokenizer, transform.cfg, align_cfg)
+  result = trainer_lib.train(
+      model, lambda m, b: m.loss(b, deterministic=False), cfg,
+      alignment.train_iterator(data.train, examples, batch_size=cfg.batch_size,
+                               seed=config.seed, worker_count=config.data.worker_count),
+      mesh=mesh, rules=rules, seed=config.seed, wrt=wrt, workdir=stage_dir,
+      fingerprint=fingerprint, description=description,
+      count_fn=lambda b: int(np.asarray(b[ex_lib.LOSS_MASK]).sum()),
+      grad_groups=align_gradient_groups(model, align_cfg.trainable),
+      desc=f"align {'+'.join(align_cfg.trainable)}")
+  if result.preempted:
+    return {"preempted": True, "step": result.step, "stage": "align"}
+  return dict(record, history=align_history(result.history),
+              resumed_from=result.resumed_from, train_sec=time.perf_counter() - t0)
+
+
+def align_gradient_groups(model: UserLLM, trainable: tuple[str, ...]) -> dict[str, Any]:
+  """The logged gradient-norm groups (`strategies.gradient_groups`) the stage trains."""
+  named = set(trainable) | ({"projection"} if "perceiver" in trainable else set())
+  return {k: f for k, f in strategies.gradient_groups(model).items() if k in named}
+
+
+def align_history(history: list[dict[str, float]]) -> list[dict[str, float]]:
+  """Logged rows without the task-only metrics (per-task sums, item head: all 0 here)."""
+  return [{k: v for k, v in row.items() if not k.startswith(("task_", "item_"))}
+          for row in history]
+
+
+def align_text(record: dict[str, Any]) -> str:
+  """One line on the alignment stage for the printed summary."""
+  history = record["history"]
+  first, last = (history[0], history[-1]) if history else ({}, {})
+  return (f"alignment: {record['steps']} steps writing the last {record['events']} titles, "
+          f"training {'+'.join(record['trainable'])} ({record['trainable_params']:,} params); "
+          f"loss {first.get('loss', float('nan')):.3f} -> {last.get('loss', float('nan')):.3f},"
+          f" token accuracy {last.get('token_accuracy', float('nan')):.3f}")
+
+
+def plot_rows(history: list[dict[str, float]],
+              align_history: list[dict[str, float]]) -> list[dict[str, float]]:
+  """The rows of `loss.png`: the alignment stage at steps <= 0 (`loss/align`), then the tasks."""
+  shift = align_history[-1]["step"] if align_history else 0
+  return [{"step": h["step"] - shift, "loss": h["loss"], "loss/align": h["loss"]}
+          for h in align_history] + history
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains and evaluates User-LLM; returns the summary dict (or a preemption note)."""
   t0 = time.perf_counter()
@@ -196,13 +304,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   description = runs.save_run(workdir, JOB, config, arch, vocab=data.vocab, tokenizer=tokenizer)
   baselines = floors.non_llm_baselines(pretrained, data, config, transform)
   del pretrained
+  fingerprint = config_lib.fingerprint(config, architecture=arch)
+  align_cfg = align_config(config)
+  align = None
+  if align_cfg.enabled:
+    align = align_stage(model, tokenizer, data, transform, config, align_cfg, train_cfg,
+                        mesh=mesh, rules=rules, workdir=workdir, fingerprint=fingerprint,
+                        description=description)
+    if align.get("preempted"):
+      return align
   wrt = strategies.trainable_filter(strategy)
   result = trainer_lib.train(
       model, lambda m, b: m.loss(b, deterministic=False), train_cfg,
       runner.train_iterator(data, transform, config, train_cfg.batch_size), mesh=mesh,
       rules=rules, seed=config.seed, wrt=wrt, workdir=workdir,
       eval_fn=curve_fn(model, tokenizer, data, transform, config),
-      fingerprint=config_lib.fingerprint(config, architecture=arch), description=description,
+      fingerprint=fingerprint, description=description,
       count_fn=lambda b: int(np.asarray(b[ex_lib.LOSS_MASK]).sum()),
       grad_groups=strategies.gradient_groups(model),
       desc=f"user-llm {config.bridge.mode}/{strategy}")
@@ -226,8 +343,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "steps": result.step, "resumed_from": result.resumed_from,
       "budget": {"steps": result.step, "batch_size": train_cfg.batch_size,
                  "examples_seen": result.step * train_cfg.batch_size,
-                 "train_sec": train_time, "eval_sec": eval_time},
-      "wall_time_sec": wall, "history": history, "curve": result.evals,
+                 "train_sec": train_time, "eval_sec": eval_time,
+                 "align_steps": align["steps"] if align else 0,
+                 "align_sec": align["train_sec"] if align else 0.0},
+      "wall_time_sec": wall, "history": history, "curve": result.evals, "align": align,
       "dataset": {"path": data.path, "protocol": config.data.protocol,
                   "window": config.data.window, "num_items": data.vocab.num_items,
                   "test_records": len(data.test), "train_records": len(data.train)},
@@ -241,9 +360,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           f"{config.encoder.init}), {result.step} steps x batch {train_cfg.batch_size}, "
           f"{result.trainable_params:,} trainable / {result.total_params:,} params, "
           f"{wall:.1f} s wall\n{table}\nprocedures:\n{procedures}")
+  if align is not None:
+    text = f"{text}\n{align_text(align)}"
   if history:
-    summary_lib.plot_loss(history, summary_lib.loss_png(workdir), title=config.name,
-                          series=[f"loss/{t}" for t in prompts.TASKS])
+    align_rows = align["history"] if align else []
+    title = f"{config.name} (alignment at steps <= 0)" if align_rows else config.name
+    summary_lib.plot_loss(plot_rows(history, align_rows), summary_lib.loss_png(workdir),
+                          title=title,
+                          series=["loss/align"] + [f"loss/{t}" for t in prompts.TASKS])
   summary_lib.write_summary(workdir, summary, text)
   print(text, flush=True)
   return summary
