@@ -119,7 +119,7 @@ def test_cpu_arms_resolve_to_jobs_data_groups_and_shared_runs(tmp_path):
   # Identical configs run once: Enc is the default strategy, 50 events the default data.
   for name in ("strategy_enc", "history_50"):
     assert arms[name].same_as == "user_llm" and arms[name].workdir == arms["user_llm"].workdir
-  assert sum(a.same_as is None for a in arms.values()) == 10
+  assert sum(a.same_as is None for a in arms.values()) == 11
   ref = arms["user_llm"].config
   assert ref.job == "train_user_llm" and ref.train.num_steps == study_config.STEPS
   assert ref.train.eval_every > 0 and ref.eval.curve_examples > 0
@@ -138,6 +138,10 @@ def test_cpu_arms_resolve_to_jobs_data_groups_and_shared_runs(tmp_path):
     assert arm.data_root != arms["user_llm"].data_root
     assert arm.config.data.data_dir == os.path.join(arm.data_root, "data")
     assert arm.encoder.data.window == events
+  # The text prompt on the 500-event data shares that data (not the encoder: it has none).
+  text_500 = arms["text_lora_500"]
+  assert text_500.data_root == arms["history_500"].data_root and text_500.encoder is None
+  assert text_500.config.job == "text_baseline" and text_500.config.data.window == 500
   assert arms["perceiver"].config.bridge.use_perceiver is True
   assert {arms[f"strategy_{s}"].config.strategy for s in ("lora", "full", "proj")} == {
       "lora", "full", "proj"}
@@ -151,3 +155,23 @@ def test_bad_arms_are_clear_errors(tmp_path):
     study.apply_overrides(config, {"bridge.nope": 1}, "x")
   with pytest.raises(config_lib.ConfigError, match="arm 'x'.*no section 'brige'"):
     study.apply_overrides(config, {"brige.mode": "soft_prompt"}, "x")
+
+
+def _fig(value: float, stderr: float, n: int = 100) -> dict[str, float]:
+  return {"value": value, "stderr": stderr, "n": n}
+
+
+def test_verdicts_compare_same_data_pairs_and_each_data_own_floor():
+  def entry(fav, window, majority=None):
+    return {"same_as": None, "window": window, "fav_acc": _fig(*fav),
+            "item_head_recall@10": None,
+            "floors": {"majority": _fig(*majority)} if majority else {}}
+  arms = {"user_llm": entry((.4, .05), 50, (.15, .035)),
+          "history_500": entry((.6, .05), 500, (.2, .04)),
+          "text_lora_500": entry((.3, .045), 500)}
+  pairs = {(v["a"], v["b"]): v for v in study.verdicts(arms, "user_llm")}
+  assert ("history_500", "text_lora_500") in pairs
+  own_floor = [k for k in pairs if k[0] == "history_500" and "history_500 data" in k[1]]
+  assert len(own_floor) == 1
+  # The reference's floor is not applied to the other data's arm.
+  assert not any(k[0] == "history_500" and k[1].startswith("majority") for k in pairs)

@@ -26,11 +26,13 @@ from user_llm_jax import config as config_lib
 from user_llm_jax.data import schema
 from user_llm_jax.llm.tokenizer import Tokenizer
 from user_llm_jax.train import checkpointing
+from user_llm_jax.train import early_stopping
 
 RUN_JSON = "run.json"
 VOCABULARY_JSON = "vocabulary.json"
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINTS = "checkpoints"
+BEST_CHECKPOINTS = early_stopping.BEST_CHECKPOINTS
 
 
 class NotARunError(FileNotFoundError):
@@ -55,7 +57,10 @@ class Run:
 
   @property
   def checkpoints(self) -> str:
-    return os.path.join(self.workdir, CHECKPOINTS)
+    """The checkpoints to load the run's model from: its best validation step's when the
+    run selected one (`train.early_stopping`), else its latest."""
+    best = os.path.join(self.workdir, BEST_CHECKPOINTS)
+    return best if os.path.isdir(best) else os.path.join(self.workdir, CHECKPOINTS)
 
   def vocabulary(self) -> schema.Vocabulary:
     path = os.path.join(self.workdir, VOCABULARY_JSON)

@@ -12,6 +12,7 @@ pretraining and defaults):
   random_encoder  encoder not pretrained          soft_prompt   soft prompt bridge
   perceiver       Perceiver, 16 latents           strategy_*    Enc / LoRA / Full / Proj
   history_*       50 / 200 / 500 events per user history (own data + encoder pretraining)
+  text_lora_500   the text prompt on the 500-event data (compared with history_500)
 
 Layout of the output directory (DIR = the directory of --output):
 
@@ -352,6 +353,19 @@ def verdicts(arms: Mapping[str, Mapping[str, Any]], reference: str) -> list[dict
     mine = ref[floor_metric[floor]]
     if mine and fig:
       out.append(compare(floor_metric[floor], reference, mine, FLOORS[floor][3], fig))
+  # Arms on other data (history lengths) have floors of their own, and are compared with
+  # the text prompt on the same data: the reference's floors do not apply to them.
+  for name, other in study_config.SAME_DATA_PAIRS:
+    if name in arms and other in arms and arms[name]["fav_acc"] and arms[other]["fav_acc"]:
+      out.append(compare("fav_acc", name, arms[name]["fav_acc"], other,
+                         arms[other]["fav_acc"]))
+  for name, entry in arms.items():
+    if name == reference or entry["same_as"] or entry.get("window") == ref.get("window"):
+      continue
+    fig = entry.get("floors", {}).get("majority")
+    if entry["fav_acc"] and fig:
+      out.append(compare("fav_acc", name, entry["fav_acc"],
+                         f"{name} data: {FLOORS['majority'][3]}", fig))
   return out
 
 

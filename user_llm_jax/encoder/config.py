@@ -34,7 +34,10 @@ class EncoderConfig:
     late_fusion_layers: blocks of each per-feature transformer in late fusion (0: use
       `num_layers`).
     feature_dim: width of each feature's embedding table.
-    use_time: embed the time-gap feature as a fourth event feature.
+    use_time: embed the time-gap feature as an event feature.
+    use_rating: embed the rating as an event feature (False: the rating is not read;
+      its prediction loss still follows `rating_loss_weight`).
+    use_categories: embed the categories (genres) as an event feature (False: not read).
     tie_item_head: score items by a dot product with the item embedding table (after a
       D -> feature_dim projection) instead of a separate D x num_items matrix.
     item_loss_chunk: positions per chunk of the next-item softmax (0: all at once).
@@ -63,6 +66,8 @@ class EncoderConfig:
   late_fusion_layers: int = 0
   feature_dim: int = 64
   use_time: bool = True
+  use_rating: bool = True
+  use_categories: bool = True
   tie_item_head: bool = True
   item_loss_chunk: int = 0
   item_loss_weight: float = 1.0
@@ -108,8 +113,8 @@ class EncoderConfig:
 
   @property
   def num_features(self) -> int:
-    """Event features embedded: item, rating, categories (+ time)."""
-    return 4 if self.use_time else 3
+    """Event features embedded: item, then rating, categories and time when used."""
+    return 1 + int(self.use_rating) + int(self.use_categories) + int(self.use_time)
 
   @property
   def feature_layers(self) -> int:

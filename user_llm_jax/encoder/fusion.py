@@ -38,19 +38,23 @@ class FeatureEmbeddings(nnx.Module):
 
   def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
     self.item = _embed(cfg.num_items, cfg, rngs)
-    self.rating = _embed(cfg.num_ratings, cfg, rngs)
-    self.category = _embed(cfg.num_categories, cfg, rngs)
+    self.rating = _embed(cfg.num_ratings, cfg, rngs) if cfg.use_rating else None
+    self.category = _embed(cfg.num_categories, cfg, rngs) if cfg.use_categories else None
     self.time = _embed(cfg.num_time_buckets, cfg, rngs) if cfg.use_time else None
     self.dtype = cfg.dtype
 
   def __call__(self, batch: dict[str, jax.Array]) -> list[jax.Array]:
-    """Returns the per-feature embeddings, each [B, E, F], in a fixed order."""
+    """Returns the per-feature embeddings, each [B, E, F], in a fixed order (item,
+    rating, categories, time; the unused ones left out)."""
     keep = batch[T.MASK][..., None].astype(self.dtype)                  # [B, E, 1]
-    cats = batch[T.INPUTS_CATEGORY]                                      # [B, E, C]
-    cat_valid = (cats != schema.PAD_ID).astype(self.dtype)[..., None]    # [B, E, C, 1]
-    cat_sum = jnp.sum(self.category(cats) * cat_valid, axis=-2)          # [B, E, F]
-    cat_bag = cat_sum / jnp.maximum(jnp.sum(cat_valid, axis=-2), 1.0)
-    features = [self.item(batch[T.INPUTS_ITEM]), self.rating(batch[T.INPUTS_RATING]), cat_bag]
+    features = [self.item(batch[T.INPUTS_ITEM])]
+    if self.rating is not None:
+      features.append(self.rating(batch[T.INPUTS_RATING]))
+    if self.category is not None:
+      cats = batch[T.INPUTS_CATEGORY]                                    # [B, E, C]
+      cat_valid = (cats != schema.PAD_ID).astype(self.dtype)[..., None]  # [B, E, C, 1]
+      cat_sum = jnp.sum(self.category(cats) * cat_valid, axis=-2)        # [B, E, F]
+      features.append(cat_sum / jnp.maximum(jnp.sum(cat_valid, axis=-2), 1.0))
     if self.time is not None:
       features.append(self.time(batch[T.INPUTS_TIME]))
     return [f * keep for f in features]

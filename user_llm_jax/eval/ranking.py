@@ -4,6 +4,12 @@
 splits; `test_summary` evaluates a trained ranking model on the test split next to the
 popularity baseline fitted on the same training split, and `write_report` writes
 `summary.json`, `summary.txt` and the loss / validation plot.
+
+Protocol keys read here (every report states them, `protocol(config)`):
+  data.train_windows   'last' (default: each training record's most recent events) or
+                       'random' (random windows over the whole history, `data.windows`)
+  eval.exclude_seen    False (default): rank every item; True: the user's earlier items
+                       are excluded from the ranking (`retrieval.WithSeenItems`)
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ from typing import Any
 import jax
 import ml_collections
 
+from user_llm_jax import config as config_lib
 from user_llm_jax.data import pipeline as pipeline_lib
 from user_llm_jax.data import prepared
+from user_llm_jax.data import windows as windows_lib
 from user_llm_jax.eval import popularity
 from user_llm_jax.eval import retrieval
 from user_llm_jax.train import summary as summary_lib
@@ -31,10 +39,17 @@ class RankingData:
 
   splits: prepared.Splits
   transforms: tuple[Any, ...]
+  eval_transforms: tuple[Any, ...] = ()
 
   @classmethod
   def load(cls, config: ml_collections.ConfigDict, workdir: str) -> "RankingData":
-    return cls(prepared.load_splits(config.data, workdir), (prepared.crop(config.data),))
+    train_windows(config)  # Fails on a bad value before the data is prepared.
+    splits = prepared.load_splits(config.data, workdir)
+    crop = prepared.crop(config.data)
+    eval_transforms = (crop,)
+    if exclude_seen(config):
+      eval_transforms = (retrieval.WithSeenItems(crop, splits.vocab.num_items),)
+    return cls(splits, (crop,), eval_transforms)
 
   @property
   def path(self) -> str:
@@ -58,15 +73,20 @@ class RankingData:
 
   def train_iterator(self, config: ml_collections.ConfigDict, batch_size: int):
     """Endless shuffled training batches (`batch_size` is global; each process reads its share)."""
+    source = self.splits.train
+    if train_windows(config) == "random":
+      source = windows_lib.RandomWindows(source, config.data.window, seed=config.seed)
     return iter(pipeline_lib.make_pipeline(
-        self.splits.train, batch_size=batch_size // jax.process_count(), seed=config.seed,
+        source, batch_size=batch_size // jax.process_count(), seed=config.seed,
         shuffle=True, num_epochs=None, transforms=list(self.transforms),
         worker_count=config.data.worker_count))
 
   def eval_batches(self, config: ml_collections.ConfigDict, src):
-    """One pass over `src` in `config.eval.batch_size` batches."""
+    """One pass over `src` in `config.eval.batch_size` batches (with `seen_items` when the
+    protocol excludes seen items)."""
     return pipeline_lib.make_eval_pipeline(src, batch_size=config.eval.batch_size,
-                                           transforms=list(self.transforms))
+                                           transforms=list(self.eval_transforms
+                                                           or self.transforms))
 
   def validation_fn(self, config: ml_collections.ConfigDict, ks: Sequence[int],
                     ) -> Callable[[Any], dict[str, float]] | None:
@@ -75,7 +95,56 @@ class RankingData:
       return None
     return lambda m: {f"val/{k}": v for k, v in retrieval.evaluate_next_item(
         m, self.eval_batches(config, self.splits.validation), ks=ks).items()
-                      if k != "num_examples"}
+                      if k != "num_examples" and not k.endswith("_stderr")}
+
+
+TRAIN_WINDOWS = ("last", "random")
+
+
+def train_windows(config: ml_collections.ConfigDict) -> str:
+  """The `data.train_windows` key ('last' when absent), validated."""
+  value = config.data.get("train_windows", "last")
+  if value not in TRAIN_WINDOWS:
+    raise config_lib.ConfigError(
+        f"config key 'data.train_windows' is {value!r}; expected one of {TRAIN_WINDOWS}")
+  return value
+
+
+def exclude_seen(config: ml_collections.ConfigDict) -> bool:
+  """The `eval.exclude_seen` key (False when absent)."""
+  return bool(config.eval.get("exclude_seen", False))
+
+
+def protocol(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The evaluation protocol of a ranking run, as every report states it."""
+  return {
+      "split": config.data.protocol,
+      "kcore_users": int(config.data.get("kcore_users", 0) or 0),
+      "kcore_items": int(config.data.get("kcore_items", 0) or 0),
+      "ranking": "full catalogue",
+      "exclude_seen": exclude_seen(config),
+      "seen": retrieval.protocol_name(exclude_seen(config)),
+      "train_windows": train_windows(config),
+      "select_metric": config.train.get("select_metric", "") or "last step",
+  }
+
+
+def compute(result: trainer_lib.TrainResult) -> dict[str, Any]:
+  """Compute a run used: steps, loop seconds, events trained on, events/s, best step."""
+  out = {"steps": result.step, "train_loop_sec": result.wall_time,
+         "eval_sec": result.eval_seconds, "resumed_from": result.resumed_from}
+  if result.selection is not None:
+    out.update(best_step=result.selection["best_step"],
+               best_value=result.selection["best_value"],
+               stopped_early=result.selection["stopped"])
+  events = sum(h.get("events", 0.0) for h in result.history)
+  if events:
+    # Of this process's loop (a resumed run counts only its own steps' time), compile
+    # included, evaluations left out.
+    out["events"] = int(events)
+    if result.resumed_from is None:
+      out["events_per_sec"] = events / max(result.wall_time - result.eval_seconds, 1e-9)
+  return out
 
 
 def test_summary(config: ml_collections.ConfigDict, result: trainer_lib.TrainResult,
@@ -104,6 +173,8 @@ def test_summary(config: ml_collections.ConfigDict, result: trainer_lib.TrainRes
           "path": data.path, "protocol": config.data.protocol,
           "num_items": data.vocab.num_items, "statistics": data.stats},
       "history": result.history, "evals": result.evals, "devices": jax.device_count(),
+      "protocol": protocol(config), "compute": compute(result),
+      "best_step": result.selection["best_step"] if result.selection else result.step,
   }
   return model_metrics, pop_metrics, summary
 
@@ -123,14 +194,24 @@ def write_report(config: ml_collections.ConfigDict, result: trainer_lib.TrainRes
   """
   keys = [f"recall@{k}" for k in ks] + ["ndcg@10"]
   table = summary_lib.metrics_table({model_name: metrics, "popularity": pop_metrics}, keys)
-  text = (f"{config.name}: {result.step} steps, {result.trainable_params:,} trainable / "
-          f"{result.total_params:,} params, {summary['wall_time_sec']:.1f} s wall, test "
-          f"{test_noun} {int(metrics.get('num_examples', len(data.test))):,}, catalogue "
-          f"{data.vocab.num_items - 2:,} items ({config.data.protocol}, full-catalogue "
-          f"ranking)\n{table}")
+  proto = summary["protocol"]
+  kcore = (f"{proto['kcore_users']}/{proto['kcore_items']}-core, "
+           if proto["kcore_users"] or proto["kcore_items"] else "")
+  selected = (f"best step {summary['best_step']} by {proto['select_metric']}"
+              + (" (stopped early)" if summary["compute"].get("stopped_early") else "")
+              if result.selection else "last step")
+  se = ", ".join(f"{k} +- {metrics[k + '_stderr']:.4f}" for k in keys
+                 if k + "_stderr" in metrics)
+  text = (f"{config.name}: {result.step} steps, {selected}, {result.trainable_params:,} "
+          f"trainable / {result.total_params:,} params, {summary['wall_time_sec']:.1f} s "
+          f"wall, test {test_noun} {int(metrics.get('num_examples', len(data.test))):,}, "
+          f"catalogue {data.vocab.num_items - 2:,} items ({kcore}{config.data.protocol}, "
+          f"full-catalogue ranking, {proto['seen']})\n{table}"
+          + (f"\nstandard errors ({model_name}): {se}" if se else ""))
   if result.history:
+    eval_key = (proto["select_metric"] if result.selection else "val/recall@10")
     summary_lib.plot_loss(result.history, os.path.join(workdir, summary_lib.LOSS_PNG),
-                          result.evals, eval_key="val/recall@10", title=config.name)
+                          result.evals, eval_key=eval_key, title=config.name)
   summary_lib.write_summary(workdir, summary, text)
   print(text, flush=True)
   return text

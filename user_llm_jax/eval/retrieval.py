@@ -13,15 +13,24 @@ A target that cannot be ranked (PAD, OOV, or outside the vocabulary) counts as a
 in the denominator, never dropped. Padding examples
 (`example_mask` False) are excluded.
 
+Seen items: by default nothing is excluded (the paper's and RecBole's default protocol).
+With `exclude_seen` the eval examples carry `seen_items` (bool[V], every item of the
+record before its target, added by `WithSeenItems`) and those items score -inf before
+ranking, so the target competes only with items the user has not had; a target the user
+had already had is itself excluded and counts as a miss. Every report names the protocol
+(`protocol_name`).
+
 Axis letters: B batch, V items.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,6 +43,7 @@ from user_llm_jax.data import transforms as T
 DEFAULT_KS = (1, 5, 10)
 MISS_RANK = np.iinfo(np.int32).max
 NDCG_K = 10
+SEEN_ITEMS = "seen_items"
 
 ScoreFn = Callable[[Any, Any, Mapping[str, jax.Array]], jax.Array]
 
@@ -56,6 +66,39 @@ def target_ranks(scores: jax.Array, targets: jax.Array) -> jax.Array:
   ahead = (scores > target_score) | ((scores == target_score) & (ids < safe[:, None]))
   ranks = jnp.sum(ahead, axis=-1, dtype=jnp.int32)                        # [B]
   return jnp.where(valid, ranks, MISS_RANK).astype(jnp.int32)
+
+
+def exclude_seen(scores: jax.Array, seen: jax.Array) -> jax.Array:
+  """[B, V] scores with the items of bool[B, V] `seen` at -inf (below every unseen item)."""
+  return jnp.where(seen, -jnp.inf, scores)
+
+
+def protocol_name(exclude: bool) -> str:
+  """How a report names the seen-items protocol."""
+  return "seen items excluded" if exclude else "seen items not excluded"
+
+
+@dataclasses.dataclass(frozen=True)
+class WithSeenItems(grain.transforms.Map):
+  """Record -> `crop`'s example plus `seen_items`: bool[num_items], the record's items
+  before its target (reserved ids and ids outside the vocabulary are never marked).
+
+  Attributes:
+    crop: the example transform (`data.transforms.CropAndPad`).
+    num_items: item vocabulary size V.
+  """
+
+  crop: Any
+  num_items: int
+
+  def map(self, element: dict[str, Any]) -> dict[str, Any]:
+    example = self.crop.map(element)
+    history = np.asarray(element[schema.ITEM_IDS], np.int64).reshape(-1)[:-1]
+    history = history[(history >= schema.FIRST_ID) & (history < self.num_items)]
+    seen = np.zeros((self.num_items,), bool)
+    seen[history] = True
+    example[SEEN_ITEMS] = seen
+    return example
 
 
 def recall_at_k(ranks: np.ndarray, k: int) -> np.ndarray:
@@ -97,16 +140,17 @@ class RetrievalAccumulator:
     return np.concatenate(self._ranks) if self._ranks else np.zeros((0,), np.int64)
 
   def result(self) -> dict[str, float]:
-    """`recall@k` for each k, `ndcg@{ndcg_k}`, `mrr` and `num_examples`."""
+    """`recall@k` for each k, `ndcg@{ndcg_k}`, `mrr`, the standard error of each mean
+    (`<metric>_stderr`, over examples) and `num_examples`."""
     ranks = self.ranks
     n = ranks.size
-
-    def mean(x):
-      return float(np.mean(x)) if n else 0.0
-
-    out = {f"recall@{k}": mean(recall_at_k(ranks, k)) for k in self.ks}
-    out[f"ndcg@{self.ndcg_k}"] = mean(ndcg_at_k(ranks, self.ndcg_k))
-    out["mrr"] = mean(1.0 / (ranks + 1.0))
+    per_example = {f"recall@{k}": recall_at_k(ranks, k) for k in self.ks}
+    per_example[f"ndcg@{self.ndcg_k}"] = ndcg_at_k(ranks, self.ndcg_k)
+    per_example["mrr"] = 1.0 / (ranks + 1.0)
+    out = {}
+    for key, values in per_example.items():
+      out[key] = float(np.mean(values)) if n else 0.0
+      out[f"{key}_stderr"] = float(np.std(values, ddof=1) / np.sqrt(n)) if n > 1 else 0.0
     out["num_examples"] = int(n)
     return out
 
@@ -127,7 +171,15 @@ def _batch_ranks(score_fn: ScoreFn, static: Any, params: Any,
                  batch: Mapping[str, jax.Array]) -> jax.Array:
   # Module-level and keyed by the static (score_fn, static) pair, so repeated evaluations
   # of the same model structure reuse one compiled executable.
-  return target_ranks(score_fn(static, params, batch), _target_at_last(batch))
+  scores = score_fn(static, params, batch)                                # [B, V]
+  targets = _target_at_last(batch)                                        # [B]
+  if SEEN_ITEMS not in batch:  # A static choice: the batch's keys are part of the trace.
+    return target_ranks(scores, targets)
+  seen = batch[SEEN_ITEMS]                                                # [B, V]
+  ranks = target_ranks(exclude_seen(scores, seen), targets)
+  safe = jnp.clip(targets, 0, seen.shape[-1] - 1)
+  seen_target = jnp.take_along_axis(seen, safe[:, None], axis=-1)[:, 0]   # [B]
+  return jnp.where(seen_target, MISS_RANK, ranks)
 
 
 def evaluate_scores(score_fn: ScoreFn, static: Any, params: Any,
@@ -140,7 +192,8 @@ def evaluate_scores(score_fn: ScoreFn, static: Any, params: Any,
       module-level function (hashable), as is `static` (e.g. an `nnx.GraphDef`).
     static: hashable, compile-time context of `score_fn`.
     params: array pytree passed to `score_fn` (traced, not baked into the executable).
-    batches: eval batches (`data.pipeline.make_eval_pipeline`).
+    batches: eval batches (`data.pipeline.make_eval_pipeline`); with `seen_items`, those
+      items are excluded from the ranking.
     ks: Recall cut-offs.
     ndcg_k: NDCG cut-off.
     desc: progress-bar label.
@@ -167,7 +220,8 @@ def evaluate_next_item(model: nnx.Module, batches: Iterable[Mapping[str, Any]], 
   """Next-item metrics of a model with `next_item_logits(batch) -> [B, V]`.
 
   Returns:
-    `recall@1`, `recall@5`, `recall@10`, `ndcg@10`, `mrr`, `num_examples`.
+    `recall@1`, `recall@5`, `recall@10`, `ndcg@10`, `mrr` (each with `<metric>_stderr`),
+    `num_examples`.
   """
   graphdef, state = nnx.split(model)
   return evaluate_scores(_model_scores, graphdef, state, batches, ks=ks, ndcg_k=ndcg_k,

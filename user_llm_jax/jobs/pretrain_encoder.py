@@ -1,8 +1,12 @@
 """Encoder pretraining job: data -> prepare -> Grain -> UserEncoder -> train -> evaluate.
 
 Evaluation ranks the whole catalogue for each test user's held-out last event
-(leave-last-out) and reports Recall@K / NDCG@10 of the encoder's next-item head next to a
-popularity baseline fitted on the same training split. The run's description (resolved
+(leave-last-out) and reports Recall@K / NDCG@10 (with standard errors) of the encoder's
+next-item head next to a popularity baseline fitted on the same training split, under the
+protocol the config names (k-core, seen items excluded or not: `ranking.protocol`). With
+`train.select_metric` (e.g. 'val/ndcg@10') the test numbers are the best validation
+step's, training stops after `train.patience` evaluations without improvement, and the
+best step is in the summary (`best_step`). The run's description (resolved
 config, encoder architecture, vocabulary) goes to `WORKDIR/run.json`, results to
 `WORKDIR/summary.json`, `WORKDIR/summary.txt` and the training curve to `WORKDIR/loss.png`.
 """
@@ -31,6 +35,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   train_cfg, mesh, rules = setup.start(config, workdir)
   ks = tuple(int(k) for k in config.eval.ks)
   data = ranking.RankingData.load(config, workdir)
+  eval_fn = data.validation_fn(config, ks)
+  if train_cfg.select_metric and eval_fn is None:
+    raise config_lib.ConfigError(
+        f"config key 'train.select_metric' is {train_cfg.select_metric!r}, but "
+        f"data.protocol={config.data.protocol!r} has no validation split to select on; use "
+        "data.protocol=leave_last_out or set train.select_metric=''")
   enc = models.encoder_config_from(config.encoder.model, data.vocab, window=config.data.window,
                                    max_categories=config.data.max_categories)
   model = models.build_encoder(enc, config.seed)
@@ -40,7 +50,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   result = trainer_lib.train(
       model, lambda m, batch: m.pretrain_loss(batch, deterministic=False), train_cfg,
       data.train_iterator(config, train_cfg.batch_size), mesh=mesh, rules=rules,
-      seed=config.seed, workdir=workdir, eval_fn=data.validation_fn(config, ks),
+      seed=config.seed, workdir=workdir, eval_fn=eval_fn,
       fingerprint=config_lib.fingerprint(config, encoder_architecture=arch["encoder"]),
       description=description, count_fn=lambda b: int(b[transforms_lib.MASK].sum()),
       desc="pretrain encoder")

@@ -5,6 +5,12 @@ its model, a loss function and a repeating Grain iterator. The loop resumes auto
 from the latest checkpoint under `workdir`, and a resumed run reproduces the uninterrupted
 one exactly: batches come from the restored iterator position, dropout keys from
 (seed, step), and the partial logging accumulators are checkpointed too.
+
+With `train.select_metric` set, every evaluation also feeds `early_stopping.EarlyStopping`:
+the best step's parameters are kept (`WORKDIR/checkpoints_best`), the run stops after
+`train.patience` evaluations without improvement, and the returned model holds the best
+step's parameters. The selection state is checkpointed, so a killed run resumes into the
+same best step and stopping point.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from flax import nnx
 from user_llm_jax import params as params_lib
 from user_llm_jax import sharding as sharding_lib
 from user_llm_jax.train import checkpointing
+from user_llm_jax.train import early_stopping
 from user_llm_jax.train import metrics_writer
 from user_llm_jax.train import train_step as train_step_lib
 
@@ -44,6 +51,11 @@ class TrainConfig(train_step_lib.OptimConfig):
     eval_every: steps between evaluations (<= 0: only at the end).
     checkpoint_every: steps between checkpoints (the last step is always saved).
     keep_checkpoints: how many of the latest checkpoints to keep.
+    select_metric: evaluation metric that selects the best step, whose parameters the
+      run returns (e.g. 'val/ndcg@10'; '': the last step, no selection).
+    select_mode: 'max' or 'min': which direction of `select_metric` is better.
+    patience: stop after this many evaluations without improvement of `select_metric`
+      (0: train all `num_steps`).
   """
 
   batch_size: int = 128
@@ -51,9 +63,20 @@ class TrainConfig(train_step_lib.OptimConfig):
   eval_every: int = 500
   checkpoint_every: int = 500
   keep_checkpoints: int = 3
+  select_metric: str = ""
+  select_mode: str = "max"
+  patience: int = 0
 
   def __post_init__(self):
     super().__post_init__()  # validates lr_mults
+    if self.select_mode not in early_stopping.MODES:
+      raise ValueError(f"train.select_mode={self.select_mode!r}: expected one of "
+                       f"{early_stopping.MODES}")
+    if self.patience < 0:
+      raise ValueError(f"train.patience must be >= 0, got {self.patience}")
+    if self.patience and not self.select_metric:
+      raise ValueError(f"train.patience={self.patience} needs train.select_metric (the "
+                       "validation metric to wait for, e.g. 'val/ndcg@10')")
     for name in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
       if getattr(self, name) <= 0:
         raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
@@ -82,6 +105,9 @@ class TrainResult:
     wall_time: seconds spent in this process's loop (compile included).
     trainable_params: number of parameters the optimizer updates.
     total_params: number of parameters of the model.
+    eval_seconds: seconds of `wall_time` spent in evaluations.
+    selection: the `EarlyStopping.state()` (best step and value, whether it stopped
+      early) when `select_metric` is set, else None; `model` then holds the best step.
   """
 
   model: nnx.Module
@@ -94,6 +120,8 @@ class TrainResult:
   wall_time: float
   trainable_params: int
   total_params: int
+  eval_seconds: float = 0.0
+  selection: dict[str, Any] | None = None
 
 
 class _Accumulator:
@@ -140,7 +168,8 @@ def train(model: nnx.Module, loss_fn: train_step_lib.LossFn, cfg: TrainConfig,
     wrt: filter of the parameters that train.
     workdir: checkpoints go to `workdir/checkpoints`, TensorBoard files to
       `workdir/tensorboard`; None trains without either.
-    eval_fn: `model -> metrics`, run every `cfg.eval_every` steps and at the end.
+    eval_fn: `model -> metrics`, run every `cfg.eval_every` steps and at the end (and
+      the source of `cfg.select_metric`).
     fingerprint: config facts a checkpoint must match to be resumed.
     count_fn: `batch -> number of real events`, for the events/s readout.
     desc: progress-bar label.
@@ -154,8 +183,19 @@ def train(model: nnx.Module, loss_fn: train_step_lib.LossFn, cfg: TrainConfig,
   Raises:
     train_step.NonFiniteError: a step produced a non-finite loss or gradient norm.
     checkpointing.CheckpointError: the workdir's checkpoint cannot be resumed.
+    ValueError: `cfg.select_metric` is set but there is no `eval_fn`.
   """
   t0 = time.perf_counter()
+  stopper = best = None
+  if cfg.select_metric:
+    if eval_fn is None:
+      raise ValueError(f"train.select_metric={cfg.select_metric!r} needs an evaluation "
+                       "(a validation split), and this run has none")
+    stopper = early_stopping.EarlyStopping(cfg.select_metric, cfg.select_mode, cfg.patience)
+    best = early_stopping.BestParams(
+        early_stopping.best_dir(workdir) if workdir is not None else None)
+    # Where evaluations fall decides the selected step: a resume must evaluate alike.
+    fingerprint = {**dict(fingerprint or {}), "selection": {"eval_every": cfg.eval_every}}
   optimizer = nnx.Optimizer(model, train_step_lib.make_tx(cfg.optim()), wrt=wrt)
   trainable = params_lib.count_params(model, wrt)
   total = params_lib.count_params(model, nnx.Param)
@@ -177,6 +217,8 @@ def train(model: nnx.Module, loss_fn: train_step_lib.LossFn, cfg: TrainConfig,
       history = list(extra.get("history", []))
       evals = list(extra.get("evals", []))
       acc = _Accumulator(extra.get("accumulator"))
+      if stopper is not None:
+        stopper.restore(extra.get("early_stopping", {}))
       resumed_from = start
       tqdm.tqdm.write(f"[{desc}] resumed from step {start} of {ckpt.directory}",
                       file=sys.stderr)
@@ -190,10 +232,13 @@ def train(model: nnx.Module, loss_fn: train_step_lib.LossFn, cfg: TrainConfig,
     if ckpt is None:
       return
     data_iter = train_iter if hasattr(train_iter, "get_state") else None
-    ckpt.save(step, state, data_iter,
-              extra={"history": history, "evals": evals, "accumulator": acc.state()})
+    extra = {"history": history, "evals": evals, "accumulator": acc.state()}
+    if stopper is not None:
+      extra["early_stopping"] = stopper.state()
+    ckpt.save(step, state, data_iter, extra=extra)
 
   preempted = False
+  eval_seconds = 0.0
   step = start
   interval_start = time.perf_counter()
   # Step metrics stay on device until a log step, a checkpoint or the end: fetching them
@@ -218,7 +263,7 @@ def train(model: nnx.Module, loss_fn: train_step_lib.LossFn, cfg: TrainConfig,
     with checkpointing.PreemptionGuard() as guard, tqdm.tqdm(
         total=cfg.num_steps, initial=start, desc=desc, dynamic_ncols=True,
         mininterval=1.0) as bar:
-      while step < cfg.num_steps:
+      while step < cfg.num_steps and not (stopper is not None and stopper.stopped):
         try:
           batch = next(train_iter)
         except StopIteration as e:
@@ -239,6 +284,7 @@ def train(model: nnx.Module, loss_fn: train_step_lib.LossFn, cfg: TrainConfig,
           writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
           if count_fn is not None:
             writer.write_scalars(step, {"train/events_per_sec": rate})
+            means["events"] = float(acc.events)  # A count: a resumed run logs the same.
           history.append({"step": step, **means})
           bar.set_postfix(loss=f"{means['loss']:.4f}", ev_s=f"{rate:,.0f}")
           acc = _Accumulator()
@@ -248,13 +294,23 @@ def train(model: nnx.Module, loss_fn: train_step_lib.LossFn, cfg: TrainConfig,
                                     or step == cfg.num_steps):
           flush()
           sync_model()
+          eval_start = time.perf_counter()
           result = {k: float(v) for k, v in eval_fn(model).items()}
+          eval_seconds += time.perf_counter() - eval_start
           writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()})
           evals.append({"step": step, **result})
           tqdm.tqdm.write(f"[{desc}] step {step}: " + ", ".join(
               f"{k}={v:.4f}" for k, v in sorted(result.items())))
+          if stopper is not None and stopper.update(step, result):
+            best.save(step, model)
+          if stopper is not None and stopper.stopped:
+            tqdm.tqdm.write(f"[{desc}] stopping early at step {step}: no better "
+                            f"{stopper.metric} in {stopper.patience} evaluations (best "
+                            f"{stopper.best_value:.4f} at step {stopper.best_step})")
 
-        if guard.requested or step == cfg.num_steps or (ckpt and ckpt.should_save(step)):
+        stopping = stopper is not None and stopper.stopped
+        if (guard.requested or step == cfg.num_steps or stopping
+            or (ckpt and ckpt.should_save(step))):
           flush()  # nothing non-finite may reach a checkpoint
           save(step)
         if guard.requested:
@@ -263,12 +319,17 @@ def train(model: nnx.Module, loss_fn: train_step_lib.LossFn, cfg: TrainConfig,
           tqdm.tqdm.write(f"[{desc}] {guard.signal_name} received: saved step {step}; "
                           "rerun the same command to resume.", file=sys.stderr)
           break
+    sync_model()
+    if stopper is not None and not preempted and stopper.best_step is not None:
+      best.load(stopper.best_step, model)
   finally:
     writer.close()
     if ckpt is not None:
       ckpt.close()
-  sync_model()
+    if best is not None:
+      best.close()
   return TrainResult(
       model=model, optimizer=optimizer, step=step, history=history, evals=evals,
       preempted=preempted, resumed_from=resumed_from, wall_time=time.perf_counter() - t0,
-      trainable_params=trainable, total_params=total)
+      trainable_params=trainable, total_params=total, eval_seconds=eval_seconds,
+      selection=stopper.state() if stopper is not None else None)
