@@ -205,7 +205,11 @@ HARMLESS_KEYS = frozenset({
     "data.worker_count",
     "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
     "llm.cache_dir",
+    "aot",  # vocabulary sizes the compile check assumes; a run reads them from its data
 })
+# Keys added after runs were saved, at the value those runs used: left out of the
+# fingerprint while they hold it, so the saved runs still match.
+OMITTED_AT = {"llm.param_dtype": "float32"}
 # Sections that are switched off while one of their keys is 0 (a stage that does not run):
 # left out of the fingerprint then, so runs saved before the section existed still match.
 OFF_WHEN_ZERO = {"align": "steps"}
@@ -233,7 +237,7 @@ def fingerprint(config: Mapping[str, Any], *, drop: tuple[str, ...] = (),
       out = {}
       for key, value in dict(node).items():
         path = f"{prefix}{key}"
-        if path in harmless:
+        if path in harmless or (path in OMITTED_AT and value == OMITTED_AT[path]):
           continue
         if (path in OFF_WHEN_ZERO and isinstance(value, (ml_collections.ConfigDict, dict))
             and not dict(value).get(OFF_WHEN_ZERO[path])):

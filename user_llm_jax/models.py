@@ -87,9 +87,10 @@ def load_llm(llm: ml_collections.ConfigDict, seed: int) -> tuple[Decoder, Tokeni
   with nnx.use_eager_sharding(False):
     if llm.source == "random":
       tokenizer = prompts.byte_level_tokenizer()
-      cfg = get_preset(llm.preset, vocab_size=tokenizer.vocab_size, dtype=llm.dtype)
+      cfg = get_preset(llm.preset, vocab_size=tokenizer.vocab_size, dtype=llm.dtype,
+                       param_dtype=llm.get("param_dtype", "float32"))
       return loading.load_llm("random", cfg, seed=seed).model, tokenizer
-    loaded = loading.load_llm(llm.source, dtype=llm.dtype,
+    loaded = loading.load_llm(llm.source, dtype=llm.dtype, param_dtype=llm.get("param_dtype"),
                               cache_dir=os.path.expanduser(llm.cache_dir) or None)
   if loaded.tokenizer is None:
     raise FileNotFoundError(f"config key 'llm.source'={llm.source!r} has no tokenizer "

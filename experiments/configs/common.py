@@ -103,3 +103,18 @@ def mesh_section(shape: tuple[int, ...] = (-1, 1, 1)) -> ml_collections.ConfigDi
   mesh.axis_names = ("data", "fsdp", "tensor")
   mesh.rules = ()             # Empty: user_llm_jax.sharding.DEFAULT_RULES.
   return mesh
+
+
+def aot_section(num_items: int = 0, num_ratings: int = 0,
+                num_categories: int = 0) -> ml_collections.ConfigDict:
+  """The `aot` section: the target dataset's vocabulary sizes (reserved ids included).
+
+  Read only by the ahead-of-time compile check (`experiments/compile_check.py`), which
+  sizes the models without the prepared data; a run takes its sizes from the data. 0: not
+  set (the compile check asks for them).
+  """
+  aot = ml_collections.ConfigDict()
+  aot.num_items = num_items
+  aot.num_ratings = num_ratings
+  aot.num_categories = num_categories
+  return aot

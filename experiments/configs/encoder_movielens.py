@@ -12,13 +12,19 @@ Real MovieLens (any layout the MovieLens reader knows, e.g. ml-latest-small):
       --config.data.manual_dir=../shared/data/ml-latest-small --workdir=/tmp/encoder_ml
 
 Variants (`:name` after the file): '' (paper-size encoder 6 x 128, window 50, batch 128),
-'smoke' (tiny encoder, ~300 synthetic users, about a minute on 2 CPU cores).
+'smoke' (tiny encoder, ~300 synthetic users, about a minute on 2 CPU cores),
 'kcore' (the recommender-systems protocol on any MovieLens layout, ml-100k's u.data /
 u.item included: iterative 5-core, leave-one-out, full ranking, seen items not excluded,
 best step by validation NDCG@10 with early stopping; see the README's "Encoder quality"):
 
   python -m experiments.main --config=experiments/configs/encoder_movielens.py:kcore \
       --config.data.manual_dir=../shared/data/ml-latest-small --workdir=/tmp/encoder_kcore
+
+'tpu' (the paper-size encoder in bfloat16 at ML-20M vocabulary sizes, batch 1024 over a
+slice); check on any host that it compiles and fits a slice before launching it there:
+
+  python -m experiments.compile_check --config=experiments/configs/encoder_movielens.py:tpu \
+      --topology=v5e-8
 
 Any key can be overridden: `--config.train.num_steps=500 --config.encoder.model.num_layers=2`.
 Encoder keys left at None take the preset's value (`encoder.model.preset`: 'paper' or 'tiny').
@@ -45,6 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       patience=0)
   config.mesh = common.mesh_section()
   config.eval = common.eval_section(batch_size=256, exclude_seen=False)
+  config.aot = common.aot_section()
 
   variant = arg or ""
   if variant == "smoke":
@@ -68,7 +75,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.update(batch_size=128, num_steps=1000, learning_rate=1e-3, warmup=50,
                         log_every=25, eval_every=50, checkpoint_every=100,
                         select_metric="val/ndcg@10", patience=5)
+  elif variant == "tpu":
+    # Paper-size encoder at ML-20M scale on a slice: 1024 windows per step (128 per chip of
+    # a v5e-8), bfloat16 compute with float32 weights, Adam moments, norms and losses.
+    config.name = "encoder_movielens:tpu"
+    config.encoder.model.dtype = "bfloat16"
+    config.aot.update(num_items=26_746, num_ratings=12, num_categories=22)  # ML-20M
+    config.train.update(batch_size=1024, num_steps=20_000, warmup=1000)
+    config.eval.batch_size = 1024
+    config.mesh.shape = (-1, 1, 1)
   elif variant:
     raise ValueError(f"unknown variant {variant!r} of encoder_movielens; known: '', 'smoke', "
-                     "'kcore'")
+                     "'kcore', 'tpu'")
   return config

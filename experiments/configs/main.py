@@ -83,8 +83,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval.num_examples = 3
   elif variant == "tpu":
     config.name = "main:tpu"
+    config.encoder.model = common.encoder_model_section("paper")  # 6 x 128, not the CPU's
     user_llm_movielens.apply_tpu(config)
-    config.encoder.model.preset = "paper"
     config.encoder.train.update(batch_size=128, num_steps=3000)
   elif variant:
     raise ValueError(f"unknown variant {variant!r} of main; known: '', 'smoke', 'tpu'")

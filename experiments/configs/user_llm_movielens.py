@@ -20,7 +20,9 @@ The pretrained encoder comes from an encoder pretraining workdir on the same dat
 
 Variants: '' (CPU-sized: SmolLM2-135M, 300 steps x 8), 'smoke' (tiny random LLM and
 random tiny encoder on ~150 synthetic users; seconds on a CPU), 'tpu' (paper scale:
-SmolLM2-1.7B, batch 64, 20k steps, mesh over all chips).
+Llama-3.2-1B in bfloat16 (`llm.preset` selects llama_3_2_3b or smollm2_1_7b), batch 64,
+20k steps, mesh over all chips; `python -m experiments.compile_check
+--config=experiments/configs/user_llm_movielens.py:tpu --topology=v5e-8` checks that it fits).
 Ablations are overrides: --config.bridge.mode=soft_prompt, --config.bridge.use_perceiver=True,
 --config.strategy=full|lora|enc|proj, --config.encoder.init=random; an alignment stage
 before the tasks: --config.align.steps=100 (--config.align.trainable, .events, ...).
@@ -52,6 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.llm.source = "smollm2"    # smollm2 | random | path to .gguf / HF dir / Orbax dir
   config.llm.preset = "tiny"       # architecture when source=random
   config.llm.dtype = "float32"
+  # Storage dtype of the LLM's weights: bfloat16 halves their HBM for a frozen LLM
+  # (enc / proj strategies); trained weights want float32.
+  config.llm.param_dtype = "float32"
   config.llm.cache_dir = ""        # Orbax cache of the imported LLM (skips GGUF dequant)
 
   config.bridge = ml_collections.ConfigDict()
@@ -117,6 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
       shuffled_control=True,  # also evaluate with each user's context swapped
       curve_examples=0)       # > 0 with train.eval_every > 0: learning-curve points
   config.mesh = common.mesh_section()
+  config.aot = common.aot_section()
   return config
 
 
@@ -137,10 +143,26 @@ def apply_smoke(config: ml_collections.ConfigDict) -> None:
 
 
 def apply_tpu(config: ml_collections.ConfigDict) -> None:
-  """Paper scale on a TPU slice: larger LLM, bigger batch, longer run, sharded mesh."""
-  config.llm.update(source="smollm2",   # or a 1B+ Llama-family checkpoint path
-                    dtype="bfloat16")
+  """Paper scale on a TPU slice: a 1B+ LLM in bfloat16, bigger batch, longer run.
+
+  The LLM is a Hugging Face checkpoint directory on the TPU VMs (`llm.source`) of the
+  architecture `llm.preset` names, which is also what the compile check assumes when the
+  checkpoint is not on the compiling host: 'llama_3_2_1b' (default), 'llama_3_2_3b' or
+  'smollm2_1_7b', e.g.
+    --config.llm.preset=llama_3_2_3b --config.llm.source=checkpoints/Llama-3.2-3B-Instruct
+
+  bfloat16: the frozen LLM's weights are stored and used in bfloat16; the encoder, the
+  bridge and the cross-attention blocks compute in bfloat16 from float32 weights (they
+  train: float32 master weights and Adam moments). float32 stays where precision matters:
+  RMSNorm / LayerNorm statistics, RoPE angles, attention logits and softmax, the LLM's and
+  item head's logits, every loss, the optimizer.
+  """
+  config.llm.update(source="checkpoints/Llama-3.2-1B-Instruct", preset="llama_3_2_1b",
+                    dtype="bfloat16", param_dtype="bfloat16")
+  config.encoder.model.dtype = "bfloat16"
   config.bridge.dtype = "bfloat16"
+  config.bridge.xattn_first = 0   # blocks before layers 0, 5, 10, 15 of Llama-3.2-1B
+  config.aot.update(num_items=26_746, num_ratings=12, num_categories=22)  # ML-20M
   config.train.update(batch_size=64, num_steps=20_000, learning_rate=1e-4, warmup=500,
                       checkpoint_every=1000, keep_checkpoints=3)
   config.eval.update(num_examples=0, batch_size=64)

@@ -101,7 +101,7 @@ def _import(source: str, cfg: LlmConfig | None, overrides: dict,
 
 
 def load_llm(source: str, cfg: LlmConfig | str | None = None, *,
-             dtype: str | None = None, seed: int = 0,
+             dtype: str | None = None, param_dtype: str | None = None, seed: int = 0,
              mesh: jax.sharding.Mesh | None = None, rules: sharding.Rules | None = None,
              cache_dir: str | os.PathLike | None = None) -> LoadedLlm:
   """Loads a decoder and tokenizer from `source`.
@@ -110,7 +110,8 @@ def load_llm(source: str, cfg: LlmConfig | str | None = None, *,
     source: 'smollm2', 'random', a .gguf path, a HF safetensors dir or an Orbax dir.
     cfg: an LlmConfig or a preset name. Required for 'random'; otherwise optional (the
       checkpoint's own config is used, and a given one must match its tensors).
-    dtype: compute dtype override ('float32' or 'bfloat16'); params stay float32.
+    dtype: compute dtype override ('float32' or 'bfloat16').
+    param_dtype: storage dtype override of the weights (default: float32).
     seed: init seed for 'random'.
     mesh: shard the parameters over this mesh by their logical axes.
     rules: logical-axis rules for `mesh`; None reads the active ones (`sharding.axis_rules`).
@@ -122,11 +123,13 @@ def load_llm(source: str, cfg: LlmConfig | str | None = None, *,
   if rules is not None:
     # Every importer reads the active rules: make the explicit ones active for all of them.
     with sharding.axis_rules(rules):
-      return load_llm(source, cfg, dtype=dtype, seed=seed, mesh=mesh, cache_dir=cache_dir)
+      return load_llm(source, cfg, dtype=dtype, param_dtype=param_dtype, seed=seed, mesh=mesh,
+                      cache_dir=cache_dir)
   start = time.perf_counter()
   if isinstance(cfg, str):
     cfg = get_preset(cfg)
-  overrides = {} if dtype is None else {"dtype": dtype}
+  overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype))
+               if v is not None}
   if source.lower() == "random":
     if cfg is None:
       raise ValueError("load_llm('random') needs cfg= (an LlmConfig or a preset name)")

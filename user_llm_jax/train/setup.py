@@ -11,8 +11,11 @@ from user_llm_jax.train import summary as summary_lib
 from user_llm_jax.train import trainer as trainer_lib
 
 
-def mesh_from_config(mesh: ml_collections.ConfigDict):
+def mesh_from_config(mesh: ml_collections.ConfigDict, devices=None):
   """(device mesh, complete logical-axis rules) of a config's `mesh` section.
+
+  `devices`: the devices to lay out (default: all local ones; the compile check passes a
+  TPU topology's).
 
   `mesh.rules` entries replace `sharding.DEFAULT_RULES` entries by name (empty: the
   defaults); the launcher makes the same rules the active context for the whole job, so
@@ -21,7 +24,7 @@ def mesh_from_config(mesh: ml_collections.ConfigDict):
   Raises:
     ConfigError: a malformed rule (named).
   """
-  device_mesh = sharding_lib.make_mesh(tuple(mesh.shape), tuple(mesh.axis_names))
+  device_mesh = sharding_lib.make_mesh(tuple(mesh.shape), tuple(mesh.axis_names), devices)
   try:
     rules = sharding_lib.normalize_rules(mesh.rules, where="mesh.rules")
   except ValueError as e:

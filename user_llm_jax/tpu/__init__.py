@@ -1,0 +1,1 @@
+"""Cloud TPU from any host: slice topologies and ahead-of-time compile checks."""
