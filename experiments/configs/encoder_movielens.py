@@ -72,9 +72,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.update(kcore_users=5, kcore_items=5, train_windows="random")
     config.encoder.model.update(num_layers=2, width=64, num_heads=2, mlp_dim=256,
                                 feature_dim=64, dropout=0.2)
-    config.train.update(batch_size=128, num_steps=1000, learning_rate=1e-3, warmup=50,
-                        log_every=25, eval_every=50, checkpoint_every=100,
-                        select_metric="val/ndcg@10", patience=5)
+    config.train.update(batch_size=128, num_steps=400, learning_rate=1e-3, warmup=50,
+                        log_every=25, eval_every=40, checkpoint_every=80,
+                        select_metric="val/ndcg@10", patience=4)
   elif variant == "tpu":
     # Paper-size encoder at ML-20M scale on a slice: 1024 windows per step (128 per chip of
     # a v5e-8), bfloat16 compute with float32 weights, Adam moments, norms and losses.
