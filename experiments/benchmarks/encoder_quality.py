@@ -1,0 +1,246 @@
+r"""Encoder quality on the recommender-systems protocol, next to the SASRec peer and popularity.
+
+  python -m experiments.benchmarks.encoder_quality \
+      --output=runs/encoder_quality/encoder_quality.json [--only=kcore,item_only,...] \
+      [--datasets=ml-latest-small,Gift_Cards,All_Beauty] [--data_root=../shared/data]
+
+Protocol (every arm, every dataset): iterative 5-core filtering of users and items,
+leave-one-out by timestamp (validation = the second-to-last event, test = the last),
+full-catalogue ranking, seen items NOT excluded (`--exclude_seen` switches to the other
+protocol, named in every report), the best step by validation NDCG@10 with early stopping;
+the config is `experiments/configs/encoder_movielens.py:kcore` plus the arm's overrides.
+
+Arms (`ARMS`; the ablations of the encoder, each a set of config overrides):
+  kcore          the reference: SASRec-sized early-fusion encoder (2 x 64), item + rating +
+                 genres + time gaps, tied item head, dropout 0.2, window 50, random windows
+  last_window    trained on each user's most recent 51 events only (the old default)
+  item_only      item ids alone (no rating, genre or time inputs; next-item loss only)
+  late_fusion    one transformer per feature, fused after encoding
+  separate_head  a separate D x items output table instead of the tied item embeddings
+  dropout_0.1 / dropout_0.5     window_200 (batch 32)
+Amazon 5-core sets (`data.dataset=amazon`, the folders under DATA_ROOT/amazon) run the
+reference arm only.
+
+Layout (DIR = the directory of --output): DIR/<dataset>/<arm>/ is the arm's run (job
+`pretrain_encoder` through the registry); a rerun reuses every finished run and resumes an
+interrupted one. DIR/encoder_quality.{json,md,png}: the results (test metrics with standard
+errors and n, popularity, compute: steps, best step, wall seconds, events/s), the table
+with the peer's figures beside ours, and the validation curves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_collections
+from absl import app, flags
+
+from experiments.configs import encoder_movielens
+from user_llm_jax import config as config_lib
+from user_llm_jax import jobs
+from user_llm_jax import sharding
+from user_llm_jax.train import summary as summary_lib
+
+ITEM_ONLY = {"encoder.model.use_rating": False, "encoder.model.use_categories": False,
+             "encoder.model.use_time": False, "encoder.model.rating_loss_weight": 0.0,
+             "encoder.model.category_loss_weight": 0.0}
+ARMS: dict[str, dict[str, Any]] = {
+    "kcore": {},
+    "last_window": {"data.train_windows": "last"},
+    "item_only": ITEM_ONLY,
+    "late_fusion": {"encoder.model.fusion": "late"},
+    "separate_head": {"encoder.model.tie_item_head": False},
+    "dropout_0.1": {"encoder.model.dropout": 0.1},
+    "dropout_0.5": {"encoder.model.dropout": 0.5},
+    "window_200": {"data.window": 200, "train.batch_size": 32},
+}
+# Where each dataset lives under --data_root, and its reader.
+DATASETS = {"ml-latest-small": ("ml-latest-small", "movielens"),
+            "Gift_Cards": ("amazon/Gift_Cards", "amazon"),
+            "All_Beauty": ("amazon/All_Beauty", "amazon")}
+# RecBole 1.2.1 SASRec on ml-latest-small, 5-core, leave-one-out, full ranking, seen items
+# not excluded (measured on a 2-core machine; see the README's "Encoder quality").
+PEER = {"name": "RecBole SASRec (peer)", "dataset": "ml-latest-small",
+        "recall@1": 0.0246, "recall@5": 0.0836, "recall@10": 0.1508, "ndcg@10": 0.0751,
+        "popularity/recall@10": 0.0230, "best_epoch": 14, "seconds_to_best": 14 * 99}
+TARGETS = {"recall@10": 0.18, "ndcg@10": 0.09}
+KEYS = ("recall@1", "recall@5", "recall@10", "ndcg@10")
+
+_OUTPUT = flags.DEFINE_string("output", "runs/encoder_quality/encoder_quality.json",
+                              "Where the JSON report goes (runs next to it).")
+_ONLY = flags.DEFINE_list("only", ["kcore", "item_only", "last_window"],
+                          f"Arms to run on the MovieLens set; known: {sorted(ARMS)}.")
+_DATASETS = flags.DEFINE_list("datasets", list(DATASETS), "Datasets to run.")
+_DATA_ROOT = flags.DEFINE_string("data_root", "../shared/data",
+                                 "Directory holding ml-latest-small/ and amazon/.")
+_EXCLUDE_SEEN = flags.DEFINE_bool("exclude_seen", False,
+                                  "Exclude the user's earlier items from the ranking.")
+_OVERRIDES = flags.DEFINE_string(
+    "overrides", "", "JSON dict of config overrides for every run (e.g. a smoke budget).")
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any],
+                    what: str) -> None:
+  """Sets dotted keys in `config` (in place); an unknown key is an error naming it."""
+  for key, value in overrides.items():
+    node, parts = config, key.split(".")
+    for part in parts[:-1]:
+      if part not in node:
+        raise config_lib.ConfigError(f"{what}: override {key!r}: no section {part!r}")
+      node = node[part]
+    if parts[-1] not in node:
+      raise config_lib.ConfigError(f"{what}: unknown config key {key!r}; keys there: "
+                                   + ", ".join(sorted(node.keys())))
+    node[parts[-1]] = value
+
+
+def arm_config(arm: str, dataset: str, data_root: str, *, exclude_seen: bool,
+               overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """The `:kcore` config with the arm's overrides, on `dataset`."""
+  if arm not in ARMS:
+    raise config_lib.ConfigError(f"unknown arm {arm!r}; known: {sorted(ARMS)}")
+  if dataset not in DATASETS:
+    raise config_lib.ConfigError(f"unknown dataset {dataset!r}; known: {sorted(DATASETS)}")
+  config = encoder_movielens.get_config("kcore")
+  folder, reader = DATASETS[dataset]
+  config.name = f"encoder_quality:{dataset}:{arm}"
+  config.data.dataset = reader
+  config.data.manual_dir = os.path.join(data_root, folder)
+  config.eval.exclude_seen = exclude_seen
+  apply_overrides(config, ARMS[arm], f"arm {arm!r}")
+  apply_overrides(config, overrides, "--overrides")
+  return config
+
+
+def run_arm(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs (or reuses) one arm; returns its summary."""
+  path = os.path.join(workdir, summary_lib.SUMMARY_JSON)
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  os.makedirs(workdir, exist_ok=True)
+  with sharding.axis_rules(tuple(config.mesh.rules)):
+    summary = jobs.resolve(config.job)(config, workdir)
+  if summary.get("preempted"):
+    raise RuntimeError(f"run {workdir} was preempted; rerun to resume it")
+  return summary
+
+
+def first_passing(summary: Mapping[str, Any], key: str, value: float) -> dict[str, Any] | None:
+  """The first evaluation whose `val/<key>` reaches `value`, with its estimated wall time
+  (the loop's seconds prorated by step: an estimate, evaluations included)."""
+  for e in summary.get("evals", []):
+    if e.get(f"val/{key}", -1.0) >= value:
+      seconds = summary["compute"]["train_loop_sec"] * e["step"] / max(summary["steps"], 1)
+      return {"step": e["step"], "estimated_seconds": seconds}
+  return None
+
+
+def row(dataset: str, arm: str, summary: Mapping[str, Any]) -> dict[str, Any]:
+  """One result row: test metrics with standard errors, popularity, compute."""
+  m, c = summary["metrics"], summary["compute"]
+  out = {"dataset": dataset, "arm": arm, "n": m.get("num_examples"),
+         "protocol": summary["protocol"]}
+  for key in KEYS:
+    out[key] = m[key]
+    out[f"{key}_stderr"] = m.get(f"{key}_stderr")
+    out[f"pop/{key}"] = m.get(f"popularity/{key}")
+  out.update(steps=c["steps"], best_step=c.get("best_step"), stopped_early=c.get(
+      "stopped_early"), wall_sec=summary["wall_time_sec"], train_loop_sec=c["train_loop_sec"],
+             events=c.get("events"), events_per_sec=c.get("events_per_sec"),
+             num_items=summary["dataset"]["num_items"] - 2,
+             reached_peer_recall10=first_passing(summary, "recall@10", PEER["recall@10"]))
+  return out
+
+
+def table(rows: Sequence[Mapping[str, Any]]) -> str:
+  """Markdown table, the peer's row beside ours."""
+  head = ("| dataset | method | n | R@1 | R@5 | R@10 | NDCG@10 | pop R@10 | pop NDCG@10 | "
+          "steps (best) | wall s | events/s |")
+  lines = [head, "|" + "---|" * (head.count("|") - 1)]
+
+  def se(r, key):
+    s = r.get(f"{key}_stderr")
+    return f"{r[key]:.4f} ± {s:.4f}" if s is not None else f"{r[key]:.4f}"
+
+  for r in rows:
+    eps = f"{r['events_per_sec']:,.0f}" if r.get("events_per_sec") else "-"
+    lines.append(
+        f"| {r['dataset']} | {r['arm']} | {r['n']} | {se(r, 'recall@1')} | "
+        f"{se(r, 'recall@5')} | {se(r, 'recall@10')} | {se(r, 'ndcg@10')} | "
+        f"{r['pop/recall@10']:.4f} | {r['pop/ndcg@10']:.4f} | {r['steps']} "
+        f"({r['best_step']}) | {r['wall_sec']:.0f} | {eps} |")
+  p = PEER
+  lines.append(f"| {p['dataset']} | {p['name']} | 610 | {p['recall@1']:.4f} | "
+               f"{p['recall@5']:.4f} | {p['recall@10']:.4f} | {p['ndcg@10']:.4f} | "
+               f"{p['popularity/recall@10']:.4f} | - | epoch {p['best_epoch']} | "
+               f"{p['seconds_to_best']} (to best) | - |")
+  return "\n".join(lines)
+
+
+def plot(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str) -> None:
+  """Validation NDCG@10 and Recall@10 against steps, one line per run."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for ax, key in zip(axes, ("val/ndcg@10", "val/recall@10")):
+    for name, evals in curves.items():
+      pts = [(e["step"], e[key]) for e in evals if key in e]
+      if pts:
+        ax.plot(*zip(*pts), "o-", ms=3, label=name)
+    if key == "val/recall@10":
+      ax.axhline(PEER["recall@10"], color="gray", ls="--", label="peer test R@10")
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def run(output: str, arms: Sequence[str], datasets: Sequence[str], data_root: str, *,
+        exclude_seen: bool = False, overrides: Mapping[str, Any] | None = None
+        ) -> dict[str, Any]:
+  """Runs the arms on the datasets; writes the JSON, table and plot; returns the report."""
+  out_dir = os.path.dirname(os.path.abspath(output))
+  os.makedirs(out_dir, exist_ok=True)
+  start = time.perf_counter()
+  rows, curves = [], {}
+  for dataset in datasets:
+    # The ablations on MovieLens; the Amazon sets run the reference arm.
+    for arm in (arms if DATASETS.get(dataset, ("", "movielens"))[1] == "movielens"
+                else ["kcore"]):
+      config = arm_config(arm, dataset, data_root, exclude_seen=exclude_seen,
+                          overrides=overrides or {})
+      summary = run_arm(config, os.path.join(out_dir, dataset, arm))
+      rows.append(row(dataset, arm, summary))
+      curves[f"{dataset}:{arm}"] = summary.get("evals", [])
+  report = {"protocol": rows[0]["protocol"] if rows else {}, "rows": rows, "peer": PEER,
+            "targets": TARGETS, "curves": curves,
+            "benchmark_sec": time.perf_counter() - start}
+  text = table(rows)
+  tmp = output + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=2, default=str)
+  os.replace(tmp, output)
+  with open(os.path.splitext(output)[0] + ".md", "w", encoding="utf-8") as f:
+    f.write(text + "\n")
+  plot(curves, os.path.splitext(output)[0] + ".png")
+  print(text, flush=True)
+  return report
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  overrides = json.loads(_OVERRIDES.value) if _OVERRIDES.value else {}
+  run(_OUTPUT.value, _ONLY.value, _DATASETS.value, _DATA_ROOT.value,
+      exclude_seen=_EXCLUDE_SEEN.value, overrides=overrides)
+
+
+if __name__ == "__main__":
+  app.run(main)
