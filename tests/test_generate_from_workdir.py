@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 
 from data_pipelines import records
-from experiments.configs import user_llm_movielens
+from tests import workdir_fixtures
 from user_llm_jax import inference
 from user_llm_jax import runs
-from user_llm_jax.jobs import train_user_llm
 from user_llm_jax.tasks import examples as ex_lib
 from user_llm_jax.tasks import prompts
 from user_llm_jax.tasks import runner
@@ -20,14 +19,8 @@ from user_llm_jax.tasks import runner
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   root = tmp_path_factory.mktemp("gen")
-  config = user_llm_movielens.get_config("smoke")
-  config.data.manual_dir = ""
-  config.data.data_dir = str(root / "data")
-  config.train.update(num_steps=2, checkpoint_every=2)
-  config.eval.update(num_examples=2, shuffled_control=False)
-  config.tasks.names = ("favorite_category",)
-  workdir = root / "run"
-  train_user_llm.run(config, str(workdir))
+  _, workdir = workdir_fixtures.user_llm_run(root, steps=2, eval__num_examples=2,
+                                             tasks__names=("favorite_category",))
   return root, workdir
 
 

@@ -1,17 +1,15 @@
 """Answers for users: history files (ids, titles, bad input), --mode=generate's JSON,
 --mode=infer's batches (equal to one-at-a-time answers) and its resume after a kill."""
 
-import contextlib
 import json
 import shutil
 import subprocess
 import sys
 
 import pytest
-from absl import flags
 
 from data_pipelines import records
-from experiments.configs import user_llm_movielens
+from tests import workdir_fixtures
 from user_llm_jax import answer_log
 from user_llm_jax import histories
 from user_llm_jax import inference
@@ -19,7 +17,6 @@ from user_llm_jax import runs
 from user_llm_jax.data import schema
 from user_llm_jax.jobs import generate
 from user_llm_jax.jobs import infer
-from user_llm_jax.jobs import train_user_llm
 
 HEADER = "userId,movieId,rating,timestamp\n"
 
@@ -174,48 +171,16 @@ def test_answer_log_keeps_complete_lines_and_drops_a_cut_one(tmp_path):
 def trained(tmp_path_factory):
   """A 1-step User-LLM with an item head (beam search for titles: exact_threshold 0)."""
   root = tmp_path_factory.mktemp("infer")
-  config = user_llm_movielens.get_config("smoke")
-  config.data.manual_dir = ""
-  config.data.data_dir = str(root / "data")
-  config.train.update(num_steps=1, checkpoint_every=1)
-  config.eval.update(num_examples=1, shuffled_control=False, exact_threshold=0)
-  config.bridge.item_head = True
-  workdir = root / "run"
-  train_user_llm.run(config, str(workdir))
+  config, workdir = workdir_fixtures.user_llm_run(root, eval__exact_threshold=0,
+                                                  bridge__item_head=True)
   model, tokenizer, vocab, run = inference.load_trained(str(workdir))
   return {"root": root, "workdir": workdir, "config": config, "model": model,
           "tokenizer": tokenizer, "vocab": vocab, "run": run}
 
 
-@contextlib.contextmanager
-def _flags(**values):
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS(["test"])
-  before = {k: flags.FLAGS[k].value for k in values}
-  try:
-    for k, v in values.items():
-      flags.FLAGS[k].value = v
-    yield
-  finally:
-    for k, v in before.items():
-      flags.FLAGS[k].value = v
-
-
-def _users_csv(vocab, path, users=5):
-  """A file of `users` users, each with ids and one lower-case title."""
-  items = vocab.items[schema.FIRST_ID:]
-  rows = ["userId,movieId,title,rating,timestamp"]
-  for u in range(users):
-    for j in range(4):
-      it = items[(u * 7 + j * 3) % len(items)]
-      rows.append(f'u{u},,"{it.title.lower()}",4.0,{j}' if j == 1
-                  else f"u{u},{it.raw_id},,3.5,{j}")
-  path.write_text("\n".join(rows) + "\n")
-  return path
-
-
-def _lines(path):
-  return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines()]
+_flags = workdir_fixtures.flag_values
+_users_csv = workdir_fixtures.users_csv
+_lines = workdir_fixtures.read_lines
 
 
 def test_infer_batches_equal_single_answers_and_resume_after_a_kill(trained, tmp_path, capsys):

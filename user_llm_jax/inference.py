@@ -17,6 +17,10 @@ For each user an `Answerer` gives
 Batches keep the user on the leading axis and run through the same jitted functions as
 the evaluation (`user_llm_conditioner`, the sampler, beam search, `next_item_logits`), so
 a user's answers do not depend on who else is in the batch.
+
+How the LLM reads the user is a `Reader`: the User-LLM's (`user_llm_reader`, the default)
+or the text-prompt baseline's (`text_prompt.reader`: the history as text in every prompt),
+so both answer the same users through one `Answerer`.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ from user_llm_jax.tasks import runner
 from user_llm_jax.train import checkpointing
 
 USER_LLM_JOBS = ("train_user_llm",)
+USER_LLM = "user_llm"
+TEXT_PROMPT = "text_prompt"
 MAKE_HINT = ("python -m experiments.main --config=experiments/configs/main.py --workdir=DIR "
              "(or a user_llm_*.py config)")
 RANKINGS = ("auto", "item_head", "titles")
@@ -146,9 +152,12 @@ def ranking_method(model: nnx.Module, ranking: str = "auto") -> str:
 
   `auto` uses the item head when the model has one, else the catalogue titles.
   """
+  return _ranking_method(getattr(model, "item_head", None) is not None, ranking)
+
+
+def _ranking_method(has_head: bool, ranking: str) -> str:
   if ranking not in RANKINGS:
     raise ValueError(f"ranking={ranking!r}: expected one of {RANKINGS}")
-  has_head = getattr(model, "item_head", None) is not None
   if ranking == "item_head" and not has_head:
     raise ValueError("ranking='item_head' but this User-LLM has no item head "
                      "(bridge.item_head=False)")
@@ -156,11 +165,48 @@ def ranking_method(model: nnx.Module, ranking: str = "auto") -> str:
       else "titles"
 
 
+@dataclasses.dataclass(frozen=True)
+class Reader:
+  """How an answering LLM reads its users, and what it answers.
+
+  Attributes:
+    name: `USER_LLM` (the encoder's embeddings through the bridge) or `TEXT_PROMPT` (the
+      history rendered as text in every prompt).
+    example_config: its task examples (prompt shapes and history text, answer length,
+      tasks).
+    condition: a batch of task examples -> what its decoder reads (`tasks.evaluate`).
+    item_head: the model has a full-catalogue item head (`UserLLM.next_item_logits`).
+    ranks_items: the top-K catalogue items are part of its answers.
+    decoded_tasks: the tasks answered by greedy decoding (review only where a record has
+      a target event: `Answerer.answered_tasks`).
+  """
+
+  name: str
+  example_config: ex_lib.ExampleConfig
+  condition: eval_lib.Conditioner
+  item_head: bool
+  ranks_items: bool
+  decoded_tasks: tuple[str, ...]
+
+
+def user_llm_reader(model: nnx.Module, tokenizer: Tokenizer,
+                    config: ml_collections.ConfigDict, vocab: schema.Vocabulary) -> Reader:
+  """The User-LLM's reader: top-K items always; the next item's title decoded only when
+  the run taught the model to write titles (`tasks.next_item_titles`)."""
+  cfg = runner.example_config(config, vocab=vocab)
+  return Reader(
+      name=USER_LLM, example_config=cfg,
+      condition=eval_lib.user_llm_conditioner(model, tokenizer.pad_id),
+      item_head=getattr(model, "item_head", None) is not None, ranks_items=True,
+      decoded_tasks=tuple(t for t in cfg.tasks
+                          if t != prompts.NEXT_ITEM or cfg.next_item_titles))
+
+
 class Answerer:
-  """Top-K items and greedy task answers for batches of users of one trained User-LLM.
+  """Top-K items and greedy task answers for batches of users of one trained model.
 
   Args:
-    model: the trained User-LLM.
+    model: the trained User-LLM (or, with a text-prompt `reader`, the decoder).
     tokenizer: its tokenizer.
     vocab: its catalogue.
     config: the run's config (`tasks`, `data`, `eval.exact_threshold`).
@@ -168,25 +214,31 @@ class Answerer:
     ranking: 'auto', 'item_head' or 'titles' (see `ranking_method`); `method` is then
       'item_head', 'exact' or 'beam'.
     pad_to: pad every batch to this many users (None: no padding).
+    reader: how the model reads its users (default: `user_llm_reader`).
   """
 
   def __init__(self, model: nnx.Module, tokenizer: Tokenizer, vocab: schema.Vocabulary,
                config: ml_collections.ConfigDict, *, top_k: int = 10, ranking: str = "auto",
-               pad_to: int | None = None):
+               pad_to: int | None = None, reader: Reader | None = None):
     if top_k < 1:
       raise ValueError(f"--top_k must be >= 1, got {top_k}")
     self.model, self.tokenizer, self.vocab = model, tokenizer, vocab
     self.top_k, self.pad_to = int(top_k), pad_to
-    cfg = runner.example_config(config, vocab=vocab)
+    self.reader = reader or user_llm_reader(model, tokenizer, config, vocab)
+    cfg = self.reader.example_config
     self.tasks = tuple(cfg.tasks)
     self.next_item_titles = cfg.next_item_titles
     self.max_answer_tokens = cfg.max_answer_tokens
     # Every task's prompt can be built, whichever tasks the run trained.
     self.transform = ex_lib.TaskExample(vocab, tokenizer,
                                         dataclasses.replace(cfg, tasks=prompts.TASKS))
-    self.condition = eval_lib.user_llm_conditioner(model, tokenizer.pad_id)
+    self.condition = self.reader.condition
+    # Real (unpadded) prompt tokens and prompts answered so far, per task: what a user
+    # costs to read (the text prompt's grow with the history).
+    self.prompt_tokens: dict[str, int] = {}
+    self.prompts: dict[str, int] = {}
     self.catalogue = None
-    self.method = ranking_method(model, ranking)
+    self.method = _ranking_method(self.reader.item_head, ranking)
     if self.method == "titles":
       # As the evaluation: exact scoring of every title up to `eval.exact_threshold`
       # distinct titles, constrained beam search above.
@@ -212,17 +264,28 @@ class Answerer:
             f"{len(self.catalogue)} catalogue titles, log-probabilities")
 
   def answered_tasks(self, with_targets: bool) -> tuple[str, ...]:
-    """The configured tasks whose answers are decoded.
+    """The configured tasks whose answers are decoded (`Reader.decoded_tasks`).
 
-    Next item only when the run taught the model to write titles; review only for
-    records with a target event (its prompt names the item to review).
+    Review only for records with a target event (its prompt names the item to review).
     """
-    return tuple(t for t in self.tasks
-                 if (t != prompts.NEXT_ITEM or self.next_item_titles)
-                 and (t != prompts.REVIEW or with_targets))
+    return tuple(t for t in self.reader.decoded_tasks
+                 if t != prompts.REVIEW or with_targets)
 
   def example(self, record: dict[str, Any], task: str) -> dict[str, np.ndarray]:
     return self.transform.map(dict(record, **{ex_lib.TASK: task}))
+
+  def _examples(self, records: Sequence[dict[str, Any]],
+                task: str) -> list[dict[str, np.ndarray]]:
+    """The task examples of `records`, counted in `prompt_tokens` / `prompts`."""
+    examples = [self.example(r, task) for r in records]
+    self.prompt_tokens[task] = self.prompt_tokens.get(task, 0) + sum(
+        int(e[ex_lib.PROMPT_LENGTH]) for e in examples)
+    self.prompts[task] = self.prompts.get(task, 0) + len(examples)
+    return examples
+
+  def mean_prompt_tokens(self) -> dict[str, float]:
+    """Mean real prompt length of each task answered so far."""
+    return {t: self.prompt_tokens[t] / n for t, n in self.prompts.items() if n}
 
   def _item(self, item: int, score: float) -> dict[str, Any]:
     info = self.vocab.items[item]
@@ -234,8 +297,9 @@ class Answerer:
 
     Ranked by titles, items sharing a title form one entry (their ids in `item_ids`).
     """
-    examples = [self.example(r, prompts.NEXT_ITEM) for r in records]
-    batch = ex_lib.collate(_padded(examples, self.pad_to))
+    examples = self._examples(records, prompts.NEXT_ITEM)
+    # Exact scoring goes one user at a time: padding rows would only be scored in vain.
+    batch = ex_lib.collate(_padded(examples, None if self.method == "exact" else self.pad_to))
     out: list[list[dict[str, Any]]] = []
     if self.method == "item_head":
       keys = eval_lib.ENCODER_KEYS + (ex_lib.TOKENS, ex_lib.TEXT_MASK, ex_lib.PROMPT_LENGTH)
@@ -266,17 +330,21 @@ class Answerer:
     """Each user's greedy answer to each task's fixed prompt: [{task: text}]."""
     out: list[dict[str, str]] = [{} for _ in records]
     for task in tasks:
-      examples = [self.example(r, task) for r in records]
-      texts = answers(self.model, self.tokenizer, examples,
-                      [ex_lib.prompt_of(e) for e in examples], self.max_answer_tokens + 1,
-                      pad_to=self.pad_to)
-      for row, text in zip(out, texts):
+      examples = self._examples(records, task)
+      cond = self.condition(ex_lib.collate(_padded(examples, self.pad_to)))
+      # As the evaluation decodes reviews: at most the answer length + the end token.
+      texts = eval_lib.generate(cond, self.tokenizer, self.max_answer_tokens + 1)
+      for row, text in zip(out, texts[:len(records)]):
         row[task] = text
     return out
 
   def ask(self, records: Sequence[dict[str, Any]], prompt: list[int],
           max_new_tokens: int) -> list[str]:
-    """Each user's greedy answer to the same free prompt."""
+    """Each user's greedy answer to the same free prompt (a User-LLM's: the prompt
+    carries no history text)."""
+    if self.reader.name != USER_LLM:
+      raise ValueError(f"a free question is answered by a User-LLM, not by a "
+                       f"{self.reader.name!r} reader (its prompts hold the history text)")
     crops = [self.transform.crop.map(r) for r in records]
     return answers(self.model, self.tokenizer, crops, [prompt] * len(crops), max_new_tokens,
                    pad_to=self.pad_to)

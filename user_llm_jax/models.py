@@ -181,6 +181,14 @@ def llm_config_from_architecture(arch: Mapping[str, Any]) -> LlmConfig:
   return LlmConfig(**fields)
 
 
+def lora_config_from_architecture(arch: Mapping[str, Any]) -> lora_lib.LoraConfig | None:
+  """The saved LoRA adapters' config (None: the run has no adapters)."""
+  if "lora" not in arch:
+    return None
+  return lora_lib.LoraConfig(**{k: (tuple(v) if isinstance(v, list) else v)
+                                for k, v in arch["lora"].items()})
+
+
 def encoder_from_architecture(arch: Mapping[str, Any], seed: int = 0) -> UserEncoder:
   return build_encoder(encoder_config_from_architecture(arch), seed)
 
@@ -193,8 +201,7 @@ def user_llm_from_architecture(arch: Mapping[str, Any], seed: int = 0) -> UserLL
   encoder = encoder_from_architecture(arch, seed)
   with nnx.use_eager_sharding(False):
     llm = Decoder(llm_config_from_architecture(arch), rngs=nnx.Rngs(seed))
-  lora = lora_lib.LoraConfig(**{k: (tuple(v) if isinstance(v, list) else v)
-                                for k, v in arch["lora"].items()}) if "lora" in arch else None
+  lora = lora_config_from_architecture(arch)
   bridge = UserLlmConfig(**arch["bridge"])
   return assemble_user_llm(bridge, encoder, llm, strategy=arch["strategy"], lora=lora,
                            seed=seed)

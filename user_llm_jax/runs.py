@@ -101,7 +101,7 @@ def save_run(workdir: str, job: str, config: ml_collections.ConfigDict,
 
 
 def load_run(workdir: str, *, job: str | tuple[str, ...] | None = None,
-             what: str = "run", make: str = "") -> Run:
+             what: str = "run", make: str = "", checkpoint: bool = True) -> Run:
   """Reads the run in `workdir` (written by `save_run`) that has a checkpoint.
 
   Args:
@@ -109,6 +109,8 @@ def load_run(workdir: str, *, job: str | tuple[str, ...] | None = None,
     job: the job(s) that must have written it (None: any).
     what: what the caller needs, for messages ('trained User-LLM').
     make: the command that makes such a run, for messages.
+    checkpoint: require a checkpoint (False: a run whose weights are not trained, e.g. a
+      zero-shot text-prompt baseline).
 
   Raises:
     NotARunError: no run.json, a run of another job, or no checkpoint; the message says
@@ -124,7 +126,7 @@ def load_run(workdir: str, *, job: str | tuple[str, ...] | None = None,
   jobs = (job,) if isinstance(job, str) else job
   if jobs is not None and record.get("job") not in jobs:
     raise NotARunError(f"{workdir!r} holds a {record.get('job')!r} run, not a {what}{hint}")
-  if checkpointing.latest_step(os.path.join(workdir, CHECKPOINTS)) is None:
+  if checkpoint and checkpointing.latest_step(os.path.join(workdir, CHECKPOINTS)) is None:
     raise NotARunError(f"{workdir!r} holds no trained {what} yet (no checkpoint in "
                        f"{CHECKPOINTS}/){hint}")
   return Run(workdir, record["job"], ml_collections.ConfigDict(record["config"]),

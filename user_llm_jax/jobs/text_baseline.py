@@ -10,6 +10,8 @@ that fit `baseline.history_tokens`) instead of user embeddings. `baseline.strate
 
 (Enc and Proj have no counterpart: there is no encoder or bridge.) Results go to
 `WORKDIR/summary.json` / `summary.txt`; training resumes from the workdir's checkpoint.
+The prompts and the reading of a finished run are `text_prompt`'s (`--mode=infer` answers
+any users with it).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from user_llm_jax import config as config_lib
 from user_llm_jax import models
 from user_llm_jax import params as params_lib
 from user_llm_jax import runs
+from user_llm_jax import text_prompt
 from user_llm_jax.bridge import soft_prompt
 from user_llm_jax.bridge import strategies
 from user_llm_jax.llm.losses import next_token_loss
@@ -37,7 +40,7 @@ from user_llm_jax.train import setup
 from user_llm_jax.train import summary as summary_lib
 from user_llm_jax.train import trainer as trainer_lib
 
-JOB = "text_baseline"
+JOB = text_prompt.JOB
 
 
 def text_loss(model: Decoder, batch: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -54,19 +57,14 @@ def text_loss(model: Decoder, batch: dict[str, Any]) -> tuple[Any, dict[str, Any
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (unless zero-shot) and evaluates the text-prompt baseline; returns the summary."""
   t0 = time.perf_counter()
-  strategy = models.check_strategy_name(config.baseline.strategy, strategies.TEXT_STRATEGIES,
-                                        key="baseline.strategy")
-  if config.baseline.history_tokens < 1:
-    raise config_lib.ConfigError("config key 'baseline.history_tokens' must be >= 1")
+  strategy = text_prompt.check_config(config)
   train_cfg, mesh, rules = setup.start(config, workdir)
   data = runner.load(config, workdir)
   llm, tokenizer = models.load_llm(config.llm, config.seed)
   lora = models.lora_config(config) if strategy == "lora" else None
   models.apply_lora(llm, lora, config.seed + 2)
-  transform = ex_lib.TaskExample(data.vocab, tokenizer, runner.example_config(
-      config, history_tokens=config.baseline.history_tokens, vocab=data.vocab,
-      max_answer_tokens=config.baseline.max_answer_tokens,
-      tasks=config.baseline.tasks or None))
+  transform = ex_lib.TaskExample(data.vocab, tokenizer,
+                                 text_prompt.example_config(config, data.vocab))
   arch = models.architecture(llm=llm.cfg, lora=lora, strategy=strategy)
   description = runs.save_run(workdir, JOB, config, arch, vocab=data.vocab, tokenizer=tokenizer)
   total = params_lib.count_params(llm, nnx.Param)
