@@ -2,20 +2,28 @@
 
 Order (the same on every host, so processes agree on what each one reads):
 
-  source -> shuffle(seed) -> repeat(num_epochs) -> map(transforms) -> shard by process
-         -> [pad to whole batches, for evaluation] -> batch -> prefetch
+  source -> shuffle(seed) -> repeat(num_epochs) -> map(transforms)
+         -> [pad to whole global batches, for evaluation] -> batch -> shard by process
+         -> prefetch
 
-Every stage before `batch` is a lazy `grain.MapDataset`, so the result is deterministic
+Every stage is a lazy `grain.MapDataset` until prefetching, so the result is deterministic
 (same seed, same order, with or without worker processes) and its iterator is
 checkpointable: `iter(ds).get_state()/set_state()` or, inside an Orbax `Composite`,
 `grain.checkpoint.CheckpointSave/CheckpointRestore`. Shuffling happens on the full
-dataset with the same seed on every process and sharding takes every
-`shard_count`-th element, so the shards partition each epoch.
+dataset with the same seed on every process.
+
+Sharding by process cuts the stream into per-process batches and gives process p every
+P-th one, starting at p: global batch j (the rows all processes feed to one step,
+assembled by `jax.make_array_from_process_local_data`) is then exactly the j-th batch of
+`batch_size * P` examples a single process would read, in the same order, so a
+P-process run trains on the same batches (dropout masks included) as one process with
+the same global batch. Every process is at the same local batch index after n steps,
+so an iterator position saved by P processes means the same global batch for any P.
 
 Evaluation (`pad_to_batch=True`, usually via `make_eval_pipeline`) reads one epoch in
-order and pads every process's shard to the same number of whole batches with copies of a
-real example whose `example_mask` is False: nothing is dropped, metrics skip the padding,
-and all processes run the same number of steps.
+order, padded to whole global batches with copies of a real example whose
+`example_mask` is False: nothing is dropped, metrics skip the padding, and all
+processes run the same number of steps.
 """
 
 from __future__ import annotations
@@ -27,7 +35,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
-import jax
 import numpy as np
 
 from user_llm_jax.data import transforms as transforms_lib
@@ -99,12 +106,14 @@ def make_pipeline(
     num_epochs: passes over the data; None repeats forever (training).
     transforms: grain Map transforms or callables applied in order to each record,
       typically `[CropAndPad(max_len, max_categories)]`.
-    shard_index: this process's shard (default `jax.process_index()`).
-    shard_count: number of shards (default `jax.process_count()`).
+    shard_index: this process's shard (default `jax.process_index()`, through
+      `grain.sharding.ShardByJaxProcess`): it reads batches i, i + P, ...
+    shard_count: number of shards P (default `jax.process_count()`).
     drop_remainder: drop a last partial batch (ignored when `pad_to_batch`).
     worker_count: Grain worker processes (0: in-process; > 0 needs parsed absl flags).
-    pad_to_batch: pad each shard to the same number of whole batches with examples whose
-      `example_mask` is False (evaluation). Requires a finite `num_epochs`.
+    pad_to_batch: pad to whole global batches (`batch_size * shard_count`) with examples
+      whose `example_mask` is False (evaluation), so every shard reads the same number of
+      full batches. Requires a finite `num_epochs`.
     read_options: thread prefetching of batches (default: 2 threads, 8 batches).
 
   Returns:
@@ -113,8 +122,9 @@ def make_pipeline(
   Raises:
     ValueError: on an empty source or inconsistent arguments.
   """
-  shard_index = jax.process_index() if shard_index is None else shard_index
-  shard_count = jax.process_count() if shard_count is None else shard_count
+  by_process = grain.sharding.ShardByJaxProcess()
+  shard_index = by_process.shard_index if shard_index is None else shard_index
+  shard_count = by_process.shard_count if shard_count is None else shard_count
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   if not 0 <= shard_index < shard_count:
@@ -138,17 +148,13 @@ def make_pipeline(
   for transform in transforms:
     ds = ds.map(transform)
   ds = ds.map(_EnsureExampleMask())
-  # Strided sharding: shard i takes elements i, i + P, ...; every element once per epoch.
-  unsharded = ds
-  ds = ds[shard_index::shard_count]
   if pad_to_batch:
-    total = len(unsharded)
-    per_shard = math.ceil(total / shard_count)
-    padded_length = math.ceil(per_shard / batch_size) * batch_size
-    template = ds[0] if len(ds) else unsharded[0]
-    ds = _PadToLength(ds, padded_length, template)
+    global_batch = batch_size * shard_count
+    ds = _PadToLength(ds, math.ceil(len(ds) / global_batch) * global_batch, ds[0])
     drop_remainder = False
+  # Batch, then shard whole batches: shard i takes batches i, i + P, ... (module docstring).
   ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+  ds = ds[shard_index::shard_count]
   if read_options is None:
     read_options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
   it_ds = ds.to_iter_dataset(read_options)

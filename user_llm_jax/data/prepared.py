@@ -24,6 +24,7 @@ import ml_collections
 
 from data_pipelines import records
 from user_llm_jax import config as config_lib
+from user_llm_jax import distributed
 from user_llm_jax.data import schema
 from user_llm_jax.data import source as source_lib
 from user_llm_jax.data import transforms as transforms_lib
@@ -111,7 +112,8 @@ def load_splits(data: ml_collections.ConfigDict, workdir: str) -> Splits:
   Raises:
     BadInputError: the train or the test split is empty.
   """
-  path = prepare(data, workdir)
+  # Process 0 prepares; the others then find it prepared instead of writing it too.
+  path = distributed.primary_first(lambda: prepare(data, workdir), name="prepare_data")
   train, vocab, stats = source_lib.load_prepared(path, "train")
   test, _, _ = source_lib.load_prepared(path, "test")
   try:

@@ -37,6 +37,7 @@ import numpy as np
 import tqdm
 from flax import nnx
 
+from user_llm_jax import distributed
 from user_llm_jax.data import schema
 from user_llm_jax.data import transforms as T
 
@@ -202,10 +203,13 @@ def evaluate_scores(score_fn: ScoreFn, static: Any, params: Any,
     The `RetrievalAccumulator.result()` dict.
   """
   acc = RetrievalAccumulator(ks, ndcg_k)
+  # Several processes: each reads its shard; ranks and masks of all are gathered to each.
+  hosts = distributed.HostBatches.for_params(params)
   for batch in tqdm.tqdm(batches, desc=desc, unit="batch", leave=False):
-    arrays = {k: np.asarray(v) for k, v in batch.items()
-              if np.asarray(v).dtype.kind in "biuf"}
-    acc.add(_batch_ranks(score_fn, static, params, arrays), arrays.get(T.EXAMPLE_MASK))
+    arrays = hosts.place({k: np.asarray(v) for k, v in batch.items()
+                          if np.asarray(v).dtype.kind in "biuf"})
+    acc.add(*hosts.gather(_batch_ranks(score_fn, static, hosts.params, arrays),
+                          arrays.get(T.EXAMPLE_MASK)))
   return acc.result()
 
 

@@ -102,7 +102,9 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS
 
 
 def run(config: ml_collections.ConfigDict, *, workdir: str, mode: str,
-        config_file: str | None, distributed: bool = False) -> Any:
+        config_file: str | None, distributed: bool = False,
+        coordinator_address: str | None = None, num_processes: int | None = None,
+        process_id: int | None = None) -> Any:
   """Validates `config` against its file's `get_config()` and runs the job.
 
   Args:
@@ -110,7 +112,12 @@ def run(config: ml_collections.ConfigDict, *, workdir: str, mode: str,
     workdir: the run's directory (checkpoints, summaries, generated data).
     mode: 'train' or another registered mode.
     config_file: path of the config file (its `get_config()` is the schema).
-    distributed: call `jax.distributed.initialize()` first (multi-host slices).
+    distributed: join a process group first (`jax.distributed.initialize()`); on a Cloud
+      TPU slice the group is detected, elsewhere it is given by the next three
+      arguments or their environment variables (`user_llm_jax.distributed`).
+    coordinator_address: `host:port` of process 0 (e.g. 127.0.0.1:12345 on one machine).
+    num_processes: number of processes of the run.
+    process_id: this process's index.
 
   Returns:
     Whatever the job returns.
@@ -127,9 +134,14 @@ def run(config: ml_collections.ConfigDict, *, workdir: str, mode: str,
       job = jobs.resolve(config.job, mode)
     except KeyError as e:
       raise config_lib.ConfigError(str(e.args[0])) from e
-    if distributed:
-      import jax  # pylint: disable=g-import-not-at-top
-      jax.distributed.initialize()
+    from user_llm_jax import distributed as distributed_lib  # pylint: disable=g-import-not-at-top
+    try:
+      group = distributed_lib.process_group(coordinator_address, num_processes, process_id)
+    except ValueError as e:
+      raise config_lib.ConfigError(str(e)) from e
+    if distributed or group.explicit:
+      # Before anything touches a device: the backend must see the whole group.
+      distributed_lib.initialize(group)
     _enable_compilation_cache()
     if not flags.FLAGS["verbosity"].present:
       # Orbax and Grain log every save/read at INFO; keep the console to the progress

@@ -4,7 +4,8 @@ One `Checkpointer` saves, as a single Orbax `Composite` per step, named items:
   model  the model's variables (`StandardSave`, restored onto the current mesh's
          shardings, so a run may resume on a different mesh shape);
   opt    the optimizer state (step count, Adam moments), present for training states;
-  data   the Grain iterator position (`grain.checkpoint.CheckpointSave`);
+  data   the Grain iterator position (Grain's format; `iterator_state` also resumes it
+         under a different number of processes);
   meta   JSON: a fingerprint of the config that must match to resume, the run's
          description (resolved config, model architectures) and the training history the
          caller wants to survive a restart.
@@ -30,11 +31,12 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+
+from user_llm_jax.train import iterator_state
 
 
 class CheckpointError(RuntimeError):
@@ -130,7 +132,7 @@ class Checkpointer:
                                      "description": self.description,
                                      "extra": _jsonable(dict(extra or {}))})
     if data_iter is not None:
-      items[DATA] = grain.checkpoint.CheckpointSave(data_iter)
+      items[DATA] = iterator_state.SaveAnyCount(data_iter)
     self._manager.save(step, args=ocp.args.Composite(**items), force=True)
     self._manager.wait_until_finished()
 
@@ -181,7 +183,8 @@ class Checkpointer:
     items = {name: ocp.args.StandardRestore(_abstract(tree))
              for name, tree in _named_items(pure).items()}
     if data_iter is not None:
-      items[DATA] = grain.checkpoint.CheckpointRestore(data_iter)
+      # Also resumes a position saved by a different number of processes.
+      items[DATA] = iterator_state.RestoreAnyCount(data_iter)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # Shape mismatches, truncated files, missing items.
