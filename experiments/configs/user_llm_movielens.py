@@ -103,11 +103,11 @@ def base_config() -> ml_collections.ConfigDict:
   # window). Off (steps=0) until it is measured to help.
   config.align = ml_collections.ConfigDict()
   config.align.steps = 0
-  config.align.events = 5
+  config.align.events = 3
   config.align.trainable = ("projection", "perceiver", "cross_attention")  # or + "encoder"
   config.align.learning_rate = 1e-3
   config.align.warmup = 10
-  config.align.max_answer_tokens = 64   # "Recent: t1; ...; t5": ~50 SmolLM2 tokens
+  config.align.max_answer_tokens = 48   # "Recent: t1; t2; t3": <= 47 SmolLM2 tokens on main
 
   config.train = common.train_section(
       batch_size=8, num_steps=300, learning_rate=1e-4, warmup=30, weight_decay=0.0,

@@ -94,6 +94,8 @@ def stage_configs(config: ml_collections.ConfigDict,
   text = ml_collections.ConfigDict(base.to_dict())
   text.job = "text_baseline"
   text.eval.shuffled_control = False
+  if "align" in text:  # User-LLM's alignment stage: the text prompt has no bridge to align
+    text.align.steps = 0
   return {"encoder": enc, "user_llm": ullm, "text_baseline": text}
 
 

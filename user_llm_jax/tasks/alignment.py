@@ -54,11 +54,11 @@ class AlignConfig:
   """
 
   steps: int = 0
-  events: int = 5
+  events: int = 3
   trainable: tuple[str, ...] = ("projection", "perceiver", "cross_attention")
   learning_rate: float = 1e-3
   warmup: int = 10
-  max_answer_tokens: int = 64
+  max_answer_tokens: int = 48
 
   def __post_init__(self):
     if self.steps < 0:
