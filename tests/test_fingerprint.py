@@ -80,3 +80,13 @@ def test_restore_params_reads_the_model_item_alone_and_names_mismatches(tmp_path
     checkpointing.restore_params(wrong, str(tmp_path))
   with pytest.raises(checkpointing.CheckpointError, match="does not exist"):
     checkpointing.restore_params(fresh, str(tmp_path / "none"))
+
+
+def test_differing_keys_names_a_key_present_on_one_side_only_even_when_none():
+  old = {"encoder": {"model": {"width": 64}}, "seed": 0}
+  new = {"encoder": {"model": {"width": 64, "use_rating": None}}, "seed": 0}
+  assert config_lib.differing_keys(old, new) == ["encoder.model.use_rating"]
+  assert config_lib.differing_keys(new, old) == ["encoder.model.use_rating"]
+  assert config_lib.differing_keys(new, dict(new)) == []
+  changed = {"encoder": {"model": {"width": 32, "use_rating": None}}, "seed": 0}
+  assert config_lib.differing_keys(new, changed) == ["encoder.model.width"]

@@ -255,10 +255,17 @@ def fingerprint(config: Mapping[str, Any], *, drop: tuple[str, ...] = (),
 
 
 def differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-  """Dotted keys whose values differ between two nested mappings (e.g. two fingerprints)."""
+  """Dotted keys whose values differ between two nested mappings (e.g. two fingerprints).
+
+  A key present on one side only differs, even when the other side's value is None (a
+  config key added since a run was written is named, not hidden).
+  """
   if isinstance(a, Mapping) and isinstance(b, Mapping):
     out = []
     for key in sorted(set(a) | set(b), key=str):
-      out += differing_keys(a.get(key), b.get(key), f"{prefix}{key}.")
+      if (key in a) != (key in b):
+        out.append(f"{prefix}{key}")
+      else:
+        out += differing_keys(a[key], b[key], f"{prefix}{key}.")
     return out
   return [] if a == b else [prefix[:-1]]
