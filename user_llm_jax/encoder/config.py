@@ -6,6 +6,7 @@ import dataclasses
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
+from user_llm_jax import layer_scan
 from user_llm_jax.data import schema
 from user_llm_jax.data import transforms
 
@@ -49,6 +50,10 @@ class EncoderConfig:
     layer_norm_eps: epsilon of every LayerNorm.
     dtype: compute dtype of activations (logits and losses are float32).
     param_dtype: storage dtype of parameters.
+    scan_layers: hold each transformer's blocks stacked and run them by one scan
+      (same results, one compiled block; see `user_llm_jax.layer_scan`).
+    remat_policy: what each block keeps for the backward pass
+      (`layer_scan.REMAT_POLICIES`: 'none', 'full', 'dots', 'dots_no_batch').
   """
 
   num_items: int
@@ -76,15 +81,22 @@ class EncoderConfig:
   layer_norm_eps: float = 1e-6
   dtype: DTypeLike = jnp.float32
   param_dtype: DTypeLike = jnp.float32
+  scan_layers: bool = False
+  remat_policy: str = "none"
 
   def __post_init__(self):
-    min_vocab = schema.FIRST_ID + 1
     for name in ("num_items", "num_ratings", "num_categories", "num_time_buckets"):
       value = getattr(self, name)
+      # A dataset without categories (e.g. reviews without metadata) has only the reserved
+      # ids: fine when categories are neither read nor predicted.
+      unused = name == "num_categories" and not self.reads_or_predicts_categories
+      min_vocab = schema.FIRST_ID + (0 if unused else 1)
       if not isinstance(value, int) or value < min_vocab:
         raise ValueError(f"EncoderConfig.{name}={value!r}: must be an int >= {min_vocab} "
                          f"(the {schema.FIRST_ID} reserved ids PAD/OOV plus at least one "
-                         "real value)")
+                         "real value)" + ("" if unused or name != "num_categories" else
+                                          "; a dataset without categories needs "
+                                          "use_categories=False, category_loss_weight=0"))
     for name in ("max_len", "max_categories", "num_layers", "width", "num_heads",
                  "mlp_dim", "feature_dim"):
       value = getattr(self, name)
@@ -102,10 +114,15 @@ class EncoderConfig:
     if self.late_fusion_layers < 0:
       raise ValueError(f"EncoderConfig.late_fusion_layers={self.late_fusion_layers}: "
                        "must be >= 0")
+    layer_scan.check_remat_policy(self.remat_policy, "EncoderConfig.remat_policy")
     weights = (self.item_loss_weight, self.rating_loss_weight, self.category_loss_weight)
     if min(weights) < 0 or sum(weights) <= 0:
       raise ValueError(f"EncoderConfig loss weights (item, rating, category)={weights}: "
                        "must be >= 0 with a positive sum")
+
+  @property
+  def reads_or_predicts_categories(self) -> bool:
+    return self.use_categories or self.category_loss_weight > 0
 
   @property
   def head_dim(self) -> int:

@@ -118,10 +118,17 @@ class UserEncoder(nnx.Module):
     else:
       item_loss, item_acc, positions = losses.softmax_cross_entropy(
           self.item_logits(states), batch[T.TARGETS_ITEM], mask)
-    rating_loss, rating_acc, _ = losses.softmax_cross_entropy(
-        self.rating_head(states), batch[T.TARGETS_RATING], mask)
-    category_loss = losses.multi_label_loss(
-        self.category_head(states), batch[T.TARGETS_CATEGORY], mask)
+    zero = jnp.zeros((), jnp.float32)
+    # A loss of weight 0 is not computed: it costs time, and a category vocabulary of
+    # reserved ids alone (a dataset without categories) has no column to average over.
+    rating_loss, rating_acc = zero, zero
+    if cfg.rating_loss_weight > 0:
+      rating_loss, rating_acc, _ = losses.softmax_cross_entropy(
+          self.rating_head(states), batch[T.TARGETS_RATING], mask)
+    category_loss = zero
+    if cfg.category_loss_weight > 0:
+      category_loss = losses.multi_label_loss(
+          self.category_head(states), batch[T.TARGETS_CATEGORY], mask)
     loss = (cfg.item_loss_weight * item_loss + cfg.rating_loss_weight * rating_loss
             + cfg.category_loss_weight * category_loss)
     metrics = {

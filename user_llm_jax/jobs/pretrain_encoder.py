@@ -21,6 +21,7 @@ import ml_collections
 from user_llm_jax import config as config_lib
 from user_llm_jax import models
 from user_llm_jax import runs
+from user_llm_jax.data import schema
 from user_llm_jax.data import transforms as transforms_lib
 from user_llm_jax.eval import ranking
 from user_llm_jax.train import setup
@@ -41,7 +42,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         f"config key 'train.select_metric' is {train_cfg.select_metric!r}, but "
         f"data.protocol={config.data.protocol!r} has no validation split to select on; use "
         "data.protocol=leave_last_out or set train.select_metric=''")
-  enc = models.encoder_config_from(config.encoder.model, data.vocab, window=config.data.window,
+  model_section = dict(config.encoder.model)
+  if data.vocab.num_categories <= schema.FIRST_ID:
+    # Reviews without metadata (e.g. an Amazon category without its meta file): no
+    # categories to read or predict. Said here, and recorded in the run's architecture.
+    print(f"{config.name}: the dataset has no item categories; the encoder reads and "
+          "predicts none (use_categories=False, category_loss_weight=0)", flush=True)
+    model_section.update(use_categories=False, category_loss_weight=0.0)
+  enc = models.encoder_config_from(model_section, data.vocab, window=config.data.window,
                                    max_categories=config.data.max_categories)
   model = models.build_encoder(enc, config.seed)
   arch = models.architecture(encoder=enc)
