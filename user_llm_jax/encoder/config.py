@@ -6,6 +6,7 @@ import dataclasses
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
+from user_llm_jax import layer_scan
 from user_llm_jax.data import schema
 from user_llm_jax.data import transforms
 
@@ -49,6 +50,10 @@ class EncoderConfig:
     layer_norm_eps: epsilon of every LayerNorm.
     dtype: compute dtype of activations (logits and losses are float32).
     param_dtype: storage dtype of parameters.
+    scan_layers: hold each transformer's blocks stacked and run them by one scan
+      (same results, one compiled block; see `user_llm_jax.layer_scan`).
+    remat_policy: what each block keeps for the backward pass
+      (`layer_scan.REMAT_POLICIES`: 'none', 'full', 'dots', 'dots_no_batch').
   """
 
   num_items: int
@@ -76,6 +81,8 @@ class EncoderConfig:
   layer_norm_eps: float = 1e-6
   dtype: DTypeLike = jnp.float32
   param_dtype: DTypeLike = jnp.float32
+  scan_layers: bool = False
+  remat_policy: str = "none"
 
   def __post_init__(self):
     for name in ("num_items", "num_ratings", "num_categories", "num_time_buckets"):
@@ -107,6 +114,7 @@ class EncoderConfig:
     if self.late_fusion_layers < 0:
       raise ValueError(f"EncoderConfig.late_fusion_layers={self.late_fusion_layers}: "
                        "must be >= 0")
+    layer_scan.check_remat_policy(self.remat_policy, "EncoderConfig.remat_policy")
     weights = (self.item_loss_weight, self.rating_loss_weight, self.category_loss_weight)
     if min(weights) < 0 or sum(weights) <= 0:
       raise ValueError(f"EncoderConfig loss weights (item, rating, category)={weights}: "

@@ -2,6 +2,10 @@
 
 Axis letters: B batch, E events (queries), S events (keys), D width, N heads, H head dim,
 F mlp hidden width.
+
+With `EncoderConfig.scan_layers` the blocks are held stacked (`blocks/attn/q_dnh`
+[L,D,N,H]) and run by one scan (`user_llm_jax.layer_scan`); every block keeps its
+own dropout stream, so the two forms give the same results, dropout included.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from user_llm_jax import layer_scan
 from user_llm_jax import nn
 from user_llm_jax import sharding
 from user_llm_jax.encoder.config import EncoderConfig
@@ -112,7 +117,9 @@ class CausalTransformer(nnx.Module):
     self.positions = nnx.Param(partitioned(nnx.initializers.normal(0.02), ("length", "embed"))(
         rngs.params(), (cfg.max_len, cfg.width), cfg.param_dtype))
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
-    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(num_layers)])
+    blocks = [Block(cfg, rngs=rngs) for _ in range(num_layers)]
+    self.blocks = layer_scan.stack_modules(blocks) if cfg.scan_layers else nnx.List(blocks)
+    self.remat_policy = cfg.remat_policy
     self.dtype = cfg.dtype
 
   def __call__(self, x: jax.Array, mask: jax.Array, *, deterministic: bool) -> jax.Array:
@@ -131,6 +138,13 @@ class CausalTransformer(nnx.Module):
     x = self.dropout(x, deterministic=deterministic)
     x = sharding.with_logical_constraint(x, sharding.ACT_BTD)
     mask_bes = attention_mask(mask)
+
+    def step(block: Block, h: jax.Array, *_) -> jax.Array:
+      return block(h, mask_bes, deterministic=deterministic)
+
+    if not isinstance(self.blocks, nnx.List):  # stacked: one scan over the blocks
+      return layer_scan.scan(self.blocks, step, x, remat_policy=self.remat_policy)
+    step = layer_scan.remat(step, self.remat_policy)
     for block in self.blocks:
-      x = block(x, mask_bes, deterministic=deterministic)
+      x = step(block, x)
     return x

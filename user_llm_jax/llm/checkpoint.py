@@ -19,6 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from user_llm_jax import layer_scan
 from user_llm_jax import sharding
 from user_llm_jax.llm.config import LlmConfig
 from user_llm_jax.llm.model import Decoder
@@ -42,7 +43,9 @@ def save_decoder(model: Decoder, directory: str | os.PathLike, tokenizer=None) -
   directory = pathlib.Path(directory).absolute()
   directory.mkdir(parents=True, exist_ok=True)
   (directory / CONFIG_FILE).unlink(missing_ok=True)
-  state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  # Per-layer layout whether or not the layers are stacked, so any form restores it.
+  state = layer_scan.unstack_tree(nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+                                  frozenset({"layers"}))
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(directory / PARAMS_DIR, state, force=True)
     ckptr.wait_until_finished()

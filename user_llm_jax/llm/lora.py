@@ -6,6 +6,11 @@ wrappers, in place: y = base(x) + (alpha / rank) * B(A(x)). A is [in..., R] (ran
 variables (a subclass of `nnx.Param`), so `nnx.Optimizer(model, tx, wrt=LoraParam)` trains
 them alone while `wrt=nnx.Param` still selects everything. `merge_lora` folds the adapters
 back into plain `Einsum` kernels (for export or faster inference).
+
+A decoder with stacked (scanned) layers gets the same adapters, stacked like its kernels
+(`layers/attn/q/lora_a` [L,D,R]): the layers are unrolled, adapted and stacked again, so
+the adapter values equal those of an unrolled decoder adapted with the same seed. A stack
+needs identical layers, hence adapters on every layer (`LoraConfig.layers=None`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from user_llm_jax.llm.layers import Einsum, _parse_eqn
+from user_llm_jax.llm.model import set_layer_scan
 from user_llm_jax.params import count_params
 from user_llm_jax.sharding import partitioned
 
@@ -111,8 +117,16 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Mod
     `model`, for chaining.
 
   Raises:
-    ValueError: if a targeted projection already has an adapter.
+    ValueError: if a targeted projection already has an adapter, or if the decoder's
+      layers are stacked and `cfg.layers` names only some of them.
   """
+  scanned = getattr(model, "scanned", False)
+  if scanned and cfg.layers is not None and set(cfg.layers) != set(range(model.cfg.num_layers)):
+    raise ValueError(f"LoraConfig.layers={tuple(cfg.layers)}: a decoder with scanned layers "
+                     "takes adapters on every layer only (layers=None), or build it with "
+                     "scan_layers=False")
+  if scanned:
+    set_layer_scan(model, False)
   for parent, name in _projections(model, cfg.layers):
     if name not in cfg.targets:
       continue
@@ -120,17 +134,24 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Mod
     if isinstance(proj, LoraEinsum):
       raise ValueError(f"projection {name!r} already has a LoRA adapter")
     setattr(parent, name, LoraEinsum(proj, cfg.rank, cfg.alpha, rngs=rngs))
+  if scanned:
+    set_layer_scan(model, True)
   return model
 
 
 def merge_lora(model: nnx.Module) -> nnx.Module:
   """Folds every adapter into its base kernel and removes the wrappers, in place."""
+  scanned = getattr(model, "scanned", False)
+  if scanned:
+    set_layer_scan(model, False)
   for parent, name in _projections(model, None):
     proj = getattr(parent, name)
     if isinstance(proj, LoraEinsum):
       base = proj.base
       base.kernel[...] = base.kernel[...] + proj.delta().astype(base.kernel[...].dtype)
       setattr(parent, name, base)
+  if scanned:
+    set_layer_scan(model, True)
   return model
 
 

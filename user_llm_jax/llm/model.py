@@ -14,6 +14,12 @@ importers/exporters):
   layers/{i}/mlp/down/kernel      [F,D]
   final_norm/scale                [D]
   lm_head/kernel                  [D,V]   (only when the head is untied)
+
+With `scan_layers=True` the layers are held stacked (`layers/attn/q/kernel` [L,D,N,H], see
+`user_llm_jax.layer_scan`) and run as one scan per stretch of layers between
+cross-attention blocks, so a deep decoder is traced and compiled once per stretch instead
+of once per layer. `decoder_params` and `decoder_from_params` speak the per-layer names
+above in both forms, so checkpoint import and export do not depend on the choice.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from user_llm_jax import layer_scan
 from user_llm_jax import params as params_lib
 from user_llm_jax import sharding
 from user_llm_jax.llm.config import LlmConfig
@@ -129,6 +136,9 @@ class Decoder(nnx.Module):
 
   Attributes:
     cfg: the architecture.
+    layers: `nnx.List` of `DecoderLayer`s, or one `DecoderLayer` with stacked variables
+      (`scanned`).
+    remat_policy: what each layer keeps for the backward pass (`layer_scan.REMAT_POLICIES`).
     cross_attention: `nnx.Dict` of blocks `block(x [B,T,D], context [B,E,D],
       context_mask [B,E]) -> x [B,T,D]`; the block under key str(i) runs before decoder
       layer i (key str(num_layers) runs after the last layer, before the final norm).
@@ -137,16 +147,51 @@ class Decoder(nnx.Module):
       context (`GatedCrossAttention` does); `precompute_context` then caches its k/v.
   """
 
-  def __init__(self, cfg: LlmConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: LlmConfig, *, rngs: nnx.Rngs, scan_layers: bool = False,
+               remat_policy: str = "none"):
+    """Builds the decoder.
+
+    Args:
+      cfg: the architecture.
+      rngs: random streams (`params`).
+      scan_layers: hold the layers stacked and run them with one scan (the same
+        initial values and results as unrolled layers).
+      remat_policy: a `layer_scan.REMAT_POLICIES` name, applied to every layer.
+    """
     self.cfg = cfg
     self.embedder = Embedder(cfg, rngs=rngs)
-    self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    layers = [DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)]
+    self.layers = layer_scan.stack_modules(layers) if scan_layers else nnx.List(layers)
+    self.remat_policy = layer_scan.check_remat_policy(remat_policy)
     self.final_norm = RMSNorm(cfg.width, eps=cfg.norm_eps, dtype=cfg.compute_dtype,
                               param_dtype=cfg.storage_dtype, rngs=rngs)
     if not cfg.tie_embeddings:
       self.lm_head = Einsum("BTD,DV->BTV", (cfg.width, cfg.vocab_size), ("embed", "vocab"),
                             dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, rngs=rngs)
     self.cross_attention = nnx.Dict()
+
+  @property
+  def scanned(self) -> bool:
+    """True when the layers are stacked and run by a scan."""
+    return not isinstance(self.layers, nnx.List)
+
+  def _run_layers(self, x: jax.Array, kv: tuple[jax.Array, jax.Array] | None,
+                  positions: jax.Array, mask: jax.Array, end_index: jax.Array | None,
+                  start: int, stop: int):
+    """Layers [start, stop): unrolled, or one scan over that stretch of the stack."""
+    if start == stop:
+      return x, kv
+    if self.scanned:
+      def body(layer, carry, i):
+        return layer(carry[0], positions, mask, carry[1], end_index, i)
+      return layer_scan.scan(self.layers, body, (x, kv), remat_policy=self.remat_policy,
+                             start=start, stop=stop)
+    for i in range(start, stop):
+      step = layer_scan.remat(
+          lambda layer, h, c, i=i: layer(h, positions, mask, c, end_index, i),
+          self.remat_policy)
+      x, kv = step(self.layers[i], x, kv)
+    return x, kv
 
   def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
     """An empty cache of `max_length` slots ([L,B,S,K,H], compute dtype by default)."""
@@ -259,14 +304,18 @@ class Decoder(nnx.Module):
       context_mask = jnp.ones(context.shape[:2], jnp.bool_)
 
     kv = (cache.k, cache.v) if cache is not None else None
-    for i, layer in enumerate(self.layers):
-      if context is not None and str(i) in self.cross_attention:
-        x = sharding.with_logical_constraint(
-            self._cross(str(i), x, context, context_mask), _ACT)
-      x, kv = layer(x, positions, attention_mask, kv, end_index, i)
-    last = str(len(self.layers))
-    if context is not None and last in self.cross_attention:
-      x = self._cross(last, x, context, context_mask)
+    num_layers = self.cfg.num_layers
+    # Cross-attention blocks split the layers into stretches run back to back (each one
+    # scan when the layers are stacked); block key str(L) runs after the last layer.
+    blocks = sorted(int(k) for k in self.cross_attention) if context is not None else []
+    start = 0
+    for block in blocks:
+      x, kv = self._run_layers(x, kv, positions, attention_mask, end_index, start, block)
+      x = self._cross(str(block), x, context, context_mask)
+      if block < num_layers:
+        x = sharding.with_logical_constraint(x, _ACT)
+      start = block
+    x, kv = self._run_layers(x, kv, positions, attention_mask, end_index, start, num_layers)
     x = self.final_norm(x)
 
     new_cache = None
@@ -280,35 +329,71 @@ class Decoder(nnx.Module):
 
 
 def create_sharded(cfg: LlmConfig, mesh: jax.sharding.Mesh, seed: int = 0,
-                   rules: sharding.Rules | None = None) -> Decoder:
+                   rules: sharding.Rules | None = None, **layout) -> Decoder:
   """Initialises a `Decoder` directly on `mesh` (params never materialise unsharded).
 
   `rules`: logical-axis rules; None reads the active ones (`sharding.axis_rules`).
+  `layout`: `scan_layers` / `remat_policy` of the `Decoder`.
   """
-  abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(seed)))
+  abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(seed), **layout))
   graphdef, _ = nnx.split(abstract)
   shardings = sharding.model_shardings(abstract, mesh, rules)
 
   @functools.partial(jax.jit, out_shardings=shardings)
   def init():
-    return nnx.state(Decoder(cfg, rngs=nnx.Rngs(seed)))
+    return nnx.state(Decoder(cfg, rngs=nnx.Rngs(seed), **layout))
 
   with jax.set_mesh(mesh):
     state = init()
   return nnx.merge(graphdef, state)
 
 
+def set_layer_scan(model: Decoder, scan_layers: bool,
+                   remat_policy: str | None = None) -> Decoder:
+  """Converts `model`'s layers in place to stacked (scanned) or unrolled form.
+
+  The results do not change. On a mesh, re-place the model afterwards
+  (`sharding.shard_model`): the stacked arrays are new.
+
+  Args:
+    model: a `Decoder` (with or without LoRA adapters on every layer).
+    scan_layers: the form wanted.
+    remat_policy: a new `layer_scan.REMAT_POLICIES` name (None: keep the current one).
+
+  Returns:
+    `model`, for chaining.
+  """
+  if scan_layers and not model.scanned:
+    model.layers = layer_scan.stack_modules(list(model.layers))
+  elif not scan_layers and model.scanned:
+    model.layers = nnx.List(layer_scan.unstack_module(model.layers))
+  if remat_policy is not None:
+    model.remat_policy = layer_scan.check_remat_policy(remat_policy)
+  return model
+
+
 def decoder_params(model: nnx.Module, wrt=nnx.Param) -> dict[str, jax.Array]:
-  """Flat {parameter name ('layers/0/attn/q/kernel'): array} view of `model` (no copies)."""
+  """Flat {parameter name ('layers/0/attn/q/kernel'): array} view of `model`.
+
+  Per-layer names in both forms: unrolled layers' arrays are not copied, stacked ones are
+  sliced per layer.
+  """
   state = nnx.state(model, wrt)
-  return {params_lib.param_path(p): v
+  flat = {params_lib.param_path(p): v
           for p, v in jax.tree_util.tree_flatten_with_path(state)[0]}
+  if getattr(model, "scanned", False):
+    flat = layer_scan.unstack_params(flat, "layers")
+  return flat
 
 
 def decoder_from_params(cfg: LlmConfig, params: dict[str, np.ndarray | jax.Array], *,
                         source: str = "checkpoint", mesh: jax.sharding.Mesh | None = None,
-                        rules: sharding.Rules | None = None) -> Decoder:
+                        rules: sharding.Rules | None = None, scan_layers: bool = False,
+                        remat_policy: str = "none") -> Decoder:
   """Builds a `Decoder` whose parameters are `params` (named as by `decoder_params`).
+
+  The per-layer tensors are stacked (on the host) when `scan_layers` asks for a scanned
+  decoder, so every importer hands over the same per-layer names either way.
 
   No random initialisation happens (the structure comes from `nnx.eval_shape`), so
   importing a large checkpoint costs only the conversion itself. With `mesh`, each host
@@ -319,7 +404,10 @@ def decoder_from_params(cfg: LlmConfig, params: dict[str, np.ndarray | jax.Array
     ValueError: naming `source` and the tensor, if a parameter is missing, unexpected or
       of the wrong shape.
   """
-  abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), scan_layers=scan_layers,
+                                            remat_policy=remat_policy))
+  if scan_layers:
+    params = layer_scan.stack_params(params, "layers", cfg.num_layers, source=source)
   graphdef, state = nnx.split(abstract)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
   placements = [None] * len(leaves)
