@@ -207,6 +207,10 @@ HARMLESS_KEYS = frozenset({
     "llm.cache_dir",
     "aot",  # vocabulary sizes the compile check assumes; a run reads them from its data
 })
+    # Stacked (scanned) or unrolled layers and their remat policy give the same results
+    # (tests/test_scan_layers.py), and checkpoints hold layers per layer in both forms.
+    "llm.scan_layers", "llm.remat_policy",
+    "encoder.model.scan_layers", "encoder.model.remat_policy",
 # Keys added after runs were saved, at the value those runs used: left out of the
 # fingerprint while they hold it, so the saved runs still match.
 OMITTED_AT = {"llm.param_dtype": "float32"}

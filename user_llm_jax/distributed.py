@@ -145,6 +145,38 @@ def primary_first(fn: Callable[[], _T], *, name: str) -> _T:
   return fn()
 
 
+def _put_global(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+  """One value onto a sharding that spans several processes (same value on each)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return jax.device_put(x, sharding)
+  if jax.dtypes.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key):
+    data = _put_global(jax.random.key_data(x), sharding)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+  host = np.asarray(x)
+  # Each process fills its own devices' shards from its copy: no cross-process check
+  # (device_put would compare the processes' values through a collective per array).
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def device_put(tree: Any, shardings: Any) -> Any:
+  """`jax.device_put(tree, shardings)` that also works across processes.
+
+  With several processes, `jax.device_put` refuses arrays already committed to this
+  process's device (e.g. RNG keys) as input for shardings over every process's devices;
+  here each process places its own copy of the value (identical on all processes, as a
+  model built from the same seed is) on its devices.
+
+  Args:
+    tree: a pytree of arrays (the same values on every process).
+    shardings: one sharding for every leaf, or a tree of shardings like `tree`.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+  if isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree.map(lambda x: _put_global(x, shardings), tree)
+  return jax.tree.map(_put_global, tree, shardings)
+
+
 def _global_mesh(params: Any) -> jax.sharding.Mesh:
   """The mesh of params that span several processes, else one over all devices."""
   for leaf in jax.tree.leaves(params):
@@ -182,7 +214,7 @@ class HostBatches:
       if isinstance(x, jax.Array) and not x.is_fully_addressable:
         return x
       # A host-local value (e.g. popularity counts) is the same on every process.
-      return jax.device_put(np.asarray(x), replicated)
+      return _put_global(x, replicated)
 
     return cls(jax.tree.map(on_mesh, params), mesh)
 

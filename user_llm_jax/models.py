@@ -24,6 +24,7 @@ import ml_collections
 from flax import nnx
 
 from user_llm_jax import config as config_lib
+from user_llm_jax import layer_scan
 from user_llm_jax.bridge import strategies
 from user_llm_jax.bridge.user_llm import UserLLM, UserLlmConfig
 from user_llm_jax.data import schema
@@ -32,7 +33,7 @@ from user_llm_jax.encoder.model import UserEncoder
 from user_llm_jax.llm import loading
 from user_llm_jax.llm import lora as lora_lib
 from user_llm_jax.llm.config import LlmConfig, RopeScaling, get_preset
-from user_llm_jax.llm.model import Decoder
+from user_llm_jax.llm.model import Decoder, set_layer_scan
 from user_llm_jax.llm.tokenizer import Tokenizer
 from user_llm_jax.tasks import prompts
 
@@ -89,13 +90,26 @@ def load_llm(llm: ml_collections.ConfigDict, seed: int) -> tuple[Decoder, Tokeni
       tokenizer = prompts.byte_level_tokenizer()
       cfg = get_preset(llm.preset, vocab_size=tokenizer.vocab_size, dtype=llm.dtype,
                        param_dtype=llm.get("param_dtype", "float32"))
-      return loading.load_llm("random", cfg, seed=seed).model, tokenizer
+      return set_llm_layout(loading.load_llm("random", cfg, seed=seed).model, llm), tokenizer
     loaded = loading.load_llm(llm.source, dtype=llm.dtype, param_dtype=llm.get("param_dtype"),
                               cache_dir=os.path.expanduser(llm.cache_dir) or None)
   if loaded.tokenizer is None:
     raise FileNotFoundError(f"config key 'llm.source'={llm.source!r} has no tokenizer "
                             "(tokenizer.json) next to the weights")
-  return loaded.model, loaded.tokenizer
+  return set_llm_layout(loaded.model, llm), loaded.tokenizer
+
+
+def set_llm_layout(model: Decoder, llm: ml_collections.ConfigDict) -> Decoder:
+  """Stacks `model`'s layers for `llm.scan_layers`, with `llm.remat_policy` (in place).
+
+  Loaders always build unrolled layers (checkpoints are per layer); absent keys keep them.
+  """
+  policy = llm.get("remat_policy", "none")
+  if policy not in layer_scan.REMAT_POLICIES:
+    raise config_lib.ConfigError(f"config key 'llm.remat_policy' is {policy!r}; expected "
+                                 f"one of {sorted(layer_scan.REMAT_POLICIES)}")
+  with nnx.use_eager_sharding(False):
+    return set_layer_scan(model, bool(llm.get("scan_layers", False)), policy)
 
 
 def lora_config(config: ml_collections.ConfigDict) -> lora_lib.LoraConfig:
@@ -156,7 +170,10 @@ def architecture(*, encoder: encoder_config.EncoderConfig | None = None,
   """The frozen architecture of a run's models, as JSON (`runs.save_run` writes it)."""
   out: dict[str, Any] = {}
   if encoder is not None:
-    out["encoder"] = _jsonable_dataclass(encoder)
+    # How the layers run (stacked or not, remat) is not architecture: checkpoints hold
+    # the layers per layer either way, and a rebuilt encoder runs them unrolled.
+    out["encoder"] = {k: v for k, v in _jsonable_dataclass(encoder).items()
+                      if k not in ("scan_layers", "remat_policy")}
   if llm is not None:
     out["llm"] = _jsonable_dataclass(llm)
   if bridge is not None:

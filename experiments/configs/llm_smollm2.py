@@ -30,6 +30,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.llm.preset = "smollm2_135m"  # architecture when source=random
   config.llm.dtype = "float32"       # compute dtype; params are always stored in float32
   config.llm.cache_dir = ""          # Orbax cache of the imported LLM ('' -> WORKDIR/llm_cache)
+  config.llm.scan_layers = False    # stack the layers, run by one scan (same results)
+  config.llm.remat_policy = "none"  # none | full | dots | dots_no_batch (per layer)
 
   config.mesh = common.mesh_section(shape=(1, -1, 1))  # every device on the fsdp axis
 

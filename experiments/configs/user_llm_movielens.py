@@ -58,6 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
   # (enc / proj strategies); trained weights want float32.
   config.llm.param_dtype = "float32"
   config.llm.cache_dir = ""        # Orbax cache of the imported LLM (skips GGUF dequant)
+  config.llm.scan_layers = False    # stack the layers, run by one scan (same results)
+  config.llm.remat_policy = "none"  # none | full | dots | dots_no_batch (per layer)
 
   config.bridge = ml_collections.ConfigDict()
   config.bridge.mode = "cross_attention"   # cross_attention | soft_prompt

@@ -36,6 +36,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from user_llm_jax import layer_scan
 from user_llm_jax.train import iterator_state
 
 
@@ -126,8 +127,9 @@ class Checkpointer:
   def save(self, step: int, state: nnx.State, data_iter: Any = None,
            extra: Mapping[str, Any] | None = None) -> None:
     """Saves `state` (and the iterator position and `extra`) as step `step`."""
-    items = {name: ocp.args.StandardSave(tree)
-             for name, tree in _named_items(nnx.to_pure_dict(state)).items()}
+    # Layer stacks are saved per layer, so scanned and unrolled runs resume each other.
+    pure = layer_scan.unstack_tree(nnx.to_pure_dict(state))
+    items = {name: ocp.args.StandardSave(tree) for name, tree in _named_items(pure).items()}
     items[META] = ocp.args.JsonSave({"fingerprint": self.fingerprint,
                                      "description": self.description,
                                      "extra": _jsonable(dict(extra or {}))})
@@ -180,7 +182,7 @@ class Checkpointer:
           f"workdir checkpoint {self._step_path(step)} was written by an incompatible config ("
           + "; ".join(diffs[:5]) + "); use a fresh --workdir or restore the original config")
     pure = nnx.to_pure_dict(state)
-    items = {name: ocp.args.StandardRestore(_abstract(tree))
+    items = {name: ocp.args.StandardRestore(layer_scan.unstack_tree(_abstract(tree)))
              for name, tree in _named_items(pure).items()}
     if data_iter is not None:
       # Also resumes a position saved by a different number of processes.
@@ -192,6 +194,8 @@ class Checkpointer:
           f"cannot restore checkpoint {self._step_path(step)} "
           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
           "it is corrupt or from a different model; delete it or use a fresh --workdir") from e
+    restored = {name: layer_scan.stack_tree(restored[name], like)
+                for name, like in _named_items(pure).items()}
     nnx.replace_by_pure_dict(state, _unnamed(restored, pure))
     return state, dict(meta.get("extra", {})), step
 
@@ -268,7 +272,8 @@ def restore_params(module: nnx.Module, directory: str, *, step: int | None = Non
   if not os.path.isdir(item):
     raise CheckpointError(f"checkpoint {directory}/{step} has no '{MODEL}' item")
   state = nnx.state(module, nnx.Not(nnx.RngState))
-  pure = nnx.to_pure_dict(state)
+  stacked = nnx.to_pure_dict(state)
+  pure = layer_scan.unstack_tree(stacked)  # checkpoints hold layer stacks per layer
   with ocp.StandardCheckpointer() as ckptr:
     saved = ckptr.metadata(item)
     saved = getattr(saved, "item_metadata", saved)
@@ -279,7 +284,7 @@ def restore_params(module: nnx.Module, directory: str, *, step: int | None = Non
             f"checkpoint {directory}/{step} was written by a different model: "
             + "; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)"
                                          if len(problems) > 5 else ""))
-    restored = {MODEL: ckptr.restore(item, _abstract(pure))}
+    restored = {MODEL: layer_scan.stack_tree(ckptr.restore(item, _abstract(pure)), stacked)}
   nnx.replace_by_pure_dict(state, restored[MODEL])
   nnx.update(module, state)
   return int(step)

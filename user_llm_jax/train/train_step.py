@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from user_llm_jax import distributed
 from user_llm_jax import params as params_lib
 from user_llm_jax import sharding as sharding_lib
 
@@ -148,7 +149,7 @@ def place(tree: Any, shardings: Any) -> Any:
   ShapeDtypeStructs carrying the shardings instead, to lower the step ahead of time for
   devices this host does not have (`user_llm_jax.tpu`)."""
   if not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree)):
-    return jax.device_put(tree, shardings)
+    return distributed.device_put(tree, shardings)  # also onto several processes' devices
   return jax.tree.map(
       lambda s, sub: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                   sub), shardings, tree)
