@@ -361,6 +361,13 @@ def table(report: Report) -> str:
             "once). Step time, MFU and throughput are roofline *estimates*: max(XLA FLOPs / "
             "peak bf16 FLOP/s, XLA bytes accessed / HBM bandwidth), without collectives or "
             "input; real steps are slower. Throughput is over the whole slice."]
+  for key, value in report.facts.items():
+    if key.endswith("_state"):
+      parts = "; ".join(f"{part}: " + ", ".join(f"{d} {b / GIB:.2f} GiB" for d, b in by.items())
+                        for part, by in value.items())
+      lines.append(f"{key[:-len('_state')]} train state (global, before sharding): {parts}")
+    elif key.endswith("_llm"):
+      lines.append(f"{key[:-len('_llm')]} LLM architecture from {value}")
   for r in report.rows:
     worst = r.matmuls.get("largest_non_bf16") or []
     if worst and r.matmuls.get("bf16_share", 1.0) < 0.999:
@@ -395,13 +402,16 @@ def raise_if_over(report: Report) -> None:
     if r.ok or r.error.startswith("skipped"):
       continue
     per_chip = r.batch / report.num_chips
+    keys = [k for k in report.facts.get("memory_keys", []) if k.endswith("remat_policy")]
+    remat = ("remat: " + ", ".join(f"--config.{k}=full" for k in keys) if keys
+             else "remat, which this config's layers do not offer yet")
     remedies = (
         f"lower the batch (train.batch_size / eval.batch_size: {r.batch} global = "
         f"{per_chip:g} per chip); shard parameters and optimizer state over chips with an "
         f"fsdp axis (--config.mesh.shape=\"(1,-1,1)\", or (data, fsdp, tensor) such as "
         f"\"(2,-1,1)\"); store frozen weights in bfloat16 (--config.llm.param_dtype=bfloat16); "
-        f"rematerialise layer activations in the backward pass (remat) where the model "
-        f"offers it; or use a chip with more HBM")
+        f"rematerialise layer activations in the backward pass ({remat}); or use a chip "
+        f"with more HBM")
     if r.error:
       found = (f"the TPU compiler reports: {r.error.strip().splitlines()[0][:400]}")
     else:

@@ -261,10 +261,13 @@ def user_llm_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
   tx = train_step_lib.make_tx(train_cfg.optim())
   wrt = strategies.trainable_filter(strategy)
 
+  # Scanned / rematerialised decoder layers, when the config has those switches.
+  layer_options = {k: config.llm[k] for k in ("scan_layers", "remat_policy") if k in config.llm}
+
   def build():
     encoder = models.build_encoder(enc, config.seed)
     with nnx.use_eager_sharding(False):
-      decoder = Decoder(llm, rngs=nnx.Rngs(config.seed))
+      decoder = Decoder(llm, rngs=nnx.Rngs(config.seed), **layer_options)
     model = models.assemble_user_llm(bridge, encoder, decoder, strategy=strategy, lora=lora,
                                      seed=config.seed)
     return model, nnx.Optimizer(model, tx, wrt=wrt)
@@ -363,6 +366,17 @@ def state_bytes(state: Any) -> dict[str, dict[str, int]]:
   return out
 
 
+def memory_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """The config's layer-memory switches (`remat_policy`, `scan_layers`), as dotted keys."""
+  out = []
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out += memory_keys(value, f"{prefix}{key}.")
+    elif key in ("remat_policy", "scan_layers"):
+      out.append(f"{prefix}{key}")
+  return out
+
+
 def plan(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
          rules: sharding.Rules) -> Plan:
   """The programs of the config's job (`pretrain_encoder`, `train_user_llm`,
@@ -373,13 +387,16 @@ def plan(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   """
   job = config.get("job")
   if job == "pretrain_encoder":
-    return encoder_programs(config, mesh, rules)
-  if job == "train_user_llm":
-    return user_llm_programs(config, mesh, rules)
-  if job == "main_pipeline":
+    result = encoder_programs(config, mesh, rules)
+  elif job == "train_user_llm":
+    result = user_llm_programs(config, mesh, rules)
+  elif job == "main_pipeline":
     first = encoder_programs(config, mesh, rules, train_path="encoder.train")
     second = user_llm_programs(config, mesh, rules)
-    return Plan(first.programs + second.programs, {**first.facts, **second.facts})
-  raise config_lib.ConfigError(
-      f"config key 'job' is {job!r}; the compile check knows 'pretrain_encoder', "
-      "'train_user_llm' and 'main_pipeline'")
+    result = Plan(first.programs + second.programs, {**first.facts, **second.facts})
+  else:
+    raise config_lib.ConfigError(
+        f"config key 'job' is {job!r}; the compile check knows 'pretrain_encoder', "
+        "'train_user_llm' and 'main_pipeline'")
+  result.facts["memory_keys"] = memory_keys(config)
+  return result

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from collections.abc import Sequence
 
@@ -104,6 +105,9 @@ class Topology:
     Raises:
       TopologyError: libtpu is not installed, or rejects the topology.
     """
+    # libtpu takes a machine-wide lock meant for processes that drive TPUs; compiling
+    # needs none, and parallel test workers or other jobs may hold it.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
       from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
       desc = topologies.get_topology_desc(

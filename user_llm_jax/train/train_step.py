@@ -145,9 +145,12 @@ def step_key(seed: int, step: jax.Array | int) -> jax.Array:
 
 
 def place(tree: Any, shardings: Any) -> Any:
-  """`jax.device_put(tree, shardings)`; an abstract tree (`nnx.eval_shape`) gets
-  ShapeDtypeStructs carrying the shardings instead, to lower the step ahead of time for
-  devices this host does not have (`user_llm_jax.tpu`)."""
+  """`jax.device_put(tree, shardings)`, or abstract values carrying the shardings.
+
+  An abstract tree (from `nnx.eval_shape`) gets `jax.ShapeDtypeStruct`s with the shardings,
+  so a step can be lowered ahead of time for devices this host does not have
+  (`user_llm_jax.tpu`).
+  """
   if not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree)):
     return distributed.device_put(tree, shardings)  # also onto several processes' devices
   return jax.tree.map(
