@@ -140,9 +140,23 @@ def primary_first(fn: Callable[[], _T], *, name: str) -> _T:
     finally:
       # Released even when process 0 fails: the others then fail on their own call
       # with the same message instead of waiting forever.
-      multihost_utils.sync_global_devices(name)
-  multihost_utils.sync_global_devices(name)
+      barrier(name)
+  barrier(name)
   return fn()
+
+
+def barrier(name: str, *, timeout_seconds: int = 3600) -> None:
+  """Waits until every process reaches `name`, through the coordination service.
+
+  Not a device collective: CPU (gloo) collectives give up when a peer is more than 30 s
+  late, and process 0 may be busy much longer (preparing a dataset).
+  """
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  client = jax_distributed.global_state.client
+  if client is None:  # Several processes without the coordination service (rare).
+    multihost_utils.sync_global_devices(name)
+    return
+  client.wait_at_barrier(name, timeout_seconds * 1000)
 
 
 def _put_global(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
