@@ -62,8 +62,8 @@ EXTRA=""
 if [[ "${DISTRIBUTED}" == "1" ]]; then EXTRA="--distributed"; fi
 ARGS=""
 if [[ $# -gt 0 ]]; then ARGS="$(printf '%q ' "$@")"; fi
-run gcloud compute tpus tpu-vm ssh "${TPU_NAME}" "${PROJECT_FLAG[@]}" --zone="${ZONE}" --worker=all \
-  --command="set -e; mkdir -p ~/user_llm_jax && tar -xzf ~/user_llm_jax.tar.gz -C ~/user_llm_jax \
+run gcloud compute tpus tpu-vm ssh "${TPU_NAME}" "${PROJECT_FLAG[@]}" --zone="${ZONE}" \
+  --worker=all --command="set -e; mkdir -p ~/user_llm_jax && tar -xzf ~/user_llm_jax.tar.gz -C ~/user_llm_jax \
 && cd ~/user_llm_jax && python3 -m pip install -q -e . 'jax[tpu]==0.10.2' \
 && python3 -m experiments.main --workdir=${WORKDIR} ${EXTRA} ${ARGS}"
 
