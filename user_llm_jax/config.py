@@ -20,6 +20,8 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from user_llm_jax import storage
+
 
 class ConfigError(ValueError):
   """An invalid config: unknown key, wrong type or value. The message names the key."""
@@ -217,7 +219,7 @@ OMITTED_AT = {"llm.param_dtype": "float32"}
 # Sections that are switched off while one of their keys is 0 (a stage that does not run):
 # left out of the fingerprint then, so runs saved before the section existed still match.
 OFF_WHEN_ZERO = {"align": "steps"}
-# Keys holding filesystem paths: compared as absolute paths.
+# Keys holding filesystem paths: compared as absolute paths (remote URIs unchanged).
 PATH_KEYS = frozenset({"data.manual_dir", "data.data_dir", "encoder.workdir"})
 
 
@@ -250,7 +252,8 @@ def fingerprint(config: Mapping[str, Any], *, drop: tuple[str, ...] = (),
       return out
     path = prefix[:-1]
     if path in PATH_KEYS and isinstance(node, str) and node:
-      return os.path.abspath(os.path.expanduser(node))
+      # Local paths compare as absolute paths; a gs:// URI as written.
+      return storage.absolute(node)
     return to_plain(node)
 
   plain = walk(config, "")

@@ -17,12 +17,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 
 from user_llm_jax import config as config_lib
+from user_llm_jax import storage
 from user_llm_jax.data import schema
 from user_llm_jax.llm.tokenizer import Tokenizer
 from user_llm_jax.train import checkpointing
@@ -64,16 +66,20 @@ class Run:
 
   def vocabulary(self) -> schema.Vocabulary:
     path = os.path.join(self.workdir, VOCABULARY_JSON)
-    if not os.path.exists(path):
+    if not storage.exists(path):
       raise NotARunError(f"{self.workdir!r} has no {VOCABULARY_JSON}")
     return schema.Vocabulary.load(path)
 
   def tokenizer(self) -> Tokenizer:
     path = os.path.join(self.workdir, TOKENIZER_DIR, "tokenizer.json")
-    if not os.path.exists(path):
+    if not storage.exists(path):
       raise NotARunError(f"{self.workdir!r} has no {TOKENIZER_DIR}/tokenizer.json (the run "
                          "has no LLM)")
-    return Tokenizer.from_tokenizer_json(os.path.dirname(path))
+    directory = os.path.dirname(path)
+    if storage.is_remote(directory):
+      # The tokenizers library reads local files only.
+      directory = storage.download_dir(directory)
+    return Tokenizer.from_tokenizer_json(directory)
 
 
 def description(job: str, config: ml_collections.ConfigDict,
@@ -87,16 +93,20 @@ def save_run(workdir: str, job: str, config: ml_collections.ConfigDict,
              architecture: Mapping[str, Any], *, vocab: schema.Vocabulary | None = None,
              tokenizer: Tokenizer | None = None) -> dict[str, Any]:
   """Writes `run.json` (and the vocabulary / tokenizer) into `workdir`; returns the record."""
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   record = description(job, config, architecture)
-  tmp = os.path.join(workdir, RUN_JSON + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(record, f, indent=2, default=str)
-  os.replace(tmp, os.path.join(workdir, RUN_JSON))
+  storage.write_atomic(os.path.join(workdir, RUN_JSON),
+                       json.dumps(record, indent=2, default=str))
   if vocab is not None:
     vocab.save(os.path.join(workdir, VOCABULARY_JSON))
   if tokenizer is not None:
-    tokenizer.save_tokenizer_json(os.path.join(workdir, TOKENIZER_DIR))
+    if storage.is_remote(workdir):
+      # The tokenizers library writes local files only: write them beside, then copy up.
+      with tempfile.TemporaryDirectory() as local:
+        tokenizer.save_tokenizer_json(local)
+        storage.copy_tree(local, os.path.join(workdir, TOKENIZER_DIR))
+    else:
+      tokenizer.save_tokenizer_json(os.path.join(workdir, TOKENIZER_DIR))
   return record
 
 
@@ -116,13 +126,12 @@ def load_run(workdir: str, *, job: str | tuple[str, ...] | None = None,
     NotARunError: no run.json, a run of another job, or no checkpoint; the message says
       what to run first.
   """
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = storage.absolute(workdir)
   hint = f"; make one with: {make}" if make else ""
   path = os.path.join(workdir, RUN_JSON)
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise NotARunError(f"{workdir!r} holds no {what} (no {RUN_JSON}){hint}")
-  with open(path, encoding="utf-8") as f:
-    record = json.load(f)
+  record = json.loads(storage.read_text(path))
   jobs = (job,) if isinstance(job, str) else job
   if jobs is not None and record.get("job") not in jobs:
     raise NotARunError(f"{workdir!r} holds a {record.get('job')!r} run, not a {what}{hint}")

@@ -24,6 +24,7 @@ import ml_collections
 
 from data_pipelines import records
 from user_llm_jax import config as config_lib
+from user_llm_jax import storage
 from user_llm_jax import distributed
 from user_llm_jax.data import schema
 from user_llm_jax.data import source as source_lib
@@ -64,26 +65,49 @@ def _synthetic_raw(data: ml_collections.ConfigDict, workdir: str) -> tuple[str, 
 
 
 def prepare(data: ml_collections.ConfigDict, workdir: str) -> str:
-  """Raw files (real `manual_dir` or the synthetic default) -> the prepared dataset's path."""
+  """Raw files (real `manual_dir` or the synthetic default) -> the prepared dataset's path.
+
+  A remote `data_dir` (gs://; the default under a gs:// workdir) is prepared in a local
+  staging directory (`storage.staging_dir`: the raw readers and the ArrayRecord writer need
+  local files), then mirrored up unless the bucket already holds the same files; the
+  returned path is the remote copy, which jobs read from the bucket.
+  """
   from data_pipelines import prepare as prepare_lib  # pylint: disable=g-import-not-at-top
   force = False
   if data.manual_dir:
+    if storage.is_remote(data.manual_dir):
+      raise config_lib.ConfigError(
+          f"config key 'data.manual_dir' is {data.manual_dir!r}: raw files are read from a "
+          "local directory; copy them down first (gsutil -m cp -r), or prepare them locally "
+          "and set data.data_dir to a gs:// path")
     manual_dir = os.path.abspath(os.path.expanduser(data.manual_dir))
     if not os.path.isdir(manual_dir):
       raise FileNotFoundError(
           f"config key 'data.manual_dir' points to {manual_dir!r}, which does not exist or "
           "is not a directory (expected the raw dataset files, e.g. ratings.csv and movies.csv)")
   else:
-    manual_dir, force = _synthetic_raw(data, workdir)
+    local_workdir = storage.staging_dir(workdir) if storage.is_remote(workdir) else workdir
+    manual_dir, force = _synthetic_raw(data, local_workdir)
   data_dir = data.data_dir or os.path.join(workdir, "data")
+  local_data_dir = data_dir
+  if storage.is_remote(data_dir):
+    try:
+      storage.check(data_dir, "config key 'data.data_dir'")
+    except storage.RemoteStorageError as e:
+      raise config_lib.ConfigError(str(e)) from e
+    local_data_dir = storage.staging_dir(data_dir)
   options = {}
   for key in ("kcore_users", "kcore_items"):
     if key in data and data[key]:
       options[key] = int(data[key])
   prepared = prepare_lib.prepare_dataset(
-      data.dataset, manual_dir, data_dir, protocol=data.protocol, window=data.window,
+      data.dataset, manual_dir, local_data_dir, protocol=data.protocol, window=data.window,
       force=force, **options)
-  return prepared.path
+  if local_data_dir == data_dir:
+    return prepared.path
+  remote = os.path.join(data_dir, os.path.relpath(prepared.path, local_data_dir))
+  storage.mirror(prepared.path, remote)
+  return remote
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Sequence
+
+from user_llm_jax import storage
 
 PAD_ID = 0
 OOV_ID = 1
@@ -122,24 +123,20 @@ class Vocabulary:
     )
 
   def save(self, path: str) -> None:
-    """Writes the vocabulary as JSON (atomically: temp file then rename)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(self.to_json(), f, ensure_ascii=False)
-    os.replace(tmp, path)
+    """Writes the vocabulary as JSON, atomically (a local or gs:// path)."""
+    storage.write_atomic(path, json.dumps(self.to_json(), ensure_ascii=False))
 
   @classmethod
   def load(cls, path: str) -> "Vocabulary":
-    if not os.path.exists(path):
+    if not storage.exists(path):
       raise FileNotFoundError(
           f"Vocabulary file {path!r} not found: prepare the dataset first "
           "(python -m data_pipelines.prepare ...)."
       )
-    with open(path, encoding="utf-8") as f:
-      try:
-        obj = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); re-prepare the dataset.") from e
+    try:
+      obj = json.loads(storage.read_text(path))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: not valid JSON ({e}); re-prepare the dataset.") from e
     return cls.from_json(obj)
 
   def titles(self) -> list[str]:

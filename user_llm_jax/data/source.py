@@ -9,13 +9,13 @@ equivalent for tests and small experiments.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 from collections.abc import Sequence
 
 import numpy as np
 
+from user_llm_jax import storage
 from user_llm_jax.data import schema
 
 STATISTICS_FILENAME = "statistics.json"
@@ -33,16 +33,15 @@ def find_prepared_dir(data_dir: str | os.PathLike) -> str:
     FileNotFoundError: nothing prepared there, or several candidates.
   """
   data_dir = os.fspath(data_dir)
-  if os.path.exists(os.path.join(data_dir, DATASET_INFO)):
+  if storage.exists(os.path.join(data_dir, DATASET_INFO)):
     return data_dir
-  if not os.path.isdir(data_dir):
+  if not storage.isdir(data_dir):
     raise FileNotFoundError(
         f"data_dir {data_dir!r} does not exist; prepare a dataset first with "
         "python -m data_pipelines.prepare --dataset=... --manual_dir=... --data_dir=...")
   found = sorted(
       os.path.dirname(p) for pattern in ("*/*/*/" + DATASET_INFO, "*/*/" + DATASET_INFO)
-      for p in glob.glob(os.path.join(glob.escape(data_dir), pattern))
-      if "incomplete" not in p)
+      for p in storage.glob(data_dir, pattern) if "incomplete" not in p)
   if len(found) == 1:
     return found[0]
   if not found:
@@ -57,11 +56,10 @@ def find_prepared_dir(data_dir: str | os.PathLike) -> str:
 
 def load_statistics(prepared_dir: str) -> dict:
   path = os.path.join(prepared_dir, STATISTICS_FILENAME)
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise FileNotFoundError(f"{path!r} not found: {prepared_dir!r} was not written by "
                             "data_pipelines.prepare; re-prepare the dataset.")
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(storage.read_text(path))
 
 
 def load_prepared(data_dir: str | os.PathLike, split: str):

@@ -147,7 +147,12 @@ def run(config: ml_collections.ConfigDict, *, workdir: str, mode: str,
       # Orbax and Grain log every save/read at INFO; keep the console to the progress
       # bar and results unless --verbosity asks for more.
       absl_logging.set_verbosity(absl_logging.WARNING)
-    os.makedirs(workdir, exist_ok=True)
+    from user_llm_jax import storage  # pylint: disable=g-import-not-at-top
+    try:
+      storage.check(workdir, "--workdir")  # gs:// needs its client package
+    except storage.RemoteStorageError as e:
+      raise config_lib.ConfigError(str(e)) from e
+    storage.makedirs(workdir)
     logging.info("Running %s (mode=%s) in %s", config.job, mode, workdir)
     from user_llm_jax import sharding  # pylint: disable=g-import-not-at-top
     rules = config.mesh.rules if "mesh" in config and "rules" in config.mesh else ()

@@ -36,6 +36,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from user_llm_jax import storage
+
 from user_llm_jax import layer_scan
 from user_llm_jax.train import iterator_state
 
@@ -107,7 +109,7 @@ class Checkpointer:
                description: Mapping[str, Any] | None = None):
     if every <= 0:
       raise ValueError(f"checkpoint interval must be positive, got {every}")
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.absolute(directory)
     self.every = every
     self.fingerprint = _jsonable(dict(fingerprint or {}))
     self.description = _jsonable(dict(description or {}))
@@ -225,15 +227,15 @@ def _shape_mismatches(target: Any, saved: Any, path: str = "") -> list[str]:
 
 def latest_step(directory: str) -> int | None:
   """The newest step of a checkpoint directory (None when it holds none)."""
-  if not os.path.isdir(directory):
+  if not storage.isdir(directory):
     return None
-  with ocp.CheckpointManager(os.path.abspath(directory)) as manager:
+  with ocp.CheckpointManager(storage.absolute(directory)) as manager:
     return manager.latest_step()
 
 
 def read_description(directory: str, step: int | None = None) -> dict[str, Any]:
   """The run description (`Checkpointer(description=...)`) saved with a checkpoint step."""
-  directory = os.path.abspath(directory)
+  directory = storage.absolute(directory)
   step = latest_step(directory) if step is None else step
   if step is None:
     raise CheckpointError(f"no checkpoint in {directory!r}")
@@ -260,8 +262,8 @@ def restore_params(module: nnx.Module, directory: str, *, step: int | None = Non
   Raises:
     CheckpointError: no checkpoint, or a tree/shape mismatch (the first few named).
   """
-  directory = os.path.abspath(directory)
-  if not os.path.isdir(directory):
+  directory = storage.absolute(directory)
+  if not storage.isdir(directory):
     raise CheckpointError(f"checkpoint directory {directory!r} does not exist")
   step = latest_step(directory) if step is None else step
   if step is None:
@@ -269,7 +271,7 @@ def restore_params(module: nnx.Module, directory: str, *, step: int | None = Non
   # Read the `model` item alone (a StandardCheckpointer over its directory), so nothing
   # else of the step is touched.
   item = os.path.join(directory, str(step), MODEL)
-  if not os.path.isdir(item):
+  if not storage.isdir(item):
     raise CheckpointError(f"checkpoint {directory}/{step} has no '{MODEL}' item")
   state = nnx.state(module, nnx.Not(nnx.RngState))
   stacked = nnx.to_pure_dict(state)

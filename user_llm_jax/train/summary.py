@@ -1,34 +1,28 @@
 """Run summaries: `summary.json`, a small human-readable `summary.txt`, and `loss.png`.
 
-Files are written atomically (temporary file, then rename), so a crashed run never leaves a
-summary that looks complete.
+Files are written atomically (`storage.write_atomic`: a temporary file and a rename, or one
+object upload on gs://), so a crashed run never leaves a summary that looks complete.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from user_llm_jax import storage
 
 SUMMARY_JSON = "summary.json"
 SUMMARY_TXT = "summary.txt"
 LOSS_PNG = "loss.png"
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
 def remove_stale(workdir: str) -> None:
   """Deletes summaries of an earlier run so only a finished run leaves them."""
   for name in (SUMMARY_JSON, SUMMARY_TXT, LOSS_PNG):
-    path = os.path.join(workdir, name)
-    if os.path.exists(path):
-      os.remove(path)
+    storage.remove(os.path.join(workdir, name))
 
 
 def format_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
@@ -79,15 +73,15 @@ def plot_loss(history: Sequence[Mapping[str, float]], path: str,
     ax2.legend(loc="upper right")
   ax.legend(loc="upper left")
   fig.tight_layout()
-  tmp = f"{path}.tmp.{os.getpid()}.png"
-  fig.savefig(tmp, dpi=100)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=100)
   plt.close(fig)
-  os.replace(tmp, path)
+  storage.write_atomic(path, png.getvalue())
 
 
 def write_summary(workdir: str, summary: Mapping[str, Any], text: str) -> None:
   """Writes `summary.json` (machine-readable) and `summary.txt` (the printed table)."""
-  _atomic_write(os.path.join(workdir, SUMMARY_TXT), (text + "\n").encode())
+  storage.write_atomic(os.path.join(workdir, SUMMARY_TXT), (text + "\n").encode())
   # JSON last: its presence marks a complete run.
-  _atomic_write(os.path.join(workdir, SUMMARY_JSON),
+  storage.write_atomic(os.path.join(workdir, SUMMARY_JSON),
                 json.dumps(summary, indent=2, sort_keys=True, default=str).encode())
