@@ -24,8 +24,8 @@ import ml_collections
 
 from data_pipelines import records
 from user_llm_jax import config as config_lib
-from user_llm_jax import storage
 from user_llm_jax import distributed
+from user_llm_jax import storage
 from user_llm_jax.data import schema
 from user_llm_jax.data import source as source_lib
 from user_llm_jax.data import transforms as transforms_lib

@@ -36,9 +36,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from user_llm_jax import storage
-
 from user_llm_jax import layer_scan
+from user_llm_jax import storage
 from user_llm_jax.train import iterator_state
 
 
