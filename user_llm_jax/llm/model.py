@@ -15,6 +15,9 @@ importers/exporters):
   final_norm/scale                [D]
   lm_head/kernel                  [D,V]   (only when the head is untied)
 
+and, by `LlmConfig` switches (Qwen, Gemma): layers/{i}/attn/{q,k,v}/bias [N|K,H],
+layers/{i}/attn/{q,k}_norm/scale [H], layers/{i}/{attn,mlp}/post_norm/scale [D].
+
 With `scan_layers=True` the layers are held stacked (`layers/attn/q/kernel` [L,D,N,H], see
 `user_llm_jax.layer_scan`) and run as one scan per stretch of layers between
 cross-attention blocks, so a deep decoder is traced and compiled once per stretch instead
@@ -33,6 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from user_llm_jax import layer_scan
+from user_llm_jax import nn
 from user_llm_jax import params as params_lib
 from user_llm_jax import sharding
 from user_llm_jax.llm.config import LlmConfig
@@ -108,8 +112,8 @@ class DecoderLayer(nnx.Module):
   """Pre-norm residual block: x + attn(norm(x)); x + mlp(norm(x))."""
 
   def __init__(self, cfg: LlmConfig, *, rngs: nnx.Rngs):
-    kw = dict(eps=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
-              rngs=rngs)
+    kw = dict(eps=cfg.norm_eps, offset=cfg.norm_scale_offset, dtype=cfg.compute_dtype,
+              param_dtype=cfg.storage_dtype, rngs=rngs)
     self.attn_norm = RMSNorm(cfg.width, **kw)
     self.attn = Attention(cfg, rngs=rngs)
     self.mlp_norm = RMSNorm(cfg.width, **kw)
@@ -163,8 +167,8 @@ class Decoder(nnx.Module):
     layers = [DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)]
     self.layers = layer_scan.stack_modules(layers) if scan_layers else nnx.List(layers)
     self.remat_policy = layer_scan.check_remat_policy(remat_policy)
-    self.final_norm = RMSNorm(cfg.width, eps=cfg.norm_eps, dtype=cfg.compute_dtype,
-                              param_dtype=cfg.storage_dtype, rngs=rngs)
+    self.final_norm = RMSNorm(cfg.width, eps=cfg.norm_eps, offset=cfg.norm_scale_offset,
+                              dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, rngs=rngs)
     if not cfg.tie_embeddings:
       self.lm_head = Einsum("BTD,DV->BTV", (cfg.width, cfg.vocab_size), ("embed", "vocab"),
                             dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, rngs=rngs)
@@ -243,13 +247,17 @@ class Decoder(nnx.Module):
     return block(x, context.raw, context.mask)
 
   def embed(self, tokens: jax.Array) -> jax.Array:
-    """Token embeddings [B,T] -> [B,T,D] (Llama does not scale them)."""
-    return self.embedder.encode(tokens)
+    """Token embeddings [B,T] -> [B,T,D] (times sqrt(D) for Gemma; Llama does not scale)."""
+    x = self.embedder.encode(tokens)
+    if self.cfg.scale_embeddings:  # the factor rounded to the compute dtype, as in HF
+      x = x * jnp.asarray(self.cfg.width ** 0.5, x.dtype)
+    return x
 
   def head(self, x: jax.Array) -> jax.Array:
     """Final-normed hidden states [B,T,D] -> float32 logits [B,T,V]."""
     logits = self.embedder.decode(x) if self.cfg.tie_embeddings else self.lm_head(x)
-    return sharding.with_logical_constraint(logits.astype(jnp.float32), sharding.ACT_BTV)
+    logits = nn.soft_cap(logits.astype(jnp.float32), self.cfg.final_logit_softcap)
+    return sharding.with_logical_constraint(logits, sharding.ACT_BTV)
 
   def __call__(self, tokens: jax.Array | None, *, positions: jax.Array,
                attention_mask: jax.Array | None = None,
