@@ -236,6 +236,10 @@ def write_gguf(model: Decoder, path: str | os.PathLike, tokenizer=None, *,
   cfg = model.cfg
   if cfg.rope_layout != "rotate_half" or cfg.rope_scaling is not None:
     raise ValueError("write_gguf expects a rotate-half model without RoPE scaling")
+  from user_llm_jax.llm.safetensors_io import hf_family  # pylint: disable=g-import-not-at-top
+  if hf_family(cfg) != "llama":
+    raise ValueError(f"write_gguf writes llama GGUF files; this is a {hf_family(cfg)} model "
+                     "(export it with safetensors_io.save_hf_dir)")
   writer = gguf.GGUFWriter(str(path), "llama")
   writer.add_block_count(cfg.num_layers)
   writer.add_context_length(cfg.max_seq_len)
