@@ -91,7 +91,8 @@ def test_text_infer_equals_single_answers_and_resumes_after_a_kill(workdirs, tmp
                      output=str(cut))
   assert done["answered_now"] == 0 and done["users_per_sec"] is None
   # The User-LLM's answers file is not the text baseline's.
-  with pytest.raises(records.BadInputError, match=r"other settings \(run: "):
+  with pytest.raises(records.BadInputError, match=r"other settings \(checkpoint_step: 1 -> "
+                                                   r"None; run: '.*/run' -> '.*/text'\)"):
     infer.infer(str(workdirs["text"]), history_file=str(users), top_k=3,
                 output=str(tmp_path / "ullm.jsonl"))
 
