@@ -207,12 +207,12 @@ HARMLESS_KEYS = frozenset({
     "data.worker_count",
     "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
     "llm.cache_dir",
-    "aot",  # vocabulary sizes the compile check assumes; a run reads them from its data
-})
     # Stacked (scanned) or unrolled layers and their remat policy give the same results
     # (tests/test_scan_layers.py), and checkpoints hold layers per layer in both forms.
     "llm.scan_layers", "llm.remat_policy",
     "encoder.model.scan_layers", "encoder.model.remat_policy",
+    "aot",  # vocabulary sizes the compile check assumes; a run reads them from its data
+})
 # Keys added after runs were saved, at the value those runs used: left out of the
 # fingerprint while they hold it, so the saved runs still match.
 OMITTED_AT = {"llm.param_dtype": "float32"}
