@@ -188,7 +188,9 @@ def device_put(tree: Any, shardings: Any) -> Any:
     return jax.device_put(tree, shardings)
   if isinstance(shardings, jax.sharding.Sharding):
     return jax.tree.map(lambda x: _put_global(x, shardings), tree)
-  return jax.tree.map(_put_global, tree, shardings)
+  # `shardings` may be a prefix of `tree` (a sharding where the tree holds a Variable).
+  return jax.tree.map(lambda s, sub: jax.tree.map(lambda x: _put_global(x, s), sub),
+                      shardings, tree, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
 
 
 def _global_mesh(params: Any) -> jax.sharding.Mesh:
