@@ -1,0 +1,119 @@
+"""The item head ranks the whole catalogue from the LLM state at the prompt's last token:
+its scores equal a brute-force computation, PAD and OOV are never ranked, and the reported
+Recall@K / NDCG@10 equal ranks computed by sorting the brute-force scores."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from user_llm_jax.bridge import user_llm as ullm
+from user_llm_jax.data import schema
+from user_llm_jax.encoder import ENCODER_TINY, UserEncoder
+from user_llm_jax.eval import retrieval
+from user_llm_jax.llm.config import LLM_TINY
+from user_llm_jax.llm.model import Decoder
+
+B, T = 6, 12
+E = ENCODER_TINY.max_len
+V = ENCODER_TINY.num_items
+
+
+@pytest.fixture(scope="module")
+def model():
+  with nnx.use_eager_sharding(False):
+    m = ullm.UserLLM(ullm.UserLlmConfig(mode="cross_attention", xattn_every=1, item_head=True),
+                     encoder=UserEncoder(ENCODER_TINY, rngs=nnx.Rngs(1)),
+                     llm=Decoder(LLM_TINY.replace(num_layers=2), rngs=nnx.Rngs(0)),
+                     rngs=nnx.Rngs(2))
+  for block in m.llm.cross_attention.values():  # the user context reaches the state
+    block.attn_gate[...] = jnp.asarray(0.5)
+    block.mlp_gate[...] = jnp.asarray(0.5)
+  head = m.item_head
+  # The reserved ids get the largest biases: only the masking keeps them out of the ranking.
+  bias = np.asarray(head.bias[...]).copy()
+  bias[:schema.FIRST_ID] = 1e6
+  head.bias[...] = jnp.asarray(bias)
+  return m
+
+
+def make_batch(seed=0):
+  rng = np.random.default_rng(seed)
+  n = rng.integers(2, E + 1, size=B)
+  mask = np.arange(E)[None] < n[:, None]
+
+  def ids(high, shape):
+    m = mask.reshape(mask.shape + (1,) * (len(shape) - 2))
+    return np.where(m, rng.integers(2, high, shape), 0).astype(np.int32)
+
+  prompt_length = rng.integers(4, T - 2, size=B).astype(np.int32)
+  targets = ids(V, (B, E))
+  targets[0, n[0] - 1] = schema.OOV_ID  # an unknown target can only be a miss
+  return {
+      "inputs_item": ids(V, (B, E)), "inputs_rating": ids(ENCODER_TINY.num_ratings, (B, E)),
+      "inputs_category": ids(ENCODER_TINY.num_categories, (B, E, 3)),
+      "inputs_time": ids(ENCODER_TINY.num_time_buckets, (B, E)), "mask": mask,
+      "targets_item": targets, "last_index": (n - 1).astype(np.int32),
+      "tokens": rng.integers(0, LLM_TINY.vocab_size, (B, T)).astype(np.int32),
+      "text_mask": np.ones((B, T), bool), "prompt_length": prompt_length,
+  }
+
+
+def brute_force_scores(model, batch):
+  """Item scores from the LLM states, one example and one item at a time (float64)."""
+  hidden = np.asarray(model.hidden_states(batch, jnp.asarray(batch["tokens"])), np.float64)
+  kernel = np.asarray(model.item_head.query.kernel[...], np.float64)      # [D, F]
+  items = np.asarray(model.item_head.items[...], np.float64)              # [V, F]
+  bias = np.asarray(model.item_head.bias[...], np.float64)
+  out = np.full((B, V), -np.inf)
+  for b in range(B):
+    q = hidden[b, int(batch["prompt_length"][b]) - 1] @ kernel
+    for v in range(schema.FIRST_ID, V):
+      out[b, v] = float(items[v] @ q) + bias[v]
+  return out
+
+
+def test_scores_match_brute_force_and_exclude_pad_and_oov(model):
+  batch = make_batch()
+  scores = np.asarray(model.next_item_logits(batch))
+  assert scores.shape == (B, V)
+  assert np.isneginf(scores[:, :schema.FIRST_ID]).all()
+  assert np.isfinite(scores[:, schema.FIRST_ID:]).all()
+  np.testing.assert_allclose(scores[:, schema.FIRST_ID:],
+                             brute_force_scores(model, batch)[:, schema.FIRST_ID:],
+                             rtol=1e-4, atol=1e-4)
+  # Only the prompt is read: what follows it (the answer slots) changes nothing.
+  later = dict(batch, tokens=batch["tokens"].copy())
+  for b in range(B):
+    later["tokens"][b, batch["prompt_length"][b]:] = 7
+  np.testing.assert_array_equal(np.asarray(model.next_item_logits(later)), scores)
+  # And it reads the user: another user's events change the scores.
+  other = make_batch(seed=3)
+  moved = dict(batch, **{k: other[k] for k in ("inputs_item", "inputs_rating",
+                                               "inputs_category", "inputs_time", "mask")})
+  assert not np.allclose(np.asarray(model.next_item_logits(moved)), scores)
+
+
+def test_reported_metrics_equal_a_sort_of_the_brute_force_scores(model):
+  batches = [make_batch(seed) for seed in (0, 1)]
+  got = retrieval.evaluate_next_item(model, batches, ks=(1, 5, 10))
+  ranks = []
+  for batch in batches:
+    scores = brute_force_scores(model, batch)
+    targets = retrieval.last_targets(batch)
+    for b in range(B):
+      target = int(targets[b])
+      if target < schema.FIRST_ID:
+        ranks.append(np.inf)  # PAD / OOV targets are never found
+        continue
+      # Every catalogue item but PAD and OOV, best first; ties by smaller id.
+      order = sorted(range(schema.FIRST_ID, V), key=lambda v: (-scores[b, v], v))
+      ranks.append(order.index(target))
+  ranks = np.asarray(ranks)
+  assert got["num_examples"] == 2 * B
+  for k in (1, 5, 10):
+    assert got[f"recall@{k}"] == pytest.approx(np.mean(ranks < k))
+  ndcg = np.where(ranks < 10, 1.0 / np.log2(np.minimum(ranks, 1e9) + 2.0), 0.0)
+  assert got["ndcg@10"] == pytest.approx(np.mean(ndcg))
+  # Some target was ranked and some was not in the top 1, so the check has teeth.
+  assert np.isfinite(ranks).sum() == 2 * B - 2 and (ranks[np.isfinite(ranks)] > 0).any()
