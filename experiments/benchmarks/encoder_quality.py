@@ -70,18 +70,6 @@ PEER = {"name": "RecBole SASRec (peer)", "dataset": "ml-latest-small",
 TARGETS = {"recall@10": 0.18, "ndcg@10": 0.09}
 KEYS = ("recall@1", "recall@5", "recall@10", "ndcg@10")
 
-_OUTPUT = flags.DEFINE_string("output", "runs/encoder_quality/encoder_quality.json",
-                              "Where the JSON report goes (runs next to it).")
-_ONLY = flags.DEFINE_list("only", ["kcore", "item_only", "last_window"],
-                          f"Arms to run on the MovieLens set; known: {sorted(ARMS)}.")
-_DATASETS = flags.DEFINE_list("datasets", list(DATASETS), "Datasets to run.")
-_DATA_ROOT = flags.DEFINE_string("data_root", "../shared/data",
-                                 "Directory holding ml-latest-small/ and amazon/.")
-_EXCLUDE_SEEN = flags.DEFINE_bool("exclude_seen", False,
-                                  "Exclude the user's earlier items from the ranking.")
-_OVERRIDES = flags.DEFINE_string(
-    "overrides", "", "JSON dict of config overrides for every run (e.g. a smoke budget).")
-
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any],
                     what: str) -> None:
@@ -235,12 +223,29 @@ def run(output: str, arms: Sequence[str], datasets: Sequence[str], data_root: st
   return report
 
 
+def define_flags() -> None:
+  """Defines the command-line flags; only when run as a script, so that importing this
+  module (tests) never clashes with other modules' flags (e.g. `--output`)."""
+  flags.DEFINE_string("output", "runs/encoder_quality/encoder_quality.json",
+                      "Where the JSON report goes (runs next to it).")
+  flags.DEFINE_list("only", ["kcore", "item_only", "last_window"],
+                    f"Arms to run on the MovieLens set; known: {sorted(ARMS)}.")
+  flags.DEFINE_list("datasets", list(DATASETS), "Datasets to run.")
+  flags.DEFINE_string("data_root", "../shared/data",
+                      "Directory holding ml-latest-small/ and amazon/.")
+  flags.DEFINE_bool("exclude_seen", False, "Exclude the user's earlier items from the ranking.")
+  flags.DEFINE_string("overrides", "",
+                      "JSON dict of config overrides for every run (e.g. a smoke budget).")
+
+
 def main(argv: Sequence[str]) -> None:
   del argv
-  overrides = json.loads(_OVERRIDES.value) if _OVERRIDES.value else {}
-  run(_OUTPUT.value, _ONLY.value, _DATASETS.value, _DATA_ROOT.value,
-      exclude_seen=_EXCLUDE_SEEN.value, overrides=overrides)
+  f = flags.FLAGS
+  overrides = json.loads(f.overrides) if f.overrides else {}
+  run(f.output, f.only, f.datasets, f.data_root, exclude_seen=f.exclude_seen,
+      overrides=overrides)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
