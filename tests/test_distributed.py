@@ -30,6 +30,7 @@ import sys
 import time
 
 import grain
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -134,7 +135,11 @@ def model_params(workdir: str, step: int = STEPS) -> dict[str, np.ndarray]:
   """The `model` item of a checkpoint as flat {path: array}."""
   path = os.path.join(workdir, "checkpoints", str(step), "model")
   with ocp.PyTreeCheckpointer() as ckptr:
-    tree = ckptr.restore(path)
+    # As host arrays: the saved shardings name the devices of the processes that wrote it.
+    meta = ckptr.metadata(path)
+    meta = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+    tree = ckptr.restore(path, restore_args=jax.tree.map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta))
   flat = {}
 
   def walk(node, prefix):
