@@ -152,6 +152,20 @@ def test_a_zero_shot_run_whose_llm_changed_is_refused(workdirs, tmp_path):
     text_prompt.load_model(text_prompt.trained_run(str(copy)))
 
 
+def test_a_zero_shot_run_recorded_before_later_llm_fields_still_loads(workdirs, tmp_path):
+  # A run written before LlmConfig gained fields (e.g. the Qwen / Gemma switches) records
+  # none of them; their defaults are the architecture it had.
+  copy = tmp_path / "old"
+  shutil.copytree(workdirs["text"], copy)
+  record = json.loads((copy / runs.RUN_JSON).read_text())
+  for key in ("qk_norm", "post_norms", "sliding_layers", "scale_embeddings"):
+    assert key in record["architecture"]["llm"]
+    del record["architecture"]["llm"][key]
+  (copy / runs.RUN_JSON).write_text(json.dumps(record))
+  model = text_prompt.load_model(text_prompt.trained_run(str(copy)))
+  assert model.cfg.num_layers == record["architecture"]["llm"]["num_layers"]
+
+
 def test_a_workdir_neither_user_llm_nor_text_baseline_is_one_clear_line(workdirs, tmp_path):
   users = tmp_path / "u.csv"
   users.write_text("userId,movieId\nu0,1\n")

@@ -97,9 +97,13 @@ def load_model(run: runs.Run) -> Decoder:
     # Nothing was trained: the config names the weights (a random LLM by its seed).
     llm, _ = models.load_llm(run.config.llm, run.config.seed)
     loaded = _as_json(models.architecture(llm=llm.cfg)["llm"])
-    if loaded != _as_json(arch["llm"]):
-      differ = sorted(k for k in set(loaded) | set(arch["llm"])
-                      if loaded.get(k) != _as_json(arch["llm"]).get(k))
+    # The recorded architecture read back as a config: fields added to LlmConfig since the
+    # run was written take their defaults (the architecture the run had), not "missing".
+    recorded = _as_json(models.architecture(
+        llm=models.llm_config_from_architecture(arch))["llm"])
+    if loaded != recorded:
+      differ = sorted(k for k in set(loaded) | set(recorded)
+                      if loaded.get(k) != recorded.get(k))
       raise runs.NotARunError(
           f"{run.workdir}/{runs.RUN_JSON}: its config key 'llm.source'="
           f"{run.config.llm.source!r} now loads another LLM than the one the run recorded "
