@@ -26,8 +26,6 @@ wall and in process-CPU seconds (the fairer one when other jobs share the machin
 
 from __future__ import annotations
 
-import json
-import pathlib
 import statistics
 import time
 from collections.abc import Callable
@@ -38,6 +36,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from experiments.benchmarks import reporting
 from user_llm_jax.bridge import cross_attention
 from user_llm_jax.llm.config import get_preset
 from user_llm_jax.llm.model import Decoder
@@ -232,16 +231,7 @@ def main(argv):
       xattn_every=_XATTN_EVERY.value, xattn_first=_XATTN_FIRST.value,
       repeats=_REPEATS.value)
   print(format_table(results))
-  if _OUTPUT.value:
-    out = pathlib.Path(_OUTPUT.value)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
-  plot_path = _PLOT.value or (str(pathlib.Path(_OUTPUT.value).with_suffix(".png"))
-                              if _OUTPUT.value else None)
-  if plot_path:
-    plot(results, plot_path)
-    print(f"wrote {plot_path}")
+  reporting.write_results(results, _OUTPUT.value, _PLOT.value, plot)
 
 
 if __name__ == "__main__":

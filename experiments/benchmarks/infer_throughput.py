@@ -43,6 +43,7 @@ from typing import Any
 
 from absl import app, flags
 
+from experiments.benchmarks import reporting
 from user_llm_jax import answer_log
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -272,13 +273,7 @@ def main(argv):
   print(format_table(results))
   output = _OUTPUT.value or os.path.join(os.path.abspath(_WORKDIR.value),
                                          "infer_throughput.json")
-  out = pathlib.Path(output)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(results, indent=2))
-  print(f"wrote {out}")
-  plot_path = _PLOT.value or str(out.with_suffix(".png"))
-  plot(results, plot_path)
-  print(f"wrote {plot_path}")
+  reporting.write_results(results, output, _PLOT.value, plot)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,7 @@ benchmark runs ours alone and says so.
 
 from __future__ import annotations
 
-import json
 import os
-import pathlib
 import statistics
 import tempfile
 import time
@@ -35,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from experiments.benchmarks import reporting
 from user_llm_jax.llm import gguf_loader, loading, safetensors_io
 from user_llm_jax.llm import sampler as sampler_lib
 
@@ -305,16 +304,7 @@ def main(argv):
                           [int(b) for b in _BATCH.value], _PROMPT_LEN.value, _DECODE.value,
                           _REPEATS.value, _HF.value)
   print(format_table(results))
-  if _OUTPUT.value:
-    out = pathlib.Path(_OUTPUT.value)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
-  plot_path = _PLOT.value or (str(pathlib.Path(_OUTPUT.value).with_suffix(".png"))
-                              if _OUTPUT.value else None)
-  if plot_path:
-    plot(results, plot_path)
-    print(f"wrote {plot_path}")
+  reporting.write_results(results, _OUTPUT.value, _PLOT.value, plot)
 
 
 if __name__ == "__main__":
