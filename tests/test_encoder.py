@@ -166,6 +166,25 @@ class TestModel:
     moved = batch[T.MASK][:, t]
     assert not np.allclose(changed[moved, t], base[moved, t])  # the change is visible
 
+  def test_input_norm_makes_the_blocks_blind_to_the_input_scale(self, batch):
+    # With `input_norm` the first block reads LayerNorm(events + positions): scaling the
+    # fused input projection and the positions by the same factor changes nothing
+    # but rounding (the factors keep the input far above LayerNorm's epsilon). Without it,
+    # the small embeddings' scale reaches every block (the reason it exists).
+    def outputs(input_norm: bool, scale: float) -> np.ndarray:
+      model = UserEncoder(CFG.replace(input_norm=input_norm), rngs=nnx.Rngs(0))
+      fusion = model.fusion
+      fusion.project.kernel[...] = fusion.project.kernel[...] * scale
+      fusion.project.bias[...] = fusion.project.bias[...] * scale
+      fusion.encoder.positions[...] = fusion.encoder.positions[...] * scale
+      return np.asarray(forward_fn(model, batch))
+
+    valid = batch[T.MASK].astype(bool)
+    np.testing.assert_allclose(outputs(True, 50.0)[valid], outputs(True, 5.0)[valid],
+                               atol=1e-3)
+    assert not np.allclose(outputs(False, 50.0)[valid], outputs(False, 5.0)[valid], atol=1e-2)
+    assert UserEncoder(CFG, rngs=nnx.Rngs(0)).fusion.encoder.input_norm is None  # no new params
+
   def test_dropout_is_keyed_and_off_when_deterministic(self, batch):
     cfg = CFG.replace(dropout=0.3)
     model = UserEncoder(cfg, rngs=nnx.Rngs(params=0, dropout=1))

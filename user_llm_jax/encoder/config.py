@@ -29,6 +29,10 @@ class EncoderConfig:
     num_heads: attention heads N; `width` must be divisible by it.
     mlp_dim: feed-forward hidden width F.
     dropout: dropout rate on embeddings and residual branches during training.
+    input_norm: LayerNorm the fused event embeddings plus positions before the first
+      block (as SASRec and BERT4Rec do). Without it the small-initialised embeddings
+      (std 0.02) enter a residual stream that the blocks' unit-scale outputs swamp, and
+      the item identity reaches the head only weakly early in training.
     fusion: 'early' (concatenate per-event feature embeddings, project to D, one
       transformer) or 'late' (one transformer per feature, outputs concatenated and
       projected to D), the two variants compared in the paper.
@@ -67,6 +71,7 @@ class EncoderConfig:
   num_heads: int = 4
   mlp_dim: int = 512
   dropout: float = 0.1
+  input_norm: bool = False
   fusion: str = "early"
   late_fusion_layers: int = 0
   feature_dim: int = 64

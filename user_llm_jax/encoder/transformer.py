@@ -116,6 +116,7 @@ class CausalTransformer(nnx.Module):
   def __init__(self, cfg: EncoderConfig, num_layers: int, *, rngs: nnx.Rngs):
     self.positions = nnx.Param(partitioned(nnx.initializers.normal(0.02), ("length", "embed"))(
         rngs.params(), (cfg.max_len, cfg.width), cfg.param_dtype))
+    self.input_norm = layer_norm(cfg, rngs=rngs) if cfg.input_norm else None
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
     blocks = [Block(cfg, rngs=rngs) for _ in range(num_layers)]
     self.blocks = layer_scan.stack_modules(blocks) if cfg.scan_layers else nnx.List(blocks)
@@ -135,6 +136,8 @@ class CausalTransformer(nnx.Module):
     """
     length = x.shape[1]
     x = x.astype(self.dtype) + self.positions[...][:length].astype(self.dtype)[None]
+    if self.input_norm is not None:
+      x = self.input_norm(x)
     x = self.dropout(x, deterministic=deterministic)
     x = sharding.with_logical_constraint(x, sharding.ACT_BTD)
     mask_bes = attention_mask(mask)
