@@ -1,0 +1,82 @@
+"""The same command gives the same numbers whatever XLA's CPU threading.
+
+A run's figures must not depend on how many threads XLA's CPU backend uses for a matmul
+or a reduction (a 2-core CI machine, a 96-core workstation and `taskset` all differ), nor
+on how many CPU cores the process may use. Each test launches the same tiny job as a
+subprocess under several thread settings and compares its `summary.json` exactly: the
+whole loss history and every metric.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DEVICES = "--xla_force_host_platform_device_count=1"
+# (name, XLA_FLAGS, restrict to one core with taskset)
+SETTINGS = (
+    ("default", DEVICES, False),
+    ("eigen single-threaded", DEVICES + " --xla_cpu_multi_thread_eigen=false", False),
+    ("one core", DEVICES, True),
+)
+ENCODER = (
+    f"--config={REPO / 'experiments' / 'configs' / 'encoder_movielens.py'}:smoke",
+    "--config.data.synthetic.num_users=80", "--config.data.synthetic.num_items=60",
+    "--config.data.synthetic.events_per_user_mean=30", "--config.data.window=16",
+    "--config.encoder.model.num_layers=1", "--config.encoder.model.width=32",
+    "--config.encoder.model.mlp_dim=64", "--config.encoder.model.feature_dim=16",
+    "--config.train.batch_size=16", "--config.train.num_steps=20",
+    "--config.train.log_every=5", "--config.train.eval_every=10",
+    "--config.train.checkpoint_every=10", "--config.eval.batch_size=64",
+)
+MAIN_SMOKE = (f"--config={REPO / 'experiments' / 'configs' / 'main.py'}:smoke",)
+
+
+def launch(workdir: pathlib.Path, args: tuple[str, ...], xla_flags: str,
+           one_core: bool) -> dict:
+  env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "experiments.main", f"--workdir={workdir}", *args]
+  if one_core:
+    if shutil.which("taskset") is None:
+      pytest.fail("taskset (util-linux) is needed to restrict the run to one core")
+    cmd = ["taskset", "-c", str(min(os.sched_getaffinity(0))), *cmd]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads((workdir / "summary.json").read_text())
+
+
+def figures(summary: dict) -> dict:
+  """What a reader compares between machines: metrics, evaluations, the loss history."""
+  keep = ("loss", "item_loss", "rating_loss", "category_loss", "grad_norm")
+  history = [{k: h[k] for k in keep if k in h} | {"step": h.get("step")}
+             for h in summary.get("history", [])]
+  return {"metrics": summary["metrics"], "evals": summary.get("evals"), "history": history}
+
+
+def check_same_under_every_setting(tmp_path: pathlib.Path, args: tuple[str, ...],
+                                   stage: str | None = None) -> None:
+  results = {}
+  for name, xla_flags, one_core in SETTINGS:
+    workdir = tmp_path / name.replace(" ", "_")
+    summary = launch(workdir, args, xla_flags, one_core)
+    results[name] = figures(summary)
+    if stage:  # the main job: its User-LLM stage's own history too
+      stage_summary = json.loads((workdir / stage / "summary.json").read_text())
+      results[name]["stage_history"] = figures(stage_summary)["history"]
+  reference = results["default"]
+  for name, got in results.items():
+    assert got == reference, f"{name!r} differs from the default threading"
+
+
+def test_encoder_run_is_identical_under_any_xla_threading(tmp_path):
+  check_same_under_every_setting(tmp_path, ENCODER)
+
+
+@pytest.mark.slow
+def test_main_job_smoke_is_identical_under_any_xla_threading(tmp_path):
+  check_same_under_every_setting(tmp_path, MAIN_SMOKE, stage="user_llm")
