@@ -399,6 +399,15 @@ class TestTpuLaunchDryRun:
     assert "--distributed" not in command
     assert shlex.split(command.split("experiments.main", 1)[1]) == ["--workdir=$HOME/runs/t"]
 
+  def test_gcs_workdir_installs_the_gcs_extra_on_the_workers(self, tmp_path):
+    def install(workdir):
+      cmds = self._commands(tmp_path, TPU_NAME="t", ZONE="z", CREATE="0", WORKDIR=workdir)
+      command = next(a for a in cmds[-1] if a.startswith("--command="))[len("--command="):]
+      pip = shlex.split(command.split("pip install", 1)[1].split("&&", 1)[0])
+      return pip
+    assert install("gs://bucket/runs/a") == ["-q", "-e", ".[gcs]", "jax[tpu]==0.10.2"]
+    assert install("/mnt/shared/a") == ["-q", "-e", ".", "jax[tpu]==0.10.2"]
+
   def test_missing_name_is_reported(self, tmp_path):
     out = subprocess.run(["bash", self.SCRIPT], env={**os.environ, "DRY_RUN": "1",
                                                      "ZONE": "z", "TPU_NAME": ""},

@@ -15,7 +15,8 @@
 # Environment:
 #   TPU_NAME, ZONE  required; PROJECT optional (else gcloud's default project)
 #   ACCELERATOR     accelerator type (default v4-8); RUNTIME the TPU VM image
-#   WORKDIR         the run's directory on the workers (default $HOME/runs/$TPU_NAME)
+#   WORKDIR         the run's directory on the workers (default $HOME/runs/$TPU_NAME);
+#                   a gs://bucket/path installs the `gcs` extra on the workers too
 #   CREATE=0        reuse an existing TPU VM;   DELETE=1  delete it when the run ends
 #   DISTRIBUTED=0   run without joining a process group (one host only)
 #   DRY_RUN=1       print the commands (one per line, shell-quoted, prefixed by "+ ")
@@ -62,9 +63,12 @@ EXTRA=""
 if [[ "${DISTRIBUTED}" == "1" ]]; then EXTRA="--distributed"; fi
 ARGS=""
 if [[ $# -gt 0 ]]; then ARGS="$(printf '%q ' "$@")"; fi
+# A Cloud Storage workdir needs the filesystem layer of the `gcs` extra on every worker.
+PACKAGE="."
+if [[ "${WORKDIR}" == gs://* ]]; then PACKAGE=".[gcs]"; fi
 run gcloud compute tpus tpu-vm ssh "${TPU_NAME}" "${PROJECT_FLAG[@]}" --zone="${ZONE}" \
   --worker=all --command="set -e; mkdir -p ~/user_llm_jax && tar -xzf ~/user_llm_jax.tar.gz -C ~/user_llm_jax \
-&& cd ~/user_llm_jax && python3 -m pip install -q -e . 'jax[tpu]==0.10.2' \
+&& cd ~/user_llm_jax && python3 -m pip install -q -e '${PACKAGE}' 'jax[tpu]==0.10.2' \
 && python3 -m experiments.main --workdir=${WORKDIR} ${EXTRA} ${ARGS}"
 
 if [[ "${DELETE}" == "1" ]]; then
