@@ -91,6 +91,7 @@ class TestConfig:
       ({"num_layers": 0}, "num_layers"),
       ({"item_loss_weight": -1.0}, "loss weights"),
       ({"item_loss_chunk": -1}, "item_loss_chunk"),
+      ({"init_std": -0.02}, "init_std=-0.02"),
   ])
   def test_validation_names_the_field(self, kw, message):
     with pytest.raises(ValueError, match=message):
@@ -184,6 +185,27 @@ class TestModel:
                                atol=1e-3)
     assert not np.allclose(outputs(False, 50.0)[valid], outputs(False, 5.0)[valid], atol=1e-2)
     assert UserEncoder(CFG, rngs=nnx.Rngs(0)).fusion.encoder.input_norm is None  # no new params
+
+  def test_small_init_starts_every_block_near_the_identity(self, batch):
+    # init_std: every kernel normal(init_std); at 1e-4 each block adds ~nothing, so the
+    # states are the normalised input events (what the tied head then scores items with).
+    model = UserEncoder(CFG.replace(init_std=1e-4, input_norm=True), rngs=nnx.Rngs(0))
+    fusion = model.fusion
+    np.testing.assert_allclose(float(jnp.std(fusion.project.kernel[...])), 1e-4, rtol=0.2)
+    fusion.project.kernel[...] = jax.random.normal(jax.random.key(1),
+                                                   fusion.project.kernel[...].shape)
+    features = model.features(batch)
+    fused = fusion.project(jnp.concatenate(features, axis=-1))
+    length = fused.shape[1]
+    expected = model.final_norm(fusion.encoder.input_norm(
+        fused + fusion.encoder.positions[...][:length][None]))
+    valid = batch[T.MASK].astype(bool)
+    np.testing.assert_allclose(np.asarray(forward_fn(model, batch))[valid],
+                               np.asarray(expected)[valid], atol=1e-2)
+    lecun = UserEncoder(CFG.replace(input_norm=True), rngs=nnx.Rngs(0))
+    lecun.fusion.project.kernel[...] = fusion.project.kernel[...]
+    assert not np.allclose(np.asarray(forward_fn(lecun, batch))[valid],
+                           np.asarray(expected)[valid], atol=1e-1)
 
   def test_dropout_is_keyed_and_off_when_deterministic(self, batch):
     cfg = CFG.replace(dropout=0.3)

@@ -33,6 +33,10 @@ class EncoderConfig:
       block (as SASRec and BERT4Rec do). Without it the small-initialised embeddings
       (std 0.02) enter a residual stream that the blocks' unit-scale outputs swamp, and
       the item identity reaches the head only weakly early in training.
+    init_std: 0 (default): LeCun-normal kernels; > 0: every kernel normal(init_std), as
+      BERT and SASRec (0.02). Small kernels make every block start near the identity, so
+      the (normalised) item embedding reaches the tied head intact and the model starts
+      as an item-to-item similarity that the blocks then refine.
     fusion: 'early' (concatenate per-event feature embeddings, project to D, one
       transformer) or 'late' (one transformer per feature, outputs concatenated and
       projected to D), the two variants compared in the paper.
@@ -72,6 +76,7 @@ class EncoderConfig:
   mlp_dim: int = 512
   dropout: float = 0.1
   input_norm: bool = False
+  init_std: float = 0.0
   fusion: str = "early"
   late_fusion_layers: int = 0
   feature_dim: int = 64
@@ -114,6 +119,9 @@ class EncoderConfig:
       raise ValueError(f"EncoderConfig.dropout={self.dropout}: must be in [0, 1)")
     if self.fusion not in FUSIONS:
       raise ValueError(f"EncoderConfig.fusion={self.fusion!r}: must be one of {FUSIONS}")
+    if not 0.0 <= self.init_std < 1.0:
+      raise ValueError(f"EncoderConfig.init_std={self.init_std}: must be in [0, 1) "
+                       "(0: LeCun normal)")
     if self.item_loss_chunk < 0:
       raise ValueError(f"EncoderConfig.item_loss_chunk={self.item_loss_chunk}: must be >= 0")
     if self.late_fusion_layers < 0:

@@ -21,12 +21,22 @@ from user_llm_jax.encoder.config import EncoderConfig
 from user_llm_jax.sharding import partitioned
 
 
+def kernel_init(cfg: EncoderConfig, **fan_axes) -> nnx.Initializer:
+  """LeCun normal (`cfg.init_std` 0), or normal(`cfg.init_std`) as BERT and SASRec do.
+
+  `fan_axes` (in_axis, out_axis) tell LeCun's fan-in for multi-axis kernels.
+  """
+  if cfg.init_std:
+    return nnx.initializers.normal(cfg.init_std)
+  return nnx.initializers.lecun_normal(**fan_axes)
+
+
 def dense(in_dim: int, out_dim: int, in_axis: str, out_axis: str, cfg: EncoderConfig, *,
           rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
   """A Linear layer with logical axis names on its kernel and bias."""
   return nnx.Linear(
       in_dim, out_dim, use_bias=use_bias,
-      kernel_init=partitioned(nnx.initializers.lecun_normal(), (in_axis, out_axis)),
+      kernel_init=partitioned(kernel_init(cfg), (in_axis, out_axis)),
       bias_init=partitioned(nnx.initializers.zeros_init(), (out_axis,)),
       dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
 
@@ -56,7 +66,7 @@ class Attention(nnx.Module):
   """Multi-head self-attention with an explicit boolean mask."""
 
   def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
-    init = nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
+    init = kernel_init(cfg, in_axis=0, out_axis=(1, 2))
     d, n, h = cfg.width, cfg.num_heads, cfg.head_dim
     shape_dnh = (d, n, h)
     self.q_dnh = nnx.Param(partitioned(init, ("embed", "heads", "head_dim"))(
@@ -65,7 +75,7 @@ class Attention(nnx.Module):
         rngs.params(), shape_dnh, cfg.param_dtype))
     self.v_dnh = nnx.Param(partitioned(init, ("embed", "heads", "head_dim"))(
         rngs.params(), shape_dnh, cfg.param_dtype))
-    out_init = nnx.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
+    out_init = kernel_init(cfg, in_axis=(0, 1), out_axis=2)
     self.o_nhd = nnx.Param(partitioned(out_init, ("heads", "head_dim", "embed"))(
         rngs.params(), (n, h, d), cfg.param_dtype))
     self.dtype = cfg.dtype
