@@ -28,6 +28,22 @@ def test_fingerprint_keeps_result_keys_and_drops_harmless_ones():
   assert config_lib.fingerprint(changed) == base
 
 
+def test_keys_added_later_match_runs_saved_before_them_only_at_the_old_behaviour():
+  # A run saved before `input_norm` / `init_std` existed has neither key in its config
+  # nor in its encoder architecture; today's config at the old behaviour must match it.
+  config = encoder_movielens.get_config("smoke")
+  arch = {"width": 64, "input_norm": False, "init_std": 0.0}
+  saved = {**config_lib.fingerprint(config), "encoder_architecture": {"width": 64}}
+  saved["encoder"]["model"] = {k: v for k, v in saved["encoder"]["model"].items()
+                               if k not in ("input_norm", "init_std")}
+  now = config_lib.fingerprint(config, encoder_architecture=arch)
+  assert config_lib.differing_keys(saved, now) == []
+  config.encoder.model.input_norm = True
+  changed = config_lib.fingerprint(config, encoder_architecture=dict(arch, input_norm=True))
+  assert config_lib.differing_keys(saved, changed) == [
+      "encoder.model.input_norm", "encoder_architecture.input_norm"]
+
+
 def test_relative_and_absolute_paths_fingerprint_alike(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   a = main_config.get_config("smoke")

@@ -213,9 +213,16 @@ HARMLESS_KEYS = frozenset({
     "encoder.model.scan_layers", "encoder.model.remat_policy",
     "aot",  # vocabulary sizes the compile check assumes; a run reads them from its data
 })
-# Keys added after runs were saved, at the value those runs used: left out of the
-# fingerprint while they hold it, so the saved runs still match.
-OMITTED_AT = {"llm.param_dtype": "float32"}
+# Keys added after runs were saved, at the values that reproduce those runs: left out of
+# the fingerprint while they hold one, so the saved runs still match. Paths also cover the
+# architecture facts jobs add (`encoder_architecture`, `architecture.encoder`); a config
+# key left at None takes the preset's value, which is the old behaviour.
+_ENCODER_ADDED = {"input_norm": (None, False), "init_std": (None, 0.0, 0)}
+OMITTED_AT: dict[str, tuple[Any, ...]] = {
+    "llm.param_dtype": ("float32",),
+    **{f"{section}.{key}": values for key, values in _ENCODER_ADDED.items()
+       for section in ("encoder.model", "encoder_architecture", "architecture.encoder")},
+}
 # Sections that are switched off while one of their keys is 0 (a stage that does not run):
 # left out of the fingerprint then, so runs saved before the section existed still match.
 OFF_WHEN_ZERO = {"align": "steps"}
@@ -243,7 +250,8 @@ def fingerprint(config: Mapping[str, Any], *, drop: tuple[str, ...] = (),
       out = {}
       for key, value in dict(node).items():
         path = f"{prefix}{key}"
-        if path in harmless or (path in OMITTED_AT and value == OMITTED_AT[path]):
+        if path in harmless or (path in OMITTED_AT and any(
+            value == v and type(value) is type(v) for v in OMITTED_AT[path])):
           continue
         if (path in OFF_WHEN_ZERO and isinstance(value, (ml_collections.ConfigDict, dict))
             and not dict(value).get(OFF_WHEN_ZERO[path])):
@@ -257,7 +265,7 @@ def fingerprint(config: Mapping[str, Any], *, drop: tuple[str, ...] = (),
     return to_plain(node)
 
   plain = walk(config, "")
-  plain.update(to_plain(extra))
+  plain.update(walk(to_plain(extra), ""))
   return plain
 
 
