@@ -590,6 +590,10 @@ def build_splits(pipeline: beam.Pipeline, config, manual_dir: str, out_dir: str)
     out_dir: where vocabulary.json and statistics.json are written.
   """
   options, reader_options = config.options(), dict(config.reader_options)
+  if options.timestamp_precision != "exact":
+    raise ValueError(f"timestamp_precision={options.timestamp_precision!r} is prepared by "
+                     "the in-memory builder only (it exists to reproduce small benchmark "
+                     "splits); prepare without --beam")
   group = GroupTimelines(config.dataset, manual_dir, reader_options, config.max_bad_fraction,
                          with_first_seen=True)
   grouped = pipeline | "Group" >> group

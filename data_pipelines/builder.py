@@ -61,6 +61,7 @@ class TimelineBuilderConfig(tfds.core.BuilderConfig):
     max_bad_fraction: tolerated fraction of malformed raw lines.
     reader_options: sorted (key, value) pairs passed to the reader.
     kcore_users, kcore_items: k-core thresholds (0: off; see `timelines.TimelineOptions`).
+    timestamp_precision: 'exact' or 'float32' (see `timelines.TimelineOptions`).
   """
 
   dataset: str = "movielens"
@@ -73,19 +74,21 @@ class TimelineBuilderConfig(tfds.core.BuilderConfig):
   reader_options: tuple[tuple[str, str], ...] = ()
   kcore_users: int = 0
   kcore_items: int = 0
+  timestamp_precision: str = "exact"
 
   @classmethod
   def make(cls, dataset: str, protocol: str = "leave_last_out", window: int = 50,
            stride: int = 1, min_item_count: int = 1, min_category_count: int = 1,
            max_bad_fraction: float = 0.0, reader_options: dict | None = None,
-           kcore_users: int = 0, kcore_items: int = 0) -> "TimelineBuilderConfig":
+           kcore_users: int = 0, kcore_items: int = 0,
+           timestamp_precision: str = "exact") -> "TimelineBuilderConfig":
     """Builds a validated config whose name encodes every setting."""
     if protocol == "leave_last_out":  # window/stride do not apply: canonical values
       window, stride = 50, 1
     # A threshold of 1 keeps everything: the same data as 0, so the same name.
     kcore_users, kcore_items = (int(k) if int(k) > 1 else 0 for k in (kcore_users, kcore_items))
     timelines.TimelineOptions(protocol, window, stride, min_item_count, min_category_count,
-                              kcore_users, kcore_items)
+                              kcore_users, kcore_items, timestamp_precision)
     readers.get_reader_class(dataset)  # fails early on an unknown dataset
     opts = tuple(sorted((str(k), str(v)) for k, v in (reader_options or {}).items()))
     name = f"{dataset}_{protocol}"
@@ -95,6 +98,8 @@ class TimelineBuilderConfig(tfds.core.BuilderConfig):
       name += f"_min{min_item_count}-{min_category_count}"
     if kcore_users or kcore_items:
       name += f"_kcore{kcore_users}-{kcore_items}"
+    if timestamp_precision != "exact":
+      name += f"_ts{timestamp_precision}"
     if max_bad_fraction:
       name += f"_bad{max_bad_fraction:g}"
     if opts:
@@ -103,18 +108,20 @@ class TimelineBuilderConfig(tfds.core.BuilderConfig):
                window=window, stride=stride, min_item_count=min_item_count,
                min_category_count=min_category_count, max_bad_fraction=max_bad_fraction,
                reader_options=opts, kcore_users=kcore_users, kcore_items=kcore_items,
+               timestamp_precision=timestamp_precision,
                description=f"{dataset} timelines, {protocol} protocol")
 
   def options(self) -> timelines.TimelineOptions:
     return timelines.TimelineOptions(self.protocol, self.window, self.stride,
                                      self.min_item_count, self.min_category_count,
-                                     self.kcore_users, self.kcore_items)
+                                     self.kcore_users, self.kcore_items,
+                                     self.timestamp_precision)
 
   def settings(self) -> dict:
     """Everything that determines the output (compared for idempotent reuse).
 
-    The k-core keys appear only when the filtering is on, so preparations made before
-    the option existed keep matching their settings.
+    The k-core keys (and the timestamp precision) appear only when not at their default,
+    so preparations made before the options existed keep matching their settings.
     """
     settings = {"dataset": self.dataset, "protocol": self.protocol, "window": self.window,
                 "stride": self.stride, "min_item_count": self.min_item_count,
@@ -123,6 +130,8 @@ class TimelineBuilderConfig(tfds.core.BuilderConfig):
                 "reader_options": [list(kv) for kv in self.reader_options]}
     if self.kcore_users or self.kcore_items:
       settings.update(kcore_users=self.kcore_users, kcore_items=self.kcore_items)
+    if self.timestamp_precision != "exact":
+      settings.update(timestamp_precision=self.timestamp_precision)
     return settings
 
 

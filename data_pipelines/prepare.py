@@ -61,7 +61,8 @@ def prepare_dataset(dataset: str, manual_dir: str | os.PathLike, data_dir: str |
                     max_bad_fraction: float = 0.0, reader_options: dict | None = None,
                     force: bool = False, show_progress: bool = True,
                     beam_pipeline_options: list[str] | None = None,
-                    kcore_users: int = 0, kcore_items: int = 0) -> PreparedDataset:
+                    kcore_users: int = 0, kcore_items: int = 0,
+                    timestamp_precision: str = "exact") -> PreparedDataset:
   """Prepares (or reuses) `dataset` from `manual_dir` into `data_dir`.
 
   Args:
@@ -79,6 +80,8 @@ def prepare_dataset(dataset: str, manual_dir: str | os.PathLike, data_dir: str |
       pipeline flags prepares on Apache Beam (`data_pipelines.beam_grouping`).
     kcore_users, kcore_items: k-core filtering thresholds (0: off); part of the prepared
       dataset's config name and settings.
+    timestamp_precision: 'exact' (default) or 'float32' (RecBole's rounding; see
+      `data_pipelines.timelines`); part of the config name.
 
   Returns:
     The `PreparedDataset`.
@@ -93,7 +96,8 @@ def prepare_dataset(dataset: str, manual_dir: str | os.PathLike, data_dir: str |
       dataset, protocol=protocol, window=window, stride=stride,
       min_item_count=min_item_count, min_category_count=min_category_count,
       max_bad_fraction=max_bad_fraction, reader_options=reader_options,
-      kcore_users=kcore_users, kcore_items=kcore_items)
+      kcore_users=kcore_users, kcore_items=kcore_items,
+      timestamp_precision=timestamp_precision)
   manual_dir, data_dir = os.fspath(manual_dir), os.fspath(data_dir)
   if not os.path.isdir(manual_dir):
     raise FileNotFoundError(f"--manual_dir {manual_dir!r} does not exist or is not a directory")
@@ -176,6 +180,9 @@ def format_report(statistics: dict) -> str:
       ("users kept", n(s["users_kept"])),
       ("events kept", n(s["events_kept"])),
   ]
+  precision = s.get("options", {}).get("timestamp_precision", "exact")
+  if precision != "exact":
+    rows.insert(-2, ("timestamps", f"rounded to {precision} before ordering"))
   if "kcore" in s:
     k = s["kcore"]
     rows.insert(-2, ("k-core", (
@@ -223,7 +230,8 @@ def main(argv) -> None:
         min_category_count=f.min_category_count, max_bad_fraction=f.max_bad_fraction,
         reader_options=options, force=f.force,
         beam_pipeline_options=f.beam_pipeline_options if f.beam else None,
-        kcore_users=f.kcore_users, kcore_items=f.kcore_items)
+        kcore_users=f.kcore_users, kcore_items=f.kcore_items,
+        timestamp_precision=f.timestamp_precision)
   except (BadInputError, FileNotFoundError, ValueError, TypeError) as e:
     print(f"ERROR: {e}", file=sys.stderr)
     sys.exit(1)
@@ -250,6 +258,9 @@ def _define_flags() -> None:
                        "events, iterated with --kcore_items until stable (0: off).")
   flags.DEFINE_integer("kcore_items", 0, "k-core filtering: keep items with >= this many "
                        "events, iterated with --kcore_users until stable (0: off).")
+  flags.DEFINE_enum("timestamp_precision", "exact", ["exact", "float32"],
+                    "float32: round timestamps as RecBole stores them (reproduces its "
+                    "splits; events of a session tie and keep file order).")
   flags.DEFINE_float("max_bad_fraction", 0.0, "Tolerated fraction of malformed lines.")
   flags.DEFINE_multi_string("reader_option", [], "key=value option for the reader.")
   flags.DEFINE_bool("force", False, "Re-prepare even if a complete preparation exists.")

@@ -13,7 +13,10 @@ that tens of millions of events fit in memory as a few int arrays:
    still kept, each pass removing every such user and item at once) until a pass
    removes nothing. The result is the largest event set in which every user and item
    meets its threshold, whatever the removal order; what was removed is counted;
-4. sort each user's events by timestamp, ties broken stably by original row order;
+4. sort each user's events by timestamp, ties broken stably by original row order
+   (`timestamp_precision='float32'` first rounds timestamps to float32, as RecBole stores
+   them: seconds since 1970 become multiples of 64-128 s, so events of a session tie and
+   keep file order; reproduces RecBole's splits, off by default);
 5. join item metadata (repeated metadata ids: first kept, counted; items with
    no metadata get their raw id as title and no categories, counted);
 6. cut records with a protocol:
@@ -46,6 +49,15 @@ from data_pipelines.records import BadInputError, DropCounter
 from user_llm_jax.data import schema
 
 PROTOCOLS = ("leave_last_out", "paper")
+TIMESTAMP_PRECISIONS = ("exact", "float32")
+
+
+def round_timestamps(ts: np.ndarray, precision: str) -> np.ndarray:
+  """int64 timestamps at `precision` ('exact': unchanged; 'float32': rounded to the
+  nearest float32, as a float32 column stores them)."""
+  if precision == "float32":
+    return np.asarray(ts, np.int64).astype(np.float32).astype(np.int64)
+  return np.asarray(ts, np.int64)
 
 
 class EmptyDatasetError(BadInputError):
@@ -67,6 +79,9 @@ class TimelineOptions:
       Applied to the de-duplicated events before the protocol cuts records; both 0
       (the default) turns the filtering off. Events are counted with repeats (a user who
       rated an item twice at different times has two events).
+    timestamp_precision: 'exact' (default) or 'float32': timestamps rounded to the
+      nearest float32 before anything else (kept rounded), as RecBole stores them, so
+      that its splits and orderings can be reproduced (step 4 of the module docstring).
   """
 
   protocol: str = "leave_last_out"
@@ -76,6 +91,7 @@ class TimelineOptions:
   min_category_count: int = 1
   kcore_users: int = 0
   kcore_items: int = 0
+  timestamp_precision: str = "exact"
 
   def __post_init__(self):
     if self.protocol not in PROTOCOLS:
@@ -87,6 +103,9 @@ class TimelineOptions:
     if self.kcore_users < 0 or self.kcore_items < 0:
       raise ValueError(f"kcore_users and kcore_items must be >= 0 (0: off), got "
                        f"{self.kcore_users}, {self.kcore_items}")
+    if self.timestamp_precision not in TIMESTAMP_PRECISIONS:
+      raise ValueError(f"timestamp_precision must be one of {TIMESTAMP_PRECISIONS}, got "
+                       f"{self.timestamp_precision!r}")
 
   @property
   def kcore(self) -> bool:
@@ -269,6 +288,7 @@ def build_timelines(reader: Reader, options: TimelineOptions,
     raise BadInputError(f"{type(reader).__name__} yielded event row {row} (0-based) with "
                         f"timestamp {int(ts[row])}: timestamp must be >= 0")
 
+  ts = round_timestamps(ts, options.timestamp_precision)
   # Exact duplicates (the Amazon 2018 5-core files repeat reviews verbatim).
   text_codes = None
   if text is not None:

@@ -36,6 +36,7 @@ def movielens_data_section(*, protocol: str, window: int,
   data.max_categories = max_categories
   data.kcore_users = 0        # > 0: iterative k-core filtering (users with >= k events,
   data.kcore_items = 0        #   items with >= k events), the recommender-systems protocol.
+  data.timestamp_precision = "exact"  # 'float32': RecBole's rounding (ties keep file order).
   data.worker_count = 0       # Grain worker processes.
   data.synthetic = ml_collections.ConfigDict()
   data.synthetic.num_users = 2000
