@@ -40,7 +40,7 @@ def report(tmp_path_factory):
                                 events_per_user_mean=25.0)
   write_amazon_from(root / "ml-latest-small", root / "amazon" / "Gift_Cards")
   out = tmp_path_factory.mktemp("bench") / "eq.json"
-  return out, encoder_quality.run(str(out), ["kcore", "item_only"],
+  return out, encoder_quality.run(str(out), ["kcore", "item_only", "recbole_split"],
                                   ["ml-latest-small", "Gift_Cards"], str(root),
                                   overrides=TINY)
 
@@ -50,18 +50,20 @@ def test_report_rows_protocol_and_compute(report):
   rows = {(r["dataset"], r["arm"]): r for r in rep["rows"]}
   # Ablations on MovieLens, the reference arm on Amazon.
   assert set(rows) == {("ml-latest-small", "kcore"), ("ml-latest-small", "item_only"),
-                       ("Gift_Cards", "kcore")}
+                       ("ml-latest-small", "recbole_split"), ("Gift_Cards", "kcore")}
   for r in rows.values():
     assert r["protocol"]["seen"] == "seen items not excluded"
     assert r["protocol"]["kcore_users"] == r["protocol"]["kcore_items"] == 5
     assert r["n"] > 0 and 0.0 <= r["recall@10"] <= 1.0 and r["recall@10_stderr"] >= 0
     assert r["pop/recall@10"] is not None
+    assert r["protocol"]["timestamps"] == ("float32" if r["arm"] == "recbole_split"
+                                           else "exact")
     assert 0 < r["best_step"] <= r["steps"] <= 12 and r["events"] > 0
   saved = json.loads(out.read_text())
-  assert saved["peer"]["recall@10"] == 0.1508 and len(saved["rows"]) == 3
+  assert saved["peer"]["recall@10"] == 0.1508 and len(saved["rows"]) == 4
   assert saved["curves"]["ml-latest-small:kcore"]
   table = out.with_suffix(".md").read_text()
-  assert "RecBole SASRec (peer)" in table and "item_only" in table
+  assert "RecBole SASRec (peer" in table and "item_only" in table
   assert out.with_suffix(".png").stat().st_size > 0
 
 

@@ -121,6 +121,7 @@ def protocol(config: ml_collections.ConfigDict) -> dict[str, Any]:
       "split": config.data.protocol,
       "kcore_users": int(config.data.get("kcore_users", 0) or 0),
       "kcore_items": int(config.data.get("kcore_items", 0) or 0),
+      "timestamps": config.data.get("timestamp_precision", "exact"),
       "ranking": "full catalogue",
       "exclude_seen": exclude_seen(config),
       "seen": retrieval.protocol_name(exclude_seen(config)),
