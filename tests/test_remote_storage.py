@@ -12,8 +12,10 @@ which TensorStore's OCDBT manifest writes rely on: Orbax saves fail there.)
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import threading
 import urllib.request
 
 import pytest
@@ -50,6 +52,12 @@ def gcs(tmp_path_factory):
   saved = {k: os.environ.get(k) for k in ENV_KEYS}
   server = FakeGCSServer()  # A free port on 127.0.0.1.
   server.start()
+  # The wrapper pipes the server's request log and never reads it: once the pipe's
+  # buffer is full (a run's second checkpoint), the server blocks and every client hangs.
+  drain = threading.Thread(target=shutil.copyfileobj,
+                           args=(server._process.stderr, open(os.devnull, "wb")),  # pylint: disable=protected-access
+                           daemon=True)
+  drain.start()
   url = server.url
   urllib.request.urlopen(urllib.request.Request(
       f"{url}/storage/v1/b", data=json.dumps({"name": BUCKET}).encode(),
@@ -124,6 +132,34 @@ def test_mirror_copies_once_and_again_after_a_change(gcs, tmp_path):
   (local / "sub" / "b.txt").write_text("changed")
   assert storage.mirror(str(local), remote)
   assert storage.read_text(f"{remote}/sub/b.txt") == "changed"
+
+
+def test_local_copy_fetches_once_and_again_after_a_new_mirror(gcs, tmp_path, monkeypatch):
+  del gcs
+  local = tmp_path / "prepared"
+  (local / "sub").mkdir(parents=True)
+  (local / "a.array_record").write_bytes(b"\x01" * 3000)
+  (local / "sub" / "b.json").write_text("{}")
+  remote = f"gs://{BUCKET}/copy/prepared"
+  storage.mirror(str(local), remote)
+  # Another host: its staging root holds nothing yet.
+  monkeypatch.setenv(storage.STAGING_ENV, str(tmp_path / "host2"))
+  copy = storage.local_copy(remote)
+  assert copy == storage.staging_dir(remote) and copy.startswith(str(tmp_path / "host2"))
+  assert pathlib.Path(copy, "a.array_record").read_bytes() == b"\x01" * 3000
+  assert pathlib.Path(copy, "sub", "b.json").read_text() == "{}"
+  assert storage.tree_digest(copy) == storage.tree_digest(str(local))
+  # Up to date (digest of the mirror marker): nothing fetched, even if a file changed
+  # remotely without a new mirror.
+  storage.write_atomic(f"{remote}/sub/b.json", "changed")
+  _fresh()
+  assert pathlib.Path(storage.local_copy(remote), "sub", "b.json").read_text() == "{}"
+  # A new mirror (new digest) is fetched; no partial directory is left behind.
+  (local / "sub" / "b.json").write_text('{"v": 2}')
+  storage.mirror(str(local), remote)
+  _fresh()
+  assert pathlib.Path(storage.local_copy(remote), "sub", "b.json").read_text() == '{"v": 2}'
+  assert not pathlib.Path(copy + ".partial").exists()
 
 
 def test_fingerprint_keeps_remote_paths_and_absolutizes_local_ones():

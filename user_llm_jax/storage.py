@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterable
 
 from etils import epath
@@ -184,6 +185,53 @@ def mirror(local_dir: str, remote_dir: str) -> bool:
   copy_tree(local_dir, remote_dir)
   write_atomic(os.fspath(marker), json.dumps({"digest": digest, "source": local_dir}))
   return True
+
+
+def _remote_files(remote_dir: str) -> list[str]:
+  """Relative paths of the files under a remote directory (recursive), sorted."""
+  out, pending = [], [(epath.Path(remote_dir), "")]
+  while pending:
+    directory, prefix = pending.pop()
+    for p in directory.iterdir():
+      rel = f"{prefix}{p.name}"
+      if p.is_dir():
+        pending.append((p, rel + "/"))
+      else:
+        out.append(rel)
+  return sorted(out)
+
+
+def local_copy(remote_dir: str) -> str:
+  """A local copy of a mirrored remote tree, in its `staging_dir`; returns that directory.
+
+  Training reads prepared records in shuffled random order; opened on gs://, ArrayRecord
+  makes a ranged network request per record, so each host reads from a local copy. The
+  copy is reused while its digest equals the one `mirror` recorded (so the host that
+  prepared the data, whose staging copy it is, downloads nothing); otherwise the tree is
+  fetched into a fresh directory that replaces the old one only when complete.
+  """
+  local = staging_dir(remote_dir)
+  marker = epath.Path(remote_dir) / MIRROR_MARKER
+  want = None
+  if marker.exists():
+    try:
+      want = json.loads(marker.read_text()).get("digest")
+    except (ValueError, AttributeError):
+      want = None
+  if want and os.path.isdir(local) and tree_digest(local) == want:
+    return local
+  partial = local + ".partial"
+  shutil.rmtree(partial, ignore_errors=True)
+  for rel in _remote_files(remote_dir):
+    if rel == MIRROR_MARKER:
+      continue
+    dst = os.path.join(partial, *rel.split("/"))
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    (epath.Path(remote_dir) / rel).copy(dst, overwrite=True)
+  shutil.rmtree(local, ignore_errors=True)
+  os.makedirs(os.path.dirname(local), exist_ok=True)
+  os.replace(partial, local)
+  return local
 
 
 def download_dir(remote_dir: str) -> str:

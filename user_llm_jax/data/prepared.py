@@ -140,10 +140,12 @@ def load_splits(data: ml_collections.ConfigDict, workdir: str) -> Splits:
   """
   # Process 0 prepares; the others then find it prepared instead of writing it too.
   path = distributed.primary_first(lambda: prepare(data, workdir), name="prepare_data")
-  train, vocab, stats = source_lib.load_prepared(path, "train")
-  test, _, _ = source_lib.load_prepared(path, "test")
+  # Prepared data in a bucket is read from a local copy on each host (storage.local_copy).
+  local = storage.local_copy(path) if storage.is_remote(path) else path
+  train, vocab, stats = source_lib.load_prepared(local, "train")
+  test, _, _ = source_lib.load_prepared(local, "test")
   try:
-    validation = source_lib.load_prepared(path, "validation")[0]
+    validation = source_lib.load_prepared(local, "validation")[0]
   except KeyError:  # The paper protocol has no validation split.
     validation = None
   if len(train) == 0 or len(test) == 0:
