@@ -50,12 +50,23 @@ def launch(workdir: pathlib.Path, args: tuple[str, ...], xla_flags: str,
   return json.loads((workdir / "summary.json").read_text())
 
 
+def without_timings(tree):
+  """`tree` without measured durations (`eval_sec`, `sec_per_answer`, ...): wall time is
+  the one figure a summary holds that no setting can make repeat."""
+  if isinstance(tree, dict):
+    return {k: without_timings(v) for k, v in tree.items() if "sec" not in k}
+  if isinstance(tree, list):
+    return [without_timings(v) for v in tree]
+  return tree
+
+
 def figures(summary: dict) -> dict:
   """What a reader compares between machines: metrics, evaluations, the loss history."""
   keep = ("loss", "item_loss", "rating_loss", "category_loss", "grad_norm")
   history = [{k: h[k] for k in keep if k in h} | {"step": h.get("step")}
              for h in summary.get("history", [])]
-  return {"metrics": summary["metrics"], "evals": summary.get("evals"), "history": history}
+  return without_timings({"metrics": summary["metrics"], "evals": summary.get("evals"),
+                          "history": history})
 
 
 def check_same_under_every_setting(tmp_path: pathlib.Path, args: tuple[str, ...],
