@@ -118,12 +118,17 @@ def test_paths_local_and_remote(gcs, tmp_path):
   assert storage.absolute("rel") == os.path.abspath("rel")
 
 
+def _tree(root: pathlib.Path, files: dict[str, bytes]) -> pathlib.Path:
+  """A local directory holding `files` (relative path -> content)."""
+  for rel, content in files.items():
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_bytes(content)
+  return root
+
+
 def test_mirror_copies_once_and_again_after_a_change(gcs, tmp_path):
   del gcs
-  local = tmp_path / "tree"
-  (local / "sub").mkdir(parents=True)
-  (local / "a.bin").write_bytes(b"\x00\x01" * 1000)
-  (local / "sub" / "b.txt").write_text("b")
+  local = _tree(tmp_path / "tree", {"a.bin": b"\x00\x01" * 1000, "sub/b.txt": b"b"})
   remote = f"gs://{BUCKET}/mirror"
   assert storage.mirror(str(local), remote)
   assert storage.read_bytes(f"{remote}/a.bin") == b"\x00\x01" * 1000
@@ -136,10 +141,7 @@ def test_mirror_copies_once_and_again_after_a_change(gcs, tmp_path):
 
 def test_local_copy_fetches_once_and_again_after_a_new_mirror(gcs, tmp_path, monkeypatch):
   del gcs
-  local = tmp_path / "prepared"
-  (local / "sub").mkdir(parents=True)
-  (local / "a.array_record").write_bytes(b"\x01" * 3000)
-  (local / "sub" / "b.json").write_text("{}")
+  local = _tree(tmp_path / "prepared", {"a.array_record": b"\x01" * 3000, "sub/b.json": b"{}"})
   remote = f"gs://{BUCKET}/copy/prepared"
   storage.mirror(str(local), remote)
   # Another host: its staging root holds nothing yet.
