@@ -165,6 +165,17 @@ def copy_tree(local_dir: str, dst_dir: str | os.PathLike) -> None:
     epath.Path(os.path.join(local_dir, rel)).copy(dst, overwrite=True)
 
 
+def mirrored_digest(remote_dir: str) -> str | None:
+  """The digest `mirror` recorded in `remote_dir`, or None (no marker, or unreadable)."""
+  marker = epath.Path(remote_dir) / MIRROR_MARKER
+  if not marker.exists():
+    return None
+  try:
+    return json.loads(marker.read_text()).get("digest")
+  except (ValueError, AttributeError):
+    return None
+
+
 def mirror(local_dir: str, remote_dir: str) -> bool:
   """Copies a local directory tree to `remote_dir` unless it already holds the same files.
 
@@ -175,15 +186,11 @@ def mirror(local_dir: str, remote_dir: str) -> bool:
     Whether files were copied.
   """
   digest = tree_digest(local_dir)
-  marker = epath.Path(remote_dir) / MIRROR_MARKER
-  if marker.exists():
-    try:
-      if json.loads(marker.read_text()).get("digest") == digest:
-        return False
-    except (ValueError, AttributeError):
-      pass  # An unreadable marker: copy again.
+  if mirrored_digest(remote_dir) == digest:
+    return False
   copy_tree(local_dir, remote_dir)
-  write_atomic(os.fspath(marker), json.dumps({"digest": digest, "source": local_dir}))
+  write_atomic(os.fspath(epath.Path(remote_dir) / MIRROR_MARKER),
+               json.dumps({"digest": digest, "source": local_dir}))
   return True
 
 
@@ -211,13 +218,7 @@ def local_copy(remote_dir: str) -> str:
   fetched into a fresh directory that replaces the old one only when complete.
   """
   local = staging_dir(remote_dir)
-  marker = epath.Path(remote_dir) / MIRROR_MARKER
-  want = None
-  if marker.exists():
-    try:
-      want = json.loads(marker.read_text()).get("digest")
-    except (ValueError, AttributeError):
-      want = None
+  want = mirrored_digest(remote_dir)
   if want and os.path.isdir(local) and tree_digest(local) == want:
     return local
   partial = local + ".partial"
