@@ -100,8 +100,7 @@ def prepare(data: ml_collections.ConfigDict, workdir: str) -> str:
   for key in ("kcore_users", "kcore_items"):
     if key in data and data[key]:
       options[key] = int(data[key])
-  if data.get("timestamp_precision", "exact") != "exact":
-    options["timestamp_precision"] = str(data.timestamp_precision)
+  options["timestamp_precision"] = str(data.get("timestamp_precision", "exact"))
   prepared = prepare_lib.prepare_dataset(
       data.dataset, manual_dir, local_data_dir, protocol=data.protocol, window=data.window,
       force=force, **options)
