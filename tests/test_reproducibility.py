@@ -16,6 +16,8 @@ import sys
 
 import pytest
 
+from tests import test_main_smoke
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEVICES = "--xla_force_host_platform_device_count=1"
 # (name, XLA_FLAGS, restrict to one core with taskset)
@@ -24,16 +26,8 @@ SETTINGS = (
     ("eigen single-threaded", DEVICES + " --xla_cpu_multi_thread_eigen=false", False),
     ("one core", DEVICES, True),
 )
-ENCODER = (
-    f"--config={REPO / 'experiments' / 'configs' / 'encoder_movielens.py'}:smoke",
-    "--config.data.synthetic.num_users=80", "--config.data.synthetic.num_items=60",
-    "--config.data.synthetic.events_per_user_mean=30", "--config.data.window=16",
-    "--config.encoder.model.num_layers=1", "--config.encoder.model.width=32",
-    "--config.encoder.model.mlp_dim=64", "--config.encoder.model.feature_dim=16",
-    "--config.train.batch_size=16", "--config.train.num_steps=20",
-    "--config.train.log_every=5", "--config.train.eval_every=10",
-    "--config.train.checkpoint_every=10", "--config.eval.batch_size=64",
-)
+# The launcher smoke test's shrunk encoder job.
+ENCODER = (f"--config={test_main_smoke.CONFIG}:smoke", *test_main_smoke.SHRINK)
 MAIN_SMOKE = (f"--config={REPO / 'experiments' / 'configs' / 'main.py'}:smoke",)
 
 
