@@ -41,6 +41,20 @@ def test_trained_text_baseline(tmp_path, data_dirs, strategy):
   on_disk = json.loads((tmp_path / "summary.json").read_text())
   assert on_disk["trainable_params"] == summary["trainable_params"]
   assert f"({strategy}," in (tmp_path / "summary.txt").read_text()
+  assert summary["curve"] == []   # train.eval_every = 0: no learning curve
+
+
+def test_text_baseline_learning_curve_is_the_user_llm_procedure(tmp_path, data_dirs):
+  """Every train.eval_every steps, favorite-category accuracy on eval.curve_examples users:
+  the final model's point equals the final evaluation on the same users."""
+  config = smoke_config(**data_dirs, **{
+      "baseline.strategy": "lora", "train.eval_every": 2, "eval.curve_examples": 3})
+  summary = text_baseline.run(config, str(tmp_path))
+  assert [c["step"] for c in summary["curve"]] == [2, 4]
+  final = summary["metrics"]["text_prompt"]["favorite_category"]
+  assert final["num_examples"] == 3
+  assert summary["curve"][-1]["fav_acc"] == pytest.approx(final["accuracy"])
+  assert json.loads((tmp_path / "summary.json").read_text())["curve"] == summary["curve"]
 
 
 def test_unknown_strategy_is_a_config_error(tmp_path, data_dirs):

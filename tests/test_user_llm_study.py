@@ -51,6 +51,9 @@ def test_report_has_every_arm_with_n_and_standard_errors(smoke):
     assert all(0.0 <= c["fav_acc"] <= 1.0 for c in arm["curve"])
   text = report["arms"]["text_lora"]
   assert text["job"] == "text_baseline" and text["item_head_recall@10"] is None
+  # The text prompt's learning curve: the same steps and procedure as User-LLM's.
+  assert [c["step"] for c in text["curve"]] == [2, 4]
+  assert all(set(c) == {"step", "fav_acc"} for c in text["curve"])
   assert text["trainable_params"] < report["arms"]["user_llm"]["trainable_params"]
   # Only the pretrained-encoder arm read the data group's encoder pretraining run.
   assert (output.parent / "data" / "default" / "encoder" / "summary.json").exists()

@@ -415,8 +415,8 @@ def report_text(report: Mapping[str, Any]) -> str:
 
 
 def plot(report: Mapping[str, Any], path: str) -> None:
-  """Learning curves of the User-LLM runs: favorite-genre accuracy and item-head Recall@10
-  against training steps (bars: binomial standard error on the curve's test users)."""
+  """Learning curves of the trained arms (User-LLM and the text prompt): favorite-genre
+  accuracy and item-head Recall@10 against training steps (bars: binomial standard error on the curve's test users)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top

@@ -9,7 +9,9 @@ that fit `baseline.history_tokens`) instead of user embeddings. `baseline.strate
   full        every LLM parameter trained with the User-LLM budget
 
 (Enc and Proj have no counterpart: there is no encoder or bridge.) Results go to
-`WORKDIR/summary.json` / `summary.txt`; training resumes from the workdir's checkpoint.
+`WORKDIR/summary.json` / `summary.txt` (with the learning curve of trained strategies:
+`runner.curve_metrics` every `train.eval_every` steps, the User-LLM job's procedure, so the
+two are comparable point by point); training resumes from the workdir's checkpoint.
 The prompts and the reading of a finished run are `text_prompt`'s (`--mode=infer` answers
 any users with it).
 """
@@ -68,19 +70,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   arch = models.architecture(llm=llm.cfg, lora=lora, strategy=strategy)
   description = runs.save_run(workdir, JOB, config, arch, vocab=data.vocab, tokenizer=tokenizer)
   total = params_lib.count_params(llm, nnx.Param)
-  steps, history, resumed_from, trained = 0, [], None, 0
+  steps, history, curve, resumed_from, trained = 0, [], [], None, 0
   if strategy != "zero_shot":
+    eval_fn = None
+    if runner.wants_curve(config):
+      def eval_fn(m: Decoder) -> dict[str, float]:
+        return runner.curve_metrics(eval_lib.text_conditioner(m), data, transform, config)
     result = trainer_lib.train(
         llm, text_loss, train_cfg,
         runner.train_iterator(data, transform, config, train_cfg.batch_size),
-        mesh=mesh, rules=rules, seed=config.seed, wrt=strategies.text_trainable_filter(strategy), workdir=workdir,
+        mesh=mesh, rules=rules, seed=config.seed, wrt=strategies.text_trainable_filter(strategy),
+        workdir=workdir, eval_fn=eval_fn,
         fingerprint=config_lib.fingerprint(config, architecture=arch),
         description=description,
         count_fn=lambda b: int(np.asarray(b[ex_lib.LOSS_MASK]).sum()),
         desc=f"text baseline/{strategy}")
     if result.preempted:
       return {"preempted": True, "step": result.step}
-    llm, steps, history = result.model, result.step, result.history
+    llm, steps, history, curve = result.model, result.step, result.history, result.evals
     resumed_from, trained = result.resumed_from, result.trainable_params
   train_time = time.perf_counter() - t0
   t_eval = time.perf_counter()
@@ -99,7 +106,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "budget": {"steps": steps, "batch_size": train_cfg.batch_size,
                  "examples_seen": steps * train_cfg.batch_size, "train_sec": train_time,
                  "eval_sec": eval_time},
-      "wall_time_sec": wall, "history": history, "llm": config.llm.source,
+      "wall_time_sec": wall, "history": history, "curve": curve, "llm": config.llm.source,
       "dataset": {"path": data.path, "protocol": config.data.protocol,
                   "window": config.data.window, "num_items": data.vocab.num_items},
   }
@@ -109,8 +116,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           f"{summary['mean_prompt_tokens']:.0f} tokens over every evaluated example), "
           f"{steps} steps, {trained:,} trainable / {total:,} params, {wall:.1f} s wall\n{table}")
   if history:
-    summary_lib.plot_loss(history, summary_lib.loss_png(workdir),
-                          title=f"{config.name} text baseline")
+    summary_lib.plot_loss(history, summary_lib.loss_png(workdir), evals=curve,
+                          eval_key="fav_acc", title=f"{config.name} text baseline")
   summary_lib.write_summary(workdir, summary, text)
   print(text, flush=True)
   return summary

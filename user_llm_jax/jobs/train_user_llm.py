@@ -172,17 +172,12 @@ def curve_fn(model: UserLLM, tokenizer: Tokenizer, data: runner.TaskData,
   Cheap task metrics on `eval.curve_examples` test users: favorite-category accuracy
   (exact scoring of the label set) and the item head's Recall@10.
   """
-  if config.train.eval_every <= 0 or config.eval.curve_examples <= 0:
+  if not runner.wants_curve(config):
     return None
-  tasks = [t for t in (prompts.FAVORITE_CATEGORY,) if t in transform.cfg.tasks]
 
   def evaluate(m: UserLLM) -> dict[str, float]:
-    out = {}
-    if tasks:
-      got = runner.evaluate_tasks(eval_lib.user_llm_conditioner(m, tokenizer.pad_id), data,
-                                  transform, config, tasks=tasks,
-                                  num_examples=config.eval.curve_examples)
-      out["fav_acc"] = got[prompts.FAVORITE_CATEGORY]["accuracy"]
+    out = runner.curve_metrics(eval_lib.user_llm_conditioner(m, tokenizer.pad_id), data,
+                               transform, config)
     if m.item_head is not None and prompts.NEXT_ITEM in transform.cfg.tasks:
       small = ml_collections.ConfigDict(config.to_dict())
       small.eval.num_examples = config.eval.curve_examples

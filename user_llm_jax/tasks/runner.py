@@ -7,6 +7,8 @@ Shared by the User-LLM job, the text-prompt baseline, the main pipeline and gene
   train_iterator(...)         endless shuffled (record, task) examples, batched
   eval_indices(...)           the seeded sample of test records every method is scored on
   evaluate_tasks(...)         every configured task's metrics for one conditioned LLM
+  curve_metrics(...)          the learning curve's cheap figure (favorite-category accuracy
+                              on `eval.curve_examples` test users), the same for every method
   shuffled_examples(...)      the same examples with each one's user swapped for the next
                               user's: the control that tells a model that reads its user
                               context from one that ignores it
@@ -158,6 +160,28 @@ def evaluate_tasks(condition: eval_lib.Conditioner, data: TaskData,
     results[task]["mean_prompt_tokens"] = float(np.mean(
         [int(ex[ex_lib.PROMPT_LENGTH]) for ex in examples])) if examples else 0.0
   return results
+
+
+def curve_metrics(condition: eval_lib.Conditioner, data: TaskData,
+                  transform: ex_lib.TaskExample,
+                  config: ml_collections.ConfigDict) -> dict[str, float]:
+  """The learning curve's figures for one conditioned LLM (every `train.eval_every` steps).
+
+  Favorite-category accuracy by exact scoring of the label set on the first
+  `eval.curve_examples` users of the seeded test sample: cheap, and the same procedure for
+  User-LLM and the text prompt, so their curves are comparable point by point. Empty when
+  the task is not configured.
+  """
+  if prompts.FAVORITE_CATEGORY not in transform.cfg.tasks:
+    return {}
+  got = evaluate_tasks(condition, data, transform, config, tasks=(prompts.FAVORITE_CATEGORY,),
+                       num_examples=config.eval.curve_examples)
+  return {"fav_acc": got[prompts.FAVORITE_CATEGORY]["accuracy"]}
+
+
+def wants_curve(config: ml_collections.ConfigDict) -> bool:
+  """Whether a run computes a learning curve (`train.eval_every` and `eval.curve_examples`)."""
+  return config.train.eval_every > 0 and config.eval.curve_examples > 0
 
 
 # The headline metric of each task, in table order.
