@@ -217,7 +217,9 @@ HARMLESS_KEYS = frozenset({
 # the fingerprint while they hold one, so the saved runs still match. Paths also cover the
 # architecture facts jobs add (`encoder_architecture`, `architecture.encoder`); a config
 # key left at None takes the preset's value, which is the old behaviour.
-_ENCODER_ADDED = {"input_norm": (None, False), "init_std": (None, 0.0, 0)}
+_ENCODER_ADDED = {"input_norm": (None, False), "init_std": (None, 0.0, 0),
+                  "item_loss": (None, "softmax"), "item_negatives": (None, 256),
+                  "gbce_t": (None, 0.75)}
 OMITTED_AT: dict[str, tuple[Any, ...]] = {
     "llm.param_dtype": ("float32",),
     "data.timestamp_precision": ("exact",),

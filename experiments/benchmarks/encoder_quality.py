@@ -20,6 +20,10 @@ Arms (`ARMS`; the ablations of the encoder, each a set of config overrides):
   late_fusion    one transformer per feature, fused after encoding
   separate_head  a separate D x items output table instead of the tied item embeddings
   dropout_0.1 / dropout_0.5     window_200 (batch 8: the same events per step)
+  gbce           gSASRec's gBCE next-item loss over 256 sampled negatives, t = 0.75,
+                 instead of the full-catalogue softmax
+  sampled_softmax cross-entropy over the target and 256 sampled negatives (no logQ term:
+                 constant under uniform sampling)
 Amazon 5-core sets (`data.dataset=amazon`, the folders under DATA_ROOT/amazon) run the
 reference arm only.
 
@@ -62,6 +66,11 @@ ARMS: dict[str, dict[str, Any]] = {
     "dropout_0.1": {"encoder.model.dropout": 0.1},
     "dropout_0.5": {"encoder.model.dropout": 0.5},
     "window_200": {"data.window": 200, "train.batch_size": 8},  # the same events per step
+    # Sampled next-item losses (the ones that scale to catalogues of 10^5+ items).
+    "gbce": {"encoder.model.item_loss": "gbce", "encoder.model.item_negatives": 256,
+             "encoder.model.gbce_t": 0.75},
+    "sampled_softmax": {"encoder.model.item_loss": "sampled_softmax",
+                        "encoder.model.item_negatives": 256},
 }
 # Where each dataset lives under --data_root, and its reader.
 DATASETS = {"ml-latest-small": ("ml-latest-small", "movielens"),

@@ -11,6 +11,7 @@ from user_llm_jax.data import schema
 from user_llm_jax.data import transforms
 
 FUSIONS = ("early", "late")
+ITEM_LOSSES = ("softmax", "sampled_softmax", "gbce")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,10 +50,22 @@ class EncoderConfig:
     use_categories: embed the categories (genres) as an event feature (False: not read).
     tie_item_head: score items by a dot product with the item embedding table (after a
       D -> feature_dim projection) instead of a separate D x num_items matrix.
+    item_loss: the next-item loss in training (`ITEM_LOSSES`). 'softmax': cross-entropy
+      over the whole catalogue. 'sampled_softmax': cross-entropy over the target and
+      `item_negatives` sampled items. 'gbce': gSASRec's generalised binary cross-entropy
+      (Petrov & Macdonald, RecSys 2023) over the target and the sampled items, calibrated
+      by `gbce_t`. The sampled losses score only the sampled items ([positions, K]
+      logits instead of [positions, num_items]); their `item_accuracy` is the fraction of
+      positions whose target outscores every sampled negative. Evaluation
+      (`deterministic=True`) samples nothing and reports the full softmax.
+    item_negatives: K, the negatives of the sampled losses: drawn uniformly, with
+      replacement, from the real catalogue once per step and shared by every position.
+    gbce_t: gBCE's calibration parameter t in [0, 1]: 0 is plain binary cross-entropy,
+      1 fully corrects the overconfidence that negative sampling causes.
     item_loss_chunk: positions per chunk of the next-item softmax (0: all at once).
       Chunking keeps only [chunk, num_items] logits live (forward and backward), for
-      catalogues of 10^5+ items; the loss is the same.
-    item_loss_weight: weight of the next-item softmax cross-entropy.
+      catalogues of 10^5+ items; the loss is the same. 'softmax' only.
+    item_loss_weight: weight of the next-item loss.
     rating_loss_weight: weight of the next-rating softmax cross-entropy.
     category_loss_weight: weight of the next-categories sigmoid (multi-label) loss.
     layer_norm_eps: epsilon of every LayerNorm.
@@ -84,6 +97,9 @@ class EncoderConfig:
   use_rating: bool = True
   use_categories: bool = True
   tie_item_head: bool = True
+  item_loss: str = "softmax"
+  item_negatives: int = 256
+  gbce_t: float = 0.75
   item_loss_chunk: int = 0
   item_loss_weight: float = 1.0
   rating_loss_weight: float = 0.5
@@ -124,6 +140,7 @@ class EncoderConfig:
                        "(0: LeCun normal)")
     if self.item_loss_chunk < 0:
       raise ValueError(f"EncoderConfig.item_loss_chunk={self.item_loss_chunk}: must be >= 0")
+    self._check_item_loss()
     if self.late_fusion_layers < 0:
       raise ValueError(f"EncoderConfig.late_fusion_layers={self.late_fusion_layers}: "
                        "must be >= 0")
@@ -132,6 +149,28 @@ class EncoderConfig:
     if min(weights) < 0 or sum(weights) <= 0:
       raise ValueError(f"EncoderConfig loss weights (item, rating, category)={weights}: "
                        "must be >= 0 with a positive sum")
+
+  def _check_item_loss(self) -> None:
+    if self.item_loss not in ITEM_LOSSES:
+      raise ValueError(f"EncoderConfig.item_loss={self.item_loss!r}: must be one of "
+                       f"{ITEM_LOSSES}")
+    if (isinstance(self.gbce_t, bool) or not isinstance(self.gbce_t, (int, float))
+        or not 0.0 <= self.gbce_t <= 1.0):
+      raise ValueError(f"EncoderConfig.gbce_t={self.gbce_t!r}: must be a number in [0, 1]")
+    if self.item_loss == "softmax":
+      return
+    if (isinstance(self.item_negatives, bool) or not isinstance(self.item_negatives, int)
+        or self.item_negatives < 1):
+      raise ValueError(f"EncoderConfig.item_negatives={self.item_negatives!r}: must be an "
+                       f"int >= 1 with item_loss={self.item_loss!r}")
+    if self.item_loss_chunk:
+      raise ValueError(f"EncoderConfig.item_loss_chunk={self.item_loss_chunk}: chunks the "
+                       f"full softmax only; must be 0 with item_loss={self.item_loss!r} "
+                       "(which never builds the [positions, num_items] logits)")
+    if self.num_items - schema.FIRST_ID < 2:
+      raise ValueError(f"EncoderConfig.num_items={self.num_items}: item_loss="
+                       f"{self.item_loss!r} needs at least 2 real items (a target and a "
+                       "negative)")
 
   @property
   def reads_or_predicts_categories(self) -> bool:

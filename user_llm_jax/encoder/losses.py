@@ -5,7 +5,11 @@ large negative value, and positions whose target is PAD or OOV carry no weight (
 target has no learnable identity). Every mean divides by max(total weight, 1), so a batch
 without any valid position gives a loss of exactly 0, never NaN.
 
-Axis letters: B batch, E events, C category slots, V vocabulary.
+The sampled next-item losses (`sampled_softmax_cross_entropy`, `gbce_loss`) score each
+position's target against K negatives shared by the whole batch (`uniform_negatives`):
+their inputs are [B, E] target scores and [B, E, K] negative scores, never [B, E, V].
+
+Axis letters: B batch, E events, C category slots, V vocabulary, K sampled negatives.
 """
 
 from __future__ import annotations
@@ -103,6 +107,107 @@ def chunked_softmax_cross_entropy(
   total = jnp.sum(weights)
   denominator = jnp.maximum(total, 1.0)
   return nll_sum / denominator, correct_sum / denominator, total
+
+
+def uniform_negatives(key: jax.Array, num_negatives: int, num_items: int) -> jax.Array:
+  """int32[K] item ids drawn uniformly, with replacement, from the real catalogue.
+
+  Args:
+    key: PRNG key.
+    num_negatives: K.
+    num_items: vocabulary size including the reserved ids, which are never drawn.
+  """
+  return jax.random.randint(key, (num_negatives,), schema.FIRST_ID, num_items, jnp.int32)
+
+
+def gbce_beta(num_negatives: int, num_real_items: int, t: float) -> float:
+  """gSASRec's exponent of the positive's probability, beta = alpha (t (1 - 1/alpha) + 1/alpha).
+
+  alpha = K / (num_real_items - 1) is the paper's negative sampling rate, the share of
+  the other items drawn as negatives per position (K draws with replacement here, so it
+  may exceed 1). beta = 1 + t (alpha - 1): t = 0 gives beta = 1 (plain binary
+  cross-entropy), t = 1 gives beta = alpha (the paper's fully calibrated model).
+
+  Args:
+    num_negatives: K.
+    num_real_items: the catalogue without the reserved ids (>= 2).
+    t: the calibration parameter in [0, 1].
+  """
+  alpha = num_negatives / (num_real_items - 1)
+  return alpha * (t * (1.0 - 1.0 / alpha) + 1.0 / alpha)
+
+
+def _sampled_inputs(positive_logits: jax.Array, negative_logits: jax.Array,
+                    targets: jax.Array,
+                    negatives: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """float32 [B, E] and [B, E, K] scores, the kept negatives (bool[B, E, K]: not the
+  position's own target), and whether the target outscores every kept negative."""
+  positive = positive_logits.astype(jnp.float32)                          # [B, E]
+  negative = negative_logits.astype(jnp.float32)                          # [B, E, K]
+  keep = targets[..., None] != negatives                                  # [B, E, K]
+  best = jnp.max(jnp.where(keep, negative, -jnp.inf), axis=-1)            # [B, E]
+  correct = (positive > best).astype(jnp.float32)
+  return positive, negative, keep, correct
+
+
+def sampled_softmax_cross_entropy(
+    positive_logits: jax.Array, negative_logits: jax.Array, targets: jax.Array,
+    negatives: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Masked cross-entropy over [target, K sampled negatives] at every position.
+
+  A negative equal to the position's target is masked out there, so the target is never
+  also a negative. Sampled softmax subtracts log Q(item) from every candidate's logit;
+  with uniform sampling log Q is one constant, which a softmax ignores, so it is left out.
+
+  Args:
+    positive_logits: [B, E] scores of each position's target.
+    negative_logits: [B, E, K] scores of the shared negatives.
+    targets: int[B, E] target ids.
+    negatives: int[K] the negatives' ids.
+    mask: bool[B, E] positions to score.
+
+  Returns:
+    (mean loss, mean sampled accuracy: the target outscores every kept negative,
+    number of scored positions).
+  """
+  positive, negative, keep, correct = _sampled_inputs(
+      positive_logits, negative_logits, targets, negatives)
+  negative = jnp.where(keep, negative, _MASKED_LOGIT)
+  logits = jnp.concatenate([positive[..., None], negative], axis=-1)      # [B, E, 1 + K]
+  nll = jax.nn.logsumexp(logits, axis=-1) - positive                      # [B, E]
+  weights = target_weights(targets, mask)
+  return masked_mean(nll, weights), masked_mean(correct, weights), jnp.sum(weights)
+
+
+def gbce_loss(positive_logits: jax.Array, negative_logits: jax.Array, targets: jax.Array,
+              negatives: jax.Array, mask: jax.Array, *,
+              beta: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Masked generalised binary cross-entropy (gSASRec, Petrov & Macdonald, RecSys 2023).
+
+  Per position, as the paper defines it:
+    -(log sigmoid(s+)^beta + sum_k log(1 - sigmoid(s_k))) / (K + 1),
+  computed as -(beta log_sigmoid(s+) + sum_k log_sigmoid(-s_k)) / (K + 1), which stays
+  finite for any score. A negative equal to the position's target is dropped there (its
+  term is 0; the divisor stays K + 1).
+
+  Args:
+    positive_logits: [B, E] scores of each position's target.
+    negative_logits: [B, E, K] scores of the shared negatives.
+    targets: int[B, E] target ids.
+    negatives: int[K] the negatives' ids.
+    mask: bool[B, E] positions to score.
+    beta: the exponent of the positive's probability (`gbce_beta`).
+
+  Returns:
+    (mean loss, mean sampled accuracy: the target outscores every kept negative,
+    number of scored positions).
+  """
+  positive, negative, keep, correct = _sampled_inputs(
+      positive_logits, negative_logits, targets, negatives)
+  negative_terms = jnp.sum(jnp.where(keep, jax.nn.log_sigmoid(-negative), 0.0), axis=-1)
+  nll = -(beta * jax.nn.log_sigmoid(positive) + negative_terms) / (negatives.shape[-1] + 1)
+  weights = target_weights(targets, mask)
+  return masked_mean(nll, weights), masked_mean(correct, weights), jnp.sum(weights)
 
 
 def multi_hot(ids: jax.Array, num_classes: int) -> jax.Array:

@@ -8,7 +8,8 @@ Parameters are created with logical axis names as metadata only (no eager shardi
 build the model anywhere, then place it with `sharding.shard_model` or a jitted init
 with `sharding.model_shardings` as out_shardings (both read the active rules).
 
-Axis letters: B batch, E events, D width, F feature_dim, V vocabulary.
+Axis letters: B batch, E events, D width, F feature_dim, V vocabulary, K scored items,
+Q the item head's query width (F tied, D separate).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from user_llm_jax import sharding
+from user_llm_jax.data import schema
 from user_llm_jax.data import transforms as T
 from user_llm_jax.encoder import losses
 from user_llm_jax.encoder.config import EncoderConfig
@@ -41,6 +43,8 @@ class UserEncoder(nnx.Module):
     features: one embedding table per event feature.
     fusion: `EarlyFusion` or `LateFusion` (by `cfg.fusion`).
     final_norm: LayerNorm applied to the fused states.
+    negative_rngs: the `negatives` RNG stream of the sampled item losses (None with
+      `item_loss='softmax'`, so a default model's RNG streams are only its dropout's).
   """
 
   def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
@@ -61,6 +65,10 @@ class UserEncoder(nnx.Module):
     self.rating_head = dense(cfg.width, cfg.num_ratings, "embed", "vocab", cfg, rngs=rngs)
     self.category_head = dense(cfg.width, cfg.num_categories, "embed", "vocab", cfg,
                                rngs=rngs)
+    # Seeded last, so a sampled-loss model's parameters equal the softmax model's of the
+    # same seed. A train step reseeds it from (seed, step) like dropout.
+    self.negative_rngs = (None if cfg.item_loss == "softmax"
+                          else nnx.Rngs(negatives=rngs.params()))
 
   def _check(self, batch: Batch) -> None:
     missing = [k for k in INPUT_KEYS if k not in batch]
@@ -97,11 +105,75 @@ class UserEncoder(nnx.Module):
     scores = self.features.attend_items(query).astype(jnp.float32)        # [..., V]
     return scores + self.item_bias[...].astype(jnp.float32)
 
+  def _item_factors(self, states: jax.Array,
+                    ids: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The query [..., Q] of `states`, the head's vectors [*ids.shape, Q] and biases
+    [*ids.shape] of items `ids`, gathered so that only those items are scored."""
+    dtype = self.cfg.dtype
+    if self.item_head is not None:
+      kernel = self.item_head.kernel[...]                                 # [D, V]
+      vectors = jnp.take(kernel, ids, axis=1)                             # [D, *ids]
+      vectors = jnp.moveaxis(vectors, 0, -1)                              # [*ids, D]
+      bias = jnp.take(self.item_head.bias[...], ids)
+      return states.astype(dtype), vectors.astype(dtype), bias
+    query = self.item_query(states)                                       # [..., F]
+    vectors = jnp.take(self.features.item.embedding[...], ids, axis=0)   # [*ids, F]
+    return query.astype(dtype), vectors.astype(dtype), jnp.take(self.item_bias[...], ids)
+
+  def _add_item_bias(self, scores: jax.Array, bias: jax.Array) -> jax.Array:
+    # The same arithmetic as `item_logits`: the separate head adds its bias in the compute
+    # dtype (inside the Linear), the tied head in float32.
+    if self.item_head is not None:
+      return (scores + bias.astype(scores.dtype)).astype(jnp.float32)
+    return scores.astype(jnp.float32) + bias.astype(jnp.float32)
+
+  def item_scores(self, states: jax.Array, ids: jax.Array) -> jax.Array:
+    """Scores of the items `ids` only: columns `ids` of `item_logits(states)`.
+
+    Args:
+      states: [..., D] encoder states.
+      ids: int[K] item ids, shared by every state.
+
+    Returns:
+      float32 [..., K]; the [..., num_items] logits are never built.
+    """
+    query, vectors, bias = self._item_factors(states, ids)
+    return self._add_item_bias(jnp.einsum("...q,kq->...k", query, vectors), bias)
+
+  def target_scores(self, states: jax.Array, ids: jax.Array) -> jax.Array:
+    """Each state's score of its own item: `item_logits(states)[..., ids]` elementwise.
+
+    Args:
+      states: [..., D] encoder states.
+      ids: int[...] one item id per state.
+
+    Returns:
+      float32 [...].
+    """
+    query, vectors, bias = self._item_factors(states, ids)
+    return self._add_item_bias(jnp.einsum("...q,...q->...", query, vectors), bias)
+
+  def _sampled_item_loss(self, states: jax.Array, targets: jax.Array,
+                         mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`cfg.item_loss` over each target and one [K] draw of negatives for the batch."""
+    cfg = self.cfg
+    negatives = losses.uniform_negatives(self.negative_rngs.negatives(), cfg.item_negatives,
+                                         cfg.num_items)                   # [K]
+    targets = jnp.asarray(targets, jnp.int32)
+    positive = self.target_scores(states, targets)                        # [B, E]
+    negative = self.item_scores(states, negatives)                        # [B, E, K]
+    if cfg.item_loss == "gbce":
+      beta = losses.gbce_beta(cfg.item_negatives, cfg.num_items - schema.FIRST_ID, cfg.gbce_t)
+      return losses.gbce_loss(positive, negative, targets, negatives, mask, beta=beta)
+    return losses.sampled_softmax_cross_entropy(positive, negative, targets, negatives, mask)
+
   def pretrain_loss(self, batch: Batch, *,
                     deterministic: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted next-event loss at every valid position.
 
-    Item and rating: softmax cross-entropy over the real vocabulary; categories: sigmoid
+    Item: `cfg.item_loss` in training; with `deterministic` (evaluation) nothing is
+    sampled and the item loss is the full softmax cross-entropy, comparable across item
+    losses. Rating: softmax cross-entropy over the real vocabulary; categories: sigmoid
     multi-label loss. Positions of padding examples (`example_mask` False) are ignored.
 
     Returns:
@@ -112,7 +184,10 @@ class UserEncoder(nnx.Module):
     mask = jnp.asarray(batch[T.MASK], bool)
     if T.EXAMPLE_MASK in batch:
       mask = mask & jnp.asarray(batch[T.EXAMPLE_MASK], bool)[:, None]
-    if cfg.item_loss_chunk:
+    if cfg.item_loss != "softmax" and not deterministic:
+      item_loss, item_acc, positions = self._sampled_item_loss(
+          states, batch[T.TARGETS_ITEM], mask)
+    elif cfg.item_loss_chunk:
       item_loss, item_acc, positions = losses.chunked_softmax_cross_entropy(
           self.item_logits, states, batch[T.TARGETS_ITEM], mask, cfg.item_loss_chunk)
     else:
