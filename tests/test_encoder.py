@@ -11,6 +11,7 @@ from flax import nnx
 
 from user_llm_jax import sharding
 from user_llm_jax.data import pipeline
+from user_llm_jax.data import schema
 from user_llm_jax.data import transforms as T
 from user_llm_jax.encoder import ENCODER_PAPER, ENCODER_TINY, EncoderConfig, UserEncoder
 from user_llm_jax.encoder import losses
@@ -338,6 +339,58 @@ class TestLoss:
     bce = losses.multi_label_loss(jnp.zeros((1, 1, 5)), jnp.array([[[3, 0, 1]]]),
                                   jnp.array([[True]]))
     np.testing.assert_allclose(bce, np.log(2.0), rtol=1e-6)  # sigmoid(0) on 3 real columns
+
+
+def test_item_softmax_matches_the_reference_form_value_accuracy_and_gradient():
+  """The fast form (added reserved bias, target score given, accuracy against the row max)
+  equals optax's integer-label cross-entropy with masked columns and an argmax, gradient
+  included; where the top is tied it counts the target correct (the reference's argmax
+  picks the lower id)."""
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(3, 5, 11)), jnp.float32)
+  targets = jnp.asarray(rng.integers(schema.FIRST_ID, 11, size=(3, 5)), jnp.int32)
+  targets = targets.at[0, 0].set(schema.PAD_ID).at[1, 2].set(schema.OOV_ID)
+  mask = jnp.asarray(rng.random((3, 5)) > 0.2)
+
+  def fast(x):
+    target = jnp.take_along_axis(x, jnp.maximum(targets, 0)[..., None], -1)[..., 0]
+    return losses.item_softmax_cross_entropy(x, target, targets, mask)
+
+  def reference(x):
+    return losses.softmax_cross_entropy(x, targets, mask)
+
+  (got, got_acc, got_n), (want, want_acc, want_n) = fast(logits), reference(logits)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  np.testing.assert_allclose(got_acc, want_acc)
+  assert float(got_n) == float(want_n) == float(
+      (mask & (targets >= schema.FIRST_ID)).sum())
+  np.testing.assert_allclose(jax.grad(lambda x: fast(x)[0])(logits),
+                             jax.grad(lambda x: reference(x)[0])(logits), atol=1e-7)
+  # A 2-3 tie at the top: argmax says id 2, the row-max comparison counts target 3.
+  tied = jnp.log(jnp.array([[[5.0, 5.0, 2.0, 2.0]]]))
+  _, acc, _ = losses.item_softmax_cross_entropy(tied, tied[..., 3], jnp.array([[3]]),
+                                                jnp.array([[True]]))
+  assert float(acc) == 1.0
+  # A reserved column never wins: it holds the largest raw logit here.
+  big_reserved = jnp.array([[[9.0, 9.0, 1.0, 0.0]]])
+  loss, acc, _ = losses.item_softmax_cross_entropy(
+      big_reserved, big_reserved[..., 2], jnp.array([[2]]), jnp.array([[True]]))
+  np.testing.assert_allclose(loss, np.log1p(np.exp(-1.0)), rtol=1e-6)
+  assert float(acc) == 1.0
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_model_item_loss_equals_the_reference_form(batch, tie):
+  """The model's item loss (target scores by gathered item vectors) equals the reference
+  cross-entropy on its full logits, for the tied and the separate head."""
+  model = UserEncoder(CFG.replace(tie_item_head=tie, dropout=0.0), rngs=nnx.Rngs(3))
+  _, metrics = model.pretrain_loss(batch, deterministic=True)
+  states = model(batch, deterministic=True)
+  mask = jnp.asarray(batch[T.MASK], bool)
+  want, want_acc, _ = losses.softmax_cross_entropy(model.item_logits(states),
+                                                   batch[T.TARGETS_ITEM], mask)
+  np.testing.assert_allclose(metrics["item_loss"], want, rtol=1e-5)
+  np.testing.assert_allclose(metrics["item_accuracy"], want_acc)
 
 
 def test_training_learns_the_pattern_and_ranks_targets():

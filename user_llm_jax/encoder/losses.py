@@ -64,16 +64,77 @@ def softmax_cross_entropy(logits: jax.Array, targets: jax.Array,
   return masked_mean(nll, weights), masked_mean(correct, weights), jnp.sum(weights)
 
 
+def reserved_bias(num_classes: int) -> jax.Array:
+  """float32 [V]: a large negative value at the PAD and OOV columns, 0 elsewhere.
+
+  Added to logits rather than selected with `mask_reserved`: the add's gradient is the
+  identity, where a select costs another pass over the [..., V] gradient.
+  """
+  return mask_reserved(jnp.zeros((num_classes,), jnp.float32))
+
+
+def _item_terms(logits: jax.Array, target_logits: jax.Array,
+                safe_targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-position (negative log-likelihood, correct) of the next-item softmax.
+
+  Args:
+    logits: [..., V] scores (reserved columns not yet masked).
+    target_logits: [...] each position's score of its own target, computed by the caller
+      on its own (a gather of the target's item vector), so that the loss's gradient with
+      respect to the [..., V] logits is the softmax alone: no scatter of -1 into a
+      [..., V] array, as `take_along_axis` on the logits would need.
+    safe_targets: int[...] targets (real ids, or a harmless real id where unweighted).
+  """
+  logits = logits.astype(jnp.float32) + reserved_bias(logits.shape[-1])
+  nll = jax.nn.logsumexp(logits, axis=-1) - target_logits.astype(jnp.float32)
+  # Top-1 accuracy against the row maximum (the reduction logsumexp needs anyway) rather
+  # than an argmax, whose (value, index) reduction is the slower one; a tie at the top
+  # counts as correct. The target's own column is read from the same logits, so the
+  # comparison is exact.
+  frozen = jax.lax.stop_gradient(logits)
+  at_target = jnp.take_along_axis(frozen, safe_targets[..., None], axis=-1)[..., 0]
+  correct = (at_target >= jnp.max(frozen, axis=-1)).astype(jnp.float32)
+  return nll, correct
+
+
+def item_softmax_cross_entropy(
+    logits: jax.Array, target_logits: jax.Array, targets: jax.Array,
+    mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`softmax_cross_entropy` of the next item, given each position's target score.
+
+  The same loss (up to rounding) and accuracy (ties at the top count as correct), in the
+  form whose backward pass is one dense softmax over [B, E, V]: reserved columns masked by
+  an added bias, the target's score from `target_logits` (see `_item_terms`).
+
+  Args:
+    logits: [B, E, V] scores of every item.
+    target_logits: [B, E] each position's score of its target (`UserEncoder.target_scores`;
+      any finite value where the target is PAD or OOV).
+    targets: int[B, E] target ids.
+    mask: bool[B, E] positions to score.
+
+  Returns:
+    (mean loss, mean top-1 accuracy, number of scored positions).
+  """
+  weights = target_weights(targets, mask)
+  safe = jnp.where(weights > 0, targets, schema.FIRST_ID)
+  nll, correct = _item_terms(logits, target_logits, safe)
+  return masked_mean(nll, weights), masked_mean(correct, weights), jnp.sum(weights)
+
+
 def chunked_softmax_cross_entropy(
-    logits_fn: Callable[[jax.Array], jax.Array], states: jax.Array, targets: jax.Array,
-    mask: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """`softmax_cross_entropy(logits_fn(states), targets, mask)` in chunks of positions.
+    logits_fn: Callable[[jax.Array], jax.Array],
+    target_fn: Callable[[jax.Array, jax.Array], jax.Array], states: jax.Array,
+    targets: jax.Array, mask: jax.Array,
+    chunk_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`item_softmax_cross_entropy` in chunks of positions.
 
   Only [chunk_size, V] logits are live at a time, forward and backward (each chunk is
   rematerialized), so a catalogue of 10^5+ items fits at batch 128 x window 50.
 
   Args:
     logits_fn: [N, D] states -> [N, V] logits.
+    target_fn: ([N, D] states, int[N] ids) -> [N] each state's score of its id.
     states: [B, E, D] encoder states.
     targets: int[B, E] target ids.
     mask: bool[B, E] positions to score.
@@ -97,9 +158,7 @@ def chunked_softmax_cross_entropy(
   @jax.checkpoint
   def body(carry, x):
     s, t, w = x                                                             # [N, D], [N], [N]
-    logits = mask_reserved(logits_fn(s).astype(jnp.float32))                 # [N, V]
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, t)
-    correct = (jnp.argmax(logits, axis=-1) == t).astype(jnp.float32)
+    nll, correct = _item_terms(logits_fn(s), target_fn(s, t), t)
     return (carry[0] + jnp.sum(nll * w), carry[1] + jnp.sum(correct * w)), None
 
   zero = jnp.zeros((), jnp.float32)

@@ -189,10 +189,12 @@ class UserEncoder(nnx.Module):
           states, batch[T.TARGETS_ITEM], mask)
     elif cfg.item_loss_chunk:
       item_loss, item_acc, positions = losses.chunked_softmax_cross_entropy(
-          self.item_logits, states, batch[T.TARGETS_ITEM], mask, cfg.item_loss_chunk)
+          self.item_logits, self.target_scores, states, batch[T.TARGETS_ITEM], mask,
+          cfg.item_loss_chunk)
     else:
-      item_loss, item_acc, positions = losses.softmax_cross_entropy(
-          self.item_logits(states), batch[T.TARGETS_ITEM], mask)
+      targets = jnp.asarray(batch[T.TARGETS_ITEM], jnp.int32)
+      item_loss, item_acc, positions = losses.item_softmax_cross_entropy(
+          self.item_logits(states), self.target_scores(states, targets), targets, mask)
     zero = jnp.zeros((), jnp.float32)
     # A loss of weight 0 is not computed: it costs time, and a category vocabulary of
     # reserved ids alone (a dataset without categories) has no column to average over.
