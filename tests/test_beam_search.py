@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from user_llm_jax.llm import beam_search as bs
+from user_llm_jax.llm import sampler as sampler_lib
 from user_llm_jax.llm import trie as trie_lib
 
 V = 12
@@ -235,3 +236,27 @@ def test_decoder_beam_small_k_allowed_distinct_sorted(decoder, dec_trie, exhaust
                                constraint=dec_trie.to_arrays(), length_bucket=4)
   np.testing.assert_array_equal(alone.tokens[0], out.tokens[0])
   np.testing.assert_allclose(alone.scores[0], out.scores[0], atol=1e-5)
+
+
+def test_score_candidates_of_embeddings_equal_tokens_and_share_one_compile(decoder, dec_trie):
+  """A soft prompt (embeddings) is left-padded to the length bucket like a token prompt:
+  the same scores as the tokens it embeds, and prompts of nearby lengths reuse one compile."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  seqs = dec_trie.sequences()
+  embed = nnx.jit(lambda m, x: m.embed(x))
+  for prompt in DEC_PROMPTS:
+    embeds = embed(decoder, jnp.asarray([prompt], jnp.int32))
+    np.testing.assert_allclose(
+        bs.score_candidates(decoder, None, seqs, batch_size=3, inputs_embeds=embeds,
+                            length_bucket=8),
+        bs.score_candidates(decoder, prompt, seqs, batch_size=3, length_bucket=8), atol=1e-4)
+  embeds, mask = bs.left_pad_embeds(jnp.ones((1, 5, 4)), 8)
+  assert embeds.shape == (1, 8, 4) and mask.tolist() == [[False] * 3 + [True] * 5]
+  assert float(jnp.abs(embeds[0, :3]).sum()) == 0.0
+  width = embed(decoder, jnp.asarray([DEC_PROMPTS[0]], jnp.int32)).shape[-1]
+  sizes = []
+  for length in (9, 11, 16):   # one bucket of 16
+    bs.score_candidates(decoder, None, seqs, batch_size=3, length_bucket=16,
+                        inputs_embeds=jnp.full((1, length, width), 0.01))
+    sizes.append(sampler_lib.prefill_jitted._cache_size())
+  assert sizes[0] == sizes[1] == sizes[2]

@@ -280,6 +280,16 @@ def _score_chunk(graphdef, params, first_logits, state, cand, cand_len):
   return jnp.where(jnp.arange(length)[None] < cand_len[:, None], logp, 0.0).sum(-1)  # [C]
 
 
+def left_pad_embeds(inputs_embeds: jax.Array, bucket: int) -> tuple[jax.Array, jax.Array]:
+  """[B, T, D] all-real prompt embeddings -> ([B, T', D], mask [B, T']) left-padded with
+  zeros to T' = T rounded up to a multiple of `bucket` (mask True on the real slots)."""
+  t = inputs_embeds.shape[1]
+  padded = -(-t // bucket) * bucket
+  embeds = jnp.pad(inputs_embeds, ((0, 0), (padded - t, 0), (0, 0)))
+  mask = jnp.broadcast_to(jnp.arange(padded) >= padded - t, embeds.shape[:2])
+  return embeds, mask
+
+
 def score_candidates(model: Decoder, prompt: Sequence[int] | None,
                      candidates: Sequence[Sequence[int]], *, batch_size: int = 32,
                      inputs_embeds: jax.Array | None = None,
@@ -297,9 +307,10 @@ def score_candidates(model: Decoder, prompt: Sequence[int] | None,
     prompt: prompt tokens, or None when `inputs_embeds` ([1, T, D]) is given.
     candidates: token sequences to score (include the end token when it should count).
     batch_size: candidates per forward pass.
-    inputs_embeds: [1, T, D] prompt embeddings (soft prompt).
+    inputs_embeds: [1, T, D] prompt embeddings (soft prompt), every slot real.
     context / context_mask: [1, E, D] / [1, E] cross-attention user embeddings.
-    length_bucket: prompt length rounding (limits recompiles across prompts).
+    length_bucket: prompt length rounding, for tokens and embeddings alike (limits
+      recompiles across prompts).
     show_progress: show a tqdm bar over chunks.
 
   Returns:
@@ -308,7 +319,10 @@ def score_candidates(model: Decoder, prompt: Sequence[int] | None,
   if not candidates or any(len(c) == 0 for c in candidates):
     raise ValueError("score_candidates needs non-empty candidate token sequences")
   if inputs_embeds is not None:
-    tokens, mask = None, jnp.ones(inputs_embeds.shape[:2], bool)
+    # Left-padded to a multiple of `length_bucket` like token prompts: soft prompts of
+    # users with different numbers of events would otherwise compile once per length.
+    tokens = None
+    inputs_embeds, mask = left_pad_embeds(inputs_embeds, length_bucket)
   elif prompt is not None:
     tokens, mask = sampler_lib.left_pad([prompt], 0, length_bucket)
   else:

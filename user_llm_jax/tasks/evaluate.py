@@ -116,7 +116,8 @@ def score_options(cond: Conditioned, options: Sequence[Sequence[int]],
   for i in range(n):
     one = cond.row(i)
     if one.inputs_embeds is not None:
-      # score_candidates expects all-real embeddings: drop the padded slots of this row.
+      # score_candidates takes all-real embeddings (it left-pads them to its length
+      # bucket): drop the padded slots of this row.
       keep = np.flatnonzero(np.asarray(one.prompt_mask[0]))
       embeds = one.inputs_embeds[:, keep]
       rows.append(beam_lib.score_candidates(
