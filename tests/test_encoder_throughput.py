@@ -31,10 +31,12 @@ def test_both_item_loss_forms_are_timed_and_compared(report):
 
 
 def test_profile_lists_the_step_s_xla_ops_with_their_jax_source(report):
-  data, _ = report
-  ops = data["top_ops"]
-  assert 0 < len(ops) <= 5
-  assert all(o["ms_per_step"] >= 0 and 0 <= o["share"] <= 1 and o["source"] for o in ops)
-  assert [o["ms_per_step"] for o in ops] == sorted((o["ms_per_step"] for o in ops),
-                                                   reverse=True)
-  assert any("jit(step_fn)" in o["source"] for o in ops)
+  data, out = report
+  assert set(data["top_ops"]) == {"ours", "textbook"}
+  for form, ops in data["top_ops"].items():
+    assert 0 < len(ops) <= 5, form
+    assert all(o["ms_per_step"] >= 0 and 0 <= o["share"] <= 1 and o["source"] for o in ops)
+    assert [o["ms_per_step"] for o in ops] == sorted((o["ms_per_step"] for o in ops),
+                                                     reverse=True)
+    assert any("jit(step_fn)" in o["source"] for o in ops)
+    assert list((out.parent / "trace" / form).rglob("*perfetto_trace.json.gz")), form

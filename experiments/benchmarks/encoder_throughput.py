@@ -17,9 +17,10 @@ gradient, and its argmax is a (value, index) reduction over them. The two forms 
 in alternating rounds (best round each), so a load that changes during the run affects
 both alike; the ratio is the figure to read.
 
-`--profile_dir=DIR` also traces 3 steps with `jax.profiler` (a Perfetto trace in DIR,
-viewable at ui.perfetto.dev) and prints the XLA operations that took the most time per
-step, each with the jax operation it came from (from the compiled HLO's metadata).
+`--profile_dir=DIR` also traces 3 steps of each form with `jax.profiler` (Perfetto traces in
+DIR/ours and DIR/textbook, viewable at ui.perfetto.dev) and prints the XLA operations that
+took the most time per step, each with the jax operation it came from (from the compiled
+HLO's metadata).
 """
 
 from __future__ import annotations
@@ -291,12 +292,20 @@ def main(argv):
     print(f"the library's item loss: {result['speedup_over_textbook']:.2f}x the textbook "
           f"form's steps/s (best of {_ROUNDS.value} alternating rounds of {_STEPS.value} steps)")
   if _PROFILE_DIR.value:
-    ops = profile_ops(CompiledStep(cfg, _BATCH.value), _PROFILE_DIR.value, _TOP_OPS.value)
-    result["top_ops"] = ops
-    print(f"\nTop XLA operations of the step (jax.profiler trace in {_PROFILE_DIR.value}):")
-    print(summary_lib.format_table(
-        [[o["op"], f"{o['ms_per_step']:.1f}", f"{100 * o['share']:.1f}%", o["source"][-70:]]
-         for o in ops], ["XLA op", "ms / step", "share", "from"]))
+    forms = [("ours", "the library's item loss", contextlib.nullcontext)]
+    if _REFERENCE.value:
+      forms.append(("textbook", "the textbook item loss", reference_item_loss))
+    result["top_ops"] = {}
+    for key, label, context in forms:
+      with context():
+        traced = CompiledStep(cfg, _BATCH.value)
+      ops = profile_ops(traced, os.path.join(_PROFILE_DIR.value, key), _TOP_OPS.value)
+      result["top_ops"][key] = ops
+      print(f"\nTop XLA operations of the step with {label} (jax.profiler trace in "
+            f"{os.path.join(_PROFILE_DIR.value, key)}):")
+      print(summary_lib.format_table(
+          [[o["op"], f"{o['ms_per_step']:.1f}", f"{100 * o['share']:.1f}%", o["source"][-70:]]
+           for o in ops], ["XLA op", "ms / step", "share", "from"]))
   if _OUTPUT.value:
     os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
     with open(_OUTPUT.value, "w", encoding="utf-8") as f:
