@@ -59,9 +59,14 @@ def test_report_rows_protocol_and_compute(report):
     assert r["protocol"]["timestamps"] == ("float32" if r["arm"] == "recbole_split"
                                            else "exact")
     assert 0 < r["best_step"] <= r["steps"] <= 12 and r["events"] > 0
+    # The plateau check: validation and training-fit ranking at the best step.
+    assert 0.0 <= r["val_recall@10_at_best"] <= 1.0
+    assert 0.0 <= r["fit_recall@10_at_best"] <= 1.0
   saved = json.loads(out.read_text())
   assert saved["peer"]["recall@10"] == 0.1508 and len(saved["rows"]) == 4
   assert saved["curves"]["ml-latest-small:kcore"]
+  assert all({"val/recall@10", "fit/recall@10", "fit/ndcg@10"} <= set(e)
+             for e in saved["curves"]["ml-latest-small:kcore"])
   table = out.with_suffix(".md").read_text()
   assert "RecBole SASRec (peer" in table and "item_only" in table
   assert out.with_suffix(".png").stat().st_size > 0
@@ -81,3 +86,11 @@ def test_unknown_arm_and_key_are_named():
   with pytest.raises(config_lib.ConfigError, match="unknown config key 'train.nope'"):
     encoder_quality.arm_config("kcore", "ml-latest-small", "/x", exclude_seen=False,
                                overrides={"train.nope": 1})
+
+
+def test_even_sample_spreads_over_the_source():
+  from user_llm_jax.eval import ranking  # pylint: disable=g-import-not-at-top
+  sample = ranking.EvenSample(list(range(10)), 4)
+  assert [sample[i] for i in range(len(sample))] == [0, 2, 5, 7]
+  whole = ranking.EvenSample(list("abc"), 5)
+  assert len(whole) == 3 and [whole[i] for i in range(3)] == ["a", "b", "c"]

@@ -155,14 +155,27 @@ def row(dataset: str, arm: str, summary: Mapping[str, Any]) -> dict[str, Any]:
       "stopped_early"), wall_sec=summary["wall_time_sec"], train_loop_sec=c["train_loop_sec"],
              events=c.get("events"), events_per_sec=c.get("events_per_sec"),
              num_items=summary["dataset"]["num_items"] - 2,
-             reached_peer_recall10=first_passing(summary, "recall@10", PEER["recall@10"]))
+             reached_peer_recall10=first_passing(summary, "recall@10", PEER["recall@10"]),
+             **fit_at_best(summary))
   return out
+
+
+def fit_at_best(summary: Mapping[str, Any]) -> dict[str, float | None]:
+  """Validation and training-fit Recall@10 at the best (or last) evaluation: `fit` far
+  above `val` is memorization, level with it under-fitting (`ranking.validation_fn`)."""
+  evals = [e for e in summary.get("evals", []) if "fit/recall@10" in e]
+  if not evals:   # runs made before the fit metric existed
+    return {"val_recall@10_at_best": None, "fit_recall@10_at_best": None}
+  best = summary["compute"].get("best_step")
+  at = next((e for e in evals if e["step"] == best), evals[-1])
+  return {"val_recall@10_at_best": at["val/recall@10"],
+          "fit_recall@10_at_best": at["fit/recall@10"]}
 
 
 def table(rows: Sequence[Mapping[str, Any]]) -> str:
   """Markdown table, the peer's row beside ours."""
   head = ("| dataset | method | n | R@1 | R@5 | R@10 | NDCG@10 | pop R@10 | pop NDCG@10 | "
-          "steps (best) | wall s | events/s |")
+          "val / fit R@10 at best | steps (best) | wall s | events/s |")
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
   def se(r, key):
@@ -171,15 +184,17 @@ def table(rows: Sequence[Mapping[str, Any]]) -> str:
 
   for r in rows:
     eps = f"{r['events_per_sec']:,.0f}" if r.get("events_per_sec") else "-"
+    fit = (f"{r['val_recall@10_at_best']:.3f} / {r['fit_recall@10_at_best']:.3f}"
+           if r.get("fit_recall@10_at_best") is not None else "-")
     lines.append(
         f"| {r['dataset']} | {r['arm']} | {r['n']} | {se(r, 'recall@1')} | "
         f"{se(r, 'recall@5')} | {se(r, 'recall@10')} | {se(r, 'ndcg@10')} | "
-        f"{r['pop/recall@10']:.4f} | {r['pop/ndcg@10']:.4f} | {r['steps']} "
+        f"{r['pop/recall@10']:.4f} | {r['pop/ndcg@10']:.4f} | {fit} | {r['steps']} "
         f"({r['best_step']}) | {r['wall_sec']:.0f} | {eps} |")
   p = PEER
   lines.append(f"| {p['dataset']} | {p['name']} | 610 | {p['recall@1']:.4f} | "
                f"{p['recall@5']:.4f} | {p['recall@10']:.4f} | {p['ndcg@10']:.4f} | "
-               f"{p['popularity/recall@10']:.4f} | - | epoch {p['best_epoch']} | "
+               f"{p['popularity/recall@10']:.4f} | - | - | epoch {p['best_epoch']} | "
                f"{p['seconds_to_best']} (to best) | - |")
   return "\n".join(lines)
 

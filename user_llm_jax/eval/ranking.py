@@ -90,12 +90,41 @@ class RankingData:
 
   def validation_fn(self, config: ml_collections.ConfigDict, ks: Sequence[int],
                     ) -> Callable[[Any], dict[str, float]] | None:
-    """`model -> {'val/<metric>': value}` on the validation split, or None without one."""
-    if self.splits.validation is None:
+    """`model -> metrics` at each evaluation, or None without a validation split.
+
+    `val/<metric>`: the validation split's ranking (what best-step selection reads).
+    `fit/<metric>`: the same ranking of the last event of training records, events the
+    model trains on (as many records as the validation split has, evenly spaced over the
+    training split). The gap between the two tells the causes of a plateau apart: `fit`
+    far above `val` is memorization (regularize); `fit` level with `val` is under-fitting
+    (train longer or wider).
+    """
+    validation = self.splits.validation
+    if validation is None:
       return None
-    return lambda m: {f"val/{k}": v for k, v in retrieval.evaluate_next_item(
-        m, self.eval_batches(config, self.splits.validation), ks=ks).items()
-                      if k != "num_examples" and not k.endswith("_stderr")}
+    fit = EvenSample(self.splits.train, len(validation))
+
+    def ranking(m, prefix, source):
+      return {f"{prefix}/{k}": v for k, v in retrieval.evaluate_next_item(
+          m, self.eval_batches(config, source), ks=ks).items()
+              if k != "num_examples" and not k.endswith("_stderr")}
+
+    return lambda m: {**ranking(m, "val", validation), **ranking(m, "fit", fit)}
+
+
+class EvenSample:
+  """`size` records of a random-access source, evenly spaced (all of it when smaller)."""
+
+  def __init__(self, source: Any, size: int):
+    self.source = source
+    n = len(source)
+    self.indices = list(range(n)) if size >= n else [i * n // size for i in range(size)]
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, index: int) -> Any:
+    return self.source[self.indices[index]]
 
 
 TRAIN_WINDOWS = ("last", "random")
