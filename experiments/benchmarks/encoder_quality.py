@@ -21,7 +21,10 @@ Arms (`ARMS`; the ablations of the encoder, each a set of config overrides):
   separate_head  a separate D x items output table instead of the tied item embeddings
   dropout_0.1 / dropout_0.5     window_200 (batch 8: the same events per step)
   gbce           gSASRec's gBCE next-item loss over 256 sampled negatives, t = 0.75,
-                 instead of the full-catalogue softmax
+                 instead of the full-catalogue softmax (beside the rating and genre losses,
+                 whose scale its mean over 257 terms is far below)
+  gbce_item_only gBCE with item ids alone, the setting gSASRec was published in (compare
+                 with item_only)
   sampled_softmax cross-entropy over the target and 256 sampled negatives (no logQ term:
                  constant under uniform sampling)
 Amazon 5-core sets (`data.dataset=amazon`, the folders under DATA_ROOT/amazon) run the
@@ -71,6 +74,8 @@ ARMS: dict[str, dict[str, Any]] = {
              "encoder.model.gbce_t": 0.75},
     "sampled_softmax": {"encoder.model.item_loss": "sampled_softmax",
                         "encoder.model.item_negatives": 256},
+    "gbce_item_only": {**ITEM_ONLY, "encoder.model.item_loss": "gbce",
+                       "encoder.model.item_negatives": 256, "encoder.model.gbce_t": 0.75},
 }
 # Where each dataset lives under --data_root, and its reader.
 DATASETS = {"ml-latest-small": ("ml-latest-small", "movielens"),
