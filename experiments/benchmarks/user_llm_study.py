@@ -424,9 +424,10 @@ def plot(report: Mapping[str, Any], path: str) -> None:
   keys = (("fav_acc", "favorite-genre accuracy"), ("item_head_recall@10", "item head Recall@10"))
   tops = [0.1, 0.1]   # y-axis tops: proportions, at least 0.1 so a flat 0 stays readable
   users = set()
-  for name, e in report["arms"].items():
+  for index, (name, e) in enumerate(report["arms"].items()):
     if e["same_as"] or not e["curve"]:
       continue
+    color = f"C{index % 10}"   # one colour per arm in both panels
     n = max(e["curve_examples"], 1)
     users.add(n)
     for i, (ax, (key, _)) in enumerate(zip(axes, keys)):
@@ -434,7 +435,7 @@ def plot(report: Mapping[str, Any], path: str) -> None:
       if pts:
         steps, values = (np.asarray(v, float) for v in zip(*pts))
         err = np.sqrt(values * (1 - values) / n)
-        ax.errorbar(steps, values, yerr=err, marker="o", capsize=2, label=name)
+        ax.errorbar(steps, values, yerr=err, marker="o", capsize=2, label=name, color=color)
         tops[i] = max(tops[i], float(np.max(values + err)))
   without = [n for n, e in report["arms"].items() if not e["curve"] and not e["same_as"]]
   for ax, (_, title), top in zip(axes, keys, tops):
