@@ -43,6 +43,13 @@ def target_weights(targets: jax.Array, mask: jax.Array) -> jax.Array:
   return (mask & (targets >= schema.FIRST_ID)).astype(jnp.float32)
 
 
+def position_means(nll: jax.Array, correct: jax.Array,
+                   weights: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Every next-event loss's result from per-position values: (mean loss, mean accuracy,
+  number of scored positions), the means weighted by `weights` (`masked_mean`)."""
+  return masked_mean(nll, weights), masked_mean(correct, weights), jnp.sum(weights)
+
+
 def softmax_cross_entropy(logits: jax.Array, targets: jax.Array,
                           mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Masked softmax cross-entropy over the real vocabulary.
@@ -61,7 +68,7 @@ def softmax_cross_entropy(logits: jax.Array, targets: jax.Array,
   safe = jnp.where(weights > 0, targets, schema.FIRST_ID)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, safe)   # [B, E]
   correct = (jnp.argmax(logits, axis=-1) == safe).astype(jnp.float32)
-  return masked_mean(nll, weights), masked_mean(correct, weights), jnp.sum(weights)
+  return position_means(nll, correct, weights)
 
 
 def reserved_bias(num_classes: int) -> jax.Array:
@@ -119,7 +126,7 @@ def item_softmax_cross_entropy(
   weights = target_weights(targets, mask)
   safe = jnp.where(weights > 0, targets, schema.FIRST_ID)
   nll, correct = _item_terms(logits, target_logits, safe)
-  return masked_mean(nll, weights), masked_mean(correct, weights), jnp.sum(weights)
+  return position_means(nll, correct, weights)
 
 
 def chunked_softmax_cross_entropy(
@@ -234,8 +241,7 @@ def sampled_softmax_cross_entropy(
   negative = jnp.where(keep, negative, _MASKED_LOGIT)
   logits = jnp.concatenate([positive[..., None], negative], axis=-1)      # [B, E, 1 + K]
   nll = jax.nn.logsumexp(logits, axis=-1) - positive                      # [B, E]
-  weights = target_weights(targets, mask)
-  return masked_mean(nll, weights), masked_mean(correct, weights), jnp.sum(weights)
+  return position_means(nll, correct, target_weights(targets, mask))
 
 
 def gbce_loss(positive_logits: jax.Array, negative_logits: jax.Array, targets: jax.Array,
@@ -265,8 +271,7 @@ def gbce_loss(positive_logits: jax.Array, negative_logits: jax.Array, targets: j
       positive_logits, negative_logits, targets, negatives)
   negative_terms = jnp.sum(jnp.where(keep, jax.nn.log_sigmoid(-negative), 0.0), axis=-1)
   nll = -(beta * jax.nn.log_sigmoid(positive) + negative_terms) / (negatives.shape[-1] + 1)
-  weights = target_weights(targets, mask)
-  return masked_mean(nll, weights), masked_mean(correct, weights), jnp.sum(weights)
+  return position_means(nll, correct, target_weights(targets, mask))
 
 
 def multi_hot(ids: jax.Array, num_classes: int) -> jax.Array:
