@@ -117,3 +117,58 @@ def test_reported_metrics_equal_a_sort_of_the_brute_force_scores(model):
   assert got["ndcg@10"] == pytest.approx(np.mean(ndcg))
   # Some target was ranked and some was not in the top 1, so the check has teeth.
   assert np.isfinite(ranks).sum() == 2 * B - 2 and (ranks[np.isfinite(ranks)] > 0).any()
+
+
+@pytest.fixture(scope="module")
+def skip_model():
+  with nnx.use_eager_sharding(False):
+    m = ullm.UserLLM(ullm.UserLlmConfig(mode="cross_attention", xattn_every=1, item_head=True,
+                                        item_head_skip=True),
+                     encoder=UserEncoder(ENCODER_TINY, rngs=nnx.Rngs(1)),
+                     llm=Decoder(LLM_TINY.replace(num_layers=2), rngs=nnx.Rngs(0)),
+                     rngs=nnx.Rngs(2))
+  for block in m.llm.cross_attention.values():
+    block.attn_gate[...] = jnp.asarray(0.5)
+    block.mlp_gate[...] = jnp.asarray(0.5)
+  return m
+
+
+def test_encoder_skip_starts_as_the_encoders_own_head(skip_model):
+  batch = make_batch()
+  assert not np.asarray(skip_model.item_head.query.kernel[...]).any()
+  np.testing.assert_array_equal(np.asarray(skip_model.next_item_logits(batch)),
+                                np.asarray(skip_model.encoder.next_item_logits(batch)))
+
+
+def test_encoder_skip_adds_the_llm_part_and_trains_it(skip_model):
+  batch = make_batch()
+  model = nnx.clone(skip_model)
+  rng = np.random.default_rng(0)
+  model.item_head.query.kernel[...] = jnp.asarray(
+      rng.normal(0, 0.1, model.item_head.query.kernel.shape), jnp.float32)
+  # Scores = the LLM part (brute force over the LLM states) + the encoder's own head.
+  want = brute_force_scores(model, batch) + np.asarray(
+      model.encoder.next_item_logits(batch), np.float64)
+  got = np.asarray(model.next_item_logits(batch))
+  assert np.isneginf(got[:, :schema.FIRST_ID]).all()
+  np.testing.assert_allclose(got[:, schema.FIRST_ID:], want[:, schema.FIRST_ID:],
+                             rtol=1e-4, atol=1e-4)
+  # From the zero start the item loss reaches the LLM part's projection (it can learn) and
+  # the encoder's head, and the loss's item term is the softmax over the summed scores.
+  batch["loss_mask"] = np.zeros((B, T), bool)
+  grads = nnx.grad(lambda m: m.loss(batch)[0])(skip_model)
+  assert np.abs(np.asarray(grads.item_head.query.kernel[...])).max() > 0
+  assert np.abs(np.asarray(grads.encoder.item_query.kernel[...])).max() > 0
+  _, metrics = skip_model.loss(batch)
+  scores = np.asarray(skip_model.encoder.next_item_logits(batch), np.float64)
+  targets = retrieval.last_targets(batch)
+  valid = targets >= schema.FIRST_ID
+  finite = np.where(np.isneginf(scores), -np.inf, scores)
+  logz = np.log(np.exp(finite - finite.max(1, keepdims=True)).sum(1)) + finite.max(1)
+  nll = logz - scores[np.arange(B), np.where(valid, targets, schema.FIRST_ID)]
+  assert float(metrics["item_loss"]) == pytest.approx(nll[valid].mean(), rel=1e-4)
+
+
+def test_encoder_skip_needs_the_item_head():
+  with pytest.raises(ValueError, match="item_head_skip=True needs item_head=True"):
+    ullm.UserLlmConfig(item_head_skip=True)

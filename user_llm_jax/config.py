@@ -223,6 +223,7 @@ _ENCODER_ADDED = {"input_norm": (None, False), "init_std": (None, 0.0, 0),
 OMITTED_AT: dict[str, tuple[Any, ...]] = {
     "llm.param_dtype": ("float32",),
     "data.timestamp_precision": ("exact",),
+    "bridge.item_head_skip": (False,),
     **{f"{section}.{key}": values for key, values in _ENCODER_ADDED.items()
        for section in ("encoder.model", "encoder_architecture", "architecture.encoder")},
 }

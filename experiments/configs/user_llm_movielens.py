@@ -76,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.bridge.xattn_gate_init = 0.0
   config.bridge.item_head = False          # full-catalogue item scores from the LLM state
   config.bridge.item_head_dim = config_dict.placeholder(int)  # None: encoder feature_dim
+  config.bridge.item_head_skip = False     # + the encoder's own head, the LLM's part from 0
   config.bridge.item_loss_weight = 1.0
   config.bridge.dtype = "float32"
   config.bridge.param_dtype = "float32"

@@ -71,6 +71,9 @@ ARMS: dict[str, Arm] = {
     "soft_prompt": Arm("User-LLM, soft prompt", {"bridge.mode": "soft_prompt"}),
     "perceiver": Arm("User-LLM, Perceiver (16 latents)",
                      {"bridge.use_perceiver": True, "bridge.num_latents": 16}),
+    # The item head plus the encoder's own next-item scores, its LLM part starting at zero.
+    "item_head_skip": Arm("User-LLM, item head + the encoder's own head (skip)",
+                          {"bridge.item_head_skip": True}),
     "strategy_enc": Arm("User-LLM, strategy Enc (encoder + bridge)", {"strategy": "enc"}),
     "strategy_lora": Arm("User-LLM, strategy LoRA (+ LLM adapters)", {"strategy": "lora"}),
     "strategy_full": Arm("User-LLM, strategy Full (everything)", {"strategy": "full"}),

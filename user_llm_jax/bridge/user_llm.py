@@ -82,6 +82,9 @@ class UserLlmConfig:
       the prompt's last token, trained on the next-item examples.
     item_head_dim: width of the head's item table (None: the encoder's `feature_dim`, so
       the table starts from the pretrained encoder's item embeddings).
+    item_head_skip: add the encoder's own next-item scores at the user's last event (its
+      SASRec-style head) to the item head's, with the head's query projection starting at
+      zero: the head starts as the encoder's ranking and the LLM learns a correction.
     item_loss_weight: weight of the head's softmax loss next to the token loss.
     dtype: compute dtype of the bridge.
     param_dtype: storage dtype of the bridge parameters.
@@ -101,6 +104,7 @@ class UserLlmConfig:
   xattn_gate_init: float = 0.0
   item_head: bool = False
   item_head_dim: int | None = None
+  item_head_skip: bool = False
   item_loss_weight: float = 1.0
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -108,6 +112,9 @@ class UserLlmConfig:
   def __post_init__(self):
     if self.mode not in MODES:
       raise ValueError(f"UserLlmConfig.mode={self.mode!r}: must be one of {MODES}")
+    if self.item_head_skip and not self.item_head:
+      raise ValueError("UserLlmConfig.item_head_skip=True needs item_head=True (the skip "
+                       "adds the encoder's scores to the item head's)")
     for name in ("num_latents", "perceiver_layers", "perceiver_heads", "projection_layers",
                  "xattn_every"):
       value = getattr(self, name)
@@ -204,8 +211,8 @@ class UserLLM(nnx.Module):
     if cfg.item_head:
       dim = cfg.item_head_dim or encoder.cfg.feature_dim
       head = item_head_lib.ItemHead(
-          llm.cfg.width, encoder.cfg.num_items, dim, rngs=rngs, dtype=jnp.dtype(cfg.dtype),
-          param_dtype=jnp.dtype(cfg.param_dtype))
+          llm.cfg.width, encoder.cfg.num_items, dim, rngs=rngs, zero_query=cfg.item_head_skip,
+          dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
       table = encoder.features.item.embedding[...]
       if tuple(table.shape) == tuple(head.items.shape):
         # Start from the pretrained encoder's notion of item similarity.
@@ -216,6 +223,9 @@ class UserLLM(nnx.Module):
                    deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
     """Encodes the user: -> (embeddings [B,P,D] at the LLM width, mask [B,P] bool)."""
     states = self.encoder(user_batch, deterministic=deterministic)  # [B,E,D_enc]
+    return self._bridge(user_batch, states)
+
+  def _bridge(self, user_batch: Batch, states: jax.Array) -> tuple[jax.Array, jax.Array]:
     mask = jnp.asarray(user_batch[transforms.MASK], bool)  # [B,E]
     return self.bridge(states, mask)
 
@@ -228,9 +238,20 @@ class UserLLM(nnx.Module):
 
     Args: as `__call__`.
     """
+    return self._forward(user_batch, tokens, positions=positions,
+                         attention_mask=attention_mask, text_mask=text_mask,
+                         deterministic=deterministic)[0]
+
+  def _forward(self, user_batch: Batch, tokens: jax.Array, *,
+               positions: jax.Array | None = None,
+               attention_mask: jax.Array | None = None,
+               text_mask: jax.Array | None = None,
+               deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+    """(final-normed LLM states of the text [B, T, D], encoder states [B, E, D_enc])."""
     b, t = tokens.shape
     text_mask = jnp.ones((b, t), bool) if text_mask is None else text_mask.astype(bool)
-    context, context_mask = self.user_context(user_batch, deterministic=deterministic)
+    encoded = self.encoder(user_batch, deterministic=deterministic)       # [B,E,D_enc]
+    context, context_mask = self._bridge(user_batch, encoded)
     if self.cfg.mode == "cross_attention":
       if positions is None:
         positions = soft_prompt.text_positions(text_mask)
@@ -238,12 +259,12 @@ class UserLLM(nnx.Module):
         attention_mask = soft_prompt.text_attention_mask(text_mask)
       hidden, _ = self.llm(tokens, positions=positions, attention_mask=attention_mask,
                            context=context, context_mask=context_mask, return_hidden=True)
-      return hidden
+      return hidden, encoded
     embeds, mask, merged_positions = soft_prompt.merge_soft_prompt(
         context, context_mask, self.llm.embed(tokens), text_mask, attention_mask, positions)
     hidden, _ = self.llm(None, positions=merged_positions, attention_mask=mask,
                          inputs_embeds=embeds, return_hidden=True)  # [B,P+T,D]
-    return hidden[:, context.shape[1]:]
+    return hidden[:, context.shape[1]:], encoded
 
   def __call__(self, user_batch: Batch, tokens: jax.Array, *,
                positions: jax.Array | None = None,
@@ -280,10 +301,20 @@ class UserLLM(nnx.Module):
       raise ValueError("this User-LLM has no item head (bridge.item_head=False)")
     tokens = jnp.asarray(batch[TOKENS], jnp.int32)
     text_mask = batch.get(TEXT_MASK)
-    hidden = self.hidden_states(batch, tokens, text_mask=None if text_mask is None
-                                else jnp.asarray(text_mask, bool))
-    states = item_head_lib.last_prompt_states(hidden, batch[PROMPT_LENGTH])
-    return self.item_head(states)
+    hidden, encoded = self._forward(batch, tokens, text_mask=None if text_mask is None
+                                    else jnp.asarray(text_mask, bool))
+    return self._item_scores(batch, hidden, encoded)
+
+  def _item_scores(self, batch: Batch, hidden: jax.Array, encoded: jax.Array) -> jax.Array:
+    """Item-head scores [B, V] from the LLM states [B, T, D] (and, with the encoder skip,
+    the encoder's own next-item scores at the user's last event, from `encoded`)."""
+    scores = self.item_head(item_head_lib.last_prompt_states(hidden, batch[PROMPT_LENGTH]))
+    if self.cfg.item_head_skip:
+      last = jnp.asarray(batch[transforms.LAST_INDEX], jnp.int32)
+      user = jnp.take_along_axis(encoded, last[:, None, None], axis=1)[:, 0]  # [B,D_enc]
+      # PAD/OOV stay -inf: -inf plus the encoder's finite scores.
+      scores = scores + self.encoder.item_logits(user)
+    return scores
 
   def gate_values(self) -> dict[str, jax.Array]:
     """tanh of every cross-attention gate, by block ('xattn<i>/attn', 'xattn<i>/mlp')."""
@@ -350,8 +381,8 @@ class UserLLM(nnx.Module):
     if transforms.EXAMPLE_MASK in batch:
       example_mask = jnp.asarray(batch[transforms.EXAMPLE_MASK], bool)
       loss_mask = loss_mask & example_mask[:, None]
-    hidden = self.hidden_states(batch, tokens, text_mask=text_mask,
-                                deterministic=deterministic)            # [B,T,D]
+    hidden, encoded = self._forward(batch, tokens, text_mask=text_mask,
+                                    deterministic=deterministic)        # [B,T,D]
     logits = self.llm.head(hidden)                                        # [B,T,V]
     nll = next_token_nll(logits, tokens)                                  # [B,T-1]
     weights = loss_mask[:, 1:].astype(jnp.float32)
@@ -372,14 +403,14 @@ class UserLLM(nnx.Module):
         metrics[f"task_nll/{name}"] = jnp.where(rows, per_example, 0.0).sum()
         metrics[f"task_tokens/{name}"] = jnp.where(rows, per_count, 0.0).sum()
     if self.item_head is not None:
-      states = item_head_lib.last_prompt_states(hidden, batch[PROMPT_LENGTH])
       targets = jnp.take_along_axis(jnp.asarray(batch[transforms.TARGETS_ITEM], jnp.int32),
                                     jnp.asarray(batch[transforms.LAST_INDEX],
                                                 jnp.int32)[:, None], axis=1)[:, 0]
       rows = example_mask
       if TASK_ID in batch:
         rows = rows & (jnp.asarray(batch[TASK_ID]) == prompts.TASKS.index(prompts.NEXT_ITEM))
-      item_nll, item_count = item_head_lib.item_loss(self.item_head(states), targets, rows)
+      item_nll, item_count = item_head_lib.item_loss(
+          self._item_scores(batch, hidden, encoded), targets, rows)
       loss = loss + self.cfg.item_loss_weight * item_nll
       metrics.update(item_loss=item_nll, item_examples=item_count)
     metrics.update(self.gate_values())
