@@ -57,7 +57,7 @@ def test_invalid_values_name_the_field(kw, message):
 def test_runs_saved_before_the_keys_existed_still_match_their_fingerprint():
   config = encoder_movielens.get_config("smoke")
   arch = models.architecture(encoder=CFG)["encoder"]
-  new_keys = ("item_loss", "item_negatives", "gbce_t")
+  new_keys = ("item_loss", "item_negatives", "gbce_t", "item_bias")
   assert all(k in config.encoder.model for k in new_keys)
   # A run saved before them has none of the keys, in its config or its architecture.
   saved = config_lib.fingerprint(
@@ -204,6 +204,28 @@ def test_item_scores_are_columns_of_item_logits(tied):
   np.testing.assert_allclose(model.target_scores(states, targets),
                              jnp.take_along_axis(full, targets[..., None], -1)[..., 0],
                              rtol=1e-5, atol=1e-6)
+
+
+def test_without_item_bias_scores_are_dot_products_and_other_parameters_unchanged():
+  biased = UserEncoder(CFG, rngs=nnx.Rngs(0))
+  plain = UserEncoder(CFG.replace(item_bias=False, item_loss="gbce"), rngs=nnx.Rngs(0))
+  assert plain.item_bias is None
+  # The same seed gives every other parameter the same value.
+  flat = dict(nnx.to_flat_state(nnx.state(biased, nnx.Param)))
+  other = dict(nnx.to_flat_state(nnx.state(plain, nnx.Param)))
+  assert set(flat) - set(other) == {("item_bias",)}
+  for path, value in other.items():
+    np.testing.assert_array_equal(np.asarray(value[...]), np.asarray(flat[path][...]))
+  # A bias that would dominate if it were read: the plain model's scores ignore it.
+  biased.item_bias[...] = jnp.full(biased.item_bias.shape, 1e3)
+  states = jax.random.normal(jax.random.key(2), (2, 3, CFG.width))
+  want = np.asarray(biased.item_logits(states)) - 1e3
+  np.testing.assert_allclose(np.asarray(plain.item_logits(states)), want, rtol=1e-4, atol=1e-3)
+  ids = jnp.array([5, 2, 39])
+  np.testing.assert_allclose(plain.item_scores(states, ids), want[..., [5, 2, 39]],
+                             rtol=1e-4, atol=1e-3)
+  with pytest.raises(ValueError, match="item_bias=False needs tie_item_head=True"):
+    CFG.replace(item_bias=False, tie_item_head=False)
 
 
 def test_the_default_model_has_no_negatives_stream_and_parameters_do_not_depend_on_it():

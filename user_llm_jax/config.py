@@ -219,7 +219,7 @@ HARMLESS_KEYS = frozenset({
 # key left at None takes the preset's value, which is the old behaviour.
 _ENCODER_ADDED = {"input_norm": (None, False), "init_std": (None, 0.0, 0),
                   "item_loss": (None, "softmax"), "item_negatives": (None, 256),
-                  "gbce_t": (None, 0.75)}
+                  "gbce_t": (None, 0.75), "item_bias": (None, True)}
 OMITTED_AT: dict[str, tuple[Any, ...]] = {
     "llm.param_dtype": ("float32",),
     "data.timestamp_precision": ("exact",),

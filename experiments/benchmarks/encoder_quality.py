@@ -76,6 +76,15 @@ ARMS: dict[str, dict[str, Any]] = {
                         "encoder.model.item_negatives": 256},
     "gbce_item_only": {**ITEM_ONLY, "encoder.model.item_loss": "gbce",
                        "encoder.model.item_negatives": 256, "encoder.model.gbce_t": 0.75},
+    # Without the tied head's per-item bias (gSASRec has none; with it a binary loss can
+    # fit popularity alone).
+    "no_item_bias": {"encoder.model.item_bias": False},
+    "gbce_no_bias": {"encoder.model.item_loss": "gbce", "encoder.model.item_negatives": 256,
+                     "encoder.model.gbce_t": 0.75, "encoder.model.item_bias": False},
+    # Against memorization (training-fit R@10 climbs while validation stays flat): decoupled
+    # AdamW weight decay (the default 0.01 shrinks weights by lr x 0.01 per step).
+    "weight_decay_0.1": {"train.weight_decay": 0.1},
+    "weight_decay_1.0": {"train.weight_decay": 1.0},
 }
 # Where each dataset lives under --data_root, and its reader.
 DATASETS = {"ml-latest-small": ("ml-latest-small", "movielens"),

@@ -18,7 +18,8 @@ The pretrained encoder comes from an encoder pretraining workdir on the same dat
       --config.job=text_baseline --config.data.manual_dir=../shared/data/ml-latest-small \
       --workdir=/tmp/ml_text
 
-Variants: '' (CPU-sized: SmolLM2-135M, 300 steps x 8), 'smoke' (tiny random LLM and
+Variants: '' (CPU-sized: SmolLM2-135M, 300 steps x 8, the main job's bridge and task
+settings), 'smoke' (tiny random LLM and
 random tiny encoder on ~150 synthetic users; seconds on a CPU), 'tpu' (paper scale:
 Llama-3.2-1B in bfloat16 (`llm.preset` selects llama_3_2_3b or smollm2_1_7b), batch 64,
 20k steps, mesh over all chips; `python -m experiments.compile_check
@@ -129,6 +130,20 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+def apply_cpu(config: ml_collections.ConfigDict) -> None:
+  """The CPU budget with the main job's measured settings (README "Results"): blocks before
+  SmolLM2's layers 15, 20 and 25 (no gradient through the frozen layers below), lr 5e-4
+  with the gates at 100x, next item by the item head over the whole catalogue plus the
+  encoder's own head (decoding titles by beam search costs seconds per user here:
+  `--config.tasks.next_item_titles=True` adds it), favorite genre as a short label."""
+  config.bridge.update(xattn_every=5, xattn_first=15, item_head=True, item_head_skip=True)
+  config.tasks.update(max_answer_tokens=6,     # MovieLens genre names are at most 5 tokens
+                      next_item_titles=False)
+  config.train.update(learning_rate=5e-4, warmup=10)
+  # The text prompt on the task that needs the whole history (titles would need decoding).
+  config.baseline.tasks = ("favorite_category",)
+
+
 def apply_smoke(config: ml_collections.ConfigDict) -> None:
   """Tiny random LLM + tiny random encoder on a few synthetic users (tests, CPU smoke)."""
   config.data.update(protocol="leave_last_out", window=12, max_categories=3)
@@ -176,7 +191,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the config; `arg` selects a variant ('', 'smoke', 'tpu')."""
   config = base_config()
   variant = arg or ""
-  if variant == "smoke":
+  if not variant:
+    apply_cpu(config)
+  elif variant == "smoke":
     config.name = "user_llm_movielens:smoke"
     apply_smoke(config)
   elif variant == "tpu":

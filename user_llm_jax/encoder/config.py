@@ -50,6 +50,9 @@ class EncoderConfig:
     use_categories: embed the categories (genres) as an event feature (False: not read).
     tie_item_head: score items by a dot product with the item embedding table (after a
       D -> feature_dim projection) instead of a separate D x num_items matrix.
+    item_bias: the tied head adds a learned per-item bias (False: scores are dot products
+      only, as gSASRec's; a binary loss can otherwise fit popularity with the biases
+      alone). Tied head only.
     item_loss: the next-item loss in training (`ITEM_LOSSES`). 'softmax': cross-entropy
       over the whole catalogue. 'sampled_softmax': cross-entropy over the target and
       `item_negatives` sampled items. 'gbce': gSASRec's generalised binary cross-entropy
@@ -97,6 +100,7 @@ class EncoderConfig:
   use_rating: bool = True
   use_categories: bool = True
   tie_item_head: bool = True
+  item_bias: bool = True
   item_loss: str = "softmax"
   item_negatives: int = 256
   gbce_t: float = 0.75
@@ -133,6 +137,9 @@ class EncoderConfig:
                        f"num_heads={self.num_heads}")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"EncoderConfig.dropout={self.dropout}: must be in [0, 1)")
+    if not self.item_bias and not self.tie_item_head:
+      raise ValueError("EncoderConfig.item_bias=False needs tie_item_head=True (the "
+                       "separate head is a dense layer with its own bias)")
     if self.fusion not in FUSIONS:
       raise ValueError(f"EncoderConfig.fusion={self.fusion!r}: must be one of {FUSIONS}")
     if not 0.0 <= self.init_std < 1.0:

@@ -55,8 +55,9 @@ class UserEncoder(nnx.Module):
     if cfg.tie_item_head:
       # Tied head: D -> F, then a dot product with the item table (+ per-item bias).
       self.item_query = dense(cfg.width, cfg.feature_dim, "embed", "features", cfg, rngs=rngs)
-      self.item_bias = nnx.Param(partitioned(nnx.initializers.zeros_init(), ("vocab",))(
-          rngs.params(), (cfg.num_items,), cfg.param_dtype))
+      bias = partitioned(nnx.initializers.zeros_init(), ("vocab",))(
+          rngs.params(), (cfg.num_items,), cfg.param_dtype)  # drawn either way: same seeds
+      self.item_bias = nnx.Param(bias) if cfg.item_bias else None
       self.item_head = None
     else:
       self.item_query = None
@@ -103,6 +104,8 @@ class UserEncoder(nnx.Module):
       return self.item_head(states).astype(jnp.float32)
     query = self.item_query(states)                                       # [..., F]
     scores = self.features.attend_items(query).astype(jnp.float32)        # [..., V]
+    if self.item_bias is None:
+      return scores
     return scores + self.item_bias[...].astype(jnp.float32)
 
   def _item_factors(self, states: jax.Array,
@@ -118,7 +121,9 @@ class UserEncoder(nnx.Module):
       return states.astype(dtype), vectors.astype(dtype), bias
     query = self.item_query(states)                                       # [..., F]
     vectors = jnp.take(self.features.item.embedding[...], ids, axis=0)   # [*ids, F]
-    return query.astype(dtype), vectors.astype(dtype), jnp.take(self.item_bias[...], ids)
+    bias = (jnp.zeros(ids.shape, jnp.float32) if self.item_bias is None
+            else jnp.take(self.item_bias[...], ids))
+    return query.astype(dtype), vectors.astype(dtype), bias
 
   def _add_item_bias(self, scores: jax.Array, bias: jax.Array) -> jax.Array:
     # The same arithmetic as `item_logits`: the separate head adds its bias in the compute
