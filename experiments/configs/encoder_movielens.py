@@ -20,6 +20,8 @@ best step by validation NDCG@10 with early stopping; see the README's "Encoder q
   python -m experiments.main --config=experiments/configs/encoder_movielens.py:kcore \
       --config.data.manual_dir=../shared/data/ml-latest-small --workdir=/tmp/encoder_kcore
 
+'paper_small' (the `kcore` encoder and schedule on the paper protocol: what the CPU
+User-LLM runs on MovieLens read, see user_llm_movielens.py),
 'tpu' (the paper-size encoder in bfloat16 at ML-20M vocabulary sizes, batch 1024 over a
 slice); check on any host that it compiles and fits a slice before launching it there:
 
@@ -63,7 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.update(batch_size=32, num_steps=300, learning_rate=3e-3, warmup=30,
                         log_every=25, eval_every=150, checkpoint_every=100)
     config.eval.batch_size = 128
-  elif variant == "kcore":
+  elif variant in ("kcore", "paper_small"):
     # The recommender-systems protocol (README "Encoder quality"): iterative 5-core,
     # leave-one-out by timestamp, full-catalogue ranking, seen items not excluded, the best
     # step by validation NDCG@10 with early stopping. SASRec-sized encoder, trained on
@@ -78,6 +80,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.update(batch_size=32, num_steps=1600, learning_rate=3e-3, warmup=100,
                         log_every=50, eval_every=200, checkpoint_every=400,
                         select_metric="val/ndcg@10", patience=4)
+    if variant == "paper_small":
+      # The same encoder on the paper protocol, for the CPU User-LLM runs on MovieLens
+      # (user_llm_movielens.py): every training window of users with >= 52 ratings, no
+      # validation split (no best step; the last one is kept).
+      config.name = "encoder_movielens:paper_small"
+      config.data.update(protocol="paper", kcore_users=0, kcore_items=0, train_windows="last")
+      config.train.update(eval_every=0, select_metric="", patience=0)
   elif variant == "tpu":
     # Paper-size encoder at ML-20M scale on a slice: 1024 windows per step (128 per chip of
     # a v5e-8), bfloat16 compute with float32 weights, Adam moments, norms and losses.
@@ -89,5 +98,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mesh.shape = (-1, 1, 1)
   elif variant:
     raise ValueError(f"unknown variant {variant!r} of encoder_movielens; known: '', 'smoke', "
-                     "'kcore', 'tpu'")
+                     "'kcore', 'paper_small', 'tpu'")
   return config

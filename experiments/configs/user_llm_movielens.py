@@ -5,10 +5,10 @@ encoder init; the same file drives the text-prompt baseline with `--config.job=t
 The pretrained encoder comes from an encoder pretraining workdir on the same data
 (experiments/configs/encoder_movielens.py, same data keys).
 
-  # 1. pretrain the encoder (paper protocol, window 50) on ml-latest-small
-  python -m experiments.main --config=experiments/configs/encoder_movielens.py \
-      --config.data.manual_dir=../shared/data/ml-latest-small --config.data.protocol=paper \
-      --workdir=/tmp/ml_encoder
+  # 1. pretrain the encoder (paper protocol, window 50; 2 x 64, 1,600 steps x 32) on
+  #    ml-latest-small
+  python -m experiments.main --config=experiments/configs/encoder_movielens.py:paper_small \
+      --config.data.manual_dir=../shared/data/ml-latest-small --workdir=/tmp/ml_encoder
   # 2. User-LLM, cross-attention, Enc strategy, SmolLM2-135M-Instruct
   python -m experiments.main --config=experiments/configs/user_llm_movielens.py \
       --config.data.manual_dir=../shared/data/ml-latest-small \
@@ -25,7 +25,10 @@ Llama-3.2-1B in bfloat16 (`llm.preset` selects llama_3_2_3b or smollm2_1_7b), ba
 20k steps, mesh over all chips; `python -m experiments.compile_check
 --config=experiments/configs/user_llm_movielens.py:tpu --topology=v5e-8` checks that it fits).
 Ablations are overrides: --config.bridge.mode=soft_prompt, --config.bridge.use_perceiver=True,
---config.strategy=full|lora|enc|proj, --config.encoder.init=random; an alignment stage
+--config.strategy=full|lora|enc|proj, --config.encoder.init=random (the architecture is then
+`encoder.model`: give it the pretraining run's, e.g. for `:paper_small` --config.encoder.model.
+num_layers=2 .width=64 .num_heads=2 .mlp_dim=256 .feature_dim=64 .dropout=0.2
+.input_norm=True); an alignment stage
 before the tasks: --config.align.steps=100 (--config.align.trainable, .events, ...).
 """
 
