@@ -44,6 +44,28 @@ def test_keys_added_later_match_runs_saved_before_them_only_at_the_old_behaviour
       "encoder.model.input_norm", "encoder_architecture.input_norm"]
 
 
+def test_soft_prompt_options_count_only_in_soft_prompt_mode():
+  # A cross-attention run saved before `item_head_skip` / `soft_prompt_norm` existed still
+  # matches today's config (the soft prompt's norm is on by default but not read there).
+  config = main_config.get_config("")
+  bridge = {"mode": "cross_attention", "item_head": True}
+  new = {"item_head_skip": False, "soft_prompt_norm": True}
+  saved = config_lib.fingerprint(config, architecture={"bridge": bridge})
+  for key in new:
+    saved["bridge"].pop(key, None)
+  now = config_lib.fingerprint(config, architecture={"bridge": {**bridge, **new}})
+  assert config.bridge.soft_prompt_norm is True
+  assert config_lib.differing_keys(saved, now) == []
+  # A soft-prompt run reads it: one saved without the norm differs from today's default.
+  config.bridge.mode = "soft_prompt"
+  soft = dict(bridge, mode="soft_prompt")
+  saved = config_lib.fingerprint(config, architecture={"bridge": soft})
+  saved["bridge"].pop("soft_prompt_norm")
+  now = config_lib.fingerprint(config, architecture={"bridge": {**soft, **new}})
+  assert config_lib.differing_keys(saved, now) == [
+      "architecture.bridge.soft_prompt_norm", "bridge.soft_prompt_norm"]
+
+
 def test_relative_and_absolute_paths_fingerprint_alike(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   a = main_config.get_config("smoke")

@@ -121,7 +121,8 @@ def test_shapes_with_and_without_perceiver(mode, use_perceiver):
   assert logits.shape == (B, T, LLM_TINY.vocab_size) and logits.dtype == jnp.float32
   gates = ({f"gate/xattn{i}_{g}" for i in (0, 3) for g in ("attn", "mlp")}
            if mode == "cross_attention" else set())
-  assert loss.shape == () and set(metrics) == {"answer_tokens", "token_accuracy"} | gates
+  assert loss.shape == () and set(metrics) == {"answer_tokens", "token_accuracy",
+                                               "context_rms", "token_embed_rms"} | gates
   abstract = nnx.eval_shape(
       lambda: ullm.build_user_llm(cfg, ENCODER_TINY, LLM_TINY, rngs=nnx.Rngs(0)))
   blocks = sorted(abstract.llm.cross_attention.keys())
@@ -366,3 +367,34 @@ def test_per_module_gradient_norms_and_first_block_layer():
       == pytest.approx(total, rel=1e-5)
   with pytest.raises(ValueError, match="xattn_first"):
     ullm.UserLlmConfig(xattn_first=-1)
+
+
+def test_soft_prompt_is_scaled_to_the_token_embeddings(soft_model):
+  batch = make_batch()
+  context, mask = soft_model.user_context(batch)
+  target = float(soft_model.token_embed_rms())
+  table = np.asarray(soft_model.llm.embedder.embedding[...], np.float64)
+  assert target == pytest.approx(np.sqrt(np.mean(table ** 2)), rel=1e-5)
+  # Every real user embedding has the token embeddings' RMS (gain 1 at the start) ...
+  rms = np.sqrt(np.mean(np.asarray(context, np.float64) ** 2, axis=-1))
+  np.testing.assert_allclose(rms[np.asarray(mask)], target, rtol=1e-3)
+  # ... which the raw projection does not: without the norm the scale is the MLP's own.
+  raw = ullm.build_user_llm(ullm.UserLlmConfig(mode="soft_prompt", soft_prompt_norm=False),
+                            ENCODER_TINY, LLM_TINY, rngs=nnx.Rngs(3))
+  assert raw.bridge.prompt_gain is None
+  raw_context, _ = raw.user_context(batch)
+  raw_rms = np.sqrt(np.mean(np.asarray(raw_context, np.float64) ** 2, axis=-1))
+  assert not np.allclose(raw_rms[np.asarray(mask)], target, rtol=0.1)
+  # The gain is learned (the loss reaches it) and both scales are logged by the loss.
+  grads = nnx.grad(lambda m: m.loss(batch)[0])(soft_model)
+  assert np.abs(np.asarray(grads.bridge.prompt_gain[...])).max() > 0
+  _, metrics = soft_model.loss(batch)
+  assert float(metrics["token_embed_rms"]) == pytest.approx(target, rel=1e-5)
+  assert float(metrics["context_rms"]) == pytest.approx(target, rel=1e-3)
+
+
+def test_cross_attention_has_no_soft_prompt_gain(xattn_pair):
+  model = xattn_pair[0]
+  assert model.bridge.prompt_gain is None
+  _, metrics = model.loss(make_batch())
+  assert float(metrics["context_rms"]) > 0 and float(metrics["token_embed_rms"]) > 0

@@ -220,13 +220,21 @@ HARMLESS_KEYS = frozenset({
 _ENCODER_ADDED = {"input_norm": (None, False), "init_std": (None, 0.0, 0),
                   "item_loss": (None, "softmax"), "item_negatives": (None, 256),
                   "gbce_t": (None, 0.75), "item_bias": (None, True)}
+_BRIDGE_ADDED = {"item_head_skip": (False,), "soft_prompt_norm": (False,)}
 OMITTED_AT: dict[str, tuple[Any, ...]] = {
     "llm.param_dtype": ("float32",),
     "data.timestamp_precision": ("exact",),
-    "bridge.item_head_skip": (False,),
+    **{f"{section}.{key}": values for key, values in _BRIDGE_ADDED.items()
+       for section in ("bridge", "architecture.bridge")},
     **{f"{section}.{key}": values for key, values in _ENCODER_ADDED.items()
        for section in ("encoder.model", "encoder_architecture", "architecture.encoder")},
 }
+# Keys that a run reads only while a sibling key has a value: left out of the fingerprint
+# otherwise (a cross-attention run does not read the soft prompt's options, so runs saved
+# before those options existed still match).
+ONLY_WHEN: dict[str, tuple[str, Any]] = {
+    f"{section}.soft_prompt_norm": ("mode", "soft_prompt")
+    for section in ("bridge", "architecture.bridge")}
 # Sections that are switched off while one of their keys is 0 (a stage that does not run):
 # left out of the fingerprint then, so runs saved before the section existed still match.
 OFF_WHEN_ZERO = {"align": "steps"}
@@ -256,6 +264,8 @@ def fingerprint(config: Mapping[str, Any], *, drop: tuple[str, ...] = (),
         path = f"{prefix}{key}"
         if path in harmless or (path in OMITTED_AT and any(
             value == v and type(value) is type(v) for v in OMITTED_AT[path])):
+          continue
+        if path in ONLY_WHEN and dict(node).get(ONLY_WHEN[path][0]) != ONLY_WHEN[path][1]:
           continue
         if (path in OFF_WHEN_ZERO and isinstance(value, (ml_collections.ConfigDict, dict))
             and not dict(value).get(OFF_WHEN_ZERO[path])):

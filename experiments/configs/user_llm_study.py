@@ -68,7 +68,12 @@ ARMS: dict[str, Arm] = {
                       "baseline.max_answer_tokens": None}),
     "random_encoder": Arm("User-LLM, random (not pretrained) encoder",
                           {"encoder.init": "random"}),
-    "soft_prompt": Arm("User-LLM, soft prompt", {"bridge.mode": "soft_prompt"}),
+    "soft_prompt": Arm("User-LLM, soft prompt (scaled to the token embeddings)",
+                       {"bridge.mode": "soft_prompt"}),
+    # The projection's raw outputs as the soft prompt (several times the token embeddings'
+    # scale), the diagnosis behind the soft prompt's RMS normalisation.
+    "soft_prompt_raw": Arm("User-LLM, soft prompt, unscaled projection outputs",
+                           {"bridge.mode": "soft_prompt", "bridge.soft_prompt_norm": False}),
     "perceiver": Arm("User-LLM, Perceiver (16 latents)",
                      {"bridge.use_perceiver": True, "bridge.num_latents": 16}),
     # The item head plus the encoder's own next-item scores, its LLM part starting at zero.

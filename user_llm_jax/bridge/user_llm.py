@@ -86,6 +86,11 @@ class UserLlmConfig:
       SASRec-style head) to the item head's, with the head's query projection starting at
       zero: the head starts as the encoder's ranking and the LLM learns a correction.
     item_loss_weight: weight of the head's softmax loss next to the token loss.
+    soft_prompt_norm: soft-prompt mode: RMS-normalise each user embedding and scale it to
+      the RMS of the LLM's token embeddings (times a learned per-dimension gain starting
+      at 1). The frozen LLM then reads inputs of the scale it was trained on; the
+      projection's raw outputs are several times larger than SmolLM2's token embeddings
+      (the `context_rms` / `token_embed_rms` training metrics show both).
     dtype: compute dtype of the bridge.
     param_dtype: storage dtype of the bridge parameters.
   """
@@ -106,6 +111,7 @@ class UserLlmConfig:
   item_head_dim: int | None = None
   item_head_skip: bool = False
   item_loss_weight: float = 1.0
+  soft_prompt_norm: bool = True
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -153,7 +159,14 @@ def check_compatible(cfg: UserLlmConfig, encoder_width: int) -> None:
 
 
 class Bridge(nnx.Module):
-  """Encoder states [B,E,D_enc] -> user embeddings at the LLM width [B,P,D] with mask."""
+  """Encoder states [B,E,D_enc] -> user embeddings at the LLM width [B,P,D] with mask.
+
+  Attributes:
+    perceiver: the optional `PerceiverResampler`.
+    projection: the encoder -> LLM width MLP.
+    prompt_gain: [D] learned gain of the soft prompt's RMS normalisation, or None (cross-
+      attention mode, or `soft_prompt_norm=False`).
+  """
 
   def __init__(self, cfg: UserLlmConfig, encoder_width: int, llm_width: int, *,
                rngs: nnx.Rngs):
@@ -166,13 +179,26 @@ class Bridge(nnx.Module):
     self.projection = Projection(encoder_width, llm_width, hidden_dim=cfg.projection_hidden,
                                  num_layers=cfg.projection_layers, dtype=dtype,
                                  param_dtype=param_dtype, rngs=rngs)
+    self.prompt_gain = (nnx.Param(jnp.ones((llm_width,), param_dtype))
+                        if cfg.mode == "soft_prompt" and cfg.soft_prompt_norm else None)
 
-  def __call__(self, states: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """states [B,E,D_enc], mask [B,E] -> (embeddings [B,P,D], mask [B,P])."""
+  def __call__(self, states: jax.Array, mask: jax.Array, *,
+               target_rms: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """states [B,E,D_enc], mask [B,E] -> (embeddings [B,P,D], mask [B,P]).
+
+    `target_rms`: the RMS each embedding is normalised to (with `prompt_gain`).
+    """
     if self.perceiver is not None:
       states = self.perceiver(states, mask)  # [B,Q,D_enc]
       mask = jnp.ones(states.shape[:2], bool)
-    return self.projection(states), mask
+    out = self.projection(states)
+    if self.prompt_gain is not None:
+      if target_rms is None:
+        raise ValueError("the soft prompt's RMS normalisation needs target_rms")
+      x = out.astype(jnp.float32)
+      x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + 1e-6)
+      out = (x * self.prompt_gain[...].astype(jnp.float32) * target_rms).astype(out.dtype)
+    return out, mask
 
 
 class UserLLM(nnx.Module):
@@ -227,7 +253,16 @@ class UserLLM(nnx.Module):
 
   def _bridge(self, user_batch: Batch, states: jax.Array) -> tuple[jax.Array, jax.Array]:
     mask = jnp.asarray(user_batch[transforms.MASK], bool)  # [B,E]
-    return self.bridge(states, mask)
+    target = self.token_embed_rms() if self.bridge.prompt_gain is not None else None
+    return self.bridge(states, mask, target_rms=target)
+
+  def token_embed_rms(self) -> jax.Array:
+    """RMS of the LLM's input token embeddings (float32 scalar; no gradient flows to them)."""
+    table = self.llm.embedder.embedding[...].astype(jnp.float32)
+    rms = jnp.sqrt(jnp.mean(jnp.square(table)))
+    if self.llm.cfg.scale_embeddings:  # Gemma multiplies its embeddings by sqrt(width)
+      rms = rms * self.llm.cfg.width ** 0.5
+    return jax.lax.stop_gradient(rms)
 
   def hidden_states(self, user_batch: Batch, tokens: jax.Array, *,
                     positions: jax.Array | None = None,
@@ -246,8 +281,9 @@ class UserLLM(nnx.Module):
                positions: jax.Array | None = None,
                attention_mask: jax.Array | None = None,
                text_mask: jax.Array | None = None,
-               deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
-    """(final-normed LLM states of the text [B, T, D], encoder states [B, E, D_enc])."""
+               deterministic: bool = True) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(final-normed LLM states of the text [B, T, D], encoder states [B, E, D_enc], user
+    context [B, P, D] and its mask [B, P])."""
     b, t = tokens.shape
     text_mask = jnp.ones((b, t), bool) if text_mask is None else text_mask.astype(bool)
     encoded = self.encoder(user_batch, deterministic=deterministic)       # [B,E,D_enc]
@@ -259,12 +295,12 @@ class UserLLM(nnx.Module):
         attention_mask = soft_prompt.text_attention_mask(text_mask)
       hidden, _ = self.llm(tokens, positions=positions, attention_mask=attention_mask,
                            context=context, context_mask=context_mask, return_hidden=True)
-      return hidden, encoded
+      return hidden, encoded, context, context_mask
     embeds, mask, merged_positions = soft_prompt.merge_soft_prompt(
         context, context_mask, self.llm.embed(tokens), text_mask, attention_mask, positions)
     hidden, _ = self.llm(None, positions=merged_positions, attention_mask=mask,
                          inputs_embeds=embeds, return_hidden=True)  # [B,P+T,D]
-    return hidden[:, context.shape[1]:], encoded
+    return hidden[:, context.shape[1]:], encoded, context, context_mask
 
   def __call__(self, user_batch: Batch, tokens: jax.Array, *,
                positions: jax.Array | None = None,
@@ -301,8 +337,8 @@ class UserLLM(nnx.Module):
       raise ValueError("this User-LLM has no item head (bridge.item_head=False)")
     tokens = jnp.asarray(batch[TOKENS], jnp.int32)
     text_mask = batch.get(TEXT_MASK)
-    hidden, encoded = self._forward(batch, tokens, text_mask=None if text_mask is None
-                                    else jnp.asarray(text_mask, bool))
+    hidden, encoded, _, _ = self._forward(batch, tokens, text_mask=None if text_mask is None
+                                          else jnp.asarray(text_mask, bool))
     return self._item_scores(batch, hidden, encoded)
 
   def _item_scores(self, batch: Batch, hidden: jax.Array, encoded: jax.Array) -> jax.Array:
@@ -381,8 +417,8 @@ class UserLLM(nnx.Module):
     if transforms.EXAMPLE_MASK in batch:
       example_mask = jnp.asarray(batch[transforms.EXAMPLE_MASK], bool)
       loss_mask = loss_mask & example_mask[:, None]
-    hidden, encoded = self._forward(batch, tokens, text_mask=text_mask,
-                                    deterministic=deterministic)        # [B,T,D]
+    hidden, encoded, context, context_mask = self._forward(
+        batch, tokens, text_mask=text_mask, deterministic=deterministic)  # [B,T,D]
     logits = self.llm.head(hidden)                                        # [B,T,V]
     nll = next_token_nll(logits, tokens)                                  # [B,T-1]
     weights = loss_mask[:, 1:].astype(jnp.float32)
@@ -414,6 +450,11 @@ class UserLLM(nnx.Module):
       loss = loss + self.cfg.item_loss_weight * item_nll
       metrics.update(item_loss=item_nll, item_examples=item_count)
     metrics.update(self.gate_values())
+    # The scale the LLM reads the user at, beside the scale of its own token inputs.
+    valid = context_mask.astype(jnp.float32)[..., None]
+    mean_square = (jnp.square(context.astype(jnp.float32)) * valid).sum() / jnp.maximum(
+        valid.sum() * context.shape[-1], 1.0)
+    metrics.update(context_rms=jnp.sqrt(mean_square), token_embed_rms=self.token_embed_rms())
     return loss, metrics
 
 
