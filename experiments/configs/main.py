@@ -44,11 +44,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Stage 3: User-LLM, Enc strategy on SmolLM2 (30 layers): cross-attention blocks before
   # layers 15, 20 and 25 (the upper blocks' gates open most; no gradient flows through the
   # frozen layers below the first block, so a step costs about two thirds of blocks from
-  # layer 0). Next item by the item head over the whole catalogue (no title decoding);
-  # favorite genre as a short generated label.
+  # layer 0). Next item by the item head over the whole catalogue (no title decoding), plus
+  # the encoder's own head (the skip: without it 100 steps leave the head level with
+  # popularity, README "User-LLM study"); favorite genre as a short generated label.
   config.strategy = "enc"
   config.llm.source = "smollm2"
-  config.bridge.update(xattn_every=5, xattn_first=15, item_head=True)
+  config.bridge.update(xattn_every=5, xattn_first=15, item_head=True, item_head_skip=True)
   config.tasks.update(max_prompt_tokens=40,   # the fixed prompts are 36-38 SmolLM2 tokens
                       max_answer_tokens=6,    # genre names are at most 5 tokens
                       next_item_titles=False)
