@@ -398,3 +398,19 @@ def test_cross_attention_has_no_soft_prompt_gain(xattn_pair):
   assert model.bridge.prompt_gain is None
   _, metrics = model.loss(make_batch())
   assert float(metrics["context_rms"]) > 0 and float(metrics["token_embed_rms"]) > 0
+
+
+def test_the_evaluation_conditioner_reads_the_scaled_soft_prompt(soft_model):
+  from user_llm_jax.tasks import evaluate as eval_lib  # pylint: disable=import-outside-toplevel
+  batch = make_batch()
+  prompts = [[5, 6, 7], [8, 9]]
+  task = dict(batch, tokens=np.zeros((B, 4), np.int32), prompt_length=np.array([3, 2]),
+              last_index=(NUM_VALID - 1).astype(np.int32),
+              text_mask=np.ones((B, 4), bool))
+  task["tokens"][0, :3], task["tokens"][1, :2] = prompts[0], prompts[1]
+  cond = eval_lib.user_llm_conditioner(soft_model, pad_id=0)(task)
+  context, mask = soft_model.user_context(batch)
+  # The soft prompt fills the first P slots of the merged embeddings.
+  np.testing.assert_allclose(np.asarray(cond.inputs_embeds[:, :E]), np.asarray(context),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(cond.prompt_mask[:, :E]), np.asarray(mask))

@@ -253,8 +253,14 @@ class UserLLM(nnx.Module):
 
   def _bridge(self, user_batch: Batch, states: jax.Array) -> tuple[jax.Array, jax.Array]:
     mask = jnp.asarray(user_batch[transforms.MASK], bool)  # [B,E]
-    target = self.token_embed_rms() if self.bridge.prompt_gain is not None else None
-    return self.bridge(states, mask, target_rms=target)
+    return self.bridge(states, mask, target_rms=self.bridge_target_rms())
+
+  def bridge_target_rms(self) -> jax.Array | None:
+    """What `Bridge` normalises the soft prompt to (`target_rms`), or None without the norm.
+
+    Callers that run the encoder and the bridge apart from the LLM pass it along.
+    """
+    return self.token_embed_rms() if self.bridge.prompt_gain is not None else None
 
   def token_embed_rms(self) -> jax.Array:
     """RMS of the LLM's input token embeddings (float32 scalar; no gradient flows to them)."""

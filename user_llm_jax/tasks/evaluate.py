@@ -85,17 +85,21 @@ def text_conditioner(decoder: Decoder) -> Conditioner:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _user_context(graphdef, state, batch):
+def _user_context(graphdef, state, batch, target_rms=None):
   encoder, bridge = nnx.merge(graphdef, state)
   states = encoder(batch, deterministic=True)                      # [B,E,D_enc]
-  return bridge(states, jnp.asarray(batch[transforms_lib.MASK], bool))  # [B,P,D], [B,P]
+  return bridge(states, jnp.asarray(batch[transforms_lib.MASK], bool),
+                target_rms=target_rms)                             # [B,P,D], [B,P]
 
 
 def user_llm_conditioner(model: nnx.Module, pad_id: int) -> Conditioner:
   """A `UserLLM` reads the user through its bridge (cross-attention or soft prompt)."""
+  target_rms = model.bridge_target_rms()  # the soft prompt's scale (None: not normalised)
+
   def condition(batch):
     graphdef, state = nnx.split((model.encoder, model.bridge))
-    context, mask = _user_context(graphdef, state, {k: batch[k] for k in ENCODER_KEYS})
+    context, mask = _user_context(graphdef, state, {k: batch[k] for k in ENCODER_KEYS},
+                                  target_rms)
     token_lists = [ex_lib.prompt_of({k: v[i] for k, v in batch.items()})
                    for i in range(batch[ex_lib.TOKENS].shape[0])]
     if model.cfg.mode == "cross_attention":

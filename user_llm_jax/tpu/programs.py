@@ -299,8 +299,10 @@ def user_llm_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
   name = lambda s: f"{prefix}/{s}"  # noqa: E731
 
   def lower_context(_):
+    target_rms = (None if model.bridge.prompt_gain is None
+                  else jax.ShapeDtypeStruct((), jnp.float32))
     return _under_rules(mesh, rules, lambda: evaluate._user_context.lower(  # pylint: disable=protected-access
-        context_def, context_params, enc_batch))
+        context_def, context_params, enc_batch, target_rms))
 
   def lower_prefill(outputs):
     if bridge.mode != "cross_attention":
