@@ -48,6 +48,7 @@ def test_soft_prompt_options_count_only_in_soft_prompt_mode():
   # A cross-attention run saved before `item_head_skip` / `soft_prompt_norm` existed still
   # matches today's config (the soft prompt's norm is on by default but not read there).
   config = main_config.get_config("")
+  config.bridge.item_head_skip = False  # the old behaviour (the main job's default is True)
   bridge = {"mode": "cross_attention", "item_head": True}
   new = {"item_head_skip": False, "soft_prompt_norm": True}
   saved = config_lib.fingerprint(config, architecture={"bridge": bridge})

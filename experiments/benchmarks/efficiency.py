@@ -154,11 +154,15 @@ def history_events(data_dir: str, n: int) -> tuple[list[str], str]:
 # ----------------------------------------------------------------------------- programs
 
 
-def _user_program(graphdef, state, batch):
-  """Encoder + bridge: features -> (user embeddings [B,P,D], mask [B,P])."""
+def _user_program(graphdef, state, batch, target_rms):
+  """Encoder + bridge: features -> (user embeddings [B,P,D], mask [B,P]).
+
+  `target_rms`: the soft prompt's scale (`UserLLM.bridge_target_rms`; read only by a bridge
+  that normalises it).
+  """
   encoder, bridge = nnx.merge(graphdef, state)
   states = encoder(batch, deterministic=True)  # [B,E,D_enc]
-  return bridge(states, jnp.asarray(batch[T.MASK], bool))
+  return bridge(states, jnp.asarray(batch[T.MASK], bool), target_rms=target_rms)
 
 
 def _prefill_program(graphdef, state, tokens, context, context_mask, *, mode, cache_length):
@@ -343,15 +347,17 @@ class Benchmark:
     model, steps = self._user_llm(variant), self.cfg.decode_steps
     batch = self.user_batch(e)
     user_graph, user_state = nnx.split((model.encoder, model.bridge))
-    user = _compile(_user_program, user_graph, user_state, batch)
-    context, context_mask = user(user_state, batch)
+    target = model.bridge_target_rms()
+    target = jnp.zeros((), jnp.float32) if target is None else target
+    user = _compile(_user_program, user_graph, user_state, batch, target)
+    context, context_mask = user(user_state, batch, target)
     tokens = np.asarray([self.question], np.int32)
     flops, llm_run = _llm_parts(model.llm, tokens, context, context_mask,
                                 mode=model.cfg.mode, steps=steps)
     flops = {"encoder_bridge": _flops(user), **flops}
     flops["llm"] = flops["prefill"] + flops["decode"]
     flops["total"] = flops["encoder_bridge"] + flops["llm"]
-    latency, runs = _median_seconds(lambda: llm_run(*user(user_state, batch)), self.cfg.repeats,
+    latency, runs = _median_seconds(lambda: llm_run(*user(user_state, batch, target)), self.cfg.repeats,
                                     self.cfg.long_run_seconds)
     extra = {}
     if model.cfg.mode == "cross_attention":
