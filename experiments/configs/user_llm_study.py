@@ -74,6 +74,10 @@ ARMS: dict[str, Arm] = {
     # scale), the diagnosis behind the soft prompt's RMS normalisation.
     "soft_prompt_raw": Arm("User-LLM, soft prompt, unscaled projection outputs",
                            {"bridge.mode": "soft_prompt", "bridge.soft_prompt_norm": False}),
+    # With the LLM frozen only the soft prompt can teach the answer format; LoRA lets the LLM
+    # learn it too (the paper's soft-prompt runs train the LLM).
+    "soft_prompt_lora": Arm("User-LLM, soft prompt, LoRA strategy",
+                            {"bridge.mode": "soft_prompt", "strategy": "lora"}),
     "perceiver": Arm("User-LLM, Perceiver (16 latents)",
                      {"bridge.use_perceiver": True, "bridge.num_latents": 16}),
     # The item head plus the encoder's own next-item scores, its LLM part starting at zero.
