@@ -41,20 +41,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       batch_size=64, num_steps=300, learning_rate=3e-3, warmup=40, log_every=50,
       eval_every=0, checkpoint_every=200, keep_checkpoints=1)
 
-  # Stage 3: User-LLM, Enc strategy on SmolLM2 (30 layers): cross-attention blocks before
+  # Stage 3: User-LLM, Enc strategy on SmolLM2 (30 layers), with the CPU settings the
+  # MovieLens config shares (`user_llm_movielens.apply_cpu`): cross-attention blocks before
   # layers 15, 20 and 25 (the upper blocks' gates open most; no gradient flows through the
   # frozen layers below the first block, so a step costs about two thirds of blocks from
-  # layer 0). Next item by the item head over the whole catalogue (no title decoding), plus
-  # the encoder's own head (the skip: without it 100 steps leave the head level with
-  # popularity, README "User-LLM study"); favorite genre as a short generated label.
+  # layer 0), lr 5e-4. Next item by the item head over the whole catalogue (no title
+  # decoding), plus the encoder's own head (the skip: without it 100 steps leave the head
+  # level with popularity, README "User-LLM study"); favorite genre as a short generated
+  # label (genre names are at most 5 tokens).
   config.strategy = "enc"
   config.llm.source = "smollm2"
-  config.bridge.update(xattn_every=5, xattn_first=15, item_head=True, item_head_skip=True)
-  config.tasks.update(max_prompt_tokens=40,   # the fixed prompts are 36-38 SmolLM2 tokens
-                      max_answer_tokens=6,    # genre names are at most 5 tokens
-                      next_item_titles=False)
-  config.train.update(batch_size=8, num_steps=300, learning_rate=5e-4, warmup=10,
-                      log_every=10, checkpoint_every=100, keep_checkpoints=1)
+  user_llm_movielens.apply_cpu(config)
+  config.tasks.max_prompt_tokens = 40   # the fixed prompts are 36-38 SmolLM2 tokens
+  config.train.update(batch_size=8, num_steps=300, log_every=10, checkpoint_every=100,
+                      keep_checkpoints=1)
 
   # Stage 4: the text-prompt baseline reads the last events within 256 tokens, zero-shot
   # (fine-tuning it on 300-token prompts does not fit the 15-minute CPU budget; the
@@ -62,7 +62,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # needs the whole history. (Naming the next item by beam search over the title trie with
   # 300-token prompts costs ~5 s per user here: `--config.baseline.tasks="()"` adds it.)
   config.baseline.update(strategy="zero_shot", history_tokens=256,
-                         tasks=("favorite_category",),
                          max_answer_tokens=18)  # titles "The Crimson Harbor 337 (1932)"
 
   # Evaluation: the same 100 seeded test users for every method, each figure with its
