@@ -60,6 +60,7 @@ from user_llm_jax.llm.config import get_preset
 from user_llm_jax.llm.loading import load_llm
 from user_llm_jax.llm.model import CrossContext, Decoder
 from user_llm_jax.llm.tokenizer import Tokenizer
+from user_llm_jax.tasks import evaluate
 from user_llm_jax.tasks import prompts
 
 VARIANTS = ("xattn", "xattn_perceiver", "soft_prompt", "soft_prompt_perceiver",
@@ -152,17 +153,6 @@ def history_events(data_dir: str, n: int) -> tuple[list[str], str]:
 
 
 # ----------------------------------------------------------------------------- programs
-
-
-def _user_program(graphdef, state, batch, target_rms):
-  """Encoder + bridge: features -> (user embeddings [B,P,D], mask [B,P]).
-
-  `target_rms`: the soft prompt's scale (`UserLLM.bridge_target_rms`; read only by a bridge
-  that normalises it).
-  """
-  encoder, bridge = nnx.merge(graphdef, state)
-  states = encoder(batch, deterministic=True)  # [B,E,D_enc]
-  return bridge(states, jnp.asarray(batch[T.MASK], bool), target_rms=target_rms)
 
 
 def _prefill_program(graphdef, state, tokens, context, context_mask, *, mode, cache_length):
@@ -347,9 +337,9 @@ class Benchmark:
     model, steps = self._user_llm(variant), self.cfg.decode_steps
     batch = self.user_batch(e)
     user_graph, user_state = nnx.split((model.encoder, model.bridge))
-    target = model.bridge_target_rms()
-    target = jnp.zeros((), jnp.float32) if target is None else target
-    user = _compile(_user_program, user_graph, user_state, batch, target)
+    target = model.bridge_target_rms()   # the soft prompt's scale, None without the norm
+    # Encoder + bridge: features -> (user embeddings [B,P,D], mask [B,P]), as evaluated.
+    user = _compile(evaluate._user_context, user_graph, user_state, batch, target)  # pylint: disable=protected-access
     context, context_mask = user(user_state, batch, target)
     tokens = np.asarray([self.question], np.int32)
     flops, llm_run = _llm_parts(model.llm, tokens, context, context_mask,
