@@ -41,6 +41,7 @@ from user_llm_jax.bridge.perceiver import PerceiverResampler
 from user_llm_jax.bridge.projection import Projection
 from user_llm_jax.data import transforms
 from user_llm_jax.encoder.config import EncoderConfig
+from user_llm_jax.encoder.losses import masked_mean
 from user_llm_jax.encoder.model import UserEncoder
 from user_llm_jax.llm.config import LlmConfig
 from user_llm_jax.llm.losses import next_token_nll
@@ -457,9 +458,8 @@ class UserLLM(nnx.Module):
       metrics.update(item_loss=item_nll, item_examples=item_count)
     metrics.update(self.gate_values())
     # The scale the LLM reads the user at, beside the scale of its own token inputs.
-    valid = context_mask.astype(jnp.float32)[..., None]
-    mean_square = (jnp.square(context.astype(jnp.float32)) * valid).sum() / jnp.maximum(
-        valid.sum() * context.shape[-1], 1.0)
+    mean_square = masked_mean(jnp.mean(jnp.square(context.astype(jnp.float32)), axis=-1),
+                              context_mask)
     metrics.update(context_rms=jnp.sqrt(mean_square), token_embed_rms=self.token_embed_rms())
     return loss, metrics
 
