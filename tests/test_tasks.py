@@ -192,15 +192,25 @@ def test_category_accuracy_matches_argmax_of_exact_scores(vocab, tok, decoder):
   examples = [tr.map(dict(make_record(6, seed=s, favorite=2 + s % 4),
                           task=prompts.FAVORITE_CATEGORY)) for s in range(4)]
   result = ev.evaluate_category(ev.text_conditioner(decoder), examples, vocab, tok,
-                                batch_size=4)
+                                batch_size=3, ids=[20, 21, 22, 23])
   end = prompts.end_token(tok)
   options = [tok.encode(g) + [end] for g in GENRES]
-  want = 0
+  want = []
   for e in examples:
     scores = beam_search.score_candidates(decoder, ex.prompt_of(e), options)
-    want += int(np.argmax(scores) + 2 == int(e[ex.LABEL]))
+    want.append(float(np.argmax(scores) + 2 == int(e[ex.LABEL])))
   assert result["num_examples"] == 4
-  assert result["accuracy"] == pytest.approx(want / 4)
+  assert result["accuracy"] == pytest.approx(np.mean(want))
+  # Each user's correctness is kept under its id (for paired comparisons of methods).
+  assert result["per_example"] == {"ids": [20, 21, 22, 23], "values": {"accuracy": want}}
+  # An unlabelled example is not scored and its id is left out.
+  unlabelled = dict(examples[1], **{ex.LABEL: np.asarray(schema.PAD_ID, np.int32)})
+  part = ev.evaluate_category(ev.text_conditioner(decoder), [examples[0], unlabelled,
+                              examples[2]], vocab, tok, batch_size=2, ids=[5, 6, 7])
+  assert part["num_examples"] == 2
+  assert part["per_example"] == {"ids": [5, 7], "values": {"accuracy": [want[0], want[2]]}}
+  with pytest.raises(ValueError, match="2 example ids for 4 examples"):
+    ev.evaluate_category(ev.text_conditioner(decoder), examples, vocab, tok, ids=[1, 2])
 
 
 def test_catalogue_cuts_titles_like_the_training_answers(vocab, tok):

@@ -32,9 +32,11 @@ and n (test users), the item head's Recall@10 +- SE and n (User-LLM arms), the a
 the shuffled-context control (each user's context swapped for another user's), training
 seconds (job start to end of training) and evaluation seconds per answer. Verdicts compare
 each arm with `user_llm`, with its own shuffled control, and `user_llm` with the floors; a
-difference under two standard errors of the difference is a tie. The standard error of a
-difference is sqrt(SE_a^2 + SE_b^2), as for independent samples; the arms are scored on
-the same seeded test users, so this overstates it (a conservative tie).
+difference under two standard errors of the difference is a tie. The arms are scored on
+the same seeded test users, so the standard error of a difference is the paired one (of the
+per-user differences, `eval.paired`); runs that kept no per-user values (written before
+they were recorded) fall back to sqrt(SE_a^2 + SE_b^2), the independent-samples error,
+which overstates it. Each verdict says which it used.
 
 Cost of `--variant=cpu` (all 12 arms, 10 runs), an estimate for a 2-core CPU at about 2 s
 per SmolLM2 User-LLM step (Enc, batch 8), not a measurement: 3 data preparations and encoder
@@ -50,7 +52,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -66,6 +67,7 @@ from user_llm_jax import jobs
 from user_llm_jax import runs
 from user_llm_jax import sharding
 from user_llm_jax.data import prepared
+from user_llm_jax.eval import paired
 # The pipeline's stage configs: every arm reads its data, and User-LLM arms its encoder.
 from user_llm_jax.jobs import main_pipeline
 from user_llm_jax.train import summary as summary_lib
@@ -269,14 +271,27 @@ def run_or_reuse(config: ml_collections.ConfigDict, workdir: str,
 # ------------------------------------------------------------------------------ the report
 
 
-def figure(metrics: Mapping[str, Any] | None, key: str) -> dict[str, float] | None:
-  """{'value', 'stderr', 'n'} of one metric, or None when absent."""
+def figure(metrics: Mapping[str, Any] | None, key: str) -> dict[str, Any] | None:
+  """{'value', 'stderr', 'n'} of one metric (and its per-example values, for paired
+  verdicts, when the run kept them), or None when absent."""
   if not metrics or metrics.get(key) is None:
     return None
   stderr = metrics.get(f"{key}_stderr")
-  return {"value": float(metrics[key]),
-          "stderr": float(stderr) if stderr is not None else float("nan"),
-          "n": int(metrics.get("num_examples", 0))}
+  out = {"value": float(metrics[key]),
+         "stderr": float(stderr) if stderr is not None else float("nan"),
+         "n": int(metrics.get("num_examples", 0))}
+  per = metrics.get(paired.PER_EXAMPLE)
+  if per and key in per.get("values", {}):
+    out["per_example"] = {"ids": per["ids"], "values": {"value": per["values"][key]}}
+  return out
+
+
+def _metrics(fig: Mapping[str, Any]) -> dict[str, Any]:
+  """A `figure` as the metric dict `paired.difference` reads (metric name 'value')."""
+  out = {"value": fig["value"], "value_stderr": fig["stderr"], "num_examples": fig["n"]}
+  if fig.get("per_example"):
+    out[paired.PER_EXAMPLE] = fig["per_example"]
+  return out
 
 
 def arm_entry(arm: ArmRun, summary: Mapping[str, Any], reused: bool) -> dict[str, Any]:
@@ -312,20 +327,16 @@ def arm_entry(arm: ArmRun, summary: Mapping[str, Any], reused: bool) -> dict[str
 
 def compare(metric: str, a: str, fa: Mapping[str, float], b: str,
             fb: Mapping[str, float]) -> dict[str, Any]:
-  """One verdict: `a` ahead of, behind or tied with `b` (under 2 SE of the difference)."""
-  diff = fa["value"] - fb["value"]
-  se = math.hypot(fa["stderr"], fb["stderr"])
-  if math.isfinite(se) and se > 0 and abs(diff) > 2 * se:
-    verdict = "ahead" if diff > 0 else "behind"
-  else:
-    verdict = "tie"
+  """One verdict: `a` ahead of, behind or tied with `b` (under 2 SE of the difference;
+  paired over the shared test users when both figures carry per-example values)."""
+  diff = paired.difference(_metrics(fa), _metrics(fb), "value")
   word = {"ahead": "ahead of", "behind": "BEHIND",
-          "tie": "tied with (difference under 2 standard errors)"}[verdict]
+          "tie": "tied with (difference under 2 standard errors)"}[diff.verdict]
   return {"metric": metric, "a": a, "b": b, "a_value": fa["value"], "b_value": fb["value"],
-          "diff": diff, "two_se": 2 * se, "verdict": verdict,
+          "diff": diff.diff, "two_se": 2 * diff.se, "paired": diff.paired, "n": diff.n,
+          "verdict": diff.verdict,
           "text": (f"{metric}: {a} {fa['value']:.3f} (n={fa['n']}) is {word} {b} "
-                   f"{fb['value']:.3f} (n={fb['n']}) (difference {diff:+.3f}, "
-                   f"2 SE = {2 * se:.3f})")}
+                   f"{fb['value']:.3f} (n={fb['n']}) ({diff.describe()})")}
 
 
 def verdicts(arms: Mapping[str, Mapping[str, Any]], reference: str) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ from user_llm_jax.data import pipeline as pipeline_lib
 from user_llm_jax.data import prepared
 from user_llm_jax.data import schema
 from user_llm_jax.encoder.model import UserEncoder
+from user_llm_jax.eval import paired
 from user_llm_jax.eval import popularity
 from user_llm_jax.eval import retrieval
 from user_llm_jax.tasks import evaluate as eval_lib
@@ -67,13 +68,15 @@ def non_llm_baselines(encoder: UserEncoder | None, data: runner.TaskData,
     procedure = ranking_procedure(data.vocab)
     if encoder is not None:
       out["sasrec"] = {prompts.NEXT_ITEM: dict(with_recall_stderr(
-          retrieval.evaluate_next_item(encoder, batches(), ks=ks)), procedure=procedure)}
+          retrieval.evaluate_next_item(encoder, batches(), ks=ks, ids=indices)),
+          procedure=procedure)}
     counts = popularity.fit_item_counts(data.train, data.vocab.num_items)
     out["popularity"] = {prompts.NEXT_ITEM: dict(with_recall_stderr(
-        popularity.evaluate_popularity(counts, batches(), ks=ks)), procedure=procedure)}
+        popularity.evaluate_popularity(counts, batches(), ks=ks, ids=indices)),
+        procedure=procedure)}
   if prompts.FAVORITE_CATEGORY in names:
-    out["majority"] = {prompts.FAVORITE_CATEGORY: majority_category(data.train, records,
-                                                                     data.vocab)}
+    out["majority"] = {prompts.FAVORITE_CATEGORY: majority_category(
+        data.train, records, data.vocab, ids=indices)}
   if prompts.REVIEW in names and transform is not None:
     out["rating_prior"] = {prompts.REVIEW: rating_prior_review(data, transform, indices)}
   return out
@@ -95,7 +98,7 @@ def rating_prior_review(data: runner.TaskData, transform: ex_lib.TaskExample,
     raise ValueError("no training record has a review answer")
   overall = sum(by_rating.values(), collections.Counter())
   commonest = lambda counts: min(counts, key=lambda a: (-counts[a], a))  # ties: alphabetical
-  predictions, references = [], []
+  predictions, references, kept = [], [], []
   for i in indices:
     record = dict(data.test[i])
     answer = transform.answer_text(record, prompts.REVIEW)
@@ -104,16 +107,22 @@ def rating_prior_review(data: runner.TaskData, transform: ex_lib.TaskExample,
     rating = int(np.asarray(record[schema.RATINGS]).reshape(-1)[-1])
     predictions.append(commonest(by_rating.get(rating, overall)))
     references.append(answer)
-  mean, se = eval_lib.mean_stderr(eval_lib.rouge_lsum_scores(predictions, references))
+    kept.append(i)
+  scores = eval_lib.rouge_lsum_scores(predictions, references)
+  mean, se = eval_lib.mean_stderr(scores)
   return {"rougeLsum": mean, "rougeLsum_stderr": se, "num_examples": len(references),
+          paired.PER_EXAMPLE: paired.per_example(kept, {"rougeLsum": scores}),
           "answers": {str(data.vocab.ratings[r]) if r < data.vocab.num_ratings else str(r):
                       commonest(c) for r, c in sorted(by_rating.items())},
           "procedure": "the most frequent training answer for the review's rating"}
 
 
 def majority_category(train: Sequence[Mapping[str, Any]], test: Sequence[Mapping[str, Any]],
-                      vocab: schema.Vocabulary) -> dict[str, Any]:
-  """Accuracy of always answering the most frequent training favorite category."""
+                      vocab: schema.Vocabulary,
+                      ids: Sequence[int] | None = None) -> dict[str, Any]:
+  """Accuracy of always answering the most frequent training favorite category; with
+  `ids` (one per test record) each labelled record's correctness is kept
+  (`paired.PER_EXAMPLE`)."""
   labels = np.asarray([int(r[schema.FAVORITE_CATEGORY]) for r in train], np.int64)
   labels = labels[labels >= schema.FIRST_ID]
   if not labels.size:
@@ -121,8 +130,15 @@ def majority_category(train: Sequence[Mapping[str, Any]], test: Sequence[Mapping
   counts = np.bincount(labels, minlength=vocab.num_categories)
   best = int(np.argmax(counts))  # ties: the smallest id
   truth = np.asarray([int(r[schema.FAVORITE_CATEGORY]) for r in test], np.int64)
-  truth = truth[truth >= schema.FIRST_ID]  # the records the LLMs are scored on
+  labelled = truth >= schema.FIRST_ID  # the records the LLMs are scored on
+  truth = truth[labelled]
   accuracy = float(np.mean(truth == best)) if truth.size else float("nan")
+  extra = {}
+  if ids is not None:
+    if len(ids) != labelled.size:
+      raise ValueError(f"{len(ids)} ids for {labelled.size} test records")
+    extra[paired.PER_EXAMPLE] = paired.per_example(
+        np.asarray(ids)[labelled], {"accuracy": (truth == best).astype(np.float64)})
   return {"accuracy": accuracy, "accuracy_stderr": eval_lib.binomial_stderr(accuracy, truth.size),
-          "num_examples": int(truth.size), "answer": vocab.categories[best],
+          "num_examples": int(truth.size), "answer": vocab.categories[best], **extra,
           "procedure": f"always the training majority label {vocab.categories[best]!r}"}

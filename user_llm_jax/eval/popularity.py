@@ -74,7 +74,8 @@ def _broadcast_scores(static: None, scores: jax.Array,
 
 def evaluate_popularity(counts: np.ndarray, batches: Iterable[Mapping[str, Any]], *,
                         ks: Sequence[int] = retrieval.DEFAULT_KS,
-                        ndcg_k: int = retrieval.NDCG_K) -> dict[str, float]:
+                        ndcg_k: int = retrieval.NDCG_K,
+                        ids: Sequence[int] | None = None) -> dict[str, Any]:
   """The popularity baseline's next-item metrics on eval batches.
 
   Returns:
@@ -83,4 +84,4 @@ def evaluate_popularity(counts: np.ndarray, batches: Iterable[Mapping[str, Any]]
   """
   return retrieval.evaluate_scores(
       _broadcast_scores, None, jnp.asarray(popularity_scores(counts)), batches, ks=ks,
-      ndcg_k=ndcg_k, desc="eval popularity")
+      ndcg_k=ndcg_k, desc="eval popularity", ids=ids)

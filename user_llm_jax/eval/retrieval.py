@@ -40,6 +40,7 @@ from flax import nnx
 from user_llm_jax import distributed
 from user_llm_jax.data import schema
 from user_llm_jax.data import transforms as T
+from user_llm_jax.eval import paired
 
 DEFAULT_KS = (1, 5, 10)
 MISS_RANK = np.iinfo(np.int32).max
@@ -140,19 +141,25 @@ class RetrievalAccumulator:
   def ranks(self) -> np.ndarray:
     return np.concatenate(self._ranks) if self._ranks else np.zeros((0,), np.int64)
 
-  def result(self) -> dict[str, float]:
+  def result(self, ids: Sequence[int] | None = None) -> dict[str, Any]:
     """`recall@k` for each k, `ndcg@{ndcg_k}`, `mrr`, the standard error of each mean
-    (`<metric>_stderr`, over examples) and `num_examples`."""
+    (`<metric>_stderr`, over examples) and `num_examples`; with `ids` (one per ranked
+    example, in order) also each example's values (`paired.PER_EXAMPLE`)."""
     ranks = self.ranks
     n = ranks.size
-    per_example = {f"recall@{k}": recall_at_k(ranks, k) for k in self.ks}
-    per_example[f"ndcg@{self.ndcg_k}"] = ndcg_at_k(ranks, self.ndcg_k)
-    per_example["mrr"] = 1.0 / (ranks + 1.0)
-    out = {}
-    for key, values in per_example.items():
-      out[key] = float(np.mean(values)) if n else 0.0
-      out[f"{key}_stderr"] = float(np.std(values, ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+    values = {f"recall@{k}": recall_at_k(ranks, k) for k in self.ks}
+    values[f"ndcg@{self.ndcg_k}"] = ndcg_at_k(ranks, self.ndcg_k)
+    values["mrr"] = 1.0 / (ranks + 1.0)
+    out: dict[str, Any] = {}
+    for key, vals in values.items():
+      out[key] = float(np.mean(vals)) if n else 0.0
+      out[f"{key}_stderr"] = float(np.std(vals, ddof=1) / np.sqrt(n)) if n > 1 else 0.0
     out["num_examples"] = int(n)
+    if ids is not None:
+      if len(ids) != n:
+        raise ValueError(f"{len(ids)} example ids for {n} ranked examples")
+      out[paired.PER_EXAMPLE] = paired.per_example(
+          ids, {k: v for k, v in values.items() if k != "mrr"})
     return out
 
 
@@ -185,7 +192,8 @@ def _batch_ranks(score_fn: ScoreFn, static: Any, params: Any,
 
 def evaluate_scores(score_fn: ScoreFn, static: Any, params: Any,
                     batches: Iterable[Mapping[str, Any]], *, ks: Sequence[int] = DEFAULT_KS,
-                    ndcg_k: int = NDCG_K, desc: str = "eval") -> dict[str, float]:
+                    ndcg_k: int = NDCG_K, desc: str = "eval",
+                    ids: Sequence[int] | None = None) -> dict[str, Any]:
   """Ranks each batch's targets under a jitted scorer and reports the metrics.
 
   Args:
@@ -198,6 +206,8 @@ def evaluate_scores(score_fn: ScoreFn, static: Any, params: Any,
     ks: Recall cut-offs.
     ndcg_k: NDCG cut-off.
     desc: progress-bar label.
+    ids: one identifier per (unmasked) example, in batch order (e.g. the test record
+      index): the result then keeps each example's values (`paired.PER_EXAMPLE`).
 
   Returns:
     The `RetrievalAccumulator.result()` dict.
@@ -210,7 +220,7 @@ def evaluate_scores(score_fn: ScoreFn, static: Any, params: Any,
                           if np.asarray(v).dtype.kind in "biuf"})
     acc.add(*hosts.gather(_batch_ranks(score_fn, static, hosts.params, arrays),
                           arrays.get(T.EXAMPLE_MASK)))
-  return acc.result()
+  return acc.result(ids)
 
 
 def _model_scores(graphdef: nnx.GraphDef, state: Any,
@@ -219,14 +229,14 @@ def _model_scores(graphdef: nnx.GraphDef, state: Any,
 
 
 def evaluate_next_item(model: nnx.Module, batches: Iterable[Mapping[str, Any]], *,
-                       ks: Sequence[int] = DEFAULT_KS, ndcg_k: int = NDCG_K
-                       ) -> dict[str, float]:
+                       ks: Sequence[int] = DEFAULT_KS, ndcg_k: int = NDCG_K,
+                       ids: Sequence[int] | None = None) -> dict[str, Any]:
   """Next-item metrics of a model with `next_item_logits(batch) -> [B, V]`.
 
   Returns:
     `recall@1`, `recall@5`, `recall@10`, `ndcg@10`, `mrr` (each with `<metric>_stderr`),
-    `num_examples`.
+    `num_examples` (and the per-example values with `ids`, see `evaluate_scores`).
   """
   graphdef, state = nnx.split(model)
   return evaluate_scores(_model_scores, graphdef, state, batches, ks=ks, ndcg_k=ndcg_k,
-                         desc="eval next item")
+                         desc="eval next item", ids=ids)

@@ -35,6 +35,7 @@ from user_llm_jax import jobs
 from user_llm_jax import runs
 from user_llm_jax.data import prepared
 from user_llm_jax.eval import cost
+from user_llm_jax.eval import paired
 from user_llm_jax.tasks import examples as ex_lib
 from user_llm_jax.tasks import prompts
 from user_llm_jax.tasks import runner
@@ -155,7 +156,10 @@ COMPARISONS = (
 
 def verdict(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[str]:
   """Is User-LLM ahead of the floors, the text prompt and its own shuffled control by more
-  than two standard errors (of the difference), on each task? One line per comparison."""
+  than two standard errors (of the difference), on each task? One line per comparison.
+
+  Every row is measured on the same test users, so the difference is paired over them
+  (`eval.paired`) when both rows carry per-example values."""
   lines = []
   for row, task, key, others in COMPARISONS:
     mine = metrics.get(row, {}).get(task)
@@ -165,14 +169,11 @@ def verdict(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[str]
       theirs = metrics.get(other, {}).get(task)
       if theirs is None or key not in theirs:
         continue
-      diff = float(mine[key]) - float(theirs[key])
-      se = float(np.hypot(mine.get(f"{key}_stderr", np.nan), theirs.get(f"{key}_stderr", np.nan)))
-      if np.isfinite(se) and se > 0 and abs(diff) > 2 * se:
-        word = "ahead of" if diff > 0 else "BEHIND"
-      else:
-        word = "tied with (difference under 2 standard errors)"
+      diff = paired.difference(mine, theirs, key)
+      word = {"ahead": "ahead of", "behind": "BEHIND",
+              "tie": "tied with (difference under 2 standard errors)"}[diff.verdict]
       lines.append(f"{task} {key}: {row} {float(mine[key]):.3f} is {word} {other} "
-                   f"{float(theirs[key]):.3f} (difference {diff:+.3f}, 2 SE = {2 * se:.3f})")
+                   f"{float(theirs[key]):.3f} ({diff.describe()})")
   return lines
 
 

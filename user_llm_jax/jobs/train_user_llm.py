@@ -154,12 +154,12 @@ def item_head_metrics(model: UserLLM, data: runner.TaskData, transform: ex_lib.T
                       shuffle_users: bool = False) -> dict[str, Any]:
   """Full-catalogue Recall@K / NDCG@10 of the item head on the seeded next-item examples."""
   indices = runner.eval_indices(len(data.test), config.eval.num_examples, config.seed)
-  examples, _ = runner.build_eval_examples(data, transform, indices, prompts.NEXT_ITEM)
+  examples, _, ids = runner.build_eval_examples(data, transform, indices, prompts.NEXT_ITEM)
   if shuffle_users:
     examples = runner.shuffled_examples(examples)
   size = config.eval.batch_size
   batches = [ex_lib.collate(examples[i:i + size]) for i in range(0, len(examples), size)]
-  metrics = retrieval.evaluate_next_item(model, batches, ks=tuple(config.eval.ks))
+  metrics = retrieval.evaluate_next_item(model, batches, ks=tuple(config.eval.ks), ids=ids)
   return dict(floors.with_recall_stderr(metrics),
               procedure="item head on the LLM state at the prompt's last token, "
                         + floors.ranking_procedure(data.vocab))

@@ -35,6 +35,7 @@ from flax import nnx
 from user_llm_jax.bridge import soft_prompt
 from user_llm_jax.data import schema
 from user_llm_jax.data import transforms as transforms_lib
+from user_llm_jax.eval import paired
 from user_llm_jax.llm import beam_search as beam_lib
 from user_llm_jax.llm import sampler as sampler_lib
 from user_llm_jax.llm.model import Decoder
@@ -208,14 +209,13 @@ def next_item_lists(cond: Conditioned, catalogue: Catalogue, k: int, *, exact: b
   return next_item_ranking(cond, catalogue, k, exact=exact, score_batch=score_batch)[0]
 
 
-def recall_from_lists(lists: np.ndarray, targets: np.ndarray,
-                      ks: Sequence[int]) -> dict[str, float]:
-  """Recall@k from ranked lists [B, K] of title indices and target title indices [B].
+def list_hits(lists: np.ndarray, targets: np.ndarray, ks: Sequence[int]) -> dict[int, np.ndarray]:
+  """Per-example hits {k: float[B] of 0/1} of ranked lists [B, K] of title indices.
 
   A target of -1 (no title) is a miss; duplicated entries in a list are counted once.
   """
-  hits = {k: 0.0 for k in ks}
-  for row, target in zip(lists, targets):
+  hits = {k: np.zeros(len(targets), np.float64) for k in ks}
+  for b, (row, target) in enumerate(zip(lists, targets)):
     if target < 0:
       continue
     seen, rank = set(), None
@@ -227,10 +227,19 @@ def recall_from_lists(lists: np.ndarray, targets: np.ndarray,
         break
       seen.add(entry)
     for k in ks:
-      hits[k] += float(rank is not None and rank < k)
+      hits[k][b] = float(rank is not None and rank < k)
+  return hits
+
+
+def recall_from_lists(lists: np.ndarray, targets: np.ndarray,
+                      ks: Sequence[int]) -> dict[str, float]:
+  """Recall@k from ranked lists [B, K] of title indices and target title indices [B]
+  (`list_hits`), with binomial standard errors."""
+  hits = list_hits(lists, targets, ks)
   n = max(len(targets), 1)
-  out = {f"recall@{k}": hits[k] / n for k in ks}
-  out.update({f"recall@{k}_stderr": binomial_stderr(hits[k] / n, len(targets)) for k in ks})
+  out = {f"recall@{k}": float(hits[k].sum()) / n for k in ks}
+  out.update({f"recall@{k}_stderr": binomial_stderr(out[f"recall@{k}"], len(targets))
+              for k in ks})
   return out
 
 
@@ -251,8 +260,11 @@ def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
 def evaluate_next_item(condition: Conditioner, examples: Sequence[dict[str, np.ndarray]],
                        catalogue: Catalogue, *, ks: Sequence[int] = DEFAULT_KS,
                        exact_threshold: int = 1000, batch_size: int = 8,
-                       desc: str = "eval next item") -> dict[str, Any]:
-  """Recall@k of next-item examples (see the module docstring for the procedure)."""
+                       desc: str = "eval next item",
+                       ids: Sequence[int] | None = None) -> dict[str, Any]:
+  """Recall@k of next-item examples (see the module docstring for the procedure); with
+  `ids` (one per example) the per-example hits are kept (`paired.PER_EXAMPLE`)."""
+  ids = _check_ids(ids, examples)
   k = max(ks)
   exact = len(catalogue) <= exact_threshold
   lists, targets = [], []
@@ -262,6 +274,10 @@ def evaluate_next_item(condition: Conditioner, examples: Sequence[dict[str, np.n
   lists = np.concatenate(lists) if lists else np.zeros((0, k), np.int64)
   result: dict[str, Any] = recall_from_lists(lists, np.asarray(targets), ks)
   result["num_examples"] = len(targets)
+  if ids is not None:
+    hits = list_hits(lists, np.asarray(targets), ks)
+    result[paired.PER_EXAMPLE] = paired.per_example(
+        ids, {f"recall@{j}": hits[j] for j in ks})
   result["titles_cut"] = catalogue.num_cut
   result["items_sharing_a_title"] = catalogue.num_merged
   result["procedure"] = (
@@ -272,15 +288,33 @@ def evaluate_next_item(condition: Conditioner, examples: Sequence[dict[str, np.n
   return result
 
 
+def _check_ids(ids: Sequence[int] | None, examples: Sequence[Any]) -> list[int] | None:
+  if ids is None:
+    return None
+  ids = [int(i) for i in ids]
+  if len(ids) != len(examples):
+    raise ValueError(f"{len(ids)} example ids for {len(examples)} examples")
+  return ids
+
+
 def evaluate_category(condition: Conditioner, examples: Sequence[dict[str, np.ndarray]],
                       vocab: schema.Vocabulary, tokenizer: Tokenizer, *, batch_size: int = 8,
-                      desc: str = "eval favorite category") -> dict[str, Any]:
-  """Favorite-category accuracy with answers constrained to the category names."""
+                      desc: str = "eval favorite category",
+                      ids: Sequence[int] | None = None) -> dict[str, Any]:
+  """Favorite-category accuracy with answers constrained to the category names.
+
+  Args:
+    ids: one identifier per example (the test record index); with them the result keeps
+      each scored example's correctness (`paired.PER_EXAMPLE`) for paired comparisons.
+  """
+  ids = _check_ids(ids, examples)
   end = prompts.end_token(tokenizer)
   names = list(vocab.categories[schema.FIRST_ID:])
   options = [tokenizer.encode(n) + [end] for n in names]
-  correct, total = 0, 0
-  for batch in _batches(examples, batch_size, desc):
+  hits: list[float] = []
+  scored: list[int] = []                                 # positions of labelled examples
+  for lo, batch in zip(range(0, len(examples), batch_size),
+                       _batches(examples, batch_size, desc)):
     labels = np.asarray(batch[ex_lib.LABEL])
     valid = labels >= schema.FIRST_ID
     if not valid.any():
@@ -288,12 +322,17 @@ def evaluate_category(condition: Conditioner, examples: Sequence[dict[str, np.nd
     batch = {k: v[valid] for k, v in batch.items()}
     scores = score_options(condition(batch), options, max(len(options), 1))  # [B, C]
     pred = np.argmax(scores, axis=1) + schema.FIRST_ID
-    correct += int((pred == labels[valid]).sum())
-    total += int(valid.sum())
-  accuracy = correct / max(total, 1)
-  return {"accuracy": accuracy, "accuracy_stderr": binomial_stderr(accuracy, total),
-          "num_examples": total,
-          "procedure": f"exact scoring of the {len(names)} category names, argmax"}
+    hits.extend((pred == labels[valid]).astype(np.float64).tolist())
+    scored.extend((lo + np.flatnonzero(valid)).tolist())
+  total = len(hits)
+  accuracy = float(np.sum(hits)) / max(total, 1)
+  out = {"accuracy": accuracy, "accuracy_stderr": binomial_stderr(accuracy, total),
+         "num_examples": total,
+         "procedure": f"exact scoring of the {len(names)} category names, argmax"}
+  if ids is not None:
+    out[paired.PER_EXAMPLE] = paired.per_example([ids[j] for j in scored],
+                                                  {"accuracy": hits})
+  return out
 
 
 def rouge_lsum_scores(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
@@ -323,15 +362,21 @@ def generate(cond: Conditioned, tokenizer: Tokenizer, max_new_tokens: int) -> li
 
 def evaluate_review(condition: Conditioner, examples: Sequence[dict[str, np.ndarray]],
                     references: Sequence[str], tokenizer: Tokenizer, *, max_new_tokens: int,
-                    batch_size: int = 8, desc: str = "eval review") -> dict[str, Any]:
-  """ROUGE-Lsum of greedy review generations against `references` (one per example)."""
+                    batch_size: int = 8, desc: str = "eval review",
+                    ids: Sequence[int] | None = None) -> dict[str, Any]:
+  """ROUGE-Lsum of greedy review generations against `references` (one per example);
+  with `ids` (one per example) the per-example scores are kept (`paired.PER_EXAMPLE`)."""
   if len(references) != len(examples):
     raise ValueError(f"{len(references)} references for {len(examples)} examples")
+  ids = _check_ids(ids, examples)
   predictions: list[str] = []
   for batch in _batches(examples, batch_size, desc):
     predictions.extend(generate(condition(batch), tokenizer, max_new_tokens))
-  mean, se = mean_stderr(rouge_lsum_scores(predictions, references))
-  return {"rougeLsum": mean, "rougeLsum_stderr": se, "num_examples": len(references),
+  scores = rouge_lsum_scores(predictions, references)
+  mean, se = mean_stderr(scores)
+  extra = ({} if ids is None else
+           {paired.PER_EXAMPLE: paired.per_example(ids, {"rougeLsum": scores})})
+  return {"rougeLsum": mean, "rougeLsum_stderr": se, "num_examples": len(references), **extra,
           "procedure": f"greedy decoding (<= {max_new_tokens} tokens), ROUGE-Lsum F1 "
                        "(rouge-score, stemmed) against the real review",
           "samples": [{"prediction": p, "reference": r}

@@ -84,9 +84,10 @@ def eval_indices(num_records: int, num: int, seed: int) -> list[int]:
 
 
 def build_eval_examples(data: TaskData, transform: ex_lib.TaskExample, indices: Sequence[int],
-                        task: str) -> tuple[list[dict], list[str]]:
-  """Task examples of the test records `indices` and their reference answers."""
-  out, refs = [], []
+                        task: str) -> tuple[list[dict], list[str], list[int]]:
+  """Task examples of the test records `indices`, their reference answers and the test
+  record index of each (records without a reference review are left out of that task)."""
+  out, refs, ids = [], [], []
   for i in indices:
     record = dict(data.test[i])
     record[ex_lib.TASK] = task
@@ -95,7 +96,8 @@ def build_eval_examples(data: TaskData, transform: ex_lib.TaskExample, indices: 
       continue  # no review text to compare against
     out.append(transform.map(record))
     refs.append(answer or "")
-  return out, refs
+    ids.append(int(i))
+  return out, refs, ids
 
 
 def shuffled_examples(examples: Sequence[Mapping[str, np.ndarray]],
@@ -133,7 +135,9 @@ def evaluate_tasks(condition: eval_lib.Conditioner, data: TaskData,
   indices = eval_indices(len(data.test), num, config.seed)
   results: dict[str, dict[str, Any]] = {}
   for task in tasks or transform.cfg.tasks:
-    examples, refs = build_eval_examples(data, transform, indices, task)
+    # `ids` (test record indices) key each example's result: methods evaluated on the same
+    # seeded sample are compared example by example (`eval.paired`).
+    examples, refs, ids = build_eval_examples(data, transform, indices, task)
     if shuffle_users:
       examples = shuffled_examples(examples)
     tag = " (shuffled users)" if shuffle_users else ""
@@ -144,16 +148,16 @@ def evaluate_tasks(condition: eval_lib.Conditioner, data: TaskData,
       results[task] = eval_lib.evaluate_next_item(
           condition, examples, catalogue, ks=tuple(config.eval.ks),
           exact_threshold=config.eval.exact_threshold, batch_size=config.eval.batch_size,
-          desc="eval next item" + tag)
+          desc="eval next item" + tag, ids=ids)
     elif task == prompts.FAVORITE_CATEGORY:
       results[task] = eval_lib.evaluate_category(
           condition, examples, data.vocab, transform.tokenizer,
-          batch_size=config.eval.batch_size, desc="eval favorite category" + tag)
+          batch_size=config.eval.batch_size, desc="eval favorite category" + tag, ids=ids)
     else:
       results[task] = eval_lib.evaluate_review(
           condition, examples, refs, transform.tokenizer,
           max_new_tokens=transform.cfg.max_answer_tokens + 1, batch_size=config.eval.batch_size,
-          desc="eval review" + tag)
+          desc="eval review" + tag, ids=ids)
     seconds = time.perf_counter() - start
     results[task]["eval_sec"] = seconds
     results[task]["sec_per_answer"] = seconds / max(len(examples), 1)

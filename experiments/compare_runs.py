@@ -1,0 +1,61 @@
+r"""Compare runs evaluated on the same test users, row by row, with paired standard errors.
+
+  python -m experiments.compare_runs --runs=/tmp/ml_user_llm,/tmp/ml_user_llm_random \
+      [--names=pretrained,random] [--output=compare.json]
+
+Reads each workdir's `summary.json` (`metrics`: {method: {task: metrics}}, as the User-LLM,
+text-baseline and main jobs write them) and compares every later run with the first on
+every method row and task they share (`eval.paired.compare_runs`): the difference, twice its
+standard error (paired over the test users both rows were scored on when both runs kept
+per-user values, the independent-samples error otherwise: each line says which) and the
+verdict (a difference under two standard errors is a tie). Prints the lines; `--output`
+also writes them as JSON.
+"""
+
+import json
+import os
+
+from absl import app
+from absl import flags
+
+from user_llm_jax.eval import paired
+
+_RUNS = flags.DEFINE_list("runs", None, "Workdirs (the first is the reference).", required=True)
+_NAMES = flags.DEFINE_list("names", None, "A name per run (default: the workdirs' basenames).")
+_OUTPUT = flags.DEFINE_string("output", "", "Write the comparisons as JSON here.")
+
+
+def load_metrics(workdir: str) -> dict:
+  """The `metrics` of `workdir/summary.json`, with a clear error when it is not there."""
+  path = os.path.join(workdir, "summary.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no summary.json (has the run finished?)")
+  with open(path) as f:
+    summary = json.load(f)
+  metrics = summary.get("metrics")
+  if not isinstance(metrics, dict) or not all(isinstance(v, dict) for v in metrics.values()):
+    raise ValueError(f"{path}: 'metrics' is not {{method: {{task: metrics}}}} (a User-LLM, "
+                     "text-baseline or main job's summary)")
+  return metrics
+
+
+def main(argv):
+  del argv
+  runs = _RUNS.value
+  names = _NAMES.value or [os.path.basename(os.path.normpath(r)) for r in runs]
+  if len(names) != len(runs) or len(runs) < 2:
+    raise app.UsageError(f"need >= 2 runs and one name per run; got {len(runs)} runs, "
+                         f"{len(names)} names")
+  reference = (names[0], load_metrics(runs[0]))
+  results = []
+  for name, run in zip(names[1:], runs[1:]):
+    results.extend(paired.compare_runs(reference, (name, load_metrics(run))))
+  print("\n".join(r["text"] for r in results) or "no method row and task in common")
+  if _OUTPUT.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
+    with open(_OUTPUT.value, "w") as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)

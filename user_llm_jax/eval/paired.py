@@ -1,0 +1,153 @@
+"""Differences between two methods measured on the same test examples.
+
+Every comparison in the reports is between methods evaluated on the same seeded test
+users. The standard error of the difference of two means over the same examples is the
+standard error of the mean per-example difference (a paired comparison). Treating the two
+as independent samples, sqrt(se_a^2 + se_b^2), overstates it whenever the methods agree on
+many examples (two models of one encoder mostly right and wrong on the same users), and
+so calls real differences ties.
+
+A metric dict carries its per-example values as
+
+  per_example = {"ids": [test record index, ...], "values": {metric: [value, ...]}}
+
+(`per_example(...)` builds it). `difference` of two metric dicts that both carry the
+metric's values is paired over the ids they share; otherwise it falls back to the
+unpaired error, and says which (`Difference.paired`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+PER_EXAMPLE = "per_example"
+
+
+def per_example(ids: Sequence[int], values: Mapping[str, Sequence[float]],
+                *, digits: int = 6) -> dict[str, Any]:
+  """The `per_example` entry of a metric dict (values rounded to `digits` for the JSON).
+
+  Raises:
+    ValueError: a metric whose number of values differs from the number of ids, or an id
+      given twice.
+  """
+  ids = [int(i) for i in ids]
+  if len(set(ids)) != len(ids):
+    raise ValueError(f"per_example ids must be distinct; got {len(ids)} ids, "
+                     f"{len(set(ids))} distinct")
+  out: dict[str, list[float]] = {}
+  for key, vals in values.items():
+    vals = np.asarray(vals, np.float64).reshape(-1)
+    if vals.size != len(ids):
+      raise ValueError(f"per_example metric {key!r} has {vals.size} values for "
+                       f"{len(ids)} ids")
+    out[key] = [round(float(v), digits) for v in vals]
+  return {"ids": ids, "values": out}
+
+
+@dataclasses.dataclass(frozen=True)
+class Difference:
+  """`a - b` of one metric with its standard error.
+
+  Attributes:
+    diff: the difference of the means (over the shared examples when paired).
+    se: its standard error (nan when it cannot be computed).
+    n: examples it is computed on (paired: shared ids; unpaired: the smaller n).
+    paired: whether `se` is the paired one.
+  """
+  diff: float
+  se: float
+  n: int
+  paired: bool
+
+  @property
+  def verdict(self) -> str:
+    """'ahead', 'behind' or 'tie' (a difference under two standard errors; a standard
+    error of 0 or nan cannot tell, and is called a tie too)."""
+    if math.isfinite(self.se) and self.se > 0 and abs(self.diff) > 2 * self.se:
+      return "ahead" if self.diff > 0 else "behind"
+    return "tie"
+
+  def describe(self) -> str:
+    """'difference +0.080, 2 SE = 0.050 (paired, n = 200)'."""
+    kind = "paired" if self.paired else "unpaired"
+    return (f"difference {self.diff:+.3f}, 2 SE = {2 * self.se:.3f} "
+            f"({kind}, n = {self.n})")
+
+
+def _values(metrics: Mapping[str, Any], key: str) -> dict[int, float] | None:
+  entry = metrics.get(PER_EXAMPLE)
+  if not entry or key not in entry.get("values", {}):
+    return None
+  return dict(zip((int(i) for i in entry["ids"]), (float(v) for v in entry["values"][key])))
+
+
+def difference(a: Mapping[str, Any], b: Mapping[str, Any], key: str) -> Difference:
+  """`a[key] - b[key]`: paired over shared examples when both carry per-example values.
+
+  Paired needs at least two shared examples.
+
+  Raises:
+    KeyError: `key` missing from either metric dict.
+  """
+  for name, m in (("a", a), ("b", b)):
+    if key not in m:
+      raise KeyError(f"metric {key!r} missing from {name} (keys: {sorted(m)})")
+  va, vb = _values(a, key), _values(b, key)
+  if va is not None and vb is not None:
+    shared = sorted(set(va) & set(vb))
+    if len(shared) >= 2:
+      d = np.asarray([va[i] - vb[i] for i in shared], np.float64)
+      return Difference(float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size)),
+                        int(d.size), True)
+  se = math.hypot(float(a.get(f"{key}_stderr", math.nan)),
+                  float(b.get(f"{key}_stderr", math.nan)))
+  n = min(int(a.get("num_examples", 0)), int(b.get("num_examples", 0)))
+  return Difference(float(a[key]) - float(b[key]), se, n, False)
+
+
+# The metrics each task's rows are compared on (headline first).
+TASK_KEYS = {"next_item": ("recall@1", "recall@5", "recall@10", "ndcg@10"),
+             "favorite_category": ("accuracy",),
+             "review": ("rougeLsum",)}
+
+
+def compare_runs(reference: tuple[str, Mapping[str, Mapping[str, Mapping[str, Any]]]],
+                 other: tuple[str, Mapping[str, Mapping[str, Mapping[str, Any]]]],
+                 ) -> list[dict[str, Any]]:
+  """Every method row and task the two runs share, compared metric by metric.
+
+  Args:
+    reference, other: (name, {method: {task: metric dict}}) of two runs, e.g. the
+      `metrics` of two User-LLM runs' summaries evaluated on the same seeded test users
+      (pretrained vs random encoder): `other - reference` per row, paired when both rows
+      kept per-example values.
+
+  Returns:
+    One dict per (method, task, metric): values, n, the `Difference`'s fields, verdict
+    ('ahead' / 'behind' / 'tie' of `other` against `reference`) and a line of text.
+  """
+  (ref_name, ref), (other_name, oth) = reference, other
+  out = []
+  for method in [m for m in ref if m in oth]:
+    for task in [t for t in ref[method] if t in oth[method]]:
+      for key in TASK_KEYS.get(task, ()):
+        mine, theirs = oth[method][task], ref[method][task]
+        if key not in mine or key not in theirs:
+          continue
+        d = difference(mine, theirs, key)
+        word = {"ahead": "ahead of", "behind": "BEHIND",
+                "tie": "tied with"}[d.verdict]
+        out.append({
+            "method": method, "task": task, "metric": key,
+            "reference": ref_name, "other": other_name,
+            "reference_value": float(theirs[key]), "other_value": float(mine[key]),
+            **dataclasses.asdict(d), "verdict": d.verdict,
+            "text": (f"{method} {task} {key}: {other_name} {float(mine[key]):.3f} is {word} "
+                     f"{ref_name} {float(theirs[key]):.3f} ({d.describe()})")})
+  return out
