@@ -273,6 +273,30 @@ def test_exhaustive_beam_and_scoring_equal_full_forward_with_context(setup, trie
     np.testing.assert_allclose(out.scores[row], exact[order], atol=1e-4)
 
 
+def test_batched_scoring_equals_one_prompt_at_a_time_with_context(setup, trie):
+  """All prompts (of different lengths, each with its own user context) prefilled together
+  and their candidates scored in one call per chunk: the per-prompt figures."""
+  model, context, mask = setup
+  llm = model.llm
+  seqs = trie.sequences()
+  assert len({len(p) for p in PROMPTS}) > 1   # the left padding differs between rows
+  batched = bs.score_candidates_batch(llm, PROMPTS, seqs, batch_size=3, context=context,
+                                      context_mask=mask, length_bucket=8)
+  assert batched.shape == (len(PROMPTS), len(seqs))
+  for row, prompt in enumerate(PROMPTS):
+    one = bs.score_candidates(llm, prompt, seqs, batch_size=3,
+                              context=context[row:row + 1], context_mask=mask[row:row + 1],
+                              length_bucket=8)
+    np.testing.assert_allclose(batched[row], one, atol=1e-4)
+  # Each row reads its own user: swapping the contexts changes the scores.
+  swapped = bs.score_candidates_batch(llm, PROMPTS, seqs, batch_size=3,
+                                      context=context[::-1], context_mask=mask[::-1],
+                                      length_bucket=8)
+  assert not np.allclose(swapped[0], batched[0], atol=1e-3)
+  with pytest.raises(ValueError, match="non-empty candidate"):
+    bs.score_candidates_batch(llm, PROMPTS, [[1], []])
+
+
 # -- cost ----------------------------------------------------------------------------------
 
 

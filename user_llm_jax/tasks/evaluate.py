@@ -116,21 +116,21 @@ def user_llm_conditioner(model: nnx.Module, pad_id: int) -> Conditioner:
 def score_options(cond: Conditioned, options: Sequence[Sequence[int]],
                   batch_size: int) -> np.ndarray:
   """[B, C] exact log-probs of every option (token list) after each prompt."""
+  if cond.prompts is not None:
+    # Token prompts (text prompt, cross-attention User-LLM): all rows prefilled at once.
+    return beam_lib.score_candidates_batch(
+        cond.decoder, cond.prompts, options, batch_size=batch_size, context=cond.context,
+        context_mask=cond.context_mask)
   rows = []
-  n = len(cond.prompts) if cond.prompts is not None else cond.inputs_embeds.shape[0]
+  n = cond.inputs_embeds.shape[0]
   for i in range(n):
     one = cond.row(i)
-    if one.inputs_embeds is not None:
-      # score_candidates takes all-real embeddings (it left-pads them to its length
-      # bucket): drop the padded slots of this row.
-      keep = np.flatnonzero(np.asarray(one.prompt_mask[0]))
-      embeds = one.inputs_embeds[:, keep]
-      rows.append(beam_lib.score_candidates(
-          cond.decoder, None, options, batch_size=batch_size, inputs_embeds=embeds))
-    else:
-      rows.append(beam_lib.score_candidates(
-          cond.decoder, one.prompts[0], options, batch_size=batch_size,
-          context=one.context, context_mask=one.context_mask))
+    # Soft prompts, one row at a time: score_candidates takes all-real embeddings (it
+    # left-pads them to its length bucket), so drop the padded slots of this row.
+    keep = np.flatnonzero(np.asarray(one.prompt_mask[0]))
+    rows.append(beam_lib.score_candidates(
+        cond.decoder, None, options, batch_size=batch_size,
+        inputs_embeds=one.inputs_embeds[:, keep]))
   return np.stack(rows)
 
 
