@@ -297,14 +297,29 @@ def score_candidates_batch(model: Decoder, prompts: Sequence[Sequence[int]],
   rows). The same figures as B calls of `score_candidates` up to float rounding, at a
   fraction of the dispatches and with full batches for the matmuls.
   """
-  if not candidates or any(len(c) == 0 for c in candidates):
-    raise ValueError("score_candidates_batch needs non-empty candidate token sequences")
+  _check_candidates(candidates)
   tokens, mask = sampler_lib.left_pad(prompts, 0, length_bucket)
-  b = tokens.shape[0]
+  return _prefill_and_score(model, tokens, mask, None, candidates, batch_size, context,
+                            context_mask)
+
+
+def _check_candidates(candidates: Sequence[Sequence[int]]) -> None:
+  if not candidates or any(len(c) == 0 for c in candidates):
+    raise ValueError("candidate scoring needs non-empty candidate token sequences")
+
+
+def _prefill_and_score(model: Decoder, tokens: np.ndarray | None, mask: jax.Array,
+                       inputs_embeds: jax.Array | None, candidates: Sequence[Sequence[int]],
+                       batch_size: int, context: jax.Array | None,
+                       context_mask: jax.Array | None, show_progress: bool = False,
+                       ) -> np.ndarray:
+  """Prefills the B left-padded prompts once, then scores every candidate after each:
+  [B, C] summed log-probs (chunks of `batch_size` candidates x B prompts per call)."""
+  b = mask.shape[0]
   length = max(len(c) for c in candidates)
   graphdef, params = nnx.split(model)
   first_logits, state = sampler_lib.prefill_jitted(
-      graphdef, params, tokens, mask, None, context, context_mask,
+      graphdef, params, tokens, mask, inputs_embeds, context, context_mask,
       cache_length=mask.shape[1] + length)
   n = len(candidates)
   size = min(batch_size, n)
@@ -316,7 +331,7 @@ def score_candidates_batch(model: Decoder, prompts: Sequence[Sequence[int]],
     cand_len[i] = len(c)
   rows = jnp.repeat(jnp.arange(b, dtype=jnp.int32), size)                 # [B * size]
   out = []
-  for lo in range(0, padded, size):
+  for lo in tqdm.trange(0, padded, size, desc="scoring candidates", disable=not show_progress):
     chunk = np.tile(cand[lo:lo + size], (b, 1))                           # [B * size, L]
     chunk_len = np.tile(cand_len[lo:lo + size], b)
     scores = _score_chunk(graphdef, params, first_logits, state, jnp.asarray(chunk),
@@ -361,8 +376,7 @@ def score_candidates(model: Decoder, prompt: Sequence[int] | None,
   Returns:
     [C] float32 summed log-probs.
   """
-  if not candidates or any(len(c) == 0 for c in candidates):
-    raise ValueError("score_candidates needs non-empty candidate token sequences")
+  _check_candidates(candidates)
   if inputs_embeds is not None:
     # Left-padded to a multiple of `length_bucket` like token prompts: soft prompts of
     # users with different numbers of events would otherwise compile once per length.
@@ -372,24 +386,8 @@ def score_candidates(model: Decoder, prompt: Sequence[int] | None,
     tokens, mask = sampler_lib.left_pad([prompt], 0, length_bucket)
   else:
     raise ValueError("give `prompt` or `inputs_embeds`")
-  length = max(len(c) for c in candidates)
-  graphdef, params = nnx.split(model)
-  first_logits, state = sampler_lib.prefill_jitted(
-      graphdef, params, tokens, mask, inputs_embeds, context, context_mask,
-      cache_length=mask.shape[1] + length)
-  n = len(candidates)
-  size = min(batch_size, n)
-  padded = -(-n // size) * size
-  cand = np.zeros((padded, length), np.int32)
-  cand_len = np.ones((padded,), np.int32)
-  for i, c in enumerate(candidates):
-    cand[i, :len(c)] = c
-    cand_len[i] = len(c)
-  out = []
-  for lo in tqdm.trange(0, padded, size, desc="scoring candidates", disable=not show_progress):
-    out.append(_score_chunk(graphdef, params, first_logits, state,
-                            jnp.asarray(cand[lo:lo + size]), jnp.asarray(cand_len[lo:lo + size])))
-  return np.asarray(jnp.concatenate(out))[:n]
+  return _prefill_and_score(model, tokens, mask, inputs_embeds, candidates, batch_size,
+                            context, context_mask, show_progress)[0]
 
 
 def ranked_items(out: BeamSearchOutput, trie: Any, k: int | None = None) -> list[list[int]]:
