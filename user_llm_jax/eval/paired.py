@@ -74,10 +74,9 @@ class Difference:
     return "tie"
 
   def describe(self) -> str:
-    """'difference +0.080, 2 SE = 0.050 (paired, n = 200)'."""
+    """'difference +0.080, 2 SE = 0.050, paired, n = 200'."""
     kind = "paired" if self.paired else "unpaired"
-    return (f"difference {self.diff:+.3f}, 2 SE = {2 * self.se:.3f} "
-            f"({kind}, n = {self.n})")
+    return f"difference {self.diff:+.3f}, 2 SE = {2 * self.se:.3f}, {kind}, n = {self.n}"
 
 
 def _values(metrics: Mapping[str, Any], key: str) -> dict[int, float] | None:
