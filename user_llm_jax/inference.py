@@ -310,8 +310,11 @@ class Answerer:
         out.append([self._item(int(i), s) for i, s in zip(ids[row], scores[row])
                     if np.isfinite(s)])
       return out
+    # A user's answer must not depend on the users batched with it (a resumed file is
+    # byte-identical to an uninterrupted one), so exact scoring prefills each row alone.
     lists, scores = eval_lib.next_item_ranking(self.condition(batch), self.catalogue,
-                                               self.top_k, exact=self.method == "exact")
+                                               self.top_k, exact=self.method == "exact",
+                                               independent_rows=True)
     for row in range(len(records)):
       entries = []
       for title, score in zip(lists[row], scores[row]):

@@ -114,8 +114,17 @@ def user_llm_conditioner(model: nnx.Module, pad_id: int) -> Conditioner:
 
 
 def score_options(cond: Conditioned, options: Sequence[Sequence[int]],
-                  batch_size: int) -> np.ndarray:
-  """[B, C] exact log-probs of every option (token list) after each prompt."""
+                  batch_size: int, *, independent_rows: bool = False) -> np.ndarray:
+  """[B, C] exact log-probs of every option (token list) after each prompt.
+
+  Args:
+    independent_rows: prefill and score each prompt alone, so that a row's figures do not
+      depend on the other rows of its batch (their padded length and count change the
+      float rounding); answers to a users file then stay the same however it is batched.
+  """
+  if cond.prompts is not None and independent_rows:
+    return np.concatenate([score_options(cond.row(i), options, batch_size)
+                           for i in range(len(cond.prompts))])
   if cond.prompts is not None:
     # Token prompts (text prompt, cross-attention User-LLM): all rows prefilled at once.
     return beam_lib.score_candidates_batch(
@@ -178,15 +187,19 @@ def _batches(examples: Sequence[dict[str, np.ndarray]], batch_size: int, desc: s
 
 
 def next_item_ranking(cond: Conditioned, catalogue: Catalogue, k: int, *, exact: bool,
-                      score_batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+                      score_batch: int = 64, independent_rows: bool = False,
+                      ) -> tuple[np.ndarray, np.ndarray]:
   """The k best catalogue titles and their log-probabilities for each conditioned prompt.
+
+  `independent_rows` as in `score_options` (exact scoring).
 
   Returns:
     ([B, k] title indices, best first, -1 where fewer than k complete titles were found;
     [B, k] their log-probabilities, -inf there).
   """
   if exact:
-    scores = score_options(cond, catalogue.sequences, score_batch)        # [B, C]
+    scores = score_options(cond, catalogue.sequences, score_batch,
+                           independent_rows=independent_rows)             # [B, C]
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]            # ties: smaller index
     return order, np.take_along_axis(scores, order, axis=1)
   out = beam_lib.beam_search_model(
