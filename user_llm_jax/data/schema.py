@@ -49,6 +49,9 @@ CATEGORY_LENGTHS = "category_lengths"
 REVIEW_TEXTS = "review_texts"
 REVIEW_SUMMARIES = "review_summaries"
 FAVORITE_CATEGORY = "favorite_category"
+# Set by `windows.RandomWindows` only: the index, in the user's whole history, of the
+# record's first event (0 when the record starts at the user's first event).
+WINDOW_START = "window_start"
 
 SEQUENCE_FEATURES = (ITEM_IDS, RATINGS, TIMESTAMPS, CATEGORY_LENGTHS)
 TEXT_SEQUENCE_FEATURES = (REVIEW_TEXTS, REVIEW_SUMMARIES)

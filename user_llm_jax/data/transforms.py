@@ -43,6 +43,8 @@ MASK = "mask"
 LAST_INDEX = "last_index"
 FAVORITE_CATEGORY = "favorite_category"
 EXAMPLE_MASK = "example_mask"
+# Emitted only for records that carry `schema.WINDOW_START` (random training windows).
+CONTEXT_OFFSET = "context_offset"
 
 EXAMPLE_KEYS = (INPUTS_ITEM, INPUTS_RATING, INPUTS_CATEGORY, INPUTS_TIME, TARGETS_ITEM,
                 TARGETS_RATING, TARGETS_CATEGORY, MASK, LAST_INDEX, FAVORITE_CATEGORY,
@@ -123,6 +125,10 @@ class CropAndPad(grain.transforms.Map):
     last_index        int32               last valid position; its target is the record's
     favorite_category int32               the record's favorite-category label
     example_mask      bool                True (False only for eval padding examples)
+    context_offset    int32               only when the record has `schema.WINDOW_START`
+                                          (random windows): the user's events before the
+                                          first input (0: position e's input context is
+                                          the user's whole history up to it)
 
   Attributes:
     max_len: number of input positions (the paper's window, 50).
@@ -180,7 +186,7 @@ class CropAndPad(grain.transforms.Map):
     inputs = slice(0, keep - 1)
     targets = slice(1, keep)
     items, ratings = items[start:], ratings[start:]
-    return {
+    example = {
         INPUTS_ITEM: pad(items[inputs]),
         INPUTS_RATING: pad(ratings[inputs]),
         INPUTS_CATEGORY: pad(categories[inputs]),
@@ -195,3 +201,6 @@ class CropAndPad(grain.transforms.Map):
         # it becomes an all-padding example that no loss or metric counts.
         EXAMPLE_MASK: np.bool_(n > 0),
     }
+    if schema.WINDOW_START in element:
+      example[CONTEXT_OFFSET] = np.int32(int(element[schema.WINDOW_START]) + start)
+    return example

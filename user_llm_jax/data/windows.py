@@ -10,6 +10,9 @@ window of `window + 1` consecutive events ending at a random position. Randomnes
 from (seed, index) alone: the source is deterministic, random-access and lazy, so the
 Grain pipeline over it shuffles, resumes from a checkpointed position and shards as over
 any source. Evaluation keeps the last-events view (the target is the last event).
+Every window carries `schema.WINDOW_START`, where it starts in the user's history, from
+which `CropAndPad` tells how much of each position's real history the window holds
+(`transforms.CONTEXT_OFFSET`; `EncoderConfig.loss_min_context` reads it).
 """
 
 from __future__ import annotations
@@ -91,8 +94,9 @@ class RandomWindows(Sequence):
     n = int(self.lengths[user])
     keep = self.window + 1
     if n <= keep:
-      return dict(record)
+      return {**record, schema.WINDOW_START: 0}
     rng = np.random.default_rng((self.seed, index))
     end = int(rng.integers(keep, n + 1))                       # window = events[end-keep:end]
-    return slice_events(record, max(end - keep - 1, 0), end)
+    start = max(end - keep - 1, 0)
+    return {**slice_events(record, start, end), schema.WINDOW_START: start}
 

@@ -68,6 +68,16 @@ class EncoderConfig:
     item_loss_chunk: positions per chunk of the next-item softmax (0: all at once).
       Chunking keeps only [chunk, num_items] logits live (forward and backward), for
       catalogues of 10^5+ items; the loss is the same. 'softmax' only.
+    loss_min_context: 0 (default): every valid position is trained. k > 0: a training
+      position is trained (every loss) only when its input context is complete up to
+      k events: it reads at least k events of the example (position index >= k - 1),
+      or the example starts at the user's first event, so that the position reads the
+      user's whole history. Evaluation always reads up to `max_len` events; a random
+      window's early positions read only the few events since the window's start,
+      contexts that evaluation never sees (SASRec as RecBole trains it scores each
+      target with its full history, up to `max_len` events, and only there). Reads
+      `transforms.CONTEXT_OFFSET` (random training windows, `data.train_windows=random`).
+      Deterministic evaluation losses are unaffected.
     item_loss_weight: weight of the next-item loss.
     rating_loss_weight: weight of the next-rating softmax cross-entropy.
     category_loss_weight: weight of the next-categories sigmoid (multi-label) loss.
@@ -105,6 +115,7 @@ class EncoderConfig:
   item_negatives: int = 256
   gbce_t: float = 0.75
   item_loss_chunk: int = 0
+  loss_min_context: int = 0
   item_loss_weight: float = 1.0
   rating_loss_weight: float = 0.5
   category_loss_weight: float = 0.5
@@ -145,6 +156,10 @@ class EncoderConfig:
     if not 0.0 <= self.init_std < 1.0:
       raise ValueError(f"EncoderConfig.init_std={self.init_std}: must be in [0, 1) "
                        "(0: LeCun normal)")
+    if (isinstance(self.loss_min_context, bool) or not isinstance(self.loss_min_context, int)
+        or not 0 <= self.loss_min_context <= self.max_len):
+      raise ValueError(f"EncoderConfig.loss_min_context={self.loss_min_context!r}: must be "
+                       f"an int in [0, max_len={self.max_len}]")
     if self.item_loss_chunk < 0:
       raise ValueError(f"EncoderConfig.item_loss_chunk={self.item_loss_chunk}: must be >= 0")
     self._check_item_loss()

@@ -50,6 +50,25 @@ def position_means(nll: jax.Array, correct: jax.Array,
   return masked_mean(nll, weights), masked_mean(correct, weights), jnp.sum(weights)
 
 
+def full_context_mask(context_offset: jax.Array, length: int,
+                      min_context: int) -> jax.Array:
+  """Positions whose input context is complete up to `min_context` events.
+
+  Args:
+    context_offset: int[B] the user's events before each example's first input
+      (`transforms.CONTEXT_OFFSET`; 0: the example starts at the user's first event).
+    length: E, the example's positions.
+    min_context: k >= 1.
+
+  Returns:
+    bool[B, E]: position e reads at least k events (e + 1 >= k), or reads the user's
+    whole history (the example starts at the user's first event).
+  """
+  whole_history = jnp.asarray(context_offset, jnp.int32)[:, None] == 0     # [B, 1]
+  long_enough = (jnp.arange(length) + 1 >= min_context)[None, :]           # [1, E]
+  return whole_history | long_enough
+
+
 def softmax_cross_entropy(logits: jax.Array, targets: jax.Array,
                           mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Masked softmax cross-entropy over the real vocabulary.

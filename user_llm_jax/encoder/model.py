@@ -174,7 +174,8 @@ class UserEncoder(nnx.Module):
 
   def pretrain_loss(self, batch: Batch, *,
                     deterministic: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Weighted next-event loss at every valid position.
+    """Weighted next-event loss at every valid position (in training, those with enough
+    context when `cfg.loss_min_context` is set).
 
     Item: `cfg.item_loss` in training; with `deterministic` (evaluation) nothing is
     sampled and the item loss is the full softmax cross-entropy, comparable across item
@@ -189,6 +190,13 @@ class UserEncoder(nnx.Module):
     mask = jnp.asarray(batch[T.MASK], bool)
     if T.EXAMPLE_MASK in batch:
       mask = mask & jnp.asarray(batch[T.EXAMPLE_MASK], bool)[:, None]
+    if cfg.loss_min_context and not deterministic:
+      if T.CONTEXT_OFFSET not in batch:
+        raise KeyError(f"EncoderConfig.loss_min_context={cfg.loss_min_context} needs the "
+                       f"batch's {T.CONTEXT_OFFSET!r} (random training windows: "
+                       f"data.train_windows='random'); got keys {sorted(batch)}")
+      mask = mask & losses.full_context_mask(batch[T.CONTEXT_OFFSET], mask.shape[1],
+                                             cfg.loss_min_context)
     if cfg.item_loss != "softmax" and not deterministic:
       item_loss, item_acc, positions = self._sampled_item_loss(
           states, batch[T.TARGETS_ITEM], mask)
