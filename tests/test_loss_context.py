@@ -1,5 +1,6 @@
-"""Training positions with enough context (`EncoderConfig.loss_min_context`)."""
+"""Encoder training options: positions with enough context (`loss_min_context`), Post-LN."""
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -78,3 +79,27 @@ def test_min_context_needs_the_offset_and_a_valid_value():
   for bad in (-1, CFG.max_len + 1, True):
     with pytest.raises(ValueError, match="loss_min_context"):
       CFG.replace(loss_min_context=bad)
+
+
+def test_post_norm_blocks_normalise_their_output():
+  cfg = CFG.replace(norm_position="post", dropout=0.0)
+  model = UserEncoder(cfg, rngs=nnx.Rngs(0))
+  batch = batch_of([T.CropAndPad(CFG.max_len, CFG.max_categories).map(record(n))
+                    for n in (4, 12)])
+  states = np.asarray(model(batch))
+  mask = batch[T.MASK]
+  # The last block's LayerNorm (scale 1, bias 0 at init) ends the encoder: every valid
+  # state has mean 0 and variance 1 over the width, and no final LayerNorm is applied.
+  valid = states[mask]
+  np.testing.assert_allclose(valid.mean(-1), 0.0, atol=1e-4)
+  np.testing.assert_allclose(valid.var(-1), 1.0, atol=1e-3)
+  model.final_norm.scale[...] = model.final_norm.scale[...] * 3.0
+  np.testing.assert_allclose(np.asarray(model(batch)), states, atol=1e-6)
+  # Pre-LN (default) reads the final LayerNorm, and draws the same parameters.
+  pre = UserEncoder(CFG.replace(dropout=0.0), rngs=nnx.Rngs(0))
+  same = jax.tree.map(np.array_equal, nnx.state(pre, nnx.Param), nnx.state(
+      UserEncoder(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+  assert all(jax.tree.leaves(same))
+  assert not np.allclose(np.asarray(pre(batch))[mask], valid, atol=1e-3)
+  with pytest.raises(ValueError, match="norm_position"):
+    CFG.replace(norm_position="middle")

@@ -11,6 +11,7 @@ from user_llm_jax.data import schema
 from user_llm_jax.data import transforms
 
 FUSIONS = ("early", "late")
+NORM_POSITIONS = ("pre", "post")
 ITEM_LOSSES = ("softmax", "sampled_softmax", "gbce")
 
 
@@ -34,6 +35,10 @@ class EncoderConfig:
       block (as SASRec and BERT4Rec do). Without it the small-initialised embeddings
       (std 0.02) enter a residual stream that the blocks' unit-scale outputs swamp, and
       the item identity reaches the head only weakly early in training.
+    norm_position: 'pre' (default): Pre-LN blocks, x + f(LN(x)), and a final LayerNorm
+      on the encoder's output. 'post': Post-LN blocks, LN(x + f(x)), as SASRec and BERT
+      (and RecBole's SASRec) have them; the last block's output is already normalised,
+      so no final LayerNorm is applied.
     init_std: 0 (default): LeCun-normal kernels; > 0: every kernel normal(init_std), as
       BERT and SASRec (0.02). Small kernels make every block start near the identity, so
       the (normalised) item embedding reaches the tied head intact and the model starts
@@ -102,6 +107,7 @@ class EncoderConfig:
   mlp_dim: int = 512
   dropout: float = 0.1
   input_norm: bool = False
+  norm_position: str = "pre"
   init_std: float = 0.0
   fusion: str = "early"
   late_fusion_layers: int = 0
@@ -151,6 +157,9 @@ class EncoderConfig:
     if not self.item_bias and not self.tie_item_head:
       raise ValueError("EncoderConfig.item_bias=False needs tie_item_head=True (the "
                        "separate head is a dense layer with its own bias)")
+    if self.norm_position not in NORM_POSITIONS:
+      raise ValueError(f"EncoderConfig.norm_position={self.norm_position!r}: must be one of "
+                       f"{NORM_POSITIONS}")
     if self.fusion not in FUSIONS:
       raise ValueError(f"EncoderConfig.fusion={self.fusion!r}: must be one of {FUSIONS}")
     if not 0.0 <= self.init_std < 1.0:

@@ -42,7 +42,8 @@ class UserEncoder(nnx.Module):
     cfg: the architecture.
     features: one embedding table per event feature.
     fusion: `EarlyFusion` or `LateFusion` (by `cfg.fusion`).
-    final_norm: LayerNorm applied to the fused states.
+    final_norm: LayerNorm applied to the fused states (Pre-LN only; a Post-LN model
+      holds it unused, so that both forms draw the same parameters from one seed).
     negative_rngs: the `negatives` RNG stream of the sampled item losses (None with
       `item_loss='softmax'`, so a default model's RNG streams are only its dropout's).
   """
@@ -95,7 +96,8 @@ class UserEncoder(nnx.Module):
     mask = jnp.asarray(batch[T.MASK], bool)                               # [B, E]
     features = self.features(batch)                                       # n x [B, E, F]
     x = self.fusion(features, mask, deterministic=deterministic)          # [B, E, D]
-    x = self.final_norm(x)
+    if self.cfg.norm_position == "pre":  # Post-LN blocks end normalised already.
+      x = self.final_norm(x)
     return sharding.with_logical_constraint(x, sharding.ACT_BTD)
 
   def item_logits(self, states: jax.Array) -> jax.Array:

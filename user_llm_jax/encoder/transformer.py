@@ -1,4 +1,4 @@
-"""Pre-LN causal transformer over event sequences (the user encoder's backbone).
+"""Causal transformer (Pre-LN by default, Post-LN by option) over event sequences (the user encoder's backbone).
 
 Axis letters: B batch, E events (queries), S events (keys), D width, N heads, H head dim,
 F mlp hidden width.
@@ -103,7 +103,8 @@ class Mlp(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-LN transformer block: x + Attn(LN(x)), then x + Mlp(LN(x))."""
+  """Transformer block. Pre-LN (`cfg.norm_position` 'pre'): x + Attn(LN(x)), then
+  x + Mlp(LN(x)). Post-LN ('post'): LN(x + Attn(x)), then LN(x + Mlp(x))."""
 
   def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
     self.attn_norm = layer_norm(cfg, rngs=rngs)
@@ -111,8 +112,15 @@ class Block(nnx.Module):
     self.mlp_norm = layer_norm(cfg, rngs=rngs)
     self.mlp = Mlp(cfg, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+    self.post_norm = cfg.norm_position == "post"
 
   def __call__(self, x: jax.Array, mask_bes: jax.Array, *, deterministic: bool) -> jax.Array:
+    if self.post_norm:
+      h = self.attn(x, mask_bes)
+      x = self.attn_norm(x + self.dropout(h, deterministic=deterministic))
+      h = self.mlp(x)
+      x = self.mlp_norm(x + self.dropout(h, deterministic=deterministic))
+      return sharding.with_logical_constraint(x, sharding.ACT_BTD)
     h = self.attn(self.attn_norm(x), mask_bes)
     x = x + self.dropout(h, deterministic=deterministic)
     h = self.mlp(self.mlp_norm(x))
