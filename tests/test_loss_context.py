@@ -103,3 +103,29 @@ def test_post_norm_blocks_normalise_their_output():
   assert not np.allclose(np.asarray(pre(batch))[mask], valid, atol=1e-3)
   with pytest.raises(ValueError, match="norm_position"):
     CFG.replace(norm_position="middle")
+
+
+def test_attention_dropout_only_in_training():
+  batch = batch_of([T.CropAndPad(CFG.max_len, CFG.max_categories).map(record(n))
+                    for n in (4, 12)])
+  mask = batch[T.MASK]
+  plain = UserEncoder(CFG.replace(dropout=0.0), rngs=nnx.Rngs(0))
+  dropped = UserEncoder(CFG.replace(dropout=0.0, attention_dropout=0.5), rngs=nnx.Rngs(0))
+  # The same parameters; evaluation (deterministic) gives the same states.
+  np.testing.assert_allclose(np.asarray(dropped(batch)), np.asarray(plain(batch)), atol=1e-6)
+  train = np.asarray(dropped(batch, deterministic=False))
+  assert np.all(np.isfinite(train))
+  assert not np.allclose(train[mask], np.asarray(plain(batch))[mask], atol=1e-3)
+  # Without attention dropout (and dropout 0) training states are the evaluation states.
+  np.testing.assert_allclose(np.asarray(plain(batch, deterministic=False)),
+                             np.asarray(plain(batch)), atol=1e-6)
+  # The causal mask holds under dropout: changing event 3 leaves positions < 3 unchanged.
+  other = {k: v.copy() for k, v in batch.items()}
+  other[T.INPUTS_ITEM][:, 3] = 5
+  fresh = [UserEncoder(CFG.replace(dropout=0.0, attention_dropout=0.5), rngs=nnx.Rngs(0))
+           for _ in range(2)]  # fresh models: the same dropout draws
+  np.testing.assert_allclose(np.asarray(fresh[0](other, deterministic=False))[:, :3],
+                             np.asarray(fresh[1](batch, deterministic=False))[:, :3],
+                             atol=1e-5)
+  with pytest.raises(ValueError, match="attention_dropout"):
+    CFG.replace(attention_dropout=1.0)

@@ -31,6 +31,9 @@ class EncoderConfig:
     num_heads: attention heads N; `width` must be divisible by it.
     mlp_dim: feed-forward hidden width F.
     dropout: dropout rate on embeddings and residual branches during training.
+    attention_dropout: dropout rate on the attention weights (the softmax over keys)
+      during training, as SASRec and BERT have it (RecBole's `attn_dropout_prob`); 0
+      (default): none.
     input_norm: LayerNorm the fused event embeddings plus positions before the first
       block (as SASRec and BERT4Rec do). Without it the small-initialised embeddings
       (std 0.02) enter a residual stream that the blocks' unit-scale outputs swamp, and
@@ -106,6 +109,7 @@ class EncoderConfig:
   num_heads: int = 4
   mlp_dim: int = 512
   dropout: float = 0.1
+  attention_dropout: float = 0.0
   input_norm: bool = False
   norm_position: str = "pre"
   init_std: float = 0.0
@@ -154,6 +158,9 @@ class EncoderConfig:
                        f"num_heads={self.num_heads}")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"EncoderConfig.dropout={self.dropout}: must be in [0, 1)")
+    if not 0.0 <= self.attention_dropout < 1.0:
+      raise ValueError(f"EncoderConfig.attention_dropout={self.attention_dropout}: must be "
+                       "in [0, 1)")
     if not self.item_bias and not self.tie_item_head:
       raise ValueError("EncoderConfig.item_bias=False needs tie_item_head=True (the "
                        "separate head is a dense layer with its own bias)")

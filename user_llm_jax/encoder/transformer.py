@@ -80,15 +80,37 @@ class Attention(nnx.Module):
         rngs.params(), (n, h, d), cfg.param_dtype))
     self.dtype = cfg.dtype
     self.scale = h ** -0.5
+    # Holds no RNG stream of its own (one would shift the parameters drawn after it): the
+    # block lends its dropout stream at each call.
+    self.weight_dropout = (nnx.Dropout(cfg.attention_dropout) if cfg.attention_dropout
+                           else None)
 
-  def __call__(self, x: jax.Array, mask_bes: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, mask_bes: jax.Array, *, deterministic: bool = True,
+               rngs: nnx.RngStream | None = None) -> jax.Array:
+    """Attends `x` [B, E, D] under `mask_bes` [B, E, S]; `rngs` draws the attention-weight
+    dropout (`cfg.attention_dropout`, training only)."""
     x = x.astype(self.dtype)
     q = jnp.einsum("BED,DNH->BENH", x, self.q_dnh[...].astype(self.dtype))  # [B, E, N, H]
     k = jnp.einsum("BSD,DNH->BSNH", x, self.k_dnh[...].astype(self.dtype))  # [B, S, N, H]
     v = jnp.einsum("BSD,DNH->BSNH", x, self.v_dnh[...].astype(self.dtype))  # [B, S, N, H]
-    # A query with no valid key (an all-padding row) gets zeros, never NaN.
-    out = nn.attention(q, k, v, mask_bes, scale=self.scale)             # [B, E, N, H]
+    if self.weight_dropout is not None and not deterministic:
+      out = self._dropped_attention(q, k, v, mask_bes, rngs)
+    else:
+      # A query with no valid key (an all-padding row) gets zeros, never NaN.
+      out = nn.attention(q, k, v, mask_bes, scale=self.scale)           # [B, E, N, H]
     return jnp.einsum("BENH,NHD->BED", out, self.o_nhd[...].astype(self.dtype))
+
+  def _dropped_attention(self, q: jax.Array, k: jax.Array, v: jax.Array,
+                         mask_bes: jax.Array, rngs: nnx.RngStream | None) -> jax.Array:
+    """`nn.attention` with dropout on the attention weights (training only)."""
+    logits = jnp.einsum("BENH,BSNH->BNES", q, k,
+                        preferred_element_type=jnp.float32) * self.scale
+    logits = jnp.where(mask_bes[:, None], logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1)                           # [B, N, E, S]
+    weights = self.weight_dropout(weights, deterministic=False, rngs=rngs).astype(self.dtype)
+    out = jnp.einsum("BNES,BSNH->BENH", weights, v)
+    seen = jnp.any(mask_bes, axis=-1)[:, :, None, None]                 # [B, E, 1, 1]
+    return jnp.where(seen, out, jnp.zeros((), out.dtype))
 
 
 class Mlp(nnx.Module):
@@ -116,12 +138,13 @@ class Block(nnx.Module):
 
   def __call__(self, x: jax.Array, mask_bes: jax.Array, *, deterministic: bool) -> jax.Array:
     if self.post_norm:
-      h = self.attn(x, mask_bes)
+      h = self.attn(x, mask_bes, deterministic=deterministic, rngs=self.dropout.rngs)
       x = self.attn_norm(x + self.dropout(h, deterministic=deterministic))
       h = self.mlp(x)
       x = self.mlp_norm(x + self.dropout(h, deterministic=deterministic))
       return sharding.with_logical_constraint(x, sharding.ACT_BTD)
-    h = self.attn(self.attn_norm(x), mask_bes)
+    h = self.attn(self.attn_norm(x), mask_bes, deterministic=deterministic,
+                  rngs=self.dropout.rngs)
     x = x + self.dropout(h, deterministic=deterministic)
     h = self.mlp(self.mlp_norm(x))
     x = x + self.dropout(h, deterministic=deterministic)
