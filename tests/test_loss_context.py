@@ -129,3 +129,14 @@ def test_attention_dropout_only_in_training():
                              atol=1e-5)
   with pytest.raises(ValueError, match="attention_dropout"):
     CFG.replace(attention_dropout=1.0)
+
+
+def test_benchmark_arms_set_the_new_options():
+  from experiments.benchmarks import encoder_quality
+  for arm, key, value in (("recbole_split_min_context_40", "loss_min_context", 40),
+                          ("recbole_split_post_ln", "norm_position", "post"),
+                          ("recbole_split_post_ln_attn_dropout", "attention_dropout", 0.2)):
+    config = encoder_quality.arm_config(arm, "ml-latest-small", "/x", exclude_seen=False,
+                                        overrides={})
+    assert config.encoder.model[key] == value
+    assert config.data.timestamp_precision == "float32"

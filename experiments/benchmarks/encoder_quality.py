@@ -27,6 +27,10 @@ Arms (`ARMS`; the ablations of the encoder, each a set of config overrides):
                  with item_only)
   sampled_softmax cross-entropy over the target and 256 sampled negatives (no logQ term:
                  constant under uniform sampling)
+  recbole_split_min_context_40 / recbole_split_post_ln / recbole_split_post_ln_attn_dropout
+                 on RecBole's split: the loss only at positions with >= 40 events of context
+                 (`encoder.model.loss_min_context`), Post-LN blocks (`norm_position`), and
+                 Post-LN with attention-weight dropout 0.2 (`attention_dropout`)
 Amazon 5-core sets (`data.dataset=amazon`, the folders under DATA_ROOT/amazon) run the
 reference arm only.
 
@@ -85,6 +89,17 @@ ARMS: dict[str, dict[str, Any]] = {
     # AdamW weight decay (the default 0.01 shrinks weights by lr x 0.01 per step).
     "weight_decay_0.1": {"train.weight_decay": 0.1},
     "weight_decay_1.0": {"train.weight_decay": 1.0},
+    # Differences from RecBole's SASRec, on its split (compare with recbole_split): the next-
+    # item loss only at positions whose context is complete up to 40 events (a random
+    # window's early positions read contexts evaluation never sees), Post-LN blocks, and
+    # Post-LN with dropout 0.2 on the attention weights.
+    "recbole_split_min_context_40": {"data.timestamp_precision": "float32",
+                                     "encoder.model.loss_min_context": 40},
+    "recbole_split_post_ln": {"data.timestamp_precision": "float32",
+                              "encoder.model.norm_position": "post"},
+    "recbole_split_post_ln_attn_dropout": {"data.timestamp_precision": "float32",
+                                           "encoder.model.norm_position": "post",
+                                           "encoder.model.attention_dropout": 0.2},
 }
 # Where each dataset lives under --data_root, and its reader.
 DATASETS = {"ml-latest-small": ("ml-latest-small", "movielens"),
