@@ -10,7 +10,6 @@ import pytest
 
 from user_llm_jax.eval import paired
 from user_llm_jax.eval import retrieval
-from user_llm_jax.jobs import main_pipeline
 
 
 def acc(ids, correct):
@@ -115,7 +114,7 @@ def test_main_job_verdicts_are_paired():
   control[:60] = 1
   model = control.copy()
   model[60:72] = 1
-  lines = main_pipeline.verdict(_rows(model, control, ids))
+  lines = paired.verdicts(_rows(model, control, ids))
   assert len(lines) == 1 and "is ahead of user_llm_shuffled" in lines[0]
   assert "paired, n = 100" in lines[0]
 

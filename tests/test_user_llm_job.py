@@ -78,6 +78,12 @@ def test_job_writes_summary_with_metrics(finished_run, data_dirs):
   assert on_disk["trainable_params"] == groups["encoder"] + groups["bridge"]
   assert on_disk["total_params"] == sum(groups.values()) > on_disk["trainable_params"]
   assert "R@10" in (workdir / "summary.txt").read_text()
+  # Paired verdicts against the run's own floors and shuffled control, in JSON and text.
+  verdicts = on_disk["verdicts"]
+  assert any(v.startswith("favorite_category accuracy: user_llm ") and " majority " in v
+             for v in verdicts)
+  assert any(" user_llm_shuffled " in v and "paired, n = 6" in v for v in verdicts)
+  assert verdicts[0] in (workdir / "summary.txt").read_text()
   assert summary["history"][-1]["step"] == 6
   # Diagnostics kept in every run: per-task losses, gate values, the shuffled control.
   last = summary["history"][-1]

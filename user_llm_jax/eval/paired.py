@@ -150,3 +150,40 @@ def compare_runs(reference: tuple[str, Mapping[str, Mapping[str, Mapping[str, An
             "text": (f"{method} {task} {key}: {other_name} {float(mine[key]):.3f} is {word} "
                      f"{ref_name} {float(theirs[key]):.3f} ({d.describe()})")})
   return out
+
+
+# (User-LLM row, task, metric, the rows it is compared with): the comparisons every
+# User-LLM report states (task names as in `tasks.prompts`).
+COMPARISONS = (
+    ("user_llm", "favorite_category", "accuracy",
+     ("majority", "text_prompt", "user_llm_shuffled")),
+    ("user_llm", "next_item", "recall@10",
+     ("popularity", "sasrec", "text_prompt", "user_llm_shuffled")),
+    ("user_llm_item_head", "next_item", "recall@10",
+     ("popularity", "sasrec", "text_prompt", "user_llm_item_head_shuffled")),
+    ("user_llm", "review", "rougeLsum", ("rating_prior", "text_prompt", "user_llm_shuffled")),
+)
+
+
+def verdicts(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[str]:
+  """Is User-LLM ahead of the floors, the text prompt and its own shuffled control by more
+  than two standard errors (of the difference), on each task? One line per comparison of
+  `COMPARISONS` whose two rows are in `metrics` ({method: {task: metrics}}).
+
+  Every row of a run is measured on the same test users, so the difference is paired over
+  them when both rows carry per-example values."""
+  lines = []
+  for row, task, key, others in COMPARISONS:
+    mine = metrics.get(row, {}).get(task)
+    if mine is None or key not in mine:
+      continue
+    for other in others:
+      theirs = metrics.get(other, {}).get(task)
+      if theirs is None or key not in theirs:
+        continue
+      diff = difference(mine, theirs, key)
+      word = {"ahead": "ahead of", "behind": "BEHIND",
+              "tie": "tied with (difference under 2 standard errors)"}[diff.verdict]
+      lines.append(f"{task} {key}: {row} {float(mine[key]):.3f} is {word} {other} "
+                   f"{float(theirs[key]):.3f} ({diff.describe()})")
+  return lines

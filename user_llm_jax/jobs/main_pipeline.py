@@ -141,42 +141,6 @@ def _flops_per_answer(model: Any, window: int,
                                                 mean_prompt(metrics["text_prompt"]))}
 
 
-# (User-LLM row, task, metric, the rows it is compared with).
-COMPARISONS = (
-    ("user_llm", prompts.FAVORITE_CATEGORY, "accuracy",
-     ("majority", "text_prompt", "user_llm_shuffled")),
-    ("user_llm", prompts.NEXT_ITEM, "recall@10",
-     ("popularity", "sasrec", "text_prompt", "user_llm_shuffled")),
-    ("user_llm_item_head", prompts.NEXT_ITEM, "recall@10",
-     ("popularity", "sasrec", "text_prompt", "user_llm_item_head_shuffled")),
-    ("user_llm", prompts.REVIEW, "rougeLsum", ("rating_prior", "text_prompt",
-                                               "user_llm_shuffled")),
-)
-
-
-def verdict(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[str]:
-  """Is User-LLM ahead of the floors, the text prompt and its own shuffled control by more
-  than two standard errors (of the difference), on each task? One line per comparison.
-
-  Every row is measured on the same test users, so the difference is paired over them
-  (`eval.paired`) when both rows carry per-example values."""
-  lines = []
-  for row, task, key, others in COMPARISONS:
-    mine = metrics.get(row, {}).get(task)
-    if mine is None or key not in mine:
-      continue
-    for other in others:
-      theirs = metrics.get(other, {}).get(task)
-      if theirs is None or key not in theirs:
-        continue
-      diff = paired.difference(mine, theirs, key)
-      word = {"ahead": "ahead of", "behind": "BEHIND",
-              "tie": "tied with (difference under 2 standard errors)"}[diff.verdict]
-      lines.append(f"{task} {key}: {row} {float(mine[key]):.3f} is {word} {other} "
-                   f"{float(theirs[key]):.3f} ({diff.describe()})")
-  return lines
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   t0 = time.perf_counter()
   workdir = os.path.abspath(workdir)
@@ -225,7 +189,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   table = runner.results_table(metrics, tuple(config.eval.ks),
                                extra={"GFLOPs/answer": flops_cell, "s/answer": seconds_cell})
-  verdicts = verdict(raw)
+  verdicts = paired.verdicts(raw)
   wall = time.perf_counter() - t0
   procedures = "\n".join(f"  {name} ({task}): {m['procedure']}"
                          for name, by_task in metrics.items() for task, m in by_task.items()

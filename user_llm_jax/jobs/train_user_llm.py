@@ -40,6 +40,7 @@ from user_llm_jax.bridge import strategies
 from user_llm_jax.bridge.user_llm import UserLLM
 from user_llm_jax.encoder.model import UserEncoder
 from user_llm_jax.eval import floors
+from user_llm_jax.eval import paired
 from user_llm_jax.eval import retrieval
 from user_llm_jax.llm.tokenizer import Tokenizer
 from user_llm_jax.tasks import alignment
@@ -346,6 +347,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                   "window": config.data.window, "num_items": data.vocab.num_items,
                   "test_records": len(data.test), "train_records": len(data.train)},
   }
+  # The run's own rows (floors, shuffled control) on the same users: paired verdicts.
+  summary["verdicts"] = paired.verdicts(metrics)
   table = runner.results_table(metrics, tuple(config.eval.ks))
   procedures = "\n".join(f"  {name} ({task}): {m['procedure']}"
                          for name, by_task in metrics.items() for task, m in by_task.items()
@@ -355,6 +358,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           f"{config.encoder.init}), {result.step} steps x batch {train_cfg.batch_size}, "
           f"{result.trainable_params:,} trainable / {result.total_params:,} params, "
           f"{wall:.1f} s wall\n{table}\nprocedures:\n{procedures}")
+  if summary["verdicts"]:
+    text += "\nverdicts (a difference under two standard errors is a tie):\n" + "\n".join(
+        f"  {v}" for v in summary["verdicts"])
   if align is not None:
     text = f"{text}\n{align_text(align)}"
   if history:
