@@ -151,6 +151,15 @@ def test_cpu_arms_resolve_to_jobs_data_groups_and_shared_runs(tmp_path):
       "lora", "full", "proj"}
 
 
+def test_steps_set_every_arms_llm_budget_but_not_the_encoders(tmp_path):
+  default = study.resolve_arms("cpu", ["history_500"], str(tmp_path))[0]
+  arms = study.resolve_arms("cpu", ["history_500", "text_lora_500"], str(tmp_path), steps=250)
+  assert [a.config.train.num_steps for a in arms] == [250, 250]
+  assert arms[0].encoder.train.num_steps == default.encoder.train.num_steps
+  with pytest.raises(config_lib.ConfigError, match="steps must be >= 1, got 0"):
+    study.resolve_arms("cpu", ["user_llm"], str(tmp_path), steps=0)
+
+
 def test_bad_arms_are_clear_errors(tmp_path):
   with pytest.raises(config_lib.ConfigError, match="unknown study arms.*nope.*known: user_llm"):
     study.resolve_arms("smoke", ["user_llm", "nope"], str(tmp_path))

@@ -1,7 +1,7 @@
 r"""User-LLM study: ablation arms on the embedded synthetic data, each figure with n and SE.
 
   python -m experiments.benchmarks.user_llm_study --output=runs/study/study.json \
-      [--variant=cpu|smoke] [--only=user_llm,text_lora,...]
+      [--variant=cpu|smoke] [--only=user_llm,text_lora,...] [--steps=N]
 
 The arms are `experiments/configs/user_llm_study.py:ARMS`, each a set of config overrides
 over the main config (experiments/configs/main.py: the same synthetic data, encoder
@@ -178,23 +178,29 @@ def _identity(config: ml_collections.ConfigDict) -> str:
   return json.dumps(plain, sort_keys=True, default=str)
 
 
-def resolve_arms(variant: str, names: Sequence[str], out_dir: str) -> list[ArmRun]:
+def resolve_arms(variant: str, names: Sequence[str], out_dir: str,
+                 steps: int | None = None) -> list[ArmRun]:
   """The arms `names` of the study's `variant`, resolved to jobs, configs and directories.
 
   Each arm's overrides go over the variant's config; the main pipeline's stage configs
   then point it at its data group's prepared data (and encoder pretraining), and the
   overrides are applied again on the stage config (which sets e.g. `encoder.init`).
   Arms with identical configs share one run: the first of them already finished, else
-  the first named.
+  the first named. `steps` (default: the variant's) sets every arm's LLM training steps,
+  the same budget for all; the encoder pretraining keeps its own.
 
   Raises:
-    ConfigError: an unknown arm, or an arm whose overrides do not fit the config.
+    ConfigError: an unknown arm, an arm whose overrides do not fit the config, or steps < 1.
   """
   unknown = [n for n in names if n not in study_config.ARMS]
   if unknown or not names:
     raise config_lib.ConfigError(f"unknown study arms {unknown or list(names)}; known: "
                                  f"{', '.join(study_config.ARMS)}")
   base = study_config.get_config(variant)
+  if steps is not None:
+    if steps < 1:
+      raise config_lib.ConfigError(f"study steps must be >= 1, got {steps}")
+    base.train.num_steps = steps
   out_dir = os.path.abspath(out_dir)
   resolved = []
   for name in dict.fromkeys(names):
@@ -415,7 +421,8 @@ def table(report: Mapping[str, Any]) -> str:
 def report_text(report: Mapping[str, Any]) -> str:
   """The table, what its columns mean, and the verdicts."""
   lines = [
-      f"User-LLM study ({report['variant']}): {len(report['arms'])} arms; value +- standard "
+      f"User-LLM study ({report['variant']}, {report.get('steps', '?')} training steps per "
+      f"arm): {len(report['arms'])} arms; value +- standard "
       "error; n = test users the figure rests on; shuffled = each user's context swapped "
       "for another user's (control); train s = job start to end of training; s/answer = "
       "evaluation seconds per answer on this machine",
@@ -475,13 +482,16 @@ def _write_json(path: str, report: Mapping[str, Any]) -> None:
   os.replace(tmp, path)
 
 
-def run_study(variant: str, output: str, only: Sequence[str] | None = None) -> dict[str, Any]:
+def run_study(variant: str, output: str, only: Sequence[str] | None = None,
+              steps: int | None = None) -> dict[str, Any]:
   """Runs (or reuses) the arms and writes `output` (JSON), `.md` (table) and `.png` (curves).
 
   Args:
     variant: 'cpu' or 'smoke' (`experiments/configs/user_llm_study.py`).
     output: the report's path; its directory holds the arms' and the data's directories.
     only: the arms to run (default: the variant's arms).
+    steps: LLM training steps of every arm (default: the variant's; a finished arm of
+      another budget in the same directory is an error, so use a fresh output).
 
   Returns:
     The report (also written to `output` after each arm, with `complete` False until the
@@ -491,10 +501,11 @@ def run_study(variant: str, output: str, only: Sequence[str] | None = None) -> d
   output = os.path.abspath(output)
   out_dir = os.path.dirname(output)
   names = list(only) if only else list(study_config.VARIANT_ARMS[variant])
-  arms = resolve_arms(variant, names, out_dir)
+  arms = resolve_arms(variant, names, out_dir, steps)
   reference = (study_config.REFERENCE if study_config.REFERENCE in names else arms[0].name)
   os.makedirs(out_dir, exist_ok=True)
   report: dict[str, Any] = {"variant": variant, "output_dir": out_dir,
+                            "steps": arms[0].config.train.num_steps,
                             "reference": reference, "arms": {}, "verdicts": [],
                             "complete": False}
   prepared_roots, summaries = set(), {}
@@ -534,6 +545,8 @@ def define_flags() -> None:
                     "cpu: SmolLM2, every arm (about 2 h on 2 cores); smoke: tiny, 3 arms.")
   flags.DEFINE_list("only", [], f"Arms to run (default: the variant's): "
                     f"{', '.join(study_config.ARMS)}.")
+  flags.DEFINE_integer("steps", None, "LLM training steps of every arm (default: the "
+                       "variant's, user_llm_study.STEPS for cpu); the same for all arms.")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -548,7 +561,8 @@ def main(argv: Sequence[str]) -> None:
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax and Grain log every save at INFO
   try:
-    report = run_study(FLAGS.variant, FLAGS.output, FLAGS.only or None)
+    report = run_study(FLAGS.variant, FLAGS.output, FLAGS.only or None,
+                       FLAGS.steps)
   except config_lib.ConfigError as e:
     raise SystemExit(f"error: {e}") from None
   print(report_text(report), flush=True)
