@@ -57,7 +57,7 @@ def test_invalid_values_name_the_field(kw, message):
 def test_runs_saved_before_the_keys_existed_still_match_their_fingerprint():
   config = encoder_movielens.get_config("smoke")
   arch = models.architecture(encoder=CFG)["encoder"]
-  new_keys = ("item_loss", "item_negatives", "gbce_t", "item_bias")
+  new_keys = ("item_loss", "item_negatives", "gbce_t", "item_bias", "negatives_per")
   assert all(k in config.encoder.model for k in new_keys)
   # A run saved before them has none of the keys, in its config or its architecture.
   saved = config_lib.fingerprint(
@@ -271,6 +271,36 @@ def test_sampled_pretrain_loss(item_loss, batch):
   (zero, zero_metrics), zero_grads = train_loss(model, empty)
   assert float(zero_metrics["item_loss"]) == 0.0 and float(zero) == 0.0
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(zero_grads))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_per_position_negatives_score_columns_of_item_logits(tied, batch):
+  cfg = GBCE.replace(negatives_per="position", tie_item_head=tied)
+  model = UserEncoder(cfg, rngs=nnx.Rngs(0))
+  twin = nnx.clone(model)   # the same parameters and the same negatives stream
+  _, metrics = model.pretrain_loss(batch, deterministic=False)
+  targets = jnp.asarray(batch[T.TARGETS_ITEM], jnp.int32)
+  negatives = losses.uniform_negatives(twin.negative_rngs.negatives(), cfg.item_negatives,
+                                       cfg.num_items, targets.shape)    # [B, E, K]
+  # Every position draws its own negatives.
+  assert negatives.shape == (*targets.shape, cfg.item_negatives)
+  assert not np.array_equal(negatives[0, 0], negatives[0, 1])
+  logits = twin.item_logits(twin(batch, deterministic=False))           # [B, E, V]
+  positive = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  negative = jnp.take_along_axis(logits, negatives, axis=-1)
+  expected, _, _ = losses.gbce_loss(
+      positive, negative, targets, negatives, jnp.asarray(batch[T.MASK], bool),
+      beta=losses.gbce_beta(cfg.item_negatives, cfg.num_items - 2, cfg.gbce_t))
+  np.testing.assert_allclose(metrics["item_loss"], expected, rtol=1e-5)
+  # The per-step draw scores other negatives: a different loss from the same parameters.
+  shared = UserEncoder(GBCE.replace(tie_item_head=tied), rngs=nnx.Rngs(0))
+  _, shared_metrics = shared.pretrain_loss(batch, deterministic=False)
+  assert float(shared_metrics["item_loss"]) != float(metrics["item_loss"])
+
+
+def test_negatives_per_is_checked():
+  with pytest.raises(ValueError, match=r"negatives_per='batch': must be one of"):
+    GBCE.replace(negatives_per="batch")
 
 
 def single_mesh():

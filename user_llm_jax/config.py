@@ -219,6 +219,7 @@ HARMLESS_KEYS = frozenset({
 # key left at None takes the preset's value, which is the old behaviour.
 _ENCODER_ADDED = {"input_norm": (None, False), "init_std": (None, 0.0, 0),
                   "item_loss": (None, "softmax"), "item_negatives": (None, 256),
+                  "negatives_per": (None, "step"),
                   "gbce_t": (None, 0.75), "item_bias": (None, True),
                   "loss_min_context": (None, 0), "norm_position": (None, "pre"),
                   "attention_dropout": (None, 0.0, 0)}

@@ -27,6 +27,9 @@ Arms (`ARMS`; the ablations of the encoder, each a set of config overrides):
                  with item_only)
   sampled_softmax cross-entropy over the target and 256 sampled negatives (no logQ term:
                  constant under uniform sampling)
+  gbce_per_position / gbce_item_only_per_position   gbce / gbce_item_only with 256
+                 negatives drawn for every position, as gSASRec draws them
+                 (`encoder.model.negatives_per=position`), instead of once per step
   recbole_split_min_context_40 / recbole_split_post_ln / recbole_split_post_ln_attn_dropout
                  on RecBole's split: the loss only at positions with >= 40 events of context
                  (`encoder.model.loss_min_context`), Post-LN blocks (`norm_position`), and
@@ -85,6 +88,15 @@ ARMS: dict[str, dict[str, Any]] = {
     "no_item_bias": {"encoder.model.item_bias": False},
     "gbce_no_bias": {"encoder.model.item_loss": "gbce", "encoder.model.item_negatives": 256,
                      "encoder.model.gbce_t": 0.75, "encoder.model.item_bias": False},
+    # Negatives drawn for every position (gSASRec's sampling) instead of once per step:
+    # each step then pushes down positions x 256 items instead of 256.
+    "gbce_per_position": {"encoder.model.item_loss": "gbce", "encoder.model.item_negatives": 256,
+                          "encoder.model.gbce_t": 0.75,
+                          "encoder.model.negatives_per": "position"},
+    "gbce_item_only_per_position": {**ITEM_ONLY, "encoder.model.item_loss": "gbce",
+                                    "encoder.model.item_negatives": 256,
+                                    "encoder.model.gbce_t": 0.75,
+                                    "encoder.model.negatives_per": "position"},
     # Against memorization (training-fit R@10 climbs while validation stays flat): decoupled
     # AdamW weight decay (the default 0.01 shrinks weights by lr x 0.01 per step).
     "weight_decay_0.1": {"train.weight_decay": 0.1},

@@ -13,6 +13,8 @@ from user_llm_jax.data import transforms
 FUSIONS = ("early", "late")
 NORM_POSITIONS = ("pre", "post")
 ITEM_LOSSES = ("softmax", "sampled_softmax", "gbce")
+# How the sampled losses draw negatives: once per training step, or for every position.
+NEGATIVES_PER = ("step", "position")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +72,11 @@ class EncoderConfig:
       positions whose target outscores every sampled negative. Evaluation
       (`deterministic=True`) samples nothing and reports the full softmax.
     item_negatives: K, the negatives of the sampled losses: drawn uniformly, with
-      replacement, from the real catalogue once per step and shared by every position.
+      replacement, from the real catalogue (see `negatives_per`).
+    negatives_per: 'step' (default): one draw of K negatives per training step, shared by
+      every position of the batch (one [positions, D] x [D, K] matmul). 'position': a
+      draw of K per position, as gSASRec samples them ([positions, K, D] gathered item
+      vectors): each step then pushes down positions x K items, not K.
     gbce_t: gBCE's calibration parameter t in [0, 1]: 0 is plain binary cross-entropy,
       1 fully corrects the overconfidence that negative sampling causes.
     item_loss_chunk: positions per chunk of the next-item softmax (0: all at once).
@@ -123,6 +129,7 @@ class EncoderConfig:
   item_bias: bool = True
   item_loss: str = "softmax"
   item_negatives: int = 256
+  negatives_per: str = "step"
   gbce_t: float = 0.75
   item_loss_chunk: int = 0
   loss_min_context: int = 0
@@ -195,6 +202,9 @@ class EncoderConfig:
     if (isinstance(self.gbce_t, bool) or not isinstance(self.gbce_t, (int, float))
         or not 0.0 <= self.gbce_t <= 1.0):
       raise ValueError(f"EncoderConfig.gbce_t={self.gbce_t!r}: must be a number in [0, 1]")
+    if self.negatives_per not in NEGATIVES_PER:
+      raise ValueError(f"EncoderConfig.negatives_per={self.negatives_per!r}: must be one of "
+                       f"{NEGATIVES_PER}")
     if self.item_loss == "softmax":
       return
     if (isinstance(self.item_negatives, bool) or not isinstance(self.item_negatives, int)

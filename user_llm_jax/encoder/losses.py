@@ -6,8 +6,9 @@ target has no learnable identity). Every mean divides by max(total weight, 1), s
 without any valid position gives a loss of exactly 0, never NaN.
 
 The sampled next-item losses (`sampled_softmax_cross_entropy`, `gbce_loss`) score each
-position's target against K negatives shared by the whole batch (`uniform_negatives`):
-their inputs are [B, E] target scores and [B, E, K] negative scores, never [B, E, V].
+position's target against K uniform negatives (`uniform_negatives`), one draw shared by
+the whole batch or one per position: their inputs are [B, E] target scores and [B, E, K]
+negative scores, never [B, E, V].
 
 Axis letters: B batch, E events, C category slots, V vocabulary, K sampled negatives.
 """
@@ -194,15 +195,19 @@ def chunked_softmax_cross_entropy(
   return nll_sum / denominator, correct_sum / denominator, total
 
 
-def uniform_negatives(key: jax.Array, num_negatives: int, num_items: int) -> jax.Array:
-  """int32[K] item ids drawn uniformly, with replacement, from the real catalogue.
+def uniform_negatives(key: jax.Array, num_negatives: int, num_items: int,
+                      batch_shape: tuple[int, ...] = ()) -> jax.Array:
+  """int32[*batch_shape, K] item ids drawn uniformly, with replacement, from the real
+  catalogue.
 
   Args:
     key: PRNG key.
     num_negatives: K.
     num_items: vocabulary size including the reserved ids, which are never drawn.
+    batch_shape: () for one draw shared by every position, (B, E) for one per position.
   """
-  return jax.random.randint(key, (num_negatives,), schema.FIRST_ID, num_items, jnp.int32)
+  return jax.random.randint(key, (*batch_shape, num_negatives), schema.FIRST_ID, num_items,
+                            jnp.int32)
 
 
 def gbce_beta(num_negatives: int, num_real_items: int, t: float) -> float:
@@ -248,7 +253,7 @@ def sampled_softmax_cross_entropy(
     positive_logits: [B, E] scores of each position's target.
     negative_logits: [B, E, K] scores of the shared negatives.
     targets: int[B, E] target ids.
-    negatives: int[K] the negatives' ids.
+    negatives: int[K] the negatives' ids (shared by every position), or int[B, E, K].
     mask: bool[B, E] positions to score.
 
   Returns:
@@ -278,7 +283,7 @@ def gbce_loss(positive_logits: jax.Array, negative_logits: jax.Array, targets: j
     positive_logits: [B, E] scores of each position's target.
     negative_logits: [B, E, K] scores of the shared negatives.
     targets: int[B, E] target ids.
-    negatives: int[K] the negatives' ids.
+    negatives: int[K] the negatives' ids (shared by every position), or int[B, E, K].
     mask: bool[B, E] positions to score.
     beta: the exponent of the positive's probability (`gbce_beta`).
 

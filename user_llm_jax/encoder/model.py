@@ -162,13 +162,19 @@ class UserEncoder(nnx.Module):
 
   def _sampled_item_loss(self, states: jax.Array, targets: jax.Array,
                          mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`cfg.item_loss` over each target and one [K] draw of negatives for the batch."""
+    """`cfg.item_loss` over each target and K uniform negatives: one [K] draw for the
+    batch, or a [B, E, K] draw (`cfg.negatives_per`)."""
     cfg = self.cfg
-    negatives = losses.uniform_negatives(self.negative_rngs.negatives(), cfg.item_negatives,
-                                         cfg.num_items)                   # [K]
     targets = jnp.asarray(targets, jnp.int32)
+    per_position = cfg.negatives_per == "position"
+    negatives = losses.uniform_negatives(
+        self.negative_rngs.negatives(), cfg.item_negatives, cfg.num_items,
+        targets.shape if per_position else ())                            # [K] / [B, E, K]
     positive = self.target_scores(states, targets)                        # [B, E]
-    negative = self.item_scores(states, negatives)                        # [B, E, K]
+    if per_position:
+      negative = self.target_scores(states[..., None, :], negatives)      # [B, E, K]
+    else:
+      negative = self.item_scores(states, negatives)                      # [B, E, K]
     if cfg.item_loss == "gbce":
       beta = losses.gbce_beta(cfg.item_negatives, cfg.num_items - schema.FIRST_ID, cfg.gbce_t)
       return losses.gbce_loss(positive, negative, targets, negatives, mask, beta=beta)
