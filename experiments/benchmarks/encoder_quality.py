@@ -30,6 +30,8 @@ Arms (`ARMS`; the ablations of the encoder, each a set of config overrides):
   gbce_per_position / gbce_item_only_per_position   gbce / gbce_item_only with 256
                  negatives drawn for every position, as gSASRec draws them
                  (`encoder.model.negatives_per=position`), instead of once per step
+  bce_item_only_1_negative  SASRec's original loss: binary cross-entropy with one negative per
+                 position (gBCE with t = 0), item ids alone
   recbole_split_min_context_40 / recbole_split_post_ln / recbole_split_post_ln_attn_dropout
                  on RecBole's split: the loss only at positions with >= 40 events of context
                  (`encoder.model.loss_min_context`), Post-LN blocks (`norm_position`), and
@@ -97,6 +99,11 @@ ARMS: dict[str, dict[str, Any]] = {
                                     "encoder.model.item_negatives": 256,
                                     "encoder.model.gbce_t": 0.75,
                                     "encoder.model.negatives_per": "position"},
+    # SASRec's original loss (binary cross-entropy, one negative per position) with item ids
+    # alone: tells a fault of the sampled-loss path from gBCE's many-negative dynamics.
+    "bce_item_only_1_negative": {**ITEM_ONLY, "encoder.model.item_loss": "gbce",
+                                 "encoder.model.item_negatives": 1, "encoder.model.gbce_t": 0.0,
+                                 "encoder.model.negatives_per": "position"},
     # Against memorization (training-fit R@10 climbs while validation stays flat): decoupled
     # AdamW weight decay (the default 0.01 shrinks weights by lr x 0.01 per step).
     "weight_decay_0.1": {"train.weight_decay": 0.1},
