@@ -13,6 +13,7 @@ from user_llm_jax import config as config_lib
 from user_llm_jax import models
 from user_llm_jax import sharding as sharding_lib
 from user_llm_jax.data import pipeline
+from user_llm_jax.data import schema
 from user_llm_jax.data import transforms as T
 from user_llm_jax.encoder import ENCODER_TINY, UserEncoder
 from user_llm_jax.encoder import losses
@@ -290,7 +291,7 @@ def test_per_position_negatives_score_columns_of_item_logits(tied, batch):
   negative = jnp.take_along_axis(logits, negatives, axis=-1)
   expected, _, _ = losses.gbce_loss(
       positive, negative, targets, negatives, jnp.asarray(batch[T.MASK], bool),
-      beta=losses.gbce_beta(cfg.item_negatives, cfg.num_items - 2, cfg.gbce_t))
+      beta=losses.gbce_beta(cfg.item_negatives, cfg.num_items - schema.FIRST_ID, cfg.gbce_t))
   np.testing.assert_allclose(metrics["item_loss"], expected, rtol=1e-5)
   # The per-step draw scores other negatives: a different loss from the same parameters.
   shared = UserEncoder(GBCE.replace(tie_item_head=tied), rngs=nnx.Rngs(0))

@@ -32,7 +32,7 @@ def _mtimes(root: pathlib.Path) -> dict[str, float]:
 def test_report_has_every_arm_with_n_and_standard_errors(smoke):
   output, _ = smoke
   report = json.loads(output.read_text())
-  assert report["complete"] is True
+  assert report["complete"] is True and report["steps"] == 4
   assert list(report["arms"]) == list(study_config.SMOKE_ARMS)
   for name, arm in report["arms"].items():
     fav = arm["fav_acc"]
@@ -99,6 +99,7 @@ def test_rerun_of_the_script_reuses_finished_arms(smoke):
       capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "fav_acc" in proc.stdout and "verdicts" in proc.stdout
+  assert "(smoke, 4 training steps per arm)" in proc.stdout
   # No arm trained again: checkpoints, summaries and TensorBoard files are untouched.
   after = _mtimes(output.parent)
   assert before and {k: after.get(k) for k in before} == before

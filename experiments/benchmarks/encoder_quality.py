@@ -66,6 +66,10 @@ from user_llm_jax.train import summary as summary_lib
 ITEM_ONLY = {"encoder.model.use_rating": False, "encoder.model.use_categories": False,
              "encoder.model.use_time": False, "encoder.model.rating_loss_weight": 0.0,
              "encoder.model.category_loss_weight": 0.0}
+# gSASRec's loss as published: gBCE over 256 uniform negatives, t = 0.75.
+GBCE = {"encoder.model.item_loss": "gbce", "encoder.model.item_negatives": 256,
+        "encoder.model.gbce_t": 0.75}
+PER_POSITION = {"encoder.model.negatives_per": "position"}
 ARMS: dict[str, dict[str, Any]] = {
     "kcore": {},
     # The same run on RecBole's split: timestamps rounded to float32 as RecBole stores
@@ -79,31 +83,22 @@ ARMS: dict[str, dict[str, Any]] = {
     "dropout_0.5": {"encoder.model.dropout": 0.5},
     "window_200": {"data.window": 200, "train.batch_size": 8},  # the same events per step
     # Sampled next-item losses (the ones that scale to catalogues of 10^5+ items).
-    "gbce": {"encoder.model.item_loss": "gbce", "encoder.model.item_negatives": 256,
-             "encoder.model.gbce_t": 0.75},
+    "gbce": GBCE,
     "sampled_softmax": {"encoder.model.item_loss": "sampled_softmax",
                         "encoder.model.item_negatives": 256},
-    "gbce_item_only": {**ITEM_ONLY, "encoder.model.item_loss": "gbce",
-                       "encoder.model.item_negatives": 256, "encoder.model.gbce_t": 0.75},
+    "gbce_item_only": {**ITEM_ONLY, **GBCE},
     # Without the tied head's per-item bias (gSASRec has none; with it a binary loss can
     # fit popularity alone).
     "no_item_bias": {"encoder.model.item_bias": False},
-    "gbce_no_bias": {"encoder.model.item_loss": "gbce", "encoder.model.item_negatives": 256,
-                     "encoder.model.gbce_t": 0.75, "encoder.model.item_bias": False},
+    "gbce_no_bias": {**GBCE, "encoder.model.item_bias": False},
     # Negatives drawn for every position (gSASRec's sampling) instead of once per step:
     # each step then pushes down positions x 256 items instead of 256.
-    "gbce_per_position": {"encoder.model.item_loss": "gbce", "encoder.model.item_negatives": 256,
-                          "encoder.model.gbce_t": 0.75,
-                          "encoder.model.negatives_per": "position"},
-    "gbce_item_only_per_position": {**ITEM_ONLY, "encoder.model.item_loss": "gbce",
-                                    "encoder.model.item_negatives": 256,
-                                    "encoder.model.gbce_t": 0.75,
-                                    "encoder.model.negatives_per": "position"},
+    "gbce_per_position": {**GBCE, **PER_POSITION},
+    "gbce_item_only_per_position": {**ITEM_ONLY, **GBCE, **PER_POSITION},
     # SASRec's original loss (binary cross-entropy, one negative per position) with item ids
     # alone: tells a fault of the sampled-loss path from gBCE's many-negative dynamics.
-    "bce_item_only_1_negative": {**ITEM_ONLY, "encoder.model.item_loss": "gbce",
-                                 "encoder.model.item_negatives": 1, "encoder.model.gbce_t": 0.0,
-                                 "encoder.model.negatives_per": "position"},
+    "bce_item_only_1_negative": {**ITEM_ONLY, **GBCE, **PER_POSITION,
+                                 "encoder.model.item_negatives": 1, "encoder.model.gbce_t": 0.0},
     # Against memorization (training-fit R@10 climbs while validation stays flat): decoupled
     # AdamW weight decay (the default 0.01 shrinks weights by lr x 0.01 per step).
     "weight_decay_0.1": {"train.weight_decay": 0.1},

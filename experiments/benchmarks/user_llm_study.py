@@ -421,7 +421,7 @@ def table(report: Mapping[str, Any]) -> str:
 def report_text(report: Mapping[str, Any]) -> str:
   """The table, what its columns mean, and the verdicts."""
   lines = [
-      f"User-LLM study ({report['variant']}, {report.get('steps', '?')} training steps per "
+      f"User-LLM study ({report['variant']}, {report['steps']} training steps per "
       f"arm): {len(report['arms'])} arms; value +- standard "
       "error; n = test users the figure rests on; shuffled = each user's context swapped "
       "for another user's (control); train s = job start to end of training; s/answer = "

@@ -251,7 +251,7 @@ def sampled_softmax_cross_entropy(
 
   Args:
     positive_logits: [B, E] scores of each position's target.
-    negative_logits: [B, E, K] scores of the shared negatives.
+    negative_logits: [B, E, K] scores of each position's negatives.
     targets: int[B, E] target ids.
     negatives: int[K] the negatives' ids (shared by every position), or int[B, E, K].
     mask: bool[B, E] positions to score.
@@ -281,7 +281,7 @@ def gbce_loss(positive_logits: jax.Array, negative_logits: jax.Array, targets: j
 
   Args:
     positive_logits: [B, E] scores of each position's target.
-    negative_logits: [B, E, K] scores of the shared negatives.
+    negative_logits: [B, E, K] scores of each position's negatives.
     targets: int[B, E] target ids.
     negatives: int[K] the negatives' ids (shared by every position), or int[B, E, K].
     mask: bool[B, E] positions to score.
