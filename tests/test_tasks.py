@@ -245,6 +245,64 @@ def test_majority_category_floor():
     floors.majority_category([{key: schema.PAD_ID}], test, vocab)
 
 
+def _timeline(categories, favorite):
+  """A record of len(categories) events (the last is the target) with these categories."""
+  n = len(categories)
+  return {schema.ITEM_IDS: np.arange(2, 2 + n, dtype=np.int32),
+          schema.CATEGORY_IDS: np.asarray([c for cs in categories for c in cs], np.int32),
+          schema.CATEGORY_LENGTHS: np.asarray([len(cs) for cs in categories], np.int32),
+          schema.FAVORITE_CATEGORY: np.int32(favorite)}
+
+
+def test_counted_category_applies_the_labels_rule_to_the_last_events():
+  """Counting the last k history events (target excluded), ties to the most recent."""
+  from data_pipelines import timelines  # pylint: disable=g-import-not-at-top
+  from user_llm_jax.eval import floors  # pylint: disable=g-import-not-at-top
+  vocab = schema.Vocabulary(dataset="movielens", items=(), ratings=(),
+                            categories=("<pad>", "<oov>", "Drama", "Comedy", "Horror"))
+  drama, comedy, horror = 2, 3, 4
+  # Whole history: Drama 3, Comedy 2, Horror 2 -> Drama.
+  a = _timeline([[drama], [comedy], [comedy, horror], [drama], [horror, drama], [comedy]], drama)
+  # Horror 3, Comedy 2 -> Horror; the two most recent history events are both Comedy.
+  b = _timeline([[horror], [horror], [horror], [comedy], [comedy], [drama]], horror)
+  unlabelled = _timeline([[drama], [drama]], schema.PAD_ID)
+  for r in (a, b):  # the fixtures' labels are the label's own rule
+    assert timelines.favorite_category(r[schema.CATEGORY_IDS],
+                                       r[schema.CATEGORY_LENGTHS]) == r[schema.FAVORITE_CATEGORY]
+  records = [a, b, unlabelled]
+  # Last 2: a -> Drama 2, Horror 1 (right); b -> Comedy (wrong). The unlabelled one is skipped.
+  m = floors.counted_category(records, vocab, 2, ids=[10, 11, 12])
+  assert (m["accuracy"], m["num_examples"]) == (0.5, 2)
+  assert m["accuracy_stderr"] == pytest.approx(0.5 / np.sqrt(2))
+  assert m["per_example"] == {"ids": [10, 11], "values": {"accuracy": [1.0, 0.0]}}
+  assert "the last 2 history events" in m["procedure"]
+  # Last 3 of a: Comedy 1, Horror 2, Drama 2: the tie goes to Drama, the most recent.
+  assert floors.counted_category([a], vocab, 3)["accuracy"] == 1.0
+  # A view longer than the history counts all of it: the label itself.
+  assert floors.counted_category(records, vocab, 100)["accuracy"] == 1.0
+  # One count per record, and only the first category of each event: a's last event reads
+  # Horror alone (wrong), b's whole history is read (right).
+  m = floors.counted_category(records, vocab, [1, 5, 0], max_categories=1)
+  assert m["accuracy"] == 0.5 and m["events_counted_mean"] == pytest.approx(2.0)
+  assert floors.counted_category([a], vocab, 0)["accuracy"] == 0.0  # nothing read
+  with pytest.raises(ValueError, match="2 event counts for 3 records"):
+    floors.counted_category(records, vocab, [1, 2])
+  with pytest.raises(ValueError, match=">= 0"):
+    floors.counted_category(records, vocab, -1)
+  with pytest.raises(ValueError, match="2 ids for 3"):
+    floors.counted_category(records, vocab, 2, ids=[1, 2])
+
+
+def test_events_shown_is_what_the_text_prompt_renders(vocab, tok):
+  record = make_record(9, seed=3)
+  tr = transform(vocab, tok, history_tokens=60)
+  events = tr.history_events(record)
+  kept = tr.events_shown(record)
+  assert 0 < kept < len(events)
+  assert tr.history_text(record) == prompts.HISTORY_SEPARATOR.join(events[len(events) - kept:])
+  assert transform(vocab, tok, history_tokens=0).events_shown(record) == 0
+
+
 def test_rating_prior_review_floor(vocab, tok):
   """The review floor answers with the commonest training answer of the review's rating."""
   from user_llm_jax.data import prepared  # pylint: disable=g-import-not-at-top

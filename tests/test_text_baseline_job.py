@@ -18,6 +18,10 @@ def smoke_config(**changes):
       "eval.num_examples": 3, **changes})
 
 
+def config_window(summary) -> int:
+  return int(summary["dataset"]["window"])
+
+
 @pytest.mark.parametrize("strategy", ["lora", "full"])
 def test_trained_text_baseline(tmp_path, data_dirs, strategy):
   summary = text_baseline.run(smoke_config(**data_dirs, **{"baseline.strategy": strategy}),
@@ -42,6 +46,14 @@ def test_trained_text_baseline(tmp_path, data_dirs, strategy):
   assert on_disk["trainable_params"] == summary["trainable_params"]
   assert f"({strategy}," in (tmp_path / "summary.txt").read_text()
   assert summary["curve"] == []   # train.eval_every = 0: no learning curve
+  # The exact count of the events each prompt shows, on the same users, with its verdict.
+  count = summary["metrics"]["count_prompt"]["favorite_category"]
+  fav = metrics["favorite_category"]
+  assert count["per_example"]["ids"] == fav["per_example"]["ids"]
+  assert 0 < count["events_counted_mean"] <= config_window(summary)
+  assert any(v.startswith("favorite_category accuracy: text_prompt ") and " count_prompt " in v
+             for v in summary["verdicts"])
+  assert "count_prompt" in (tmp_path / "summary.txt").read_text()
 
 
 def test_text_baseline_learning_curve_is_the_user_llm_procedure(tmp_path, data_dirs):

@@ -15,8 +15,10 @@ from absl import flags
 from experiments.configs import main as main_config
 from experiments.configs import user_llm_movielens
 from data_pipelines import records
+from data_pipelines import timelines
 from user_llm_jax import inference
 from user_llm_jax import runs
+from user_llm_jax.data import schema
 from user_llm_jax.jobs import generate
 from user_llm_jax.jobs import main_pipeline
 from user_llm_jax.jobs import train_user_llm
@@ -73,6 +75,22 @@ def test_job_writes_summary_with_metrics(finished_run, data_dirs):
   assert majority["answer"] == data.vocab.categories[best]
   assert majority["accuracy"] == pytest.approx(expected)
   assert "majority" in (workdir / "summary.txt").read_text()
+  # The exact count of the encoder's window, recomputed by the label's rule.
+  config = smoke_config(**data_dirs)
+  right = []
+  for i in idx:
+    r = data.test[i]
+    cats = schema.split_categories(r["category_ids"], r["category_lengths"])[:-1]
+    view = [c[:config.data.max_categories] for c in cats[-config.data.window:]]
+    flat = np.asarray([c for cs in view for c in cs], np.int64)
+    right.append(timelines.favorite_category(flat, np.asarray([len(c) for c in view] + [0]))
+                 == int(r["favorite_category"]))
+  count = metrics["count_window"]["favorite_category"]
+  assert count["accuracy"] == pytest.approx(np.mean(right))
+  assert count["per_example"]["ids"] == idx
+  # The linear probe reads a pretrained encoder's states: none with a random encoder (the
+  # main pipeline's test below has one).
+  assert "probe" not in metrics
   # Enc strategy: encoder + bridge train, the LLM does not.
   groups = on_disk["param_groups"]
   assert on_disk["trainable_params"] == groups["encoder"] + groups["bridge"]
@@ -163,7 +181,13 @@ def test_main_pipeline_smoke_and_generate(tmp_path):
   methods = list(summary["metrics"])
   assert methods[0].startswith("User-LLM")
   assert any("shuffled" in m for m in methods)
-  assert {"SASRec-style encoder", "popularity", "majority genre"} <= set(methods)
+  assert {"SASRec-style encoder", "popularity", "majority genre",
+          "exact count of the encoder's events (reference)",
+          "exact count of the text prompt's events (reference)",
+          "linear probe of the encoder's states (reference)"} <= set(methods)
+  probe_row = summary["metrics"]["linear probe of the encoder's states (reference)"]
+  assert probe_row["favorite_category"]["num_examples"] == 3
+  assert any(" probe " in v for v in summary["verdicts"])
   text_row = next(m for m in methods if m.startswith("text prompt"))
   head_row = next(m for m in methods if "item head" in m)
   assert 0.0 <= summary["metrics"][head_row]["next_item"]["recall@10"] <= 1.0

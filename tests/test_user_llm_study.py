@@ -58,6 +58,14 @@ def test_report_has_every_arm_with_n_and_standard_errors(smoke):
   # Only the pretrained-encoder arm read the data group's encoder pretraining run.
   assert (output.parent / "data" / "default" / "encoder" / "summary.json").exists()
   assert report["arms"]["user_llm"]["floors"]["majority"]["n"] == 3
+  # Every arm's exact count of what it reads: the encoder's window, the text prompt's events.
+  for name, arm in report["arms"].items():
+    assert arm["count_fav_acc"]["n"] == 3, name
+  assert (report["arms"]["user_llm"]["count_fav_acc"]["value"]
+          == report["arms"]["random_encoder"]["count_fav_acc"]["value"])  # the same window
+  # The probe reads a pretrained encoder's states: none for the random-encoder arm.
+  assert report["arms"]["user_llm"]["probe_fav_acc"]["n"] == 3
+  assert report["arms"]["random_encoder"]["probe_fav_acc"] is None
   assert "sasrec" not in report["arms"]["random_encoder"]["floors"]
 
 
@@ -68,6 +76,7 @@ def test_verdicts_call_differences_under_two_standard_errors_ties(smoke):
   assert ("text_lora", "user_llm", "fav_acc") in pairs
   assert ("random_encoder", "user_llm", "item_head_recall@10") in pairs
   assert ("user_llm", "user_llm shuffled users (control)", "fav_acc") in pairs
+  assert ("text_lora", "text_lora: exact count of the events it reads", "fav_acc") in pairs
   for v in verdicts:
     tie = not abs(v["diff"]) > v["two_se"] or v["two_se"] == 0
     assert (v["verdict"] == "tie") == tie, v
@@ -84,7 +93,7 @@ def test_table_and_learning_curve_plot(smoke):
   for name in study_config.SMOKE_ARMS:
     assert name in text and name in report["table"]
   assert "+-" in text and "item-head R@10" in text and "verdicts" in text
-  assert "majority genre (floor)" in text
+  assert "majority genre (floor)" in text and "count of its view" in text
   png = output.with_suffix(".png")
   assert report["plot"] == str(png)
   assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5000

@@ -28,10 +28,14 @@ its checkpoint. Arms with identical configs run once (`strategy_enc` and `histor
 `user_llm`).
 
 The table: per arm, trained / total parameters, favorite-genre accuracy +- standard error
-and n (test users), the item head's Recall@10 +- SE and n (User-LLM arms), the accuracy of
+and n (test users), the exact count of its view (the label's rule applied to the events the
+arm reads: the encoder's window, or what the text prompt shows; a reference from above,
+not a floor), the accuracy of a linear probe of its pretrained encoder's mean-pooled states
+(`eval/probe.py`: whether the states still carry the answer), the item head's Recall@10 +- SE and n (User-LLM arms), the accuracy of
 the shuffled-context control (each user's context swapped for another user's), training
 seconds (job start to end of training) and evaluation seconds per answer. Verdicts compare
-each arm with `user_llm`, with its own shuffled control, and `user_llm` with the floors; a
+each arm with `user_llm`, with its own shuffled control and count, and `user_llm` with the
+floors; a
 difference under two standard errors of the difference is a tie. The arms are scored on
 the same seeded test users, so the standard error of a difference is the paired one (of the
 per-user differences, `eval.paired`); runs that kept no per-user values (written before
@@ -85,6 +89,9 @@ FIGURES = {
     "shuffled_fav_acc": ("_shuffled", FAV, "accuracy"),
     "shuffled_item_head_recall@10": ("_item_head_shuffled", NEXT, "recall@10"),
 }
+# The exact count of the events an arm reads (`eval/floors.py`), the favorite-category
+# label's rule applied to its view: what counting them answers. Read from the arm's run.
+COUNT = {USER_LLM_JOB: "count_window", TEXT_JOB: "count_prompt"}
 # Floors read from the reference arm's run: name -> (method, task, metric, label).
 FLOORS = {
     "majority": ("majority", FAV, "accuracy", "majority genre (floor)"),
@@ -318,6 +325,8 @@ def arm_entry(arm: ArmRun, summary: Mapping[str, Any], reused: bool) -> dict[str
   }
   for name, (suffix, task, key) in FIGURES.items():
     entry[name] = figure(metrics.get(method + suffix, {}).get(task), key)
+  entry["count_fav_acc"] = figure(metrics.get(COUNT[arm.job], {}).get(FAV), "accuracy")
+  entry["probe_fav_acc"] = figure(metrics.get("probe", {}).get(FAV), "accuracy")
   secs = [m["sec_per_answer"] for m in metrics.get(method, {}).values()
           if "sec_per_answer" in m]
   entry["sec_per_answer"] = float(np.mean(secs)) if secs else None
@@ -364,6 +373,15 @@ def verdicts(arms: Mapping[str, Mapping[str, Any]], reference: str) -> list[dict
       if entry[metric] and control:
         out.append(compare(metric, name, entry[metric], f"{name} shuffled users (control)",
                            control))
+  for name, entry in arms.items():
+    count = entry.get("count_fav_acc")
+    if not entry["same_as"] and entry["fav_acc"] and count:
+      out.append(compare("fav_acc", name, entry["fav_acc"],
+                         f"{name}: exact count of the events it reads", count))
+    probe_fig = entry.get("probe_fav_acc")
+    if not entry["same_as"] and entry["fav_acc"] and probe_fig:
+      out.append(compare("fav_acc", name, entry["fav_acc"],
+                         f"{name}: linear probe of its encoder's states", probe_fig))
   floor_metric = {"majority": "fav_acc", "popularity": "item_head_recall@10",
                   "sasrec": "item_head_recall@10"}
   for floor, fig in ref.get("floors", {}).items():
@@ -398,14 +416,17 @@ def _n(fig: Mapping[str, float] | None) -> str:
 
 def table(report: Mapping[str, Any]) -> str:
   """One row per arm (and the floors of the reference run): figures +- SE, n, seconds."""
-  header = ["arm", "trained / total params", "fav_acc", "n", "item-head R@10", "n",
-            "shuffled fav_acc", "n", "steps", "train s", "s/answer"]
+  header = ["arm", "trained / total params", "fav_acc", "n", "count of its view", "n",
+            "probe of its states", "n", "item-head R@10", "n", "shuffled fav_acc", "n",
+            "steps", "train s", "s/answer"]
   rows = []
   for name, e in report["arms"].items():
     rows.append([
         name + (f" (= {e['same_as']})" if e["same_as"] else ""),
         f"{e['trainable_params'] / 1e6:.2f} M / {e['total_params'] / 1e6:.1f} M",
-        _cell(e["fav_acc"]), _n(e["fav_acc"]), _cell(e["item_head_recall@10"]),
+        _cell(e["fav_acc"]), _n(e["fav_acc"]), _cell(e.get("count_fav_acc")),
+        _n(e.get("count_fav_acc")), _cell(e.get("probe_fav_acc")),
+        _n(e.get("probe_fav_acc")), _cell(e["item_head_recall@10"]),
         _n(e["item_head_recall@10"]), _cell(e["shuffled_fav_acc"]), _n(e["shuffled_fav_acc"]),
         f"{e['steps']} x {e['batch_size']}", f"{e['train_sec']:.0f}",
         f"{e['sec_per_answer']:.3f}" if e["sec_per_answer"] is not None else "-"])
@@ -413,8 +434,8 @@ def table(report: Mapping[str, Any]) -> str:
   for floor, fig in ref.get("floors", {}).items():
     fav = fig if FLOORS[floor][1] == FAV else None
     item = fig if FLOORS[floor][1] == NEXT else None
-    rows.append([FLOORS[floor][3], "-", _cell(fav), _n(fav), _cell(item), _n(item), "-", "-",
-                 "-", "-", "-"])
+    rows.append([FLOORS[floor][3], "-", _cell(fav), _n(fav), "-", "-", "-", "-", _cell(item),
+                 _n(item), "-", "-", "-", "-", "-"])
   return summary_lib.format_table(rows, header)
 
 

@@ -7,6 +7,15 @@
                 personalized answer must beat)
   rating_prior  review: the commonest training answer for the review's rating, which the
                 prompt states (the score a model reaches from the rating alone)
+  count_window  favorite category: the label's own rule (the most frequent category)
+                applied to the events the encoder reads (the last `data.window`); what an
+                exact reader of User-LLM's user context answers. Not a floor but a reference
+                from above: the label counts the whole history, so where the history is
+                longer than the window even this count can miss. The text-prompt job adds
+                `count_prompt`, the same count over the events its prompt shows.
+  probe         favorite category: a linear probe of the pretrained encoder's states,
+                mean-pooled (`eval/probe.py`): whether the states User-LLM reads still
+                carry the label, i.e. whether a miss is the encoder's or the bridge's
 """
 
 from __future__ import annotations
@@ -18,12 +27,14 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from data_pipelines import timelines
 from user_llm_jax.data import pipeline as pipeline_lib
 from user_llm_jax.data import prepared
 from user_llm_jax.data import schema
 from user_llm_jax.encoder.model import UserEncoder
 from user_llm_jax.eval import paired
 from user_llm_jax.eval import popularity
+from user_llm_jax.eval import probe
 from user_llm_jax.eval import retrieval
 from user_llm_jax.tasks import evaluate as eval_lib
 from user_llm_jax.tasks import examples as ex_lib
@@ -77,6 +88,13 @@ def non_llm_baselines(encoder: UserEncoder | None, data: runner.TaskData,
   if prompts.FAVORITE_CATEGORY in names:
     out["majority"] = {prompts.FAVORITE_CATEGORY: majority_category(
         data.train, records, data.vocab, ids=indices)}
+    out["count_window"] = {prompts.FAVORITE_CATEGORY: counted_category(
+        records, data.vocab, int(config.data.window), ids=indices,
+        max_categories=int(config.data.max_categories),
+        what="the events the encoder reads")}
+    if encoder is not None:
+      out["probe"] = {prompts.FAVORITE_CATEGORY: probe.category_probe(
+          encoder, data.train, records, data.vocab, config, ids=indices)}
   if prompts.REVIEW in names and transform is not None:
     out["rating_prior"] = {prompts.REVIEW: rating_prior_review(data, transform, indices)}
   return out
@@ -142,3 +160,70 @@ def majority_category(train: Sequence[Mapping[str, Any]], test: Sequence[Mapping
   return {"accuracy": accuracy, "accuracy_stderr": eval_lib.binomial_stderr(accuracy, truth.size),
           "num_examples": int(truth.size), "answer": vocab.categories[best], **extra,
           "procedure": f"always the training majority label {vocab.categories[best]!r}"}
+
+
+def counted_category(records: Sequence[Mapping[str, Any]], vocab: schema.Vocabulary,
+                     last_events: int | Sequence[int], *, ids: Sequence[int] | None = None,
+                     max_categories: int | None = None,
+                     what: str = "the most recent events") -> dict[str, Any]:
+  """Accuracy of counting: the label's rule applied to a method's view of the history.
+
+  The favorite-category label is the most frequent category of the whole history
+  (`events[:-1]`, ties to the most recent: `data_pipelines.timelines.favorite_category`).
+  Applying that rule to the last `k` history events answers what an exact count over
+  those events answers, so it tells what a method that reads them can reach by counting,
+  and whether a method's answers use more than the events it reads.
+
+  Args:
+    records: test records (schema features; the label in `FAVORITE_CATEGORY`).
+    vocab: the vocabulary (its category names for the procedure).
+    last_events: how many of the most recent history events are counted: one number for
+      every record, or one per record (e.g. what each text prompt shows).
+    ids: one id per record; when given each labelled record's correctness is kept
+      (`paired.PER_EXAMPLE`).
+    max_categories: count only each event's first `max_categories` categories (the
+      encoder's `data.max_categories`); None counts all.
+    what: the view's name for the procedure string.
+
+  Returns:
+    The metrics dict: accuracy, its standard error, num_examples, procedure (and
+    per-example values with `ids`). Records without a label are left out, as the LLM rows
+    leave them out.
+
+  Raises:
+    ValueError: `last_events` or `ids` of another length than `records`, or a negative
+      count.
+  """
+  counts = (np.full(len(records), int(last_events), np.int64) if np.ndim(last_events) == 0
+            else np.asarray(last_events, np.int64).reshape(-1))
+  if counts.size != len(records):
+    raise ValueError(f"{counts.size} event counts for {len(records)} records")
+  if counts.size and counts.min() < 0:
+    raise ValueError(f"event counts must be >= 0, got {int(counts.min())}")
+  if ids is not None and len(ids) != len(records):
+    raise ValueError(f"{len(ids)} ids for {len(records)} test records")
+  right, kept = [], []
+  for r, (record, k) in enumerate(zip(records, counts)):
+    truth = int(record[schema.FAVORITE_CATEGORY])
+    if truth < schema.FIRST_ID:
+      continue
+    events = schema.split_categories(
+        np.asarray(record[schema.CATEGORY_IDS]).reshape(-1),
+        np.asarray(record[schema.CATEGORY_LENGTHS]).reshape(-1))[:-1]  # the history
+    view = [list(c)[:max_categories] for c in events[len(events) - min(k, len(events)):]]
+    # The rule's input: a flat id list and per-event lengths, the target event last.
+    flat = np.asarray([c for cats in view for c in cats], np.int64)
+    lengths = np.asarray([len(c) for c in view] + [0], np.int64)
+    right.append(float(timelines.favorite_category(flat, lengths) == truth))
+    kept.append(r)
+  accuracy = float(np.mean(right)) if right else float("nan")
+  view = (f"the last {int(counts[0])}" if counts.size and (counts == counts[0]).all()
+          else f"the last {counts.mean():.1f} (mean)")
+  out = {"accuracy": accuracy, "accuracy_stderr": eval_lib.binomial_stderr(accuracy, len(right)),
+         "num_examples": len(right), "events_counted_mean": float(counts.mean()) if counts.size
+         else 0.0,
+         "procedure": f"the most frequent category of {view} history events ({what}; the "
+                      "label's rule, which counts the whole history)"}
+  if ids is not None:
+    out[paired.PER_EXAMPLE] = paired.per_example(np.asarray(ids)[kept], {"accuracy": right})
+  return out

@@ -152,11 +152,16 @@ def compare_runs(reference: tuple[str, Mapping[str, Mapping[str, Mapping[str, An
   return out
 
 
-# (User-LLM row, task, metric, the rows it is compared with): the comparisons every
-# User-LLM report states (task names as in `tasks.prompts`).
+# (method row, task, metric, the rows it is compared with): the comparisons every User-LLM
+# (and text-prompt) report states (task names as in `tasks.prompts`). The `count_*` rows
+# are exact counts over what a method reads and `probe` a linear read-out of the encoder's
+# states (`eval/floors.py`): references from above, not floors.
 COMPARISONS = (
     ("user_llm", "favorite_category", "accuracy",
-     ("majority", "text_prompt", "user_llm_shuffled")),
+     ("majority", "text_prompt", "user_llm_shuffled", "count_window", "count_prompt",
+      "probe")),
+    # The text prompt against an exact count of the events it shows.
+    ("text_prompt", "favorite_category", "accuracy", ("majority", "count_prompt")),
     ("user_llm", "next_item", "recall@10",
      ("popularity", "sasrec", "text_prompt", "user_llm_shuffled")),
     ("user_llm_item_head", "next_item", "recall@10",
@@ -166,8 +171,8 @@ COMPARISONS = (
 
 
 def verdicts(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[str]:
-  """Is User-LLM ahead of the floors, the text prompt and its own shuffled control by more
-  than two standard errors (of the difference), on each task? One line per comparison of
+  """Is User-LLM ahead of the floors, the text prompt and its own shuffled control (and the
+  text prompt of its floors) by more than two standard errors of the difference, per task? One line per comparison of
   `COMPARISONS` whose two rows are in `metrics` ({method: {task: metrics}}).
 
   Every row of a run is measured on the same test users, so the difference is paired over

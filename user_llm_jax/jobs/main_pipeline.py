@@ -12,8 +12,12 @@ its config is unchanged, and an interrupted one resumes from its checkpoint):
                 (WORKDIR/text_baseline; job `text_baseline`)
   5. report     results table (every method's metric +- standard error and number of test
                 users, estimated FLOPs and measured seconds per answer), whether User-LLM
-                beats the floors and the text prompt by more than two standard errors, and
-                one personalized generation, in WORKDIR/summary.json + summary.txt
+                beats the floors and the text prompt by more than two standard errors, the
+                exact counts of what each method reads (the favorite-genre label's rule on
+                the encoder's window and on the text prompt's events: how much of its
+                input a method uses) and a linear probe of the encoder's states (whether
+                they still carry the answer), and one personalized generation, in
+                WORKDIR/summary.json + summary.txt
 
 Stages are run through the job registry (`jobs.resolve`), never by importing other jobs.
 """
@@ -167,13 +171,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             "user_llm_item_head_shuffled": "User-LLM item head, shuffled users (control)",
             "text_prompt": f"text prompt ({text_summary['strategy']})",
             "sasrec": "SASRec-style encoder", "popularity": "popularity",
-            "majority": "majority genre", "rating_prior": "rating prior"}
+            "majority": "majority genre", "rating_prior": "rating prior",
+            "count_window": "exact count of the encoder's events (reference)",
+            "count_prompt": "exact count of the text prompt's events (reference)",
+            "probe": "linear probe of the encoder's states (reference)"}
   raw = dict(ullm_summary["metrics"])
   raw["text_prompt"] = text_summary["metrics"]["text_prompt"]
+  if "count_prompt" in text_summary["metrics"]:
+    raw["count_prompt"] = text_summary["metrics"]["count_prompt"]
   flops = _flops_per_answer(trained[0], config.data.window, raw)
   order = ["user_llm", "user_llm_item_head", "user_llm_shuffled",
            "user_llm_item_head_shuffled", "text_prompt", "sasrec", "popularity", "majority",
-           "rating_prior"]
+           "rating_prior", "count_window", "count_prompt", "probe"]
   metrics = {labels[k]: raw[k] for k in order if k in raw}
   by_label = {labels[k]: k for k in order}
 

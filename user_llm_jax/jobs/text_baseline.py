@@ -9,7 +9,9 @@ that fit `baseline.history_tokens`) instead of user embeddings. `baseline.strate
   full        every LLM parameter trained with the User-LLM budget
 
 (Enc and Proj have no counterpart: there is no encoder or bridge.) Results go to
-`WORKDIR/summary.json` / `summary.txt` (with the learning curve of trained strategies:
+`WORKDIR/summary.json` / `summary.txt` (with the row `count_prompt`: the favorite-category
+label's rule applied to exactly the events each prompt shows, and the paired verdicts; with
+the learning curve of trained strategies:
 `runner.curve_metrics` every `train.eval_every` steps, the User-LLM job's procedure, so the
 two are comparable point by point); training resumes from the workdir's checkpoint.
 The prompts and the reading of a finished run are `text_prompt`'s (`--mode=infer` answers
@@ -33,10 +35,13 @@ from user_llm_jax import runs
 from user_llm_jax import text_prompt
 from user_llm_jax.bridge import soft_prompt
 from user_llm_jax.bridge import strategies
+from user_llm_jax.eval import floors
+from user_llm_jax.eval import paired
 from user_llm_jax.llm.losses import next_token_loss
 from user_llm_jax.llm.model import Decoder
 from user_llm_jax.tasks import evaluate as eval_lib
 from user_llm_jax.tasks import examples as ex_lib
+from user_llm_jax.tasks import prompts
 from user_llm_jax.tasks import runner
 from user_llm_jax.train import setup
 from user_llm_jax.train import summary as summary_lib
@@ -54,6 +59,21 @@ def text_loss(model: Decoder, batch: dict[str, Any]) -> tuple[Any, dict[str, Any
                     attention_mask=soft_prompt.text_attention_mask(text_mask))  # [B,T,V]
   loss, count = next_token_loss(logits, tokens, loss_mask)
   return loss, {"answer_tokens": count}
+
+
+def prompt_count(data: runner.TaskData, transform: ex_lib.TaskExample,
+                 config: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
+  """{'count_prompt': {favorite_category: metrics}}: the label's rule applied to exactly the
+  events each evaluated prompt shows (`floors.counted_category`), on the same test records;
+  {} without the favorite-category task."""
+  if prompts.FAVORITE_CATEGORY not in tuple(config.tasks.names):
+    return {}
+  indices = runner.eval_indices(len(data.test), config.eval.num_examples, config.seed)
+  records = [dict(data.test[i]) for i in indices]
+  shown = [transform.events_shown(r) for r in records]
+  return {"count_prompt": {prompts.FAVORITE_CATEGORY: floors.counted_category(
+      records, data.vocab, shown, ids=indices, max_categories=int(config.data.max_categories),
+      what="the events the text prompt shows")}}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -93,13 +113,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   t_eval = time.perf_counter()
   metrics = runner.evaluate_tasks(eval_lib.text_conditioner(llm), data, transform, config)
   eval_time = time.perf_counter() - t_eval
+  rows = {"text_prompt": metrics, **prompt_count(data, transform, config)}
   # Over every evaluated example of every task (the prompts hold the history).
   counts = [(m["mean_prompt_tokens"], m["num_examples"]) for m in metrics.values()]
   mean_prompt = (sum(t * n for t, n in counts) / max(sum(n for _, n in counts), 1))
   wall = time.perf_counter() - t0
   summary = {
       "config_name": config.name, "job": JOB, "strategy": strategy,
-      "metrics": {"text_prompt": metrics}, "trainable_params": trained,
+      "metrics": rows, "verdicts": paired.verdicts(rows), "trainable_params": trained,
       "total_params": total, "steps": steps, "resumed_from": resumed_from,
       "history_tokens": config.baseline.history_tokens,
       "mean_prompt_tokens": float(mean_prompt),
@@ -110,11 +131,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "dataset": {"path": data.path, "protocol": config.data.protocol,
                   "window": config.data.window, "num_items": data.vocab.num_items},
   }
-  table = runner.results_table({"text_prompt": metrics}, tuple(config.eval.ks))
+  table = runner.results_table(rows, tuple(config.eval.ks))
   text = (f"{config.name}: text-prompt baseline ({strategy}, history <= "
           f"{config.baseline.history_tokens} tokens, mean prompt "
           f"{summary['mean_prompt_tokens']:.0f} tokens over every evaluated example), "
           f"{steps} steps, {trained:,} trainable / {total:,} params, {wall:.1f} s wall\n{table}")
+  if summary["verdicts"]:
+    text += "\nverdicts (a difference under two standard errors is a tie):\n" + "\n".join(
+        f"  {v}" for v in summary["verdicts"])
   if history:
     summary_lib.plot_loss(history, summary_lib.loss_png(workdir), evals=curve,
                           eval_key="fav_acc", title=f"{config.name} text baseline")

@@ -160,6 +160,14 @@ class TaskExample(grain.transforms.Map):
                                      self.cfg.history_tokens)
     return text
 
+  def events_shown(self, record: dict[str, Any]) -> int:
+    """How many of the most recent history events the prompt shows (0: no history text)."""
+    if self.cfg.history_tokens <= 0:
+      return 0
+    _, kept = prompts.render_history(self.history_events(record), self.tokenizer,
+                                     self.cfg.history_tokens)
+    return kept
+
   def answer_text(self, record: dict[str, Any], task: str) -> str | None:
     """The reference answer of `task` for `record`, or None when there is none."""
     if task == prompts.NEXT_ITEM:
