@@ -414,3 +414,32 @@ def test_the_evaluation_conditioner_reads_the_scaled_soft_prompt(soft_model):
   np.testing.assert_allclose(np.asarray(cond.inputs_embeds[:, :E]), np.asarray(context),
                              rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(np.asarray(cond.prompt_mask[:, :E]), np.asarray(mask))
+
+
+@pytest.mark.parametrize("mode", ullm.MODES)
+@pytest.mark.parametrize("use_perceiver", [False, True])
+def test_pooled_context_appends_the_mean_state_over_the_valid_events(mode, use_perceiver):
+  """`pooled_context`: one more context embedding, the projection of the encoder states'
+  mean over the valid events (padding ignored), after the event or Perceiver embeddings."""
+  cfg = ullm.UserLlmConfig(mode=mode, use_perceiver=use_perceiver, num_latents=4,
+                           xattn_every=3, pooled_context=True)
+  model = ullm.build_user_llm(cfg, ENCODER_TINY, LLM_TINY, rngs=nnx.Rngs(0))
+  batch = make_batch()
+  ctx, ctx_mask = model.user_context(batch)
+  p = 4 if use_perceiver else E
+  assert ctx.shape == (B, p + 1, LLM_TINY.width) and bool(ctx_mask[:, -1].all())
+  states = np.asarray(model.encoder(batch))
+  for row in range(B):
+    mean = states[row, :NUM_VALID[row]].mean(0)
+    expected = model.bridge.projection(jnp.asarray(mean)[None, None])[0, 0]
+    if model.bridge.prompt_gain is not None:  # the soft prompt's RMS normalisation
+      x = np.asarray(expected, np.float64)
+      expected = (x / np.sqrt(np.mean(x * x) + 1e-6) * np.asarray(model.bridge.prompt_gain[...])
+                  * float(model.token_embed_rms()))
+    np.testing.assert_allclose(np.asarray(ctx[row, -1]), expected, rtol=1e-4, atol=1e-5)
+  # Padded events do not reach the pooled embedding.
+  scrambled, _ = model.user_context(scramble_padded_events(batch))
+  np.testing.assert_allclose(np.asarray(scrambled[:, -1]), np.asarray(ctx[:, -1]), rtol=1e-5,
+                             atol=1e-6)
+  logits = model(batch, jnp.asarray(batch["tokens"]))
+  assert logits.shape == (B, T, LLM_TINY.vocab_size) and bool(jnp.isfinite(logits).all())

@@ -13,6 +13,8 @@ pretraining and defaults):
   perceiver       Perceiver, 16 latents           strategy_*    Enc / LoRA / Full / Proj
   history_*       50 / 200 / 500 events per user history (own data + encoder pretraining)
   text_lora_500   the text prompt on the 500-event data (compared with history_500)
+  pooled_500      history_500 with the mean of the encoder's states as one more context
+                  embedding (`bridge.pooled_context`; compared with both)
 
 Layout of the output directory (DIR = the directory of --output):
 

@@ -90,6 +90,10 @@ ARMS: dict[str, Arm] = {
     "history_50": Arm("User-LLM, 50-event history", history(50)),
     "history_200": Arm("User-LLM, 200-event history", history(200)),
     "history_500": Arm("User-LLM, 500-event history", history(500)),
+    # The mean of the encoder's states as one more context embedding: a linear probe of it
+    # reads the favorite genre far better than the 500-event arm learns to.
+    "pooled_500": Arm("User-LLM, 500-event history, + the mean-pooled state",
+                      {**history(500), "bridge.pooled_context": True}),
     # The text prompt on the 500-event data: it still reads only the most recent events that
     # fit `baseline.history_tokens`, so its view of the history shrinks to a few percent.
     "text_lora_500": Arm("text prompt, LoRA, favorite genre only, 500-event history",
@@ -98,7 +102,8 @@ ARMS: dict[str, Arm] = {
                           "baseline.max_answer_tokens": None, **history(500)}),
 }
 # (arm, arm) pairs on the same data compared in the verdicts besides the reference.
-SAME_DATA_PAIRS = (("history_500", "text_lora_500"),)
+SAME_DATA_PAIRS = (("history_500", "text_lora_500"), ("pooled_500", "text_lora_500"),
+                   ("pooled_500", "history_500"))
 SMOKE_ARMS = ("user_llm", "random_encoder", "text_lora")
 VARIANT_ARMS: dict[str, tuple[str, ...]] = {"cpu": tuple(ARMS), "smoke": SMOKE_ARMS}
 

@@ -92,6 +92,12 @@ class UserLlmConfig:
       at 1). The frozen LLM then reads inputs of the scale it was trained on; the
       projection's raw outputs are several times larger than SmolLM2's token embeddings
       (the `context_rms` / `token_embed_rms` training metrics show both).
+    pooled_context: append one more user embedding, the encoder's states averaged over
+      the valid events, after the event (or Perceiver) embeddings. A statistic of the whole
+      history (e.g. how often each genre occurs) is then one attention hop away, where the
+      event embeddings alone need the attention spread evenly over every event to read it
+      (a linear probe of the mean-pooled states reads the favorite genre far better than
+      the bridge learns to in a few hundred steps: `eval/probe.py`).
     dtype: compute dtype of the bridge.
     param_dtype: storage dtype of the bridge parameters.
   """
@@ -113,6 +119,7 @@ class UserLlmConfig:
   item_head_skip: bool = False
   item_loss_weight: float = 1.0
   soft_prompt_norm: bool = True
+  pooled_context: bool = False
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -182,16 +189,26 @@ class Bridge(nnx.Module):
                                  param_dtype=param_dtype, rngs=rngs)
     self.prompt_gain = (nnx.Param(jnp.ones((llm_width,), param_dtype))
                         if cfg.mode == "soft_prompt" and cfg.soft_prompt_norm else None)
+    self.pooled_context = cfg.pooled_context
 
   def __call__(self, states: jax.Array, mask: jax.Array, *,
                target_rms: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """states [B,E,D_enc], mask [B,E] -> (embeddings [B,P,D], mask [B,P]).
 
+    P is E (or the Perceiver's Q), plus one with `pooled_context`.
     `target_rms`: the RMS each embedding is normalised to (with `prompt_gain`).
     """
+    pooled = None
+    if self.pooled_context:
+      weights = mask.astype(states.dtype)[..., None]                              # [B,E,1]
+      pooled = (jnp.sum(states * weights, axis=1, keepdims=True)
+                / jnp.maximum(jnp.sum(weights, axis=1, keepdims=True), 1.0))    # [B,1,D_enc]
     if self.perceiver is not None:
       states = self.perceiver(states, mask)  # [B,Q,D_enc]
       mask = jnp.ones(states.shape[:2], bool)
+    if pooled is not None:
+      states = jnp.concatenate([states, pooled.astype(states.dtype)], axis=1)
+      mask = jnp.concatenate([mask, jnp.ones(mask.shape[:1] + (1,), bool)], axis=1)
     out = self.projection(states)
     if self.prompt_gain is not None:
       if target_rms is None:
