@@ -420,7 +420,8 @@ def test_the_evaluation_conditioner_reads_the_scaled_soft_prompt(soft_model):
 @pytest.mark.parametrize("use_perceiver", [False, True])
 def test_pooled_context_appends_the_mean_state_over_the_valid_events(mode, use_perceiver):
   """`pooled_context`: one more context embedding, the projection of the encoder states'
-  mean over the valid events (padding ignored), after the event or Perceiver embeddings."""
+  mean over the valid events (padding ignored) plus a learned marker, after the event or
+  Perceiver embeddings."""
   cfg = ullm.UserLlmConfig(mode=mode, use_perceiver=use_perceiver, num_latents=4,
                            xattn_every=3, pooled_context=True)
   model = ullm.build_user_llm(cfg, ENCODER_TINY, LLM_TINY, rngs=nnx.Rngs(0))
@@ -431,7 +432,8 @@ def test_pooled_context_appends_the_mean_state_over_the_valid_events(mode, use_p
   states = np.asarray(model.encoder(batch))
   for row in range(B):
     mean = states[row, :NUM_VALID[row]].mean(0)
-    expected = model.bridge.projection(jnp.asarray(mean)[None, None])[0, 0]
+    expected = (model.bridge.projection(jnp.asarray(mean)[None, None])[0, 0]
+                + model.bridge.pooled_marker[...])
     if model.bridge.prompt_gain is not None:  # the soft prompt's RMS normalisation
       x = np.asarray(expected, np.float64)
       expected = (x / np.sqrt(np.mean(x * x) + 1e-6) * np.asarray(model.bridge.prompt_gain[...])
@@ -443,3 +445,17 @@ def test_pooled_context_appends_the_mean_state_over_the_valid_events(mode, use_p
                              atol=1e-6)
   logits = model(batch, jnp.asarray(batch["tokens"]))
   assert logits.shape == (B, T, LLM_TINY.vocab_size) and bool(jnp.isfinite(logits).all())
+  # The marker is a trained bridge parameter with logical axes; without the option, none.
+  marker = model.bridge.pooled_marker
+  assert marker.get_metadata().get("out_sharding") == ("embed",)
+  assert float(jnp.abs(marker[...]).max()) > 0
+  plain = ullm.build_user_llm(cfg.replace(pooled_context=False), ENCODER_TINY, LLM_TINY,
+                              rngs=nnx.Rngs(0))
+  assert plain.bridge.pooled_marker is None
+  # Every other parameter starts as without the option (the marker has its own key).
+  same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)),
+                      nnx.state(plain.llm, nnx.Param), nnx.state(model.llm, nnx.Param))
+  assert all(jax.tree.leaves(same))
+  assert bool(jnp.array_equal(plain.bridge.projection.kernels[0][...],
+                              model.bridge.projection.kernels[0][...]))
+  assert plain.user_context(batch)[0].shape[1] == p

@@ -38,6 +38,7 @@ from user_llm_jax.bridge import item_head as item_head_lib
 from user_llm_jax.bridge import soft_prompt
 from user_llm_jax.bridge.cross_attention import GatedCrossAttention, insert_cross_attention
 from user_llm_jax.bridge.perceiver import PerceiverResampler
+from user_llm_jax import sharding
 from user_llm_jax.bridge.projection import Projection
 from user_llm_jax.data import transforms
 from user_llm_jax.encoder.config import EncoderConfig
@@ -93,11 +94,14 @@ class UserLlmConfig:
       projection's raw outputs are several times larger than SmolLM2's token embeddings
       (the `context_rms` / `token_embed_rms` training metrics show both).
     pooled_context: append one more user embedding, the encoder's states averaged over
-      the valid events, after the event (or Perceiver) embeddings. A statistic of the whole
-      history (e.g. how often each genre occurs) is then one attention hop away, where the
-      event embeddings alone need the attention spread evenly over every event to read it
-      (a linear probe of the mean-pooled states reads the favorite genre far better than
-      the bridge learns to in a few hundred steps: `eval/probe.py`).
+      the valid events (projected like the others), plus a learned marker vector, after
+      the event (or Perceiver) embeddings. A statistic of the whole history (e.g. how often
+      each genre occurs) is then one attention hop away, where the event embeddings alone
+      need the attention spread evenly over every event to read it (a linear probe of the
+      mean-pooled states reads the favorite genre far better than the bridge learns to in
+      a few hundred steps: `eval/probe.py`). The marker is what lets attention pick the
+      pooled embedding out: without it its key is close to the mean of the events' keys,
+      so its score can never stand above theirs.
     dtype: compute dtype of the bridge.
     param_dtype: storage dtype of the bridge parameters.
   """
@@ -190,6 +194,12 @@ class Bridge(nnx.Module):
     self.prompt_gain = (nnx.Param(jnp.ones((llm_width,), param_dtype))
                         if cfg.mode == "soft_prompt" and cfg.soft_prompt_norm else None)
     self.pooled_context = cfg.pooled_context
+    # Drawn from its own key, not the shared stream, so every other parameter starts as it
+    # does without the option (the ablation changes nothing else).
+    marker = sharding.partitioned(nnx.initializers.normal(0.02), ("embed",))
+    self.pooled_marker = (nnx.Param(marker(jax.random.fold_in(rngs.params.key[...], 1),
+                                           (llm_width,), param_dtype))
+                          if cfg.pooled_context else None)
 
   def __call__(self, states: jax.Array, mask: jax.Array, *,
                target_rms: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -210,6 +220,9 @@ class Bridge(nnx.Module):
       states = jnp.concatenate([states, pooled.astype(states.dtype)], axis=1)
       mask = jnp.concatenate([mask, jnp.ones(mask.shape[:1] + (1,), bool)], axis=1)
     out = self.projection(states)
+    if self.pooled_marker is not None:
+      marker = self.pooled_marker[...].astype(out.dtype)
+      out = jnp.concatenate([out[:, :-1], out[:, -1:] + marker], axis=1)
     if self.prompt_gain is not None:
       if target_rms is None:
         raise ValueError("the soft prompt's RMS normalisation needs target_rms")
