@@ -50,7 +50,8 @@ def test_soft_prompt_options_count_only_in_soft_prompt_mode():
   config = main_config.get_config("")
   config.bridge.item_head_skip = False  # the old behaviour (the main job's default is True)
   bridge = {"mode": "cross_attention", "item_head": True}
-  new = {"item_head_skip": False, "soft_prompt_norm": True, "pooled_context": False}
+  new = {"item_head_skip": False, "soft_prompt_norm": True, "pooled_context": False,
+         "standardize_states": False}
   saved = config_lib.fingerprint(config, architecture={"bridge": bridge})
   for key in new:
     saved["bridge"].pop(key, None)

@@ -459,3 +459,69 @@ def test_pooled_context_appends_the_mean_state_over_the_valid_events(mode, use_p
   assert bool(jnp.array_equal(plain.bridge.projection.kernels[0][...],
                               model.bridge.projection.kernels[0][...]))
   assert plain.user_context(batch)[0].shape[1] == p
+
+
+def test_standardized_states_enter_the_bridge_centred_and_scaled():
+  """`standardize_states`: the bridge reads (state - shift) * gain; the job sets shift and
+  gain from the states' statistics; nothing else changes."""
+  cfg = ullm.UserLlmConfig(mode="cross_attention", xattn_every=3, standardize_states=True)
+  model = ullm.build_user_llm(cfg, ENCODER_TINY, LLM_TINY, rngs=nnx.Rngs(0))
+  plain = ullm.build_user_llm(cfg.replace(standardize_states=False), ENCODER_TINY, LLM_TINY,
+                              rngs=nnx.Rngs(0))
+  batch = make_batch()
+  # At their initial values (shift 0, gain 1) the bridge reads the states as they are.
+  np.testing.assert_array_equal(np.asarray(model.user_context(batch)[0]),
+                                np.asarray(plain.user_context(batch)[0]))
+  states = np.asarray(model.encoder(batch))
+  mean = states[0, :NUM_VALID[0]].mean(0)
+  std = states[0, :NUM_VALID[0]].std(0)
+  model.init_state_standardization(mean, std)
+  np.testing.assert_allclose(np.asarray(model.bridge.state_gain[...]), 1 / std, rtol=1e-6)
+  ctx, _ = model.user_context(batch)
+  expected = plain.bridge.projection(jnp.asarray((states - mean) / std))
+  np.testing.assert_allclose(np.asarray(ctx), np.asarray(expected), rtol=1e-4, atol=1e-5)
+  # Both are trained bridge parameters (strategy Proj trains them).
+  from user_llm_jax.bridge import strategies  # pylint: disable=g-import-not-at-top
+  wrt = strategies.trainable_filter("proj")
+  names = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, wrt))}
+  assert {"bridge/state_shift", "bridge/state_gain"} <= names
+  with pytest.raises(ValueError, match="encoder width"):
+    model.init_state_standardization(mean[:3], std[:3])
+  with pytest.raises(ValueError, match="standardize_states"):
+    plain.init_state_standardization(mean, std)
+
+
+def test_state_statistics_are_over_the_valid_events():
+  from user_llm_jax.eval import probe  # pylint: disable=g-import-not-at-top
+  from tests.test_probe import DATA, _record  # pylint: disable=g-import-not-at-top
+  encoder = UserEncoder(ENCODER_TINY, rngs=nnx.Rngs(1))
+  rng = np.random.default_rng(0)
+  records = [_record(rng, n, 2) for n in (3, 9, 5)]
+  mean, std = probe.state_statistics(encoder, records, DATA, batch_size=2)
+  from user_llm_jax.data import prepared  # pylint: disable=g-import-not-at-top
+  rows = []
+  for r in records:
+    ex = prepared.crop(DATA).map(r)
+    out = np.asarray(encoder({k: np.asarray(v)[None] for k, v in ex.items()}))[0]
+    rows.append(out[ex["mask"]])
+  every = np.concatenate(rows)
+  np.testing.assert_allclose(mean, every.mean(0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(std, every.std(0), rtol=1e-4, atol=1e-6)
+
+
+def test_the_job_starts_the_standardisation_at_the_training_statistics():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from tests.test_probe import DATA, _record  # pylint: disable=g-import-not-at-top
+  from user_llm_jax.data import prepared  # pylint: disable=g-import-not-at-top
+  from user_llm_jax.eval import probe  # pylint: disable=g-import-not-at-top
+  from user_llm_jax.jobs import train_user_llm  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(4)
+  train = [_record(rng, n, 2) for n in (4, 8, 12, 6)]
+  data = prepared.Splits("mem", train, train[:1], None, None, {})
+  config = ml_collections.ConfigDict({"seed": 0, "data": DATA.to_dict()})
+  model = ullm.build_user_llm(ullm.UserLlmConfig(standardize_states=True, xattn_every=3),
+                              ENCODER_TINY, LLM_TINY, rngs=nnx.Rngs(0))
+  train_user_llm.standardize_states(model, data, config)
+  mean, std = probe.state_statistics(model.encoder, train, DATA)  # all 4 (< the sample)
+  np.testing.assert_allclose(np.asarray(model.bridge.state_shift[...]), mean, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(model.bridge.state_gain[...]), 1 / std, rtol=1e-5)

@@ -15,6 +15,8 @@ pretraining and defaults):
   text_lora_500   the text prompt on the 500-event data (compared with history_500)
   pooled_500      history_500 with the mean of the encoder's states as one more context
                   embedding (`bridge.pooled_context`; compared with both)
+  standardized_500  history_500 with the encoder's states standardised by their training
+                  statistics before the bridge (`bridge.standardize_states`; with both)
 
 Layout of the output directory (DIR = the directory of --output):
 

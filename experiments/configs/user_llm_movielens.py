@@ -84,6 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.bridge.item_loss_weight = 1.0
   config.bridge.soft_prompt_norm = True    # soft prompt at the scale of the token embeddings
   config.bridge.pooled_context = False     # + one embedding: the states' mean over the events
+  config.bridge.standardize_states = False # states centred / scaled by training statistics
   config.bridge.dtype = "float32"
   config.bridge.param_dtype = "float32"
 

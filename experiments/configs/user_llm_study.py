@@ -94,6 +94,9 @@ ARMS: dict[str, Arm] = {
     # reads the favorite genre far better than the 500-event arm learns to.
     "pooled_500": Arm("User-LLM, 500-event history, + the mean-pooled state",
                       {**history(500), "bridge.pooled_context": True}),
+    # The encoder states centred and scaled by their training statistics before the bridge.
+    "standardized_500": Arm("User-LLM, 500-event history, standardised encoder states",
+                            {**history(500), "bridge.standardize_states": True}),
     # The text prompt on the 500-event data: it still reads only the most recent events that
     # fit `baseline.history_tokens`, so its view of the history shrinks to a few percent.
     "text_lora_500": Arm("text prompt, LoRA, favorite genre only, 500-event history",
@@ -103,7 +106,8 @@ ARMS: dict[str, Arm] = {
 }
 # (arm, arm) pairs on the same data compared in the verdicts besides the reference.
 SAME_DATA_PAIRS = (("history_500", "text_lora_500"), ("pooled_500", "text_lora_500"),
-                   ("pooled_500", "history_500"))
+                   ("pooled_500", "history_500"), ("standardized_500", "text_lora_500"),
+                   ("standardized_500", "history_500"))
 SMOKE_ARMS = ("user_llm", "random_encoder", "text_lora")
 VARIANT_ARMS: dict[str, tuple[str, ...]] = {"cpu": tuple(ARMS), "smoke": SMOKE_ARMS}
 

@@ -102,6 +102,14 @@ class UserLlmConfig:
       a few hundred steps: `eval/probe.py`). The marker is what lets attention pick the
       pooled embedding out: without it its key is close to the mean of the events' keys,
       so its score can never stand above theirs.
+    standardize_states: shift and scale every encoder state before the bridge,
+      (state - shift) * gain per dimension, with `shift` and `gain` trained parameters that
+      the job initialises from the encoder's states on training records (their mean and
+      1 / standard deviation: `UserLLM.init_state_standardization`). The states share a
+      large common component (on the 500-event synthetic data the mean state's dimensions
+      are 0.52 on average against 0.35 of spread between users), and a read-out trained
+      at the bridge's learning rate learns far less from the raw states than from centred
+      ones (one pass over 800 users at 5e-4: 0.33 against 0.58 favorite-genre accuracy).
     dtype: compute dtype of the bridge.
     param_dtype: storage dtype of the bridge parameters.
   """
@@ -124,6 +132,7 @@ class UserLlmConfig:
   item_loss_weight: float = 1.0
   soft_prompt_norm: bool = True
   pooled_context: bool = False
+  standardize_states: bool = False
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -194,6 +203,13 @@ class Bridge(nnx.Module):
     self.prompt_gain = (nnx.Param(jnp.ones((llm_width,), param_dtype))
                         if cfg.mode == "soft_prompt" and cfg.soft_prompt_norm else None)
     self.pooled_context = cfg.pooled_context
+    # Constant initialisers: no draw from the shared stream (the other parameters start
+    # as without the option); the job sets them from the data.
+    axes, unused_key = ("embed",), jax.random.key(0)
+    self.state_shift = (nnx.Param(sharding.partitioned(nnx.initializers.zeros_init(), axes)(
+        unused_key, (encoder_width,), param_dtype)) if cfg.standardize_states else None)
+    self.state_gain = (nnx.Param(sharding.partitioned(nnx.initializers.ones_init(), axes)(
+        unused_key, (encoder_width,), param_dtype)) if cfg.standardize_states else None)
     # Drawn from its own key, not the shared stream, so every other parameter starts as it
     # does without the option (the ablation changes nothing else).
     marker = sharding.partitioned(nnx.initializers.normal(0.02), ("embed",))
@@ -208,6 +224,9 @@ class Bridge(nnx.Module):
     P is E (or the Perceiver's Q), plus one with `pooled_context`.
     `target_rms`: the RMS each embedding is normalised to (with `prompt_gain`).
     """
+    if self.state_shift is not None:
+      states = ((states - self.state_shift[...].astype(states.dtype))
+                * self.state_gain[...].astype(states.dtype))
     pooled = None
     if self.pooled_context:
       weights = mask.astype(states.dtype)[..., None]                              # [B,E,1]
@@ -275,6 +294,20 @@ class UserLLM(nnx.Module):
         # Start from the pretrained encoder's notion of item similarity.
         head.init_items_from(table)
     self.item_head = nnx.data(head)
+
+  def init_state_standardization(self, mean: jax.Array, std: jax.Array) -> None:
+    """Sets the bridge's state shift to `mean` and gain to 1 / `std` ([D_enc] each; the
+    encoder states' statistics over training events). Requires `standardize_states`."""
+    if self.bridge.state_shift is None:
+      raise ValueError("init_state_standardization needs UserLlmConfig.standardize_states")
+    width = self.bridge.state_shift.shape
+    mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+    if mean.shape != width or std.shape != width:
+      raise ValueError(f"state statistics of shapes {mean.shape} / {std.shape}; the encoder "
+                       f"width needs {width}")
+    dtype = self.bridge.state_shift[...].dtype
+    self.bridge.state_shift[...] = mean.astype(dtype)
+    self.bridge.state_gain[...] = (1.0 / jnp.maximum(std, 1e-6)).astype(dtype)
 
   def user_context(self, user_batch: Batch, *,
                    deterministic: bool = True) -> tuple[jax.Array, jax.Array]:

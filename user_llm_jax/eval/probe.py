@@ -8,6 +8,8 @@ attention layer that spreads its weight evenly reads), to the label, fitted on t
 records and scored on the same seeded test records as the LLM rows.
 
   pooled_states(...)      [N, D] mean of each record's encoder states over its events
+  state_statistics(...)   per-dimension mean and spread of the states over all events (the
+                          bridge's `standardize_states` starts from them)
   fit_softmax_probe(...)  weights of an L2-regularised softmax regression (full batch, Adam)
   category_probe(...)     the probe's favorite-category metrics for a task job's report
 """
@@ -53,6 +55,29 @@ def pooled_states(encoder: UserEncoder, records: Sequence[Mapping[str, Any]],
     pooled = (states * mask).sum(1) / np.maximum(mask.sum(1), 1.0)
     rows.append(pooled[np.asarray(batch[T.EXAMPLE_MASK], bool)])
   return np.concatenate(rows, 0) if rows else np.zeros((0, 0), np.float32)
+
+
+def state_statistics(encoder: UserEncoder, records: Sequence[Mapping[str, Any]],
+                     data: ml_collections.ConfigDict, *, batch_size: int = 64,
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """(mean [D], standard deviation [D]) of the encoder's states over every valid event of
+  `records` (float64 sums; what `UserLLM.init_state_standardization` takes).
+
+  Raises:
+    ValueError: the records hold no valid event.
+  """
+  total, squares, count = 0.0, 0.0, 0
+  for batch in pipeline_lib.make_eval_pipeline(records, batch_size=batch_size,
+                                               transforms=[prepared.crop(data)]):
+    states = np.asarray(encoder(batch, deterministic=True), np.float64)   # [B, E, D]
+    valid = (np.asarray(batch[T.MASK], bool)
+             & np.asarray(batch[T.EXAMPLE_MASK], bool)[:, None])           # [B, E]
+    x = states[valid]
+    total, squares, count = total + x.sum(0), squares + np.square(x).sum(0), count + len(x)
+  if not count:
+    raise ValueError(f"no valid event in {len(records)} records: no state statistics")
+  mean = total / count
+  return mean, np.sqrt(np.maximum(squares / count - np.square(mean), 0.0))
 
 
 def fit_softmax_probe(x: np.ndarray, y: np.ndarray, num_classes: int, *, steps: int = 500,

@@ -40,6 +40,7 @@ from user_llm_jax.bridge import strategies
 from user_llm_jax.bridge.user_llm import UserLLM
 from user_llm_jax.encoder.model import UserEncoder
 from user_llm_jax.eval import floors
+from user_llm_jax.eval import probe
 from user_llm_jax.eval import paired
 from user_llm_jax.eval import retrieval
 from user_llm_jax.llm.tokenizer import Tokenizer
@@ -95,6 +96,21 @@ def user_encoder(config: ml_collections.ConfigDict, data: runner.TaskData,
   return encoder, nnx.clone(encoder)
 
 
+# Training records whose encoder states set the bridge's standardisation (a seeded sample).
+STATE_STATISTICS_RECORDS = 256
+
+
+def standardize_states(model: UserLLM, data: runner.TaskData,
+                       config: ml_collections.ConfigDict) -> None:
+  """Starts the bridge's state shift / gain at the encoder states' mean / 1 / spread over
+  the events of a seeded sample of training records (`bridge.standardize_states`)."""
+  n = min(len(data.train), STATE_STATISTICS_RECORDS)
+  order = np.sort(np.random.default_rng(config.seed).choice(len(data.train), n, replace=False))
+  mean, std = probe.state_statistics(model.encoder, [data.train[int(i)] for i in order],
+                                     config.data)
+  model.init_state_standardization(mean, std)
+
+
 def build(config: ml_collections.ConfigDict, data: runner.TaskData,
           ) -> tuple[UserLLM, Tokenizer, UserEncoder | None, dict[str, Any]]:
   """(User-LLM, tokenizer, pretrained encoder copy or None, architecture record)."""
@@ -105,6 +121,8 @@ def build(config: ml_collections.ConfigDict, data: runner.TaskData,
   bridge = models.bridge_config(config)
   model = models.assemble_user_llm(bridge, encoder, llm, strategy=strategy, lora=lora,
                                    seed=config.seed)
+  if bridge.standardize_states:
+    standardize_states(model, data, config)
   arch = models.architecture(encoder=encoder.cfg, llm=llm.cfg, bridge=bridge, lora=lora,
                              strategy=strategy)
   return model, tokenizer, pretrained, arch
