@@ -17,6 +17,8 @@ pretraining and defaults):
                   embedding (`bridge.pooled_context`; compared with both)
   standardized_500  history_500 with the encoder's states standardised by their training
                   statistics before the bridge (`bridge.standardize_states`; with both)
+  fav_only_500    history_500 trained on the favorite genre alone, as text_lora_500 is (the
+                  User-LLM arms otherwise split their examples with the next item)
 
 Layout of the output directory (DIR = the directory of --output):
 

@@ -94,6 +94,12 @@ ARMS: dict[str, Arm] = {
     # reads the favorite genre far better than the 500-event arm learns to.
     "pooled_500": Arm("User-LLM, 500-event history, + the mean-pooled state",
                       {**history(500), "bridge.pooled_context": True}),
+    # The text arms train on the favorite genre alone (1,600 examples in 200 steps); the
+    # User-LLM arms split their batches between next item and favorite genre. This arm
+    # trains on the text arm's task alone: the same examples, steps and batch.
+    "fav_only_500": Arm("User-LLM, 500-event history, favorite genre only (the text arm's task)",
+                        {**history(500), "tasks.names": ("favorite_category",),
+                         "bridge.item_head": False}),
     # The encoder states centred and scaled by their training statistics before the bridge.
     "standardized_500": Arm("User-LLM, 500-event history, standardised encoder states",
                             {**history(500), "bridge.standardize_states": True}),
@@ -107,7 +113,8 @@ ARMS: dict[str, Arm] = {
 # (arm, arm) pairs on the same data compared in the verdicts besides the reference.
 SAME_DATA_PAIRS = (("history_500", "text_lora_500"), ("pooled_500", "text_lora_500"),
                    ("pooled_500", "history_500"), ("standardized_500", "text_lora_500"),
-                   ("standardized_500", "history_500"))
+                   ("standardized_500", "history_500"), ("fav_only_500", "text_lora_500"),
+                   ("fav_only_500", "history_500"))
 SMOKE_ARMS = ("user_llm", "random_encoder", "text_lora")
 VARIANT_ARMS: dict[str, tuple[str, ...]] = {"cpu": tuple(ARMS), "smoke": SMOKE_ARMS}
 
