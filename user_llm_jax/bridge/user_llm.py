@@ -99,17 +99,16 @@ class UserLlmConfig:
       each genre occurs) is then one attention hop away, where the event embeddings alone
       need the attention spread evenly over every event to read it (a linear probe of the
       mean-pooled states reads the favorite genre far better than the bridge learns to in
-      a few hundred steps: `eval/probe.py`). The marker is what lets attention pick the
-      pooled embedding out: without it its key is close to the mean of the events' keys,
-      so its score can never stand above theirs.
+      a few hundred steps: `eval/probe.py`). The marker lets attention pick the pooled
+      embedding out: without it its key is close to the mean of the events' keys. On the
+      500-event synthetic data it changed nothing measurable: attention spread over the
+      events already reads their mean (README, User-LLM study).
     standardize_states: shift and scale every encoder state before the bridge,
       (state - shift) * gain per dimension, with `shift` and `gain` trained parameters that
       the job initialises from the encoder's states on training records (their mean and
-      1 / standard deviation: `UserLLM.init_state_standardization`). The states share a
-      large common component (on the 500-event synthetic data the mean state's dimensions
-      are 0.52 on average against 0.35 of spread between users), and a read-out trained
-      at the bridge's learning rate learns far less from the raw states than from centred
-      ones (one pass over 800 users at 5e-4: 0.33 against 0.58 favorite-genre accuracy).
+      1 / standard deviation: `UserLLM.init_state_standardization`), as a linear probe
+      standardises its inputs (`eval/probe.py`). On the 500-event synthetic data it changed
+      nothing measurable (README, User-LLM study).
     dtype: compute dtype of the bridge.
     param_dtype: storage dtype of the bridge parameters.
   """
