@@ -132,7 +132,7 @@ def test_cpu_arms_resolve_to_jobs_data_groups_and_shared_runs(tmp_path):
   # Identical configs run once: Enc is the default strategy, 50 events the default data.
   for name in ("strategy_enc", "history_50"):
     assert arms[name].same_as == "user_llm" and arms[name].workdir == arms["user_llm"].workdir
-  assert sum(a.same_as is None for a in arms.values()) == 17
+  assert sum(a.same_as is None for a in arms.values()) == 19
   ref = arms["user_llm"].config
   assert ref.job == "train_user_llm" and ref.train.num_steps == study_config.STEPS
   assert ref.train.eval_every > 0 and ref.eval.curve_examples > 0

@@ -19,6 +19,7 @@ pretraining and defaults):
                   statistics before the bridge (`bridge.standardize_states`; with both)
   fav_only_500    history_500 trained on the favorite genre alone, as text_lora_500 is (the
                   User-LLM arms otherwise split their examples with the next item)
+  fav_only / soft_prompt_fav_only   the same on 50 events, cross-attention / soft prompt
 
 Layout of the output directory (DIR = the directory of --output):
 

@@ -78,6 +78,14 @@ ARMS: dict[str, Arm] = {
     # learn it too (the paper's soft-prompt runs train the LLM).
     "soft_prompt_lora": Arm("User-LLM, soft prompt, LoRA strategy",
                             {"bridge.mode": "soft_prompt", "strategy": "lora"}),
+    # The text arms train on the favorite genre alone; these User-LLM arms do too (the
+    # others split their batches with the next item).
+    "fav_only": Arm("User-LLM, favorite genre only (the text arm's task)",
+                    {"tasks.names": ("favorite_category",), "bridge.item_head": False}),
+    "soft_prompt_fav_only": Arm("User-LLM, soft prompt, favorite genre only",
+                                {"bridge.mode": "soft_prompt",
+                                 "tasks.names": ("favorite_category",),
+                                 "bridge.item_head": False}),
     "perceiver": Arm("User-LLM, Perceiver (16 latents)",
                      {"bridge.use_perceiver": True, "bridge.num_latents": 16}),
     # The item head plus the encoder's own next-item scores, its LLM part starting at zero.
@@ -111,7 +119,8 @@ ARMS: dict[str, Arm] = {
                           "baseline.max_answer_tokens": None, **history(500)}),
 }
 # (arm, arm) pairs on the same data compared in the verdicts besides the reference.
-SAME_DATA_PAIRS = (("history_500", "text_lora_500"), ("pooled_500", "text_lora_500"),
+SAME_DATA_PAIRS = (("fav_only", "text_lora"), ("soft_prompt_fav_only", "text_lora"),
+                   ("history_500", "text_lora_500"), ("pooled_500", "text_lora_500"),
                    ("pooled_500", "history_500"), ("standardized_500", "text_lora_500"),
                    ("standardized_500", "history_500"), ("fav_only_500", "text_lora_500"),
                    ("fav_only_500", "history_500"))
