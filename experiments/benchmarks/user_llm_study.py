@@ -38,12 +38,12 @@ The table: per arm, trained / total parameters, favorite-genre accuracy +- stand
 and n (test users), the exact count of its view (the label's rule applied to the events the
 arm reads: the encoder's window, or what the text prompt shows; a reference from above,
 not a floor), the accuracy of a linear probe of its pretrained encoder's mean-pooled states
-(`eval/probe.py`: whether the states still carry the answer), the item head's Recall@10 +- SE and n (User-LLM arms), the accuracy of
-the shuffled-context control (each user's context swapped for another user's), training
-seconds (job start to end of training) and evaluation seconds per answer. Verdicts compare
-each arm with `user_llm`, with its own shuffled control and count, and `user_llm` with the
-floors; a
-difference under two standard errors of the difference is a tie. The arms are scored on
+(`eval/probe.py`: whether the states still carry the answer), the item head's Recall@10 +-
+SE and n (User-LLM arms), the accuracy of the shuffled-context control (each user's context
+swapped for another user's), training seconds (job start to end of training) and
+evaluation seconds per answer. Verdicts compare each arm with `user_llm`, with its own
+shuffled control, count and probe, and `user_llm` with the floors; a difference under two
+standard errors of the difference is a tie. The arms are scored on
 the same seeded test users, so the standard error of a difference is the paired one (of the
 per-user differences, `eval.paired`); runs that kept no per-user values (written before
 they were recorded) fall back to sqrt(SE_a^2 + SE_b^2), the independent-samples error,
@@ -381,14 +381,10 @@ def verdicts(arms: Mapping[str, Mapping[str, Any]], reference: str) -> list[dict
         out.append(compare(metric, name, entry[metric], f"{name} shuffled users (control)",
                            control))
   for name, entry in arms.items():
-    count = entry.get("count_fav_acc")
-    if not entry["same_as"] and entry["fav_acc"] and count:
-      out.append(compare("fav_acc", name, entry["fav_acc"],
-                         f"{name}: exact count of the events it reads", count))
-    probe_fig = entry.get("probe_fav_acc")
-    if not entry["same_as"] and entry["fav_acc"] and probe_fig:
-      out.append(compare("fav_acc", name, entry["fav_acc"],
-                         f"{name}: linear probe of its encoder's states", probe_fig))
+    for key, what in (("count_fav_acc", "exact count of the events it reads"),
+                      ("probe_fav_acc", "linear probe of its encoder's states")):
+      if not entry["same_as"] and entry["fav_acc"] and entry.get(key):
+        out.append(compare("fav_acc", name, entry["fav_acc"], f"{name}: {what}", entry[key]))
   floor_metric = {"majority": "fav_acc", "popularity": "item_head_recall@10",
                   "sasrec": "item_head_recall@10"}
   for floor, fig in ref.get("floors", {}).items():

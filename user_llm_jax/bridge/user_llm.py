@@ -34,11 +34,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from user_llm_jax import sharding
 from user_llm_jax.bridge import item_head as item_head_lib
 from user_llm_jax.bridge import soft_prompt
 from user_llm_jax.bridge.cross_attention import GatedCrossAttention, insert_cross_attention
 from user_llm_jax.bridge.perceiver import PerceiverResampler
-from user_llm_jax import sharding
 from user_llm_jax.bridge.projection import Projection
 from user_llm_jax.data import transforms
 from user_llm_jax.encoder.config import EncoderConfig

@@ -172,8 +172,9 @@ COMPARISONS = (
 
 def verdicts(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[str]:
   """Is User-LLM ahead of the floors, the text prompt and its own shuffled control (and the
-  text prompt of its floors) by more than two standard errors of the difference, per task? One line per comparison of
-  `COMPARISONS` whose two rows are in `metrics` ({method: {task: metrics}}).
+  text prompt of its floors) by more than two standard errors of the difference, per task?
+  One line per comparison of `COMPARISONS` whose two rows are in `metrics`
+  ({method: {task: metrics}}).
 
   Every row of a run is measured on the same test users, so the difference is paired over
   them when both rows carry per-example values."""

@@ -16,7 +16,7 @@ records and scored on the same seeded test records as the LLM rows.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -32,9 +32,22 @@ from user_llm_jax.data import transforms as T
 from user_llm_jax.encoder.model import UserEncoder
 from user_llm_jax.eval import paired
 from user_llm_jax.tasks import evaluate as eval_lib
+from user_llm_jax.tasks import runner
 
 # Training records the probe is fitted on at most (a seeded sample beyond it).
 MAX_TRAIN_RECORDS = 5000
+
+
+def _encoded(encoder: UserEncoder, records: Sequence[Mapping[str, Any]],
+             data: ml_collections.ConfigDict, batch_size: int,
+             ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """(float32 states [B, E, D], bool valid events [B, E], bool real examples [B]) of each
+  batch of `records` as the encoder reads them (`prepared.crop(data)`, deterministic)."""
+  for batch in pipeline_lib.make_eval_pipeline(records, batch_size=batch_size,
+                                               transforms=[prepared.crop(data)]):
+    real = np.asarray(batch[T.EXAMPLE_MASK], bool)
+    valid = np.asarray(batch[T.MASK], bool) & real[:, None]
+    yield np.asarray(encoder(batch, deterministic=True), np.float32), valid, real
 
 
 def pooled_states(encoder: UserEncoder, records: Sequence[Mapping[str, Any]],
@@ -48,12 +61,10 @@ def pooled_states(encoder: UserEncoder, records: Sequence[Mapping[str, Any]],
     batch_size: records per forward pass.
   """
   rows = []
-  for batch in pipeline_lib.make_eval_pipeline(records, batch_size=batch_size,
-                                               transforms=[prepared.crop(data)]):
-    states = np.asarray(encoder(batch, deterministic=True), np.float32)   # [B, E, D]
-    mask = np.asarray(batch[T.MASK], np.float32)[..., None]                # [B, E, 1]
-    pooled = (states * mask).sum(1) / np.maximum(mask.sum(1), 1.0)
-    rows.append(pooled[np.asarray(batch[T.EXAMPLE_MASK], bool)])
+  for states, valid, real in _encoded(encoder, records, data, batch_size):
+    weights = valid[..., None].astype(np.float32)                          # [B, E, 1]
+    pooled = (states * weights).sum(1) / np.maximum(weights.sum(1), 1.0)
+    rows.append(pooled[real])
   return np.concatenate(rows, 0) if rows else np.zeros((0, 0), np.float32)
 
 
@@ -67,12 +78,8 @@ def state_statistics(encoder: UserEncoder, records: Sequence[Mapping[str, Any]],
     ValueError: the records hold no valid event.
   """
   total, squares, count = 0.0, 0.0, 0
-  for batch in pipeline_lib.make_eval_pipeline(records, batch_size=batch_size,
-                                               transforms=[prepared.crop(data)]):
-    states = np.asarray(encoder(batch, deterministic=True), np.float64)   # [B, E, D]
-    valid = (np.asarray(batch[T.MASK], bool)
-             & np.asarray(batch[T.EXAMPLE_MASK], bool)[:, None])           # [B, E]
-    x = states[valid]
+  for states, valid, _ in _encoded(encoder, records, data, batch_size):
+    x = states[valid].astype(np.float64)
     total, squares, count = total + x.sum(0), squares + np.square(x).sum(0), count + len(x)
   if not count:
     raise ValueError(f"no valid event in {len(records)} records: no state statistics")
@@ -152,10 +159,8 @@ def category_probe(encoder: UserEncoder, train: Sequence[Mapping[str, Any]],
   """
   if len(ids) != len(test_records):
     raise ValueError(f"{len(ids)} ids for {len(test_records)} test records")
-  rng = np.random.default_rng(config.seed)
-  order = (np.arange(len(train)) if len(train) <= MAX_TRAIN_RECORDS
-           else np.sort(rng.choice(len(train), MAX_TRAIN_RECORDS, replace=False)))
-  fit_records = [train[int(i)] for i in order]
+  fit_records = [train[i] for i in runner.eval_indices(len(train), MAX_TRAIN_RECORDS,
+                                                        config.seed)]
   labels = np.asarray([int(r[schema.FAVORITE_CATEGORY]) for r in fit_records])
   keep = labels >= schema.FIRST_ID
   if not keep.any():

@@ -40,8 +40,8 @@ from user_llm_jax.bridge import strategies
 from user_llm_jax.bridge.user_llm import UserLLM
 from user_llm_jax.encoder.model import UserEncoder
 from user_llm_jax.eval import floors
-from user_llm_jax.eval import probe
 from user_llm_jax.eval import paired
+from user_llm_jax.eval import probe
 from user_llm_jax.eval import retrieval
 from user_llm_jax.llm.tokenizer import Tokenizer
 from user_llm_jax.tasks import alignment
@@ -104,9 +104,8 @@ def standardize_states(model: UserLLM, data: runner.TaskData,
                        config: ml_collections.ConfigDict) -> None:
   """Starts the bridge's state shift / gain at the encoder states' mean / 1 / spread over
   the events of a seeded sample of training records (`bridge.standardize_states`)."""
-  n = min(len(data.train), STATE_STATISTICS_RECORDS)
-  order = np.sort(np.random.default_rng(config.seed).choice(len(data.train), n, replace=False))
-  mean, std = probe.state_statistics(model.encoder, [data.train[int(i)] for i in order],
+  sample = runner.eval_indices(len(data.train), STATE_STATISTICS_RECORDS, config.seed)
+  mean, std = probe.state_statistics(model.encoder, [data.train[i] for i in sample],
                                      config.data)
   model.init_state_standardization(mean, std)
 

@@ -153,20 +153,21 @@ class TaskExample(grain.transforms.Map):
       out.append(prompts.render_event(title, rating, names))
     return out
 
-  def history_text(self, record: dict[str, Any]) -> str | None:
+  def _rendered_history(self, record: dict[str, Any]) -> tuple[str, int] | None:
+    """(history text, events it shows), or None without a history budget."""
     if self.cfg.history_tokens <= 0:
       return None
-    text, _ = prompts.render_history(self.history_events(record), self.tokenizer,
-                                     self.cfg.history_tokens)
-    return text
+    return prompts.render_history(self.history_events(record), self.tokenizer,
+                                  self.cfg.history_tokens)
+
+  def history_text(self, record: dict[str, Any]) -> str | None:
+    rendered = self._rendered_history(record)
+    return rendered[0] if rendered is not None else None
 
   def events_shown(self, record: dict[str, Any]) -> int:
     """How many of the most recent history events the prompt shows (0: no history text)."""
-    if self.cfg.history_tokens <= 0:
-      return 0
-    _, kept = prompts.render_history(self.history_events(record), self.tokenizer,
-                                     self.cfg.history_tokens)
-    return kept
+    rendered = self._rendered_history(record)
+    return rendered[1] if rendered is not None else 0
 
   def answer_text(self, record: dict[str, Any], task: str) -> str | None:
     """The reference answer of `task` for `record`, or None when there is none."""
