@@ -328,3 +328,38 @@ def test_rating_prior_review_floor(vocab, tok):
                                ["Five Stars", "Broken on arrival", "Five Stars"])
   assert m["rougeLsum"] == pytest.approx(expected)
   assert m["rougeLsum"] == pytest.approx((1.0 + 0.5 + 1.0) / 3)   # F1 of 1/1 vs 1/3 is 0.5
+
+
+def test_past_answer_review_reads_the_users_own_earlier_answers(vocab, tok):
+  """The reference answers with the user's commonest earlier answer of the same rating
+  within the window (ties: most recent), else with the rating prior's answer."""
+  from user_llm_jax.data import prepared  # pylint: disable=g-import-not-at-top
+  from user_llm_jax.eval import floors  # pylint: disable=g-import-not-at-top
+
+  def rec(seed, ratings, summaries):
+    r = make_record(len(ratings), seed=seed)
+    r[schema.RATINGS] = np.asarray(ratings, np.int32)
+    r[schema.REVIEW_SUMMARIES] = np.array([s.encode() for s in summaries], dtype=object)
+    return r
+
+  train = [rec(0, [6, 6], ["", "Five Stars"]), rec(1, [6, 6], ["", "Five Stars"])]
+  test = [
+      # two earlier "Love it" of rating 5 beat one "Nice" and the other rating's "Bad"
+      rec(2, [6, 6, 2, 6, 6], ["Love it", "Nice", "Bad", "Love it", "Love it!"]),
+      # a tie of counts goes to the most recent; the empty answer is no answer
+      rec(3, [6, 6, 6, 6], ["Meh", "Wow", "", "Wow"]),
+      # no earlier answer of the same rating: the prior's
+      rec(4, [2, 2, 6], ["Bad", "Awful", "Five Stars"]),
+      # "Old" is outside a window of 8 history events
+      rec(5, [6] + [2] * 8 + [6], ["Old"] + ["x"] * 8 + ["Old"]),
+  ]
+  data = prepared.Splits("mem", train, test, None, vocab, {})
+  m = floors.past_answer_review(data, transform(vocab, tok), range(len(test)), window=8)
+  from user_llm_jax.tasks import evaluate as ev_lib  # pylint: disable=g-import-not-at-top
+  expected = ev_lib.rouge_lsum(["Love it", "Wow", "Five Stars", "Five Stars"],
+                               ["Love it!", "Wow", "Five Stars", "Old"])
+  assert m["num_examples"] == 4 and m["used_past"] == 2
+  assert m["rougeLsum"] == pytest.approx(expected)
+  assert m["rougeLsum"] == pytest.approx((1.0 + 1.0 + 1.0 + 0.0) / 4)
+  with pytest.raises(ValueError, match="positive window"):
+    floors.past_answer_review(data, transform(vocab, tok), range(len(test)), window=0)

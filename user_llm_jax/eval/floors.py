@@ -16,6 +16,11 @@
   probe         favorite category: a linear probe of the pretrained encoder's states,
                 mean-pooled (`eval/probe.py`): whether the states User-LLM reads still
                 carry the label, i.e. whether a miss is the encoder's or the bridge's
+  past_answer   review: the user's own commonest earlier answer (review summary) for the
+                same rating among the events of the window, else the rating prior's. A
+                reference from text no method reads (the encoder and the text prompt see
+                items, ratings and categories, not past reviews): how much of the answer is
+                the user's writing habit rather than anything their events show
 """
 
 from __future__ import annotations
@@ -97,7 +102,46 @@ def non_llm_baselines(encoder: UserEncoder | None, data: runner.TaskData,
           encoder, data.train, records, data.vocab, config, ids=indices)}
   if prompts.REVIEW in names and transform is not None:
     out["rating_prior"] = {prompts.REVIEW: rating_prior_review(data, transform, indices)}
+    out["past_answer"] = {prompts.REVIEW: past_answer_review(
+        data, transform, indices, int(config.data.window))}
   return out
+
+
+def _review_answers_by_rating(data: runner.TaskData, transform: ex_lib.TaskExample
+                              ) -> dict[int, collections.Counter]:
+  """{rating token: Counter of the training records' review answers}."""
+  by_rating: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
+  for record in data.train:
+    answer = transform.answer_text(dict(record), prompts.REVIEW)
+    if answer is not None:
+      by_rating[int(np.asarray(record[schema.RATINGS]).reshape(-1)[-1])][answer] += 1
+  if not by_rating:
+    raise ValueError("no training record has a review answer")
+  return by_rating
+
+
+def _commonest(counts: Mapping[str, int]) -> str:
+  return min(counts, key=lambda a: (-counts[a], a))  # ties: alphabetical
+
+
+def _score_review_answers(data: runner.TaskData, transform: ex_lib.TaskExample,
+                          indices: Sequence[int], answer_fn) -> dict[str, Any]:
+  """ROUGE-Lsum of `answer_fn(record, rating token) -> answer` over the test records that
+  have a reference answer (the records the LLMs are scored on)."""
+  predictions, references, kept = [], [], []
+  for i in indices:
+    record = dict(data.test[i])
+    answer = transform.answer_text(record, prompts.REVIEW)
+    if answer is None:
+      continue
+    rating = int(np.asarray(record[schema.RATINGS]).reshape(-1)[-1])
+    predictions.append(answer_fn(record, rating))
+    references.append(answer)
+    kept.append(i)
+  scores = eval_lib.rouge_lsum_scores(predictions, references)
+  mean, se = eval_lib.mean_stderr(scores)
+  return {"rougeLsum": mean, "rougeLsum_stderr": se, "num_examples": len(references),
+          paired.PER_EXAMPLE: paired.per_example(kept, {"rougeLsum": scores})}
 
 
 def rating_prior_review(data: runner.TaskData, transform: ex_lib.TaskExample,
@@ -107,32 +151,59 @@ def rating_prior_review(data: runner.TaskData, transform: ex_lib.TaskExample,
   The review prompt states the rating, so "Five Stars" for a 5 is learnable without any
   user context; this is the score a model reaches from the rating alone.
   """
-  by_rating: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
-  for record in data.train:
-    answer = transform.answer_text(dict(record), prompts.REVIEW)
-    if answer is not None:
-      by_rating[int(np.asarray(record[schema.RATINGS]).reshape(-1)[-1])][answer] += 1
-  if not by_rating:
-    raise ValueError("no training record has a review answer")
+  by_rating = _review_answers_by_rating(data, transform)
   overall = sum(by_rating.values(), collections.Counter())
-  commonest = lambda counts: min(counts, key=lambda a: (-counts[a], a))  # ties: alphabetical
-  predictions, references, kept = [], [], []
-  for i in indices:
-    record = dict(data.test[i])
-    answer = transform.answer_text(record, prompts.REVIEW)
-    if answer is None:
-      continue  # the same records the LLMs are scored on
-    rating = int(np.asarray(record[schema.RATINGS]).reshape(-1)[-1])
-    predictions.append(commonest(by_rating.get(rating, overall)))
-    references.append(answer)
-    kept.append(i)
-  scores = eval_lib.rouge_lsum_scores(predictions, references)
-  mean, se = eval_lib.mean_stderr(scores)
-  return {"rougeLsum": mean, "rougeLsum_stderr": se, "num_examples": len(references),
-          paired.PER_EXAMPLE: paired.per_example(kept, {"rougeLsum": scores}),
+  metrics = _score_review_answers(
+      data, transform, indices,
+      lambda record, rating: _commonest(by_rating.get(rating, overall)))
+  return {**metrics,
           "answers": {str(data.vocab.ratings[r]) if r < data.vocab.num_ratings else str(r):
-                      commonest(c) for r, c in sorted(by_rating.items())},
+                      _commonest(c) for r, c in sorted(by_rating.items())},
           "procedure": "the most frequent training answer for the review's rating"}
+
+
+def past_answer_review(data: runner.TaskData, transform: ex_lib.TaskExample,
+                       indices: Sequence[int], window: int) -> dict[str, Any]:
+  """ROUGE-Lsum of answering with the user's own commonest earlier review answer.
+
+  For each test record: among its last `window` history events (the events the encoder
+  reads) whose rating equals the target's, the commonest non-empty answer (ties: the most
+  recent); without one, the rating prior's answer. Past answers are text neither User-LLM's
+  encoder nor the text prompt reads, so this is a reference for what the user's writing
+  habit adds to the rating, not a floor. `used_past` counts the records answered from it.
+  """
+  if window <= 0:
+    raise ValueError(f"past_answer_review needs a positive window, got {window}")
+  by_rating = _review_answers_by_rating(data, transform)
+  overall = sum(by_rating.values(), collections.Counter())
+  key = (schema.REVIEW_SUMMARIES if transform.cfg.review_field == "summary"
+         else schema.REVIEW_TEXTS)
+  used = [0]
+
+  def answer(record: dict[str, Any], rating: int) -> str:
+    texts = record.get(key)
+    ratings = np.asarray(record[schema.RATINGS]).reshape(-1)
+    n = ratings.size
+    counts: collections.Counter = collections.Counter()
+    last_seen: dict[str, int] = {}
+    if texts is not None:
+      texts = np.asarray(texts, dtype=object).reshape(-1)
+      for e in range(max(0, n - 1 - window), n - 1):
+        text = ex_lib.text_of(texts[e]).strip()
+        if text and int(ratings[e]) == rating:
+          counts[text] += 1
+          last_seen[text] = e
+    if not counts:
+      return _commonest(by_rating.get(rating, overall))
+    used[0] += 1
+    return max(counts, key=lambda a: (counts[a], last_seen[a]))
+
+  metrics = _score_review_answers(data, transform, indices, answer)
+  return {**metrics, "used_past": used[0],
+          "procedure": (f"the user's commonest earlier answer for the same rating among the "
+                        f"last {window} history events (text the methods do not read), else "
+                        f"the rating prior's ({used[0]} of {metrics['num_examples']} answered "
+                        f"from the past)")}
 
 
 def majority_category(train: Sequence[Mapping[str, Any]], test: Sequence[Mapping[str, Any]],

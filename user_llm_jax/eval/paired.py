@@ -154,8 +154,9 @@ def compare_runs(reference: tuple[str, Mapping[str, Mapping[str, Mapping[str, An
 
 # (method row, task, metric, the rows it is compared with): the comparisons every User-LLM
 # (and text-prompt) report states (task names as in `tasks.prompts`). The `count_*` rows
-# are exact counts over what a method reads and `probe` a linear read-out of the encoder's
-# states (`eval/floors.py`): references from above, not floors.
+# are exact counts over what a method reads, `probe` a linear read-out of the encoder's
+# states and `past_answer` the user's own earlier reviews (`eval/floors.py`): references
+# from above, not floors.
 COMPARISONS = (
     ("user_llm", "favorite_category", "accuracy",
      ("majority", "text_prompt", "user_llm_shuffled", "count_window", "count_prompt",
@@ -166,7 +167,8 @@ COMPARISONS = (
      ("popularity", "sasrec", "text_prompt", "user_llm_shuffled")),
     ("user_llm_item_head", "next_item", "recall@10",
      ("popularity", "sasrec", "text_prompt", "user_llm_item_head_shuffled")),
-    ("user_llm", "review", "rougeLsum", ("rating_prior", "text_prompt", "user_llm_shuffled")),
+    ("user_llm", "review", "rougeLsum",
+     ("rating_prior", "text_prompt", "user_llm_shuffled", "past_answer")),
 )
 
 

@@ -174,7 +174,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             "majority": "majority genre", "rating_prior": "rating prior",
             "count_window": "exact count of the encoder's events (reference)",
             "count_prompt": "exact count of the text prompt's events (reference)",
-            "probe": "linear probe of the encoder's states (reference)"}
+            "probe": "linear probe of the encoder's states (reference)",
+            "past_answer": "the user's own past reviews (reference)"}
   raw = dict(ullm_summary["metrics"])
   raw["text_prompt"] = text_summary["metrics"]["text_prompt"]
   if "count_prompt" in text_summary["metrics"]:
@@ -182,7 +183,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   flops = _flops_per_answer(trained[0], config.data.window, raw)
   order = ["user_llm", "user_llm_item_head", "user_llm_shuffled",
            "user_llm_item_head_shuffled", "text_prompt", "sasrec", "popularity", "majority",
-           "rating_prior", "count_window", "count_prompt", "probe"]
+           "rating_prior", "count_window", "count_prompt", "probe", "past_answer"]
   metrics = {labels[k]: raw[k] for k in order if k in raw}
   by_label = {labels[k]: k for k in order}
 

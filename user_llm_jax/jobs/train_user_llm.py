@@ -14,6 +14,8 @@ steps <= 0 of `loss.png`.
                       user's: the control that shows whether the user context is used
   sasrec, popularity, majority, rating_prior
                       the non-LLM baselines on the same records (`eval/floors.py`)
+  count_window, probe, past_answer
+                      references from above on the same records (`eval/floors.py`)
 
 The run's description (resolved config, architectures, vocabulary, tokenizer) goes to
 `WORKDIR/run.json` and beside it, so `--mode=generate` runs from this workdir alone; results
