@@ -184,3 +184,16 @@ def test_launcher_shows_our_missing_file_errors_but_keeps_os_tracebacks(tmp_path
   finally:
     for name in ("_test_ours", "_test_os"):
       jobs.JOBS.pop(name, None)
+
+
+def test_user_llm_movielens_fav_only_variant_is_the_cpu_budget_on_one_task():
+  from experiments.configs import user_llm_movielens  # pylint: disable=g-import-not-at-top
+  from user_llm_jax import models  # pylint: disable=g-import-not-at-top
+  cpu, fav = user_llm_movielens.get_config(""), user_llm_movielens.get_config("fav_only")
+  assert tuple(fav.tasks.names) == ("favorite_category",)
+  bridge = models.bridge_config(fav)    # a valid bridge: no item head, so no skip
+  assert not bridge.item_head and not bridge.item_head_skip
+  # Everything else is the CPU variant's budget and bridge.
+  for key in ("train", "data", "encoder", "llm"):
+    assert fav[key].to_dict() == cpu[key].to_dict(), key
+  assert fav.bridge.xattn_first == cpu.bridge.xattn_first == 15

@@ -19,7 +19,7 @@ The pretrained encoder comes from an encoder pretraining workdir on the same dat
       --workdir=/tmp/ml_text
 
 Variants: '' (CPU-sized: SmolLM2-135M, 300 steps x 8, the main job's bridge and task
-settings), 'smoke' (tiny random LLM and
+settings), 'fav_only' (the same budget on favorite genre alone), 'smoke' (tiny random LLM and
 random tiny encoder on ~150 synthetic users; seconds on a CPU), 'tpu' (paper scale:
 Llama-3.2-1B in bfloat16 (`llm.preset` selects llama_3_2_3b or smollm2_1_7b), batch 64,
 20k steps, mesh over all chips; `python -m experiments.compile_check
@@ -150,6 +150,14 @@ def apply_cpu(config: ml_collections.ConfigDict) -> None:
   config.baseline.tasks = ("favorite_category",)
 
 
+def apply_fav_only(config: ml_collections.ConfigDict) -> None:
+  """The CPU budget spent on favorite genre alone (no next-item examples, no item head):
+  the task that needs the whole history gets every training example instead of half."""
+  apply_cpu(config)
+  config.tasks.names = ("favorite_category",)
+  config.bridge.update(item_head=False, item_head_skip=False)
+
+
 def apply_smoke(config: ml_collections.ConfigDict) -> None:
   """Tiny random LLM + tiny random encoder on a few synthetic users (tests, CPU smoke)."""
   config.data.update(protocol="leave_last_out", window=12, max_categories=3)
@@ -194,11 +202,14 @@ def apply_tpu(config: ml_collections.ConfigDict) -> None:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Returns the config; `arg` selects a variant ('', 'smoke', 'tpu')."""
+  """Returns the config; `arg` selects a variant ('', 'fav_only', 'smoke', 'tpu')."""
   config = base_config()
   variant = arg or ""
   if not variant:
     apply_cpu(config)
+  elif variant == "fav_only":
+    config.name = "user_llm_movielens:fav_only"
+    apply_fav_only(config)
   elif variant == "smoke":
     config.name = "user_llm_movielens:smoke"
     apply_smoke(config)
@@ -206,6 +217,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.name = "user_llm_movielens:tpu"
     apply_tpu(config)
   elif variant:
-    raise ValueError(f"unknown variant {variant!r} of user_llm_movielens; known: '', 'smoke', "
-                     "'tpu'")
+    raise ValueError(f"unknown variant {variant!r} of user_llm_movielens; known: '', "
+                     "'fav_only', 'smoke', 'tpu'")
   return config
