@@ -228,6 +228,7 @@ _BRIDGE_ADDED = {"item_head_skip": (False,), "soft_prompt_norm": (False,),
 OMITTED_AT: dict[str, tuple[Any, ...]] = {
     "llm.param_dtype": ("float32",),
     "data.timestamp_precision": ("exact",),
+    "data.text_categories": (0,),
     **{f"{section}.{key}": values for key, values in _BRIDGE_ADDED.items()
        for section in ("bridge", "architecture.bridge")},
     **{f"{section}.{key}": values for key, values in _ENCODER_ADDED.items()

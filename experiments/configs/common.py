@@ -37,6 +37,9 @@ def movielens_data_section(*, protocol: str, window: int,
   data.kcore_users = 0        # > 0: iterative k-core filtering (users with >= k events,
   data.kcore_items = 0        #   items with >= k events), the recommender-systems protocol.
   data.timestamp_precision = "exact"  # 'float32': RecBole's rounding (ties keep file order).
+  # > 0: review summaries of at least this many training events become per-event
+  # categories (user_llm_jax/data/text_categories.py); 0: off.
+  data.text_categories = 0
   data.worker_count = 0       # Grain worker processes.
   data.synthetic = ml_collections.ConfigDict()
   data.synthetic.num_users = 2000

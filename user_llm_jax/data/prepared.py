@@ -8,7 +8,9 @@ Every job reads its data through `load_splits(config.data, workdir)`:
 
 into `data.data_dir` (default WORKDIR/data), once; a later run with the same settings reuses
 it. The result holds the train / validation (leave-last-out only) / test sources, the
-vocabulary and the preparation statistics.
+vocabulary and the preparation statistics. `data.text_categories = k > 0` adds the review
+summaries of at least k training events as per-event categories when the splits are opened
+(`data/text_categories.py`; the prepared files are unchanged).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from user_llm_jax import distributed
 from user_llm_jax import storage
 from user_llm_jax.data import schema
 from user_llm_jax.data import source as source_lib
+from user_llm_jax.data import text_categories
 from user_llm_jax.data import transforms as transforms_lib
 
 SYNTHETIC_META = "synthetic_config.json"
@@ -150,6 +153,16 @@ def load_splits(data: ml_collections.ConfigDict, workdir: str) -> Splits:
   if len(train) == 0 or len(test) == 0:
     raise records.BadInputError(f"prepared dataset {path!r} has an empty split "
                                 f"(train={len(train)}, test={len(test)} records)")
+  min_count = int(data.get("text_categories", 0) or 0)
+  if min_count:
+    # Frequent review summaries as per-event categories (data/text_categories.py): the
+    # vocabulary comes from the training records only.
+    summary_map = text_categories.SummaryCategories(
+        text_categories.frequent_summaries(train, min_count), vocab.num_categories)
+    train, test = (text_categories.MappedSource(s, summary_map) for s in (train, test))
+    if validation is not None:
+      validation = text_categories.MappedSource(validation, summary_map)
+    vocab = summary_map.extend(vocab)
   return Splits(path, train, test, validation, vocab, stats)
 
 
