@@ -56,3 +56,21 @@ def test_mapped_source_maps_every_read():
   assert mapped[0][schema.CATEGORY_IDS].tolist() == [4, 2]
   assert mapped[1][schema.CATEGORY_IDS].tolist() == [2]
   assert [r[schema.CATEGORY_IDS].tolist() for r in mapped[0:2]] == [[4, 2], [2]]
+
+
+class EndsWithValueError(source_lib.ListSource):
+  """Like an ArrayRecord source: ValueError, not IndexError, past the end."""
+
+  def __getitem__(self, index):
+    if isinstance(index, int) and not 0 <= index < len(self):
+      raise ValueError("Record key should be in [0, num_records)")
+    return super().__getitem__(index)
+
+
+def test_mapped_source_iterates_and_bounds_like_a_sequence():
+  src = EndsWithValueError([record("a", ["Five Stars"]), record("b", ["Meh"])])
+  mapped = tc.MappedSource(src, tc.SummaryCategories(("five stars",), 4))
+  assert [r[schema.USER_ID] for r in mapped] == [b"a", b"b"]
+  assert mapped[-1][schema.USER_ID] == b"b"
+  with pytest.raises(IndexError, match="record 2 of a source of 2"):
+    mapped[2]  # pylint: disable=pointless-statement

@@ -118,7 +118,15 @@ class MappedSource(Sequence):
   def __getitem__(self, index):
     if isinstance(index, slice):
       return [self[i] for i in range(*index.indices(len(self)))]
-    return self._fn(self._source[index])
+    n = len(self)
+    if not -n <= index < n:
+      raise IndexError(f"record {index} of a source of {n}")
+    return self._fn(self._source[index % n])
+
+  def __iter__(self):
+    # Explicit: the Sequence default reads until IndexError, and an ArrayRecord source
+    # raises ValueError past its end instead.
+    return (self[i] for i in range(len(self)))
 
   def __repr__(self) -> str:
     return f"MappedSource({self._source!r})"
