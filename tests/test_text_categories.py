@@ -74,3 +74,44 @@ def test_mapped_source_iterates_and_bounds_like_a_sequence():
   assert mapped[-1][schema.USER_ID] == b"b"
   with pytest.raises(IndexError, match="record 2 of a source of 2"):
     mapped[2]  # pylint: disable=pointless-statement
+
+
+def test_load_splits_adds_summary_categories_to_a_prepared_amazon_dataset(tmp_path):
+  """Through the real prepared (ArrayRecord) sources: the vocabulary comes from the train
+  records, every split's events carry their summary's id, iteration reaches the end."""
+  import gzip  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  from experiments.configs import common  # pylint: disable=g-import-not-at-top
+  from user_llm_jax.data import prepared  # pylint: disable=g-import-not-at-top
+
+  raw = tmp_path / "raw" / "Gift_Cards"
+  raw.mkdir(parents=True)
+  lines = []
+  for u in range(6):
+    for t in range(5):
+      summary = "Five Stars" if u % 2 else f"user {u} words"
+      lines.append(json.dumps({"reviewerID": f"U{u}", "asin": f"I{(u + t) % 4}",
+                               "overall": 5.0, "unixReviewTime": 100 * t,
+                               "reviewText": "ok", "summary": summary}))
+  with gzip.open(raw / "Gift_Cards_5.json.gz", "wt", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+  data = common.movielens_data_section(protocol="leave_last_out", window=8, max_categories=3)
+  data.update(dataset="amazon", manual_dir=str(raw), data_dir=str(tmp_path / "data"))
+  plain = prepared.load_splits(data, str(tmp_path / "w"))
+  data.text_categories = 3
+  splits = prepared.load_splits(data, str(tmp_path / "w"))
+  # Five Stars: 3 users x 3 train events; each other user's words: 3 train events.
+  assert splits.vocab.categories[plain.vocab.num_categories:] == (
+      "review: five stars", "review: user 0 words", "review: user 2 words",
+      "review: user 4 words")
+  records = list(splits.test)
+  assert len(records) == len(plain.test) == 6
+  for rec, old in zip(records, plain.test):
+    cats = schema.split_categories(rec[schema.CATEGORY_IDS], rec[schema.CATEGORY_LENGTHS])
+    olds = schema.split_categories(old[schema.CATEGORY_IDS], old[schema.CATEGORY_LENGTHS])
+    names = [splits.vocab.categories[c[0]] for c in cats]
+    summaries = {tc.normalise(s) for s in rec[schema.REVIEW_SUMMARIES]}
+    assert len(summaries) == 1                     # one user, one habit
+    assert names == ["review: " + summaries.pop()] * len(cats), names
+    assert [c[1:] for c in cats] == olds           # the item's own categories follow
+  assert len(list(splits.train)) == 6 and splits.validation is not None
