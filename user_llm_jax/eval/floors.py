@@ -18,9 +18,10 @@
                 carry the label, i.e. whether a miss is the encoder's or the bridge's
   past_answer   review: the user's own commonest earlier answer (review summary) for the
                 same rating among the events of the window, else the rating prior's. A
-                reference from text no method reads (the encoder and the text prompt see
-                items, ratings and categories, not past reviews): how much of the answer is
-                the user's writing habit rather than anything their events show
+                reference from the user's past text, which the encoder and the text prompt
+                (items, ratings, categories) read only as the frequent summaries that
+                `data.text_categories` turns into categories: how much of the answer is the
+                user's writing habit
 """
 
 from __future__ import annotations
@@ -168,9 +169,9 @@ def past_answer_review(data: runner.TaskData, transform: ex_lib.TaskExample,
 
   For each test record: among its last `window` history events (the events the encoder
   reads) whose rating equals the target's, the commonest non-empty answer (ties: the most
-  recent); without one, the rating prior's answer. Past answers are text neither User-LLM's
-  encoder nor the text prompt reads, so this is a reference for what the user's writing
-  habit adds to the rating, not a floor. `used_past` counts the records answered from it.
+  recent); without one, the rating prior's answer. A reference for what the user's writing
+  habit adds to the rating, not a floor: the methods read past answers only as the frequent
+  summaries `data.text_categories` adds. `used_past` counts the records answered from it.
   """
   if window <= 0:
     raise ValueError(f"past_answer_review needs a positive window, got {window}")
@@ -201,9 +202,8 @@ def past_answer_review(data: runner.TaskData, transform: ex_lib.TaskExample,
   metrics = _score_review_answers(data, transform, indices, answer)
   return {**metrics, "used_past": used[0],
           "procedure": (f"the user's commonest earlier answer for the same rating among the "
-                        f"last {window} history events (text the methods do not read), else "
-                        f"the rating prior's ({used[0]} of {metrics['num_examples']} answered "
-                        f"from the past)")}
+                        f"last {window} history events, else the rating prior's ({used[0]} "
+                        f"of {metrics['num_examples']} answered from the past)")}
 
 
 def majority_category(train: Sequence[Mapping[str, Any]], test: Sequence[Mapping[str, Any]],
