@@ -89,7 +89,8 @@ def user_encoder(config: ml_collections.ConfigDict, data: runner.TaskData,
     raise config_lib.ConfigError(
         f"the pretrained encoder in {config.encoder.workdir!r} was trained on "
         f"{cfg.num_items} items / {cfg.num_categories} categories, but the dataset has "
-        f"{vocab.num_items} / {vocab.num_categories}: pretrain on the same prepared data")
+        f"{vocab.num_items} / {vocab.num_categories}: pretrain on the same prepared data "
+        f"(and the same data.text_categories, here {config.data.get('text_categories', 0)})")
   if cfg.max_len < config.data.window:
     raise config_lib.ConfigError(f"data.window={config.data.window} exceeds the pretrained "
                                  f"encoder's max_len {cfg.max_len}")
