@@ -86,6 +86,14 @@ ARMS: dict[str, Arm] = {
                                 {"bridge.mode": "soft_prompt",
                                  "tasks.names": ("favorite_category",),
                                  "bridge.item_head": False}),
+    # Prompt tuning moves its embeddings at rates far above a fine-tuning's (its usual
+    # recipes use 0.3); the bridge that writes the soft prompt at 10x the base rate.
+    "soft_prompt_fav_only_lr10": Arm("User-LLM, soft prompt, favorite genre only, bridge at 10x lr",
+                                     {"bridge.mode": "soft_prompt",
+                                      "tasks.names": ("favorite_category",),
+                                      "bridge.item_head": False,
+                                      "train.lr_mults": (("_gate$", 100.0),
+                                                         ("^bridge/", 10.0))}),
     "perceiver": Arm("User-LLM, Perceiver (16 latents)",
                      {"bridge.use_perceiver": True, "bridge.num_latents": 16}),
     # The item head plus the encoder's own next-item scores, its LLM part starting at zero.
@@ -120,6 +128,7 @@ ARMS: dict[str, Arm] = {
 }
 # (arm, arm) pairs on the same data compared in the verdicts besides the reference.
 SAME_DATA_PAIRS = (("fav_only", "text_lora"), ("soft_prompt_fav_only", "text_lora"),
+                   ("soft_prompt_fav_only_lr10", "soft_prompt_fav_only"),
                    ("history_500", "text_lora_500"), ("pooled_500", "text_lora_500"),
                    ("pooled_500", "history_500"), ("standardized_500", "text_lora_500"),
                    ("standardized_500", "history_500"), ("fav_only_500", "text_lora_500"),
