@@ -102,9 +102,11 @@ def non_llm_baselines(encoder: UserEncoder | None, data: runner.TaskData,
       out["probe"] = {prompts.FAVORITE_CATEGORY: probe.category_probe(
           encoder, data.train, records, data.vocab, config, ids=indices)}
   if prompts.REVIEW in names and transform is not None:
-    out["rating_prior"] = {prompts.REVIEW: rating_prior_review(data, transform, indices)}
+    by_rating = _review_answers_by_rating(data, transform)   # one pass over train for both
+    out["rating_prior"] = {prompts.REVIEW: rating_prior_review(
+        data, transform, indices, by_rating=by_rating)}
     out["past_answer"] = {prompts.REVIEW: past_answer_review(
-        data, transform, indices, int(config.data.window))}
+        data, transform, indices, int(config.data.window), by_rating=by_rating)}
   return out
 
 
@@ -123,6 +125,13 @@ def _review_answers_by_rating(data: runner.TaskData, transform: ex_lib.TaskExamp
 
 def _commonest(counts: Mapping[str, int]) -> str:
   return min(counts, key=lambda a: (-counts[a], a))  # ties: alphabetical
+
+
+def _prior_answer(by_rating: Mapping[int, collections.Counter]):
+  """rating token -> the commonest training answer of that rating (of all ratings when the
+  rating has none)."""
+  overall = sum(by_rating.values(), collections.Counter())
+  return lambda rating: _commonest(by_rating.get(rating, overall))
 
 
 def _score_review_answers(data: runner.TaskData, transform: ex_lib.TaskExample,
@@ -146,17 +155,19 @@ def _score_review_answers(data: runner.TaskData, transform: ex_lib.TaskExample,
 
 
 def rating_prior_review(data: runner.TaskData, transform: ex_lib.TaskExample,
-                        indices: Sequence[int]) -> dict[str, Any]:
+                        indices: Sequence[int], *,
+                        by_rating: Mapping[int, collections.Counter] | None = None,
+                        ) -> dict[str, Any]:
   """ROUGE-Lsum of answering each test review with the commonest training answer of its rating.
 
   The review prompt states the rating, so "Five Stars" for a 5 is learnable without any
-  user context; this is the score a model reaches from the rating alone.
+  user context; this is the score a model reaches from the rating alone. `by_rating`: the
+  training answers per rating when the caller has them already.
   """
-  by_rating = _review_answers_by_rating(data, transform)
-  overall = sum(by_rating.values(), collections.Counter())
-  metrics = _score_review_answers(
-      data, transform, indices,
-      lambda record, rating: _commonest(by_rating.get(rating, overall)))
+  by_rating = by_rating or _review_answers_by_rating(data, transform)
+  prior = _prior_answer(by_rating)
+  metrics = _score_review_answers(data, transform, indices,
+                                  lambda record, rating: prior(rating))
   return {**metrics,
           "answers": {str(data.vocab.ratings[r]) if r < data.vocab.num_ratings else str(r):
                       _commonest(c) for r, c in sorted(by_rating.items())},
@@ -164,7 +175,9 @@ def rating_prior_review(data: runner.TaskData, transform: ex_lib.TaskExample,
 
 
 def past_answer_review(data: runner.TaskData, transform: ex_lib.TaskExample,
-                       indices: Sequence[int], window: int) -> dict[str, Any]:
+                       indices: Sequence[int], window: int, *,
+                       by_rating: Mapping[int, collections.Counter] | None = None,
+                       ) -> dict[str, Any]:
   """ROUGE-Lsum of answering with the user's own commonest earlier review answer.
 
   For each test record: among its last `window` history events (the events the encoder
@@ -172,30 +185,25 @@ def past_answer_review(data: runner.TaskData, transform: ex_lib.TaskExample,
   recent); without one, the rating prior's answer. A reference for what the user's writing
   habit adds to the rating, not a floor: the methods read past answers only as the frequent
   summaries `data.text_categories` adds. `used_past` counts the records answered from it.
+  `by_rating`: as in `rating_prior_review`.
   """
   if window <= 0:
     raise ValueError(f"past_answer_review needs a positive window, got {window}")
-  by_rating = _review_answers_by_rating(data, transform)
-  overall = sum(by_rating.values(), collections.Counter())
-  key = (schema.REVIEW_SUMMARIES if transform.cfg.review_field == "summary"
-         else schema.REVIEW_TEXTS)
+  prior = _prior_answer(by_rating or _review_answers_by_rating(data, transform))
   used = [0]
 
   def answer(record: dict[str, Any], rating: int) -> str:
-    texts = record.get(key)
+    texts = transform.review_answers(record)
     ratings = np.asarray(record[schema.RATINGS]).reshape(-1)
     n = ratings.size
     counts: collections.Counter = collections.Counter()
     last_seen: dict[str, int] = {}
-    if texts is not None:
-      texts = np.asarray(texts, dtype=object).reshape(-1)
-      for e in range(max(0, n - 1 - window), n - 1):
-        text = ex_lib.text_of(texts[e]).strip()
-        if text and int(ratings[e]) == rating:
-          counts[text] += 1
-          last_seen[text] = e
+    for e in range(max(0, n - 1 - window), n - 1 if texts else 0):
+      if texts[e] and int(ratings[e]) == rating:
+        counts[texts[e]] += 1
+        last_seen[texts[e]] = e
     if not counts:
-      return _commonest(by_rating.get(rating, overall))
+      return prior(rating)
     used[0] += 1
     return max(counts, key=lambda a: (counts[a], last_seen[a]))
 

@@ -179,11 +179,16 @@ class TaskExample(grain.transforms.Map):
       label = int(record.get(schema.FAVORITE_CATEGORY, schema.PAD_ID))
       return self.vocab.categories[label] if schema.FIRST_ID <= label < \
           self.vocab.num_categories else None
+    answers = self.review_answers(record)
+    return (answers[-1] if answers else "") or None
+
+  def review_answers(self, record: dict[str, Any]) -> list[str]:
+    """Each event's review answer (`review_field`), stripped; '' where it has none."""
     key = schema.REVIEW_SUMMARIES if self.cfg.review_field == "summary" else schema.REVIEW_TEXTS
     texts = record.get(key)
-    text = text_of(np.asarray(texts, dtype=object).reshape(-1)[-1]).strip() \
-        if texts is not None and len(texts) else ""
-    return text or None
+    if texts is None:
+      return []
+    return [text_of(t).strip() for t in np.asarray(texts, dtype=object).reshape(-1)]
 
   def prompt(self, record: dict[str, Any], task: str) -> list[int]:
     """Prompt tokens of (record, task); raises if longer than `max_prompt_tokens`."""
