@@ -94,3 +94,21 @@ def test_even_sample_spreads_over_the_source():
   assert [sample[i] for i in range(len(sample))] == [0, 2, 5, 7]
   whole = ranking.EvenSample(list("abc"), 5)
   assert len(whole) == 3 and [whole[i] for i in range(3)] == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("arm", sorted(encoder_quality.ARMS))
+def test_every_arm_builds_a_config_with_its_overrides(arm):
+  config = encoder_quality.arm_config(arm, "ml-latest-small", "/x", exclude_seen=False,
+                                      overrides={})
+  for key, value in encoder_quality.ARMS[arm].items():
+    node = config
+    for part in key.split("."):
+      node = node[part]
+    assert node == value, (arm, key)
+  # The model the arm describes is a valid encoder (widths, heads, feature counts).
+  import types  # pylint: disable=g-import-not-at-top
+  from user_llm_jax import models  # pylint: disable=g-import-not-at-top
+  vocab = types.SimpleNamespace(num_items=10, num_ratings=8, num_categories=6)
+  cfg = models.encoder_config_from(config.encoder.model, vocab, window=config.data.window,
+                                   max_categories=config.data.max_categories)
+  assert cfg.max_len == config.data.window

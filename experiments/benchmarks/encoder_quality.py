@@ -20,6 +20,9 @@ Arms (`ARMS`; the ablations of the encoder, each a set of config overrides):
   late_fusion    one transformer per feature, fused after encoding
   separate_head  a separate D x items output table instead of the tied item embeddings
   dropout_0.1 / dropout_0.5     window_200 (batch 8: the same events per step)
+  window_200_batch_32  window 200 at the reference's 32 windows per step (4x the events)
+  width_32 / width_128  feature width (and feature_dim) 32 or 128 instead of 64, MLP 4x width
+  no_time        item + rating + genres, without the time-gap input
   gbce           gSASRec's gBCE next-item loss over 256 sampled negatives, t = 0.75,
                  instead of the full-catalogue softmax (beside the rating and genre losses,
                  whose scale its mean over 257 terms is far below)
@@ -82,6 +85,16 @@ ARMS: dict[str, dict[str, Any]] = {
     "dropout_0.1": {"encoder.model.dropout": 0.1},
     "dropout_0.5": {"encoder.model.dropout": 0.5},
     "window_200": {"data.window": 200, "train.batch_size": 8},  # the same events per step
+    # The same windows per step (4x the events): does the longer view help when the number
+    # of updates per training record is unchanged?
+    "window_200_batch_32": {"data.window": 200},
+    # Feature width (the reference is 64 wide, SASRec's size): half and double, MLP 4x width.
+    "width_32": {"encoder.model.width": 32, "encoder.model.feature_dim": 32,
+                 "encoder.model.mlp_dim": 128},
+    "width_128": {"encoder.model.width": 128, "encoder.model.feature_dim": 128,
+                  "encoder.model.mlp_dim": 512},
+    # The inputs one at a time: item + rating + genres without the time gaps.
+    "no_time": {"encoder.model.use_time": False},
     # Sampled next-item losses (the ones that scale to catalogues of 10^5+ items).
     "gbce": GBCE,
     "sampled_softmax": {"encoder.model.item_loss": "sampled_softmax",
