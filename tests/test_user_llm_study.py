@@ -132,7 +132,7 @@ def test_cpu_arms_resolve_to_jobs_data_groups_and_shared_runs(tmp_path):
   # Identical configs run once: Enc is the default strategy, 50 events the default data.
   for name in ("strategy_enc", "history_50"):
     assert arms[name].same_as == "user_llm" and arms[name].workdir == arms["user_llm"].workdir
-  assert sum(a.same_as is None for a in arms.values()) == 20
+  assert sum(a.same_as is None for a in arms.values()) == 22
   ref = arms["user_llm"].config
   assert ref.job == "train_user_llm" and ref.train.num_steps == study_config.STEPS
   assert ref.train.eval_every > 0 and ref.eval.curve_examples > 0
@@ -211,9 +211,15 @@ def test_verdicts_compare_same_data_pairs_and_each_data_own_floor():
   assert not any(k[0] == "history_500" and k[1].startswith("majority") for k in pairs)
 
 
-def test_soft_prompt_lr_arm_keeps_the_gate_rule_and_adds_the_bridges(tmp_path):
-  arm = study.resolve_arms("cpu", ["soft_prompt_fav_only_lr10"], str(tmp_path))[0]
+@pytest.mark.parametrize("name,mult,strategy", [("soft_prompt_fav_only_lr10", 10.0, "enc"),
+                                                 ("soft_prompt_fav_only_lr30", 30.0, "enc"),
+                                                 ("soft_prompt_lora_fav_only_lr10", 10.0,
+                                                  "lora")])
+def test_soft_prompt_lr_arm_keeps_the_gate_rule_and_adds_the_bridges(tmp_path, name, mult,
+                                                                     strategy):
+  arm = study.resolve_arms("cpu", [name], str(tmp_path))[0]
   assert arm.same_as is None
-  assert tuple(map(tuple, arm.config.train.lr_mults)) == (("_gate$", 100.0), ("^bridge/", 10.0))
+  assert tuple(map(tuple, arm.config.train.lr_mults)) == (("_gate$", 100.0), ("^bridge/", mult))
+  assert arm.config.strategy == strategy
   assert arm.config.bridge.mode == "soft_prompt"
   assert tuple(arm.config.tasks.names) == ("favorite_category",)

@@ -20,6 +20,8 @@ pretraining and defaults):
   fav_only_500    history_500 trained on the favorite genre alone, as text_lora_500 is (the
                   User-LLM arms otherwise split their examples with the next item)
   fav_only / soft_prompt_fav_only   the same on 50 events, cross-attention / soft prompt
+  soft_prompt_fav_only_lr10 / _lr30 / soft_prompt_lora_fav_only_lr10   the soft prompt's
+                  bridge at 10x / 30x the base rate, and at 10x with LoRA on the LLM
 
 Layout of the output directory (DIR = the directory of --output):
 

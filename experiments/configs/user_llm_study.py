@@ -94,6 +94,19 @@ ARMS: dict[str, Arm] = {
                                       "bridge.item_head": False,
                                       "train.lr_mults": (("_gate$", 100.0),
                                                          ("^bridge/", 10.0))}),
+    # Further along the same lever: the bridge at 30x, and at 10x with LoRA adapters on the
+    # LLM as well (the LLM then learns the answer format alongside the soft prompt).
+    "soft_prompt_fav_only_lr30": Arm("User-LLM, soft prompt, favorite genre only, bridge at 30x lr",
+                                     {"bridge.mode": "soft_prompt",
+                                      "tasks.names": ("favorite_category",),
+                                      "bridge.item_head": False,
+                                      "train.lr_mults": (("_gate$", 100.0),
+                                                         ("^bridge/", 30.0))}),
+    "soft_prompt_lora_fav_only_lr10": Arm(
+        "User-LLM, soft prompt, LoRA, favorite genre only, bridge at 10x lr",
+        {"bridge.mode": "soft_prompt", "strategy": "lora",
+         "tasks.names": ("favorite_category",), "bridge.item_head": False,
+         "train.lr_mults": (("_gate$", 100.0), ("^bridge/", 10.0))}),
     "perceiver": Arm("User-LLM, Perceiver (16 latents)",
                      {"bridge.use_perceiver": True, "bridge.num_latents": 16}),
     # The item head plus the encoder's own next-item scores, its LLM part starting at zero.
@@ -129,6 +142,9 @@ ARMS: dict[str, Arm] = {
 # (arm, arm) pairs on the same data compared in the verdicts besides the reference.
 SAME_DATA_PAIRS = (("fav_only", "text_lora"), ("soft_prompt_fav_only", "text_lora"),
                    ("soft_prompt_fav_only_lr10", "soft_prompt_fav_only"),
+                   ("soft_prompt_fav_only_lr30", "soft_prompt_fav_only_lr10"),
+                   ("soft_prompt_lora_fav_only_lr10", "soft_prompt_fav_only_lr10"),
+                   ("soft_prompt_lora_fav_only_lr10", "fav_only"),
                    ("history_500", "text_lora_500"), ("pooled_500", "text_lora_500"),
                    ("pooled_500", "history_500"), ("standardized_500", "text_lora_500"),
                    ("standardized_500", "history_500"), ("fav_only_500", "text_lora_500"),
