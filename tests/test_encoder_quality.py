@@ -62,11 +62,23 @@ def test_report_rows_protocol_and_compute(report):
     # The plateau check: validation and training-fit ranking at the best step.
     assert 0.0 <= r["val_recall@10_at_best"] <= 1.0
     assert 0.0 <= r["fit_recall@10_at_best"] <= 1.0
+    assert 0.0 <= r["two_ahead_recall@10"]["test"] <= 1.0
   saved = json.loads(out.read_text())
   assert saved["peer"]["recall@10"] == 0.1508 and len(saved["rows"]) == 4
   assert saved["curves"]["ml-latest-small:kcore"]
   assert all({"val/recall@10", "fit/recall@10", "fit/ndcg@10"} <= set(e)
              for e in saved["curves"]["ml-latest-small:kcore"])
+  # The context check ranks with the selected model: its one-step figures are the test
+  # metrics and the best step's validation metrics, to the last digit.
+  summary = json.loads((out.parent / "ml-latest-small" / "kcore" / "summary.json").read_text())
+  check = summary["context_check"]
+  assert check["test"]["recall@10"] == summary["metrics"]["recall@10"]
+  assert check["test"]["ndcg@10"] == summary["metrics"]["ndcg@10"]
+  best = next(e for e in summary["evals"] if e["step"] == summary["best_step"])
+  assert check["validation"]["recall@10"] == pytest.approx(best["val/recall@10"], abs=1e-6)
+  assert check["test_two_ahead"]["num_examples"] == check["test"]["num_examples"]
+  assert "context check" in (out.parent / "ml-latest-small" / "kcore" /
+                             "summary.txt").read_text()
   table = out.with_suffix(".md").read_text()
   assert "RecBole SASRec (peer" in table and "item_only" in table
   assert out.with_suffix(".png").stat().st_size > 0

@@ -59,3 +59,36 @@ def test_bad_arguments():
     windows.RandomWindows([record(3)], window=0, seed=0)
   with pytest.raises(IndexError, match="out of range"):
     windows.RandomWindows([record(3)], window=4, seed=0, passes=1)[5]
+
+
+def test_drop_event_removes_one_event_and_its_categories():
+  record = {schema.USER_ID: b"u", schema.ITEM_IDS: np.array([5, 6, 7, 8]),
+            schema.RATINGS: np.array([2, 3, 4, 5]), schema.TIMESTAMPS: np.array([1, 2, 3, 4]),
+            schema.CATEGORY_LENGTHS: np.array([1, 2, 0, 1]),
+            schema.CATEGORY_IDS: np.array([10, 11, 12, 13]), schema.FAVORITE_CATEGORY: 9}
+  out = windows.drop_event(record, 1)
+  np.testing.assert_array_equal(out[schema.ITEM_IDS], [5, 7, 8])
+  np.testing.assert_array_equal(out[schema.RATINGS], [2, 4, 5])
+  np.testing.assert_array_equal(out[schema.TIMESTAMPS], [1, 3, 4])
+  np.testing.assert_array_equal(out[schema.CATEGORY_LENGTHS], [1, 0, 1])
+  np.testing.assert_array_equal(out[schema.CATEGORY_IDS], [10, 13])
+  assert out[schema.FAVORITE_CATEGORY] == 9 and out[schema.USER_ID] == b"u"
+  np.testing.assert_array_equal(record[schema.ITEM_IDS], [5, 6, 7, 8])  # input untouched
+  # An event without categories, and the last event.
+  out = windows.drop_event(record, 2)
+  np.testing.assert_array_equal(out[schema.CATEGORY_IDS], [10, 11, 12, 13])
+  np.testing.assert_array_equal(windows.drop_event(record, 3)[schema.CATEGORY_IDS], [10, 11, 12])
+  with pytest.raises(IndexError, match="event 4 of a record with 4 events"):
+    windows.drop_event(record, 4)
+
+
+def test_drop_before_target_keeps_the_target_and_needs_three_events():
+  from user_llm_jax.eval import ranking  # pylint: disable=g-import-not-at-top
+  record = {schema.ITEM_IDS: np.array([5, 6, 7]), schema.RATINGS: np.array([2, 3, 4]),
+            schema.TIMESTAMPS: np.array([1, 2, 3]), schema.CATEGORY_LENGTHS: np.array([1, 1, 1]),
+            schema.CATEGORY_IDS: np.array([10, 11, 12])}
+  out = ranking.DropBeforeTarget().map(record)
+  np.testing.assert_array_equal(out[schema.ITEM_IDS], [5, 7])
+  short = windows.drop_event(record, 0)
+  with pytest.raises(ValueError, match="a record of 2 events"):
+    ranking.DropBeforeTarget().map(short)

@@ -213,6 +213,11 @@ def row(dataset: str, arm: str, summary: Mapping[str, Any]) -> dict[str, Any]:
              num_items=summary["dataset"]["num_items"] - 2,
              reached_peer_recall10=first_passing(summary, "recall@10", PEER["recall@10"]),
              **fit_at_best(summary))
+  # Validation / test Recall@10 two steps ahead (`ranking.context_check`), None before it.
+  check = summary.get("context_check")
+  out["two_ahead_recall@10"] = (
+      {split: check[f"{split}_two_ahead"]["recall@10"] for split in ("validation", "test")}
+      if check else None)
   return out
 
 
@@ -231,7 +236,8 @@ def fit_at_best(summary: Mapping[str, Any]) -> dict[str, float | None]:
 def table(rows: Sequence[Mapping[str, Any]]) -> str:
   """Markdown table, the peer's row beside ours."""
   head = ("| dataset | method | n | R@1 | R@5 | R@10 | NDCG@10 | pop R@10 | pop NDCG@10 | "
-          "val / fit R@10 at best | steps (best) | wall s | events/s |")
+          "val / fit R@10 at best | val / test R@10 two ahead | steps (best) | wall s | "
+          "events/s |")
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
   def se(r, key):
@@ -242,15 +248,17 @@ def table(rows: Sequence[Mapping[str, Any]]) -> str:
     eps = f"{r['events_per_sec']:,.0f}" if r.get("events_per_sec") else "-"
     fit = (f"{r['val_recall@10_at_best']:.3f} / {r['fit_recall@10_at_best']:.3f}"
            if r.get("fit_recall@10_at_best") is not None else "-")
+    two = r.get("two_ahead_recall@10")
+    two = f"{two['validation']:.3f} / {two['test']:.3f}" if two else "-"
     lines.append(
         f"| {r['dataset']} | {r['arm']} | {r['n']} | {se(r, 'recall@1')} | "
         f"{se(r, 'recall@5')} | {se(r, 'recall@10')} | {se(r, 'ndcg@10')} | "
-        f"{r['pop/recall@10']:.4f} | {r['pop/ndcg@10']:.4f} | {fit} | {r['steps']} "
+        f"{r['pop/recall@10']:.4f} | {r['pop/ndcg@10']:.4f} | {fit} | {two} | {r['steps']} "
         f"({r['best_step']}) | {r['wall_sec']:.0f} | {eps} |")
   p = PEER
   lines.append(f"| {p['dataset']} | {p['name']} | 610 | {p['recall@1']:.4f} | "
                f"{p['recall@5']:.4f} | {p['recall@10']:.4f} | {p['ndcg@10']:.4f} | "
-               f"{p['popularity/recall@10']:.4f} | - | - | epoch {p['best_epoch']} | "
+               f"{p['popularity/recall@10']:.4f} | - | - | - | epoch {p['best_epoch']} | "
                f"{p['seconds_to_best']} (to best) | - |")
   return "\n".join(lines)
 

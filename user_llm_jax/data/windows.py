@@ -50,6 +50,24 @@ def slice_events(record: Mapping[str, Any], start: int, end: int) -> dict[str, A
   return out
 
 
+def drop_event(record: Mapping[str, Any], index: int) -> dict[str, Any]:
+  """The record without its event `index` (0 <= index < number of events).
+
+  Non-event keys are unchanged; the ragged categories lose that event's ids.
+  """
+  lengths = np.asarray(record[schema.CATEGORY_LENGTHS], np.int64).reshape(-1)
+  if not 0 <= index < lengths.size:
+    raise IndexError(f"drop_event: event {index} of a record with {lengths.size} events")
+  offsets = np.concatenate([[0], np.cumsum(lengths)])
+  out = dict(record)
+  for key in _PER_EVENT:
+    if key in record:
+      out[key] = np.delete(np.asarray(record[key]), index, axis=0)
+  out[schema.CATEGORY_IDS] = np.delete(np.asarray(record[schema.CATEGORY_IDS]),
+                                       np.arange(offsets[index], offsets[index + 1]))
+  return out
+
+
 class RandomWindows(Sequence):
   """A training split seen as random windows of `window + 1` events (module docstring).
 

@@ -5,6 +5,13 @@ splits; `test_summary` evaluates a trained ranking model on the test split next 
 popularity baseline fitted on the same training split, and `write_report` writes
 `summary.json`, `summary.txt` and the loss / validation plot.
 
+`context_check` tells apart two causes of test figures below validation ones on the
+leave-one-out split: each split's targets ranked from its full context and from the context
+without the event just before the target (two steps ahead). The validation context is a
+training record the model was fitted on; the test context ends with the validation event,
+one it never read as input there. If the two splits tie two steps ahead but not one step
+ahead, the test targets are not harder: the test context's newest event is what differs.
+
 Protocol keys read here (every report states them, `protocol(config)`):
   data.train_windows   'last' (default: each training record's most recent events) or
                        'random' (random windows over the whole history, `data.windows`)
@@ -17,15 +24,18 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import grain
 import jax
 import ml_collections
+import numpy as np
 
 from user_llm_jax import config as config_lib
 from user_llm_jax.data import pipeline as pipeline_lib
 from user_llm_jax.data import prepared
+from user_llm_jax.data import schema
 from user_llm_jax.data import windows as windows_lib
 from user_llm_jax.eval import popularity
 from user_llm_jax.eval import retrieval
@@ -110,6 +120,56 @@ class RankingData:
               if k != "num_examples" and not k.endswith("_stderr")}
 
     return lambda m: {**ranking(m, "val", validation), **ranking(m, "fit", fit)}
+
+
+class DropBeforeTarget(grain.transforms.Map):
+  """Record -> the record without the event just before its last (target) event."""
+
+  def map(self, element: dict[str, Any]) -> dict[str, Any]:
+    n = np.asarray(element[schema.ITEM_IDS]).reshape(-1).size
+    if n < 3:
+      raise ValueError(f"DropBeforeTarget: a record of {n} events; the context check needs "
+                       ">= 3 (a target and two context events): run it on k-core data "
+                       "(data.kcore_users >= 4)")
+    return windows_lib.drop_event(element, n - 2)
+
+
+def context_check_applies(config: ml_collections.ConfigDict) -> bool:
+  """Whether `context_check` runs: leave-one-out splits whose validation records hold >= 3
+  events (k-core users with >= 4)."""
+  return (config.data.protocol == "leave_last_out"
+          and int(config.data.get("kcore_users", 0) or 0) >= 4)
+
+
+def context_check(model: Any, config: ml_collections.ConfigDict, data: RankingData, *,
+                  ks: Sequence[int]) -> dict[str, dict[str, float]]:
+  """Validation and test targets ranked from the full context and without the event before
+  the target (module docstring): `{condition: metrics}`."""
+  out = {}
+  for name, source, drop in (("validation", data.splits.validation, False),
+                             ("validation_two_ahead", data.splits.validation, True),
+                             ("test", data.test, False),
+                             ("test_two_ahead", data.test, True)):
+    transforms = ([DropBeforeTarget()] if drop else []) + list(data.eval_transforms
+                                                                or data.transforms)
+    batches = pipeline_lib.make_eval_pipeline(source, batch_size=config.eval.batch_size,
+                                              transforms=transforms)
+    out[name] = retrieval.evaluate_next_item(model, batches, ks=ks)
+  return out
+
+
+def context_check_text(check: Mapping[str, Mapping[str, float]]) -> str:
+  """One line per split: R@10 and NDCG@10 (+- SE) one and two steps ahead."""
+  def fig(m, key):
+    return f"{m[key]:.4f} +- {m.get(key + '_stderr', float('nan')):.4f}"
+  lines = ["context check (the selected model; R@10, NDCG@10; full context -> without the "
+           "event before the target):"]
+  for split, noun in (("validation", "validation targets"), ("test", "test targets")):
+    one, two = check[split], check[split + "_two_ahead"]
+    lines.append(f"  {noun} (n = {int(one['num_examples'])}): "
+                 f"{fig(one, 'recall@10')}, {fig(one, 'ndcg@10')} -> "
+                 f"{fig(two, 'recall@10')}, {fig(two, 'ndcg@10')}")
+  return "\n".join(lines)
 
 
 class EvenSample:
@@ -206,6 +266,8 @@ def test_summary(config: ml_collections.ConfigDict, result: trainer_lib.TrainRes
       "protocol": protocol(config), "compute": compute(result),
       "best_step": result.selection["best_step"] if result.selection else result.step,
   }
+  if context_check_applies(config) and data.splits.validation is not None:
+    summary["context_check"] = context_check(result.model, config, data, ks=ks)
   return model_metrics, pop_metrics, summary
 
 
@@ -237,7 +299,9 @@ def write_report(config: ml_collections.ConfigDict, result: trainer_lib.TrainRes
           f"wall, test {test_noun} {int(metrics.get('num_examples', len(data.test))):,}, "
           f"catalogue {data.vocab.num_items - 2:,} items ({kcore}{config.data.protocol}, "
           f"full-catalogue ranking, {proto['seen']})\n{table}"
-          + (f"\nstandard errors ({model_name}): {se}" if se else ""))
+          + (f"\nstandard errors ({model_name}): {se}" if se else "")
+          + (f"\n{context_check_text(summary['context_check'])}"
+             if "context_check" in summary else ""))
   if result.history:
     eval_key = (proto["select_metric"] if result.selection else "val/recall@10")
     summary_lib.plot_loss(result.history, os.path.join(workdir, summary_lib.LOSS_PNG),
