@@ -2,14 +2,18 @@ r"""Compare runs evaluated on the same test users, row by row, with paired stand
 
   python -m experiments.compare_runs --runs=/tmp/ml_user_llm,/tmp/ml_user_llm_random \
       [--names=pretrained,random] [--output=compare.json]
+  python -m experiments.compare_runs --runs=/tmp/amazon_user_llm,/tmp/amazon_text \
+      --names=user_llm,text --methods=user_llm,text_prompt
 
 Reads each workdir's `summary.json` (`metrics`: {method: {task: metrics}}, as the User-LLM,
 text-baseline and main jobs write them) and compares every later run with the first on
 every method row and task they share (`eval.paired.compare_runs`): the difference, twice its
 standard error (paired over the test users both rows were scored on when both runs kept
 per-user values, the independent-samples error otherwise: each line says which) and the
-verdict (a difference under two standard errors is a tie). Prints the lines; `--output`
-also writes them as JSON.
+verdict (a difference under two standard errors is a tie). `--methods` names one row per
+run instead (a User-LLM run against a text-baseline run: `user_llm` vs `text_prompt`), each
+later run's row compared with the first run's. Prints the lines; `--output` also writes
+them as JSON.
 """
 
 import json
@@ -22,6 +26,8 @@ from user_llm_jax.eval import paired
 
 _RUNS = flags.DEFINE_list("runs", None, "Workdirs (the first is the reference).", required=True)
 _NAMES = flags.DEFINE_list("names", None, "A name per run (default: the workdirs' basenames).")
+_METHODS = flags.DEFINE_list("methods", None, "One method row per run to compare (default: "
+                              "every row the runs share).")
 _OUTPUT = flags.DEFINE_string("output", "", "Write the comparisons as JSON here.")
 
 
@@ -46,10 +52,15 @@ def main(argv):
   if len(names) != len(runs) or len(runs) < 2:
     raise app.UsageError(f"need >= 2 runs and one name per run; got {len(runs)} runs, "
                          f"{len(names)} names")
+  methods = _METHODS.value
+  if methods is not None and len(methods) != len(runs):
+    raise app.UsageError(f"--methods needs one method row per run; got {len(methods)} for "
+                         f"{len(runs)} runs")
   reference = (names[0], load_metrics(runs[0]))
   results = []
-  for name, run in zip(names[1:], runs[1:]):
-    results.extend(paired.compare_runs(reference, (name, load_metrics(run))))
+  for i, (name, run) in enumerate(zip(names[1:], runs[1:]), start=1):
+    pair = (methods[0], methods[i]) if methods else None
+    results.extend(paired.compare_runs(reference, (name, load_metrics(run)), pair))
   print("\n".join(r["text"] for r in results) or "no method row and task in common")
   if _OUTPUT.value:
     os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)

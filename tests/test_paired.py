@@ -147,3 +147,39 @@ def test_compare_runs_script(tmp_path):
                             f"--runs={runs[0]},{tmp_path / 'nope'}"],
                            capture_output=True, text=True, timeout=120)
   assert missing.returncode != 0 and "nope/summary.json: no summary.json" in missing.stderr
+
+
+def test_compare_runs_named_rows_of_two_runs(tmp_path):
+  """A User-LLM run against a text-baseline run: one named row of each, paired."""
+  ids = list(range(40))
+  rng = np.random.default_rng(2)
+  text = (rng.random(40) < 0.3).astype(float)
+  model = np.maximum(text, (rng.random(40) < 0.5).astype(float))
+  ref = ("user_llm_run", {"user_llm": {"favorite_category": acc(ids, model)},
+                          "majority": {"favorite_category": acc(ids, text)}})
+  other = ("text_run", {"text_prompt": {"favorite_category": acc(ids, text)}})
+  (out,) = paired.compare_runs(ref, other, ("user_llm", "text_prompt"))
+  assert out["method"] == "text_prompt" and out["reference_method"] == "user_llm"
+  assert out["paired"] and out["n"] == 40
+  assert out["diff"] == pytest.approx(text.mean() - model.mean())
+  assert out["text"].startswith("text_prompt vs user_llm favorite_category accuracy: text_run")
+  # Without named rows the two runs share no row.
+  assert not paired.compare_runs(ref, other)
+  with pytest.raises(KeyError, match="run 'text_run' has no method row 'user_llm'"):
+    paired.compare_runs(ref, other, ("user_llm", "user_llm"))
+  # The script: one row per run, and a wrong count is a usage error.
+  runs = []
+  for name, metrics in (ref, other):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "summary.json").write_text(json.dumps({"metrics": metrics}))
+    runs.append(str(d))
+  proc = subprocess.run([sys.executable, "-m", "experiments.compare_runs",
+                         f"--runs={','.join(runs)}", "--methods=user_llm,text_prompt"],
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "text_prompt vs user_llm" in proc.stdout and "paired, n = 40" in proc.stdout
+  bad = subprocess.run([sys.executable, "-m", "experiments.compare_runs",
+                        f"--runs={','.join(runs)}", "--methods=user_llm"],
+                       capture_output=True, text=True, timeout=120)
+  assert bad.returncode != 0 and "one method row per run" in bad.stderr

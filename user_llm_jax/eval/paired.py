@@ -118,7 +118,7 @@ TASK_KEYS = {"next_item": ("recall@1", "recall@5", "recall@10", "ndcg@10"),
 
 def compare_runs(reference: tuple[str, Mapping[str, Mapping[str, Mapping[str, Any]]]],
                  other: tuple[str, Mapping[str, Mapping[str, Mapping[str, Any]]]],
-                 ) -> list[dict[str, Any]]:
+                 methods: tuple[str, str] | None = None) -> list[dict[str, Any]]:
   """Every method row and task the two runs share, compared metric by metric.
 
   Args:
@@ -126,28 +126,41 @@ def compare_runs(reference: tuple[str, Mapping[str, Mapping[str, Mapping[str, An
       `metrics` of two User-LLM runs' summaries evaluated on the same seeded test users
       (pretrained vs random encoder): `other - reference` per row, paired when both rows
       kept per-example values.
+    methods: (reference's row, other's row) to compare these two rows only, e.g.
+      ('user_llm', 'text_prompt') for a User-LLM run against a text-baseline run on the
+      same test users; None compares every row the runs share. A row a run lacks is a
+      `KeyError` naming the rows it has.
 
   Returns:
     One dict per (method, task, metric): values, n, the `Difference`'s fields, verdict
     ('ahead' / 'behind' / 'tie' of `other` against `reference`) and a line of text.
   """
   (ref_name, ref), (other_name, oth) = reference, other
+  if methods is None:
+    pairs = [(m, m) for m in ref if m in oth]
+  else:
+    for (name, rows), method in zip(((ref_name, ref), (other_name, oth)), methods):
+      if method not in rows:
+        raise KeyError(f"run {name!r} has no method row {method!r}; it has {sorted(rows)}")
+    pairs = [tuple(methods)]
   out = []
-  for method in [m for m in ref if m in oth]:
-    for task in [t for t in ref[method] if t in oth[method]]:
+  for ref_method, method in pairs:
+    for task in [t for t in ref[ref_method] if t in oth[method]]:
       for key in TASK_KEYS.get(task, ()):
-        mine, theirs = oth[method][task], ref[method][task]
+        mine, theirs = oth[method][task], ref[ref_method][task]
         if key not in mine or key not in theirs:
           continue
         d = difference(mine, theirs, key)
         word = {"ahead": "ahead of", "behind": "BEHIND",
                 "tie": "tied with"}[d.verdict]
         out.append({
-            "method": method, "task": task, "metric": key,
+            "method": method, "reference_method": ref_method, "task": task, "metric": key,
             "reference": ref_name, "other": other_name,
             "reference_value": float(theirs[key]), "other_value": float(mine[key]),
             **dataclasses.asdict(d), "verdict": d.verdict,
-            "text": (f"{method} {task} {key}: {other_name} {float(mine[key]):.3f} is {word} "
+            "text": ((f"{method} {task} {key}: " if method == ref_method else
+                      f"{method} vs {ref_method} {task} {key}: ")
+                     + f"{other_name} {float(mine[key]):.3f} is {word} "
                      f"{ref_name} {float(theirs[key]):.3f} ({d.describe()})")})
   return out
 
