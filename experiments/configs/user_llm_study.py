@@ -39,6 +39,14 @@ STEPS = 100
 REFERENCE = "user_llm"
 
 
+def soft_prompt_fav_only(bridge_lr_mult: float, **extra: Any) -> dict[str, Any]:
+  """Overrides of a soft-prompt arm on the favorite genre alone, the bridge at
+  `bridge_lr_mult` x the base rate (the gates keep their 100x)."""
+  return {"bridge.mode": "soft_prompt", "tasks.names": ("favorite_category",),
+          "bridge.item_head": False,
+          "train.lr_mults": (("_gate$", 100.0), ("^bridge/", bridge_lr_mult)), **extra}
+
+
 @dataclasses.dataclass(frozen=True)
 class Arm:
   """One study arm.
@@ -89,24 +97,14 @@ ARMS: dict[str, Arm] = {
     # Prompt tuning moves its embeddings at rates far above a fine-tuning's (its usual
     # recipes use 0.3); the bridge that writes the soft prompt at 10x the base rate.
     "soft_prompt_fav_only_lr10": Arm("User-LLM, soft prompt, favorite genre only, bridge at 10x lr",
-                                     {"bridge.mode": "soft_prompt",
-                                      "tasks.names": ("favorite_category",),
-                                      "bridge.item_head": False,
-                                      "train.lr_mults": (("_gate$", 100.0),
-                                                         ("^bridge/", 10.0))}),
+                                     soft_prompt_fav_only(10.0)),
     # Further along the same lever: the bridge at 30x, and at 10x with LoRA adapters on the
     # LLM as well (the LLM then learns the answer format alongside the soft prompt).
     "soft_prompt_fav_only_lr30": Arm("User-LLM, soft prompt, favorite genre only, bridge at 30x lr",
-                                     {"bridge.mode": "soft_prompt",
-                                      "tasks.names": ("favorite_category",),
-                                      "bridge.item_head": False,
-                                      "train.lr_mults": (("_gate$", 100.0),
-                                                         ("^bridge/", 30.0))}),
+                                     soft_prompt_fav_only(30.0)),
     "soft_prompt_lora_fav_only_lr10": Arm(
         "User-LLM, soft prompt, LoRA, favorite genre only, bridge at 10x lr",
-        {"bridge.mode": "soft_prompt", "strategy": "lora",
-         "tasks.names": ("favorite_category",), "bridge.item_head": False,
-         "train.lr_mults": (("_gate$", 100.0), ("^bridge/", 10.0))}),
+        soft_prompt_fav_only(10.0, strategy="lora")),
     "perceiver": Arm("User-LLM, Perceiver (16 latents)",
                      {"bridge.use_perceiver": True, "bridge.num_latents": 16}),
     # The item head plus the encoder's own next-item scores, its LLM part starting at zero.
