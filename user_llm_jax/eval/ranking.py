@@ -91,12 +91,12 @@ class RankingData:
         shuffle=True, num_epochs=None, transforms=list(self.transforms),
         worker_count=config.data.worker_count))
 
-  def eval_batches(self, config: ml_collections.ConfigDict, src):
+  def eval_batches(self, config: ml_collections.ConfigDict, src, *, before: Sequence[Any] = ()):
     """One pass over `src` in `config.eval.batch_size` batches (with `seen_items` when the
-    protocol excludes seen items)."""
+    protocol excludes seen items); `before`: record transforms applied first."""
     return pipeline_lib.make_eval_pipeline(src, batch_size=config.eval.batch_size,
-                                           transforms=list(self.eval_transforms
-                                                           or self.transforms))
+                                           transforms=[*before, *(self.eval_transforms
+                                                                  or self.transforms)])
 
   def validation_fn(self, config: ml_collections.ConfigDict, ks: Sequence[int],
                     ) -> Callable[[Any], dict[str, float]] | None:
@@ -142,18 +142,16 @@ def context_check_applies(config: ml_collections.ConfigDict) -> bool:
 
 
 def context_check(model: Any, config: ml_collections.ConfigDict, data: RankingData, *,
-                  ks: Sequence[int]) -> dict[str, dict[str, float]]:
+                  ks: Sequence[int], test_metrics: Mapping[str, float],
+                  ) -> dict[str, dict[str, float]]:
   """Validation and test targets ranked from the full context and without the event before
-  the target (module docstring): `{condition: metrics}`."""
-  out = {}
+  the target (module docstring): `{condition: metrics}`. `test_metrics`: the model's test
+  ranking already computed (the full-context test condition)."""
+  out = {"test": dict(test_metrics)}
   for name, source, drop in (("validation", data.splits.validation, False),
                              ("validation_two_ahead", data.splits.validation, True),
-                             ("test", data.test, False),
                              ("test_two_ahead", data.test, True)):
-    transforms = ([DropBeforeTarget()] if drop else []) + list(data.eval_transforms
-                                                                or data.transforms)
-    batches = pipeline_lib.make_eval_pipeline(source, batch_size=config.eval.batch_size,
-                                              transforms=transforms)
+    batches = data.eval_batches(config, source, before=[DropBeforeTarget()] if drop else [])
     out[name] = retrieval.evaluate_next_item(model, batches, ks=ks)
   return out
 
@@ -267,7 +265,8 @@ def test_summary(config: ml_collections.ConfigDict, result: trainer_lib.TrainRes
       "best_step": result.selection["best_step"] if result.selection else result.step,
   }
   if context_check_applies(config) and data.splits.validation is not None:
-    summary["context_check"] = context_check(result.model, config, data, ks=ks)
+    summary["context_check"] = context_check(result.model, config, data, ks=ks,
+                                             test_metrics=model_metrics)
   return model_metrics, pop_metrics, summary
 
 
