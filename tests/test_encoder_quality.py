@@ -45,6 +45,20 @@ def report(tmp_path_factory):
                                   overrides=TINY)
 
 
+@pytest.fixture(scope="module")
+def refit_report(report):
+  """The refit arm beside the report's runs (its own JSON; no early stopping: nothing is
+  left to select on)."""
+  out, rep = report
+  manual_dir = json.loads((out.parent / "ml-latest-small" / "kcore" / "run.json")
+                          .read_text())["config"]["data"]["manual_dir"]
+  root = str(pathlib.Path(manual_dir).parent)
+  tiny = {k: v for k, v in TINY.items() if k != "train.patience"}
+  refit = encoder_quality.run(str(out.parent / "refit.json"), ["kcore_refit"],
+                              ["ml-latest-small"], root, overrides=tiny)
+  return root, rep, refit
+
+
 def test_report_rows_protocol_and_compute(report):
   out, rep = report
   rows = {(r["dataset"], r["arm"]): r for r in rep["rows"]}
@@ -52,6 +66,7 @@ def test_report_rows_protocol_and_compute(report):
   assert set(rows) == {("ml-latest-small", "kcore"), ("ml-latest-small", "item_only"),
                        ("ml-latest-small", "recbole_split"), ("Gift_Cards", "kcore")}
   for r in rows.values():
+    assert r["protocol"]["trained_on"] == "train split"
     assert r["protocol"]["seen"] == "seen items not excluded"
     assert r["protocol"]["kcore_users"] == r["protocol"]["kcore_items"] == 5
     assert r["n"] > 0 and 0.0 <= r["recall@10"] <= 1.0 and r["recall@10_stderr"] >= 0
@@ -82,6 +97,51 @@ def test_report_rows_protocol_and_compute(report):
   table = out.with_suffix(".md").read_text()
   assert "RecBole SASRec (peer" in table and "item_only" in table
   assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_refit_trains_on_every_event_but_the_test_one(report, refit_report):
+  """`data.train_through_validation`: the training records are the validation records,
+  each the normal training record plus its validation event; nothing is left to select on."""
+  from user_llm_jax.data import schema  # pylint: disable=g-import-not-at-top
+  from user_llm_jax.eval import ranking  # pylint: disable=g-import-not-at-top
+  out, _ = report
+  root, rep, refit_rep = refit_report
+  (refit_row,) = refit_rep["rows"]
+  kcore_row = next(r for r in rep["rows"] if r["arm"] == "kcore"
+                   and r["dataset"] == "ml-latest-small")
+  assert refit_row["protocol"]["trained_on"] == "train + validation events (refit)"
+  assert refit_row["protocol"]["select_metric"] == "last step"
+  assert refit_row["steps"] == refit_row["best_step"] == 12
+  assert refit_row["val_recall@10_at_best"] is None
+  assert refit_row["two_ahead_recall@10"] is None   # no validation split for the check
+  assert refit_row["n"] == kcore_row["n"] and refit_row["events"] > 0
+  assert "trained on train + validation events (refit)" in (
+      out.parent / "ml-latest-small" / "kcore_refit" / "summary.txt").read_text()
+
+  workdir = str(out.parent / "ml-latest-small" / "kcore")   # its prepared data is reused
+  base_cfg = encoder_quality.arm_config("kcore", "ml-latest-small", root,
+                                        exclude_seen=False, overrides=TINY)
+  refit_cfg = encoder_quality.arm_config("kcore_refit", "ml-latest-small", root,
+                                         exclude_seen=False, overrides={})
+  base = ranking.RankingData.load(base_cfg, workdir)
+  refit = ranking.RankingData.load(refit_cfg, workdir)
+  assert refit.splits.validation is None and refit.validation_fn(refit_cfg, (10,)) is None
+  assert len(refit.train) == len(base.splits.validation) == len(base.train) > 0
+  for i in range(len(base.train)):
+    train = list(base.train[i][schema.ITEM_IDS])
+    through = list(refit.train[i][schema.ITEM_IDS])
+    assert through == list(base.splits.validation[i][schema.ITEM_IDS])
+    assert through[:-1] == train
+  assert len(refit.test) == len(base.test)
+  # A refit that would select on validation, or a split without validation, is refused
+  # before any data is prepared.
+  refit_cfg.train.select_metric = "val/ndcg@10"
+  with pytest.raises(config_lib.ConfigError, match="'train.select_metric' is 'val/ndcg@10'"):
+    ranking.RankingData.load(refit_cfg, "/nonexistent")
+  refit_cfg.train.select_metric = ""
+  refit_cfg.data.protocol = "paper"
+  with pytest.raises(config_lib.ConfigError, match="no validation split to train through"):
+    ranking.RankingData.load(refit_cfg, "/nonexistent")
 
 
 def test_rerun_reuses_finished_runs(report, tmp_path):

@@ -45,6 +45,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seed = 0
   config.data = common.movielens_data_section(protocol="leave_last_out", window=50)
   config.data.train_windows = "last"   # 'random': random windows over the whole history.
+  # True: a refit on every event but the test one (eval/ranking.py), for the step count
+  # an earlier run's validation chose; needs train.select_metric=''.
+  config.data.train_through_validation = False
   config.encoder = ml_collections.ConfigDict()
   config.encoder.model = common.encoder_model_section("paper")
   config.train = common.train_section(

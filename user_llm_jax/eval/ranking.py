@@ -15,6 +15,13 @@ ahead, the test targets are not harder: the test context's newest event is what 
 Protocol keys read here (every report states them, `protocol(config)`):
   data.train_windows   'last' (default: each training record's most recent events) or
                        'random' (random windows over the whole history, `data.windows`)
+  data.train_through_validation
+                       False (default): train on the training split; True (a refit):
+                       train on the validation records, i.e. every event but the test
+                       one, for a step count chosen by an earlier run's validation (no
+                       validation split is left to select on). Tells whether the test
+                       context's newest event, never trained on, is what holds test below
+                       validation (`context_check`).
   eval.exclude_seen    False (default): rank every item; True: the user's earlier items
                        are excluded from the ranking (`retrieval.WithSeenItems`)
 """
@@ -54,7 +61,12 @@ class RankingData:
   @classmethod
   def load(cls, config: ml_collections.ConfigDict, workdir: str) -> "RankingData":
     train_windows(config)  # Fails on a bad value before the data is prepared.
+    refit = train_through_validation(config)  # Checked before the data is prepared too.
     splits = prepared.load_splits(config.data, workdir)
+    if refit:
+      # The validation records hold every event but the test one; the training records
+      # are their prefixes, so nothing else is lost.
+      splits = dataclasses.replace(splits, train=splits.validation, validation=None)
     crop = prepared.crop(config.data)
     eval_transforms = (crop,)
     if exclude_seen(config):
@@ -197,6 +209,24 @@ def train_windows(config: ml_collections.ConfigDict) -> str:
   return value
 
 
+def train_through_validation(config: ml_collections.ConfigDict) -> bool:
+  """The `data.train_through_validation` key (False when absent); with it no validation
+  metric can select a step, so `train.select_metric` must be empty."""
+  value = bool(config.data.get("train_through_validation", False))
+  if value and config.data.protocol != "leave_last_out":
+    raise config_lib.ConfigError(
+        "config key 'data.train_through_validation' is True, but data.protocol="
+        f"{config.data.protocol!r} has no validation split to train through; use "
+        "data.protocol=leave_last_out")
+  if value and config.train.get("select_metric", ""):
+    raise config_lib.ConfigError(
+        "config key 'data.train_through_validation' is True (the validation events are "
+        f"trained on), but 'train.select_metric' is {config.train.select_metric!r}: nothing "
+        "is left to select on. Set train.select_metric='' and train.num_steps to the "
+        "selecting run's best_step")
+  return value
+
+
 def exclude_seen(config: ml_collections.ConfigDict) -> bool:
   """The `eval.exclude_seen` key (False when absent)."""
   return bool(config.eval.get("exclude_seen", False))
@@ -213,6 +243,8 @@ def protocol(config: ml_collections.ConfigDict) -> dict[str, Any]:
       "exclude_seen": exclude_seen(config),
       "seen": retrieval.protocol_name(exclude_seen(config)),
       "train_windows": train_windows(config),
+      "trained_on": ("train + validation events (refit)" if train_through_validation(config)
+                     else "train split"),
       "select_metric": config.train.get("select_metric", "") or "last step",
   }
 
@@ -297,7 +329,9 @@ def write_report(config: ml_collections.ConfigDict, result: trainer_lib.TrainRes
           f"trainable / {result.total_params:,} params, {summary['wall_time_sec']:.1f} s "
           f"wall, test {test_noun} {int(metrics.get('num_examples', len(data.test))):,}, "
           f"catalogue {data.vocab.num_items - 2:,} items ({kcore}{config.data.protocol}, "
-          f"full-catalogue ranking, {proto['seen']})\n{table}"
+          f"full-catalogue ranking, {proto['seen']}"
+          f"{'; trained on ' + proto['trained_on'] if train_through_validation(config) else ''})"
+          f"\n{table}"
           + (f"\nstandard errors ({model_name}): {se}" if se else "")
           + (f"\n{context_check_text(summary['context_check'])}"
              if "context_check" in summary else ""))
