@@ -92,8 +92,17 @@ def test_report_rows_protocol_and_compute(report):
   best = next(e for e in summary["evals"] if e["step"] == summary["best_step"])
   assert check["validation"]["recall@10"] == pytest.approx(best["val/recall@10"], abs=1e-6)
   assert check["test_two_ahead"]["num_examples"] == check["test"]["num_examples"]
-  assert "context check" in (out.parent / "ml-latest-small" / "kcore" /
-                             "summary.txt").read_text()
+  text = (out.parent / "ml-latest-small" / "kcore" / "summary.txt").read_text()
+  assert "context check" in text and "last transition" in text
+  # The transition breakdown splits each split's full-context Recall@10 into the targets
+  # whose last transition some training record holds and the others.
+  for split, whole in (("validation", check["validation"]), ("test", check["test"])):
+    t = check["transition_seen"][split]
+    assert t["n_seen"] + t["n_unseen"] == t["num_examples"] == whole["num_examples"]
+    assert t["fraction"] == pytest.approx(t["n_seen"] / t["num_examples"])
+    parts = [t[f"recall@10_{g}"] * t[f"n_{g}"] for g in ("seen", "unseen") if t[f"n_{g}"]]
+    assert sum(parts) / t["num_examples"] == pytest.approx(whole["recall@10"], abs=1e-6)
+  assert "per_example" not in summary["metrics"] and "per_example" not in check["test"]
   table = out.with_suffix(".md").read_text()
   assert "RecBole SASRec (peer" in table and "item_only" in table
   assert out.with_suffix(".png").stat().st_size > 0
@@ -158,6 +167,24 @@ def test_unknown_arm_and_key_are_named():
   with pytest.raises(config_lib.ConfigError, match="unknown config key 'train.nope'"):
     encoder_quality.arm_config("kcore", "ml-latest-small", "/x", exclude_seen=False,
                                overrides={"train.nope": 1})
+
+
+def test_transition_breakdown_by_hand():
+  from user_llm_jax.eval import paired  # pylint: disable=g-import-not-at-top
+  from user_llm_jax.eval import ranking  # pylint: disable=g-import-not-at-top
+  rec = lambda *items: {"item_ids": list(items)}  # pylint: disable=unnecessary-lambda-assignment
+  train = [rec(2, 3, 4), rec(5, 3)]             # transitions 2>3, 3>4, 5>3
+  known = ranking.training_transitions(train, num_items=7)
+  assert sorted(known.tolist()) == [2 * 7 + 3, 3 * 7 + 4, 5 * 7 + 3]
+  records = [rec(2, 3, 4, 6), rec(5, 3, 4), rec(6, 2, 3), rec(3, 5)]
+  seen = ranking.last_transition_seen(records, known, num_items=7)
+  assert seen.tolist() == [False, True, True, False]   # 4>6, 3>4, 2>3, 3>5 (not 5>3)
+  metrics = {paired.PER_EXAMPLE: paired.per_example(range(4), {"recall@10": [1, 1, 0, 0]})}
+  out = ranking.transition_breakdown(seen, metrics)
+  assert out["fraction"] == 0.5 and out["n_seen"] == out["n_unseen"] == 2
+  assert out["recall@10_seen"] == 0.5 and out["recall@10_unseen"] == 0.5
+  with pytest.raises(ValueError, match="per-example recall@10 of 4 records"):
+    ranking.transition_breakdown(seen, {"recall@10": 0.5})
 
 
 def test_even_sample_spreads_over_the_source():

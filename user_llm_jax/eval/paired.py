@@ -79,7 +79,8 @@ class Difference:
     return f"difference {self.diff:+.3f}, 2 SE = {2 * self.se:.3f}, {kind}, n = {self.n}"
 
 
-def _values(metrics: Mapping[str, Any], key: str) -> dict[int, float] | None:
+def example_values(metrics: Mapping[str, Any], key: str) -> dict[int, float] | None:
+  """`{example id: value}` of `key` from a metric dict's per-example entry (None without)."""
   entry = metrics.get(PER_EXAMPLE)
   if not entry or key not in entry.get("values", {}):
     return None
@@ -97,7 +98,7 @@ def difference(a: Mapping[str, Any], b: Mapping[str, Any], key: str) -> Differen
   for name, m in (("a", a), ("b", b)):
     if key not in m:
       raise KeyError(f"metric {key!r} missing from {name} (keys: {sorted(m)})")
-  va, vb = _values(a, key), _values(b, key)
+  va, vb = example_values(a, key), example_values(b, key)
   if va is not None and vb is not None:
     shared = sorted(set(va) & set(vb))
     if len(shared) >= 2:

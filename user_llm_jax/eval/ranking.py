@@ -11,6 +11,10 @@ without the event just before the target (two steps ahead). The validation conte
 training record the model was fitted on; the test context ends with the validation event,
 one it never read as input there. If the two splits tie two steps ahead but not one step
 ahead, the test targets are not harder: the test context's newest event is what differs.
+It also reports, per split, the share of targets whose last transition (the event before
+the target -> the target) occurs in some training record, and Recall@10 on the targets with
+and without one: a split whose transitions were seen more often ranks better for that
+reason alone.
 
 Protocol keys read here (every report states them, `protocol(config)`):
   data.train_windows   'last' (default: each training record's most recent events) or
@@ -44,6 +48,7 @@ from user_llm_jax.data import pipeline as pipeline_lib
 from user_llm_jax.data import prepared
 from user_llm_jax.data import schema
 from user_llm_jax.data import windows as windows_lib
+from user_llm_jax.eval import paired
 from user_llm_jax.eval import popularity
 from user_llm_jax.eval import retrieval
 from user_llm_jax.train import summary as summary_lib
@@ -154,17 +159,66 @@ def context_check_applies(config: ml_collections.ConfigDict) -> bool:
 
 
 def context_check(model: Any, config: ml_collections.ConfigDict, data: RankingData, *,
-                  ks: Sequence[int], test_metrics: Mapping[str, float],
-                  ) -> dict[str, dict[str, float]]:
+                  ks: Sequence[int], test_metrics: Mapping[str, Any],
+                  ) -> dict[str, dict[str, Any]]:
   """Validation and test targets ranked from the full context and without the event before
-  the target (module docstring): `{condition: metrics}`. `test_metrics`: the model's test
-  ranking already computed (the full-context test condition)."""
-  out = {"test": dict(test_metrics)}
-  for name, source, drop in (("validation", data.splits.validation, False),
-                             ("validation_two_ahead", data.splits.validation, True),
+  the target (module docstring): `{condition: metrics}`, plus `transition_seen`
+  (`transition_breakdown` of each split). `test_metrics`: the model's test ranking already
+  computed (the full-context test condition), with its per-example values."""
+  validation = data.splits.validation
+  out = {"test": {k: v for k, v in test_metrics.items() if k != paired.PER_EXAMPLE}}
+  for name, source, drop in (("validation", validation, False),
+                             ("validation_two_ahead", validation, True),
                              ("test_two_ahead", data.test, True)):
     batches = data.eval_batches(config, source, before=[DropBeforeTarget()] if drop else [])
-    out[name] = retrieval.evaluate_next_item(model, batches, ks=ks)
+    ids = range(len(source)) if name == "validation" else None
+    out[name] = retrieval.evaluate_next_item(model, batches, ks=ks, ids=ids)
+  known = training_transitions(data.train, data.vocab.num_items)
+  out["transition_seen"] = {
+      split: transition_breakdown(last_transition_seen(source, known, data.vocab.num_items),
+                                  metrics)
+      for split, source, metrics in (("validation", validation, out["validation"]),
+                                     ("test", data.test, test_metrics))}
+  out["validation"].pop(paired.PER_EXAMPLE)
+  return out
+
+
+def _transition_codes(items: np.ndarray, num_items: int) -> np.ndarray:
+  """Each consecutive pair (a, b) of a record's items as the integer a * num_items + b."""
+  items = items.astype(np.int64)
+  return items[:-1] * num_items + items[1:]
+
+
+def training_transitions(train: Any, num_items: int) -> np.ndarray:
+  """The distinct consecutive item pairs of every training record (sorted codes)."""
+  codes = [_transition_codes(np.asarray(train[i][schema.ITEM_IDS]).reshape(-1), num_items)
+           for i in range(len(train))]
+  return np.unique(np.concatenate(codes)) if codes else np.zeros(0, np.int64)
+
+
+def last_transition_seen(records: Any, known: np.ndarray, num_items: int) -> np.ndarray:
+  """Per record: whether its last pair (the event before the target, the target) is among
+  the `known` transition codes (`training_transitions`)."""
+  last = [_transition_codes(np.asarray(records[i][schema.ITEM_IDS]).reshape(-1)[-2:],
+                            num_items) for i in range(len(records))]
+  return np.isin(np.concatenate(last), known) if last else np.zeros(0, bool)
+
+
+def transition_breakdown(seen: np.ndarray, metrics: Mapping[str, Any]) -> dict[str, float]:
+  """The share of targets with a seen last transition, and Recall@10 (+- SE) of the targets
+  with and without one; `metrics` must carry per-example values keyed by record index."""
+  values = paired.example_values(metrics, "recall@10")
+  if values is None or len(values) != seen.size:
+    raise ValueError(f"transition_breakdown: per-example recall@10 of {seen.size} records "
+                     f"needed, got {None if values is None else len(values)}")
+  hits = np.array([values[i] for i in range(seen.size)])
+  out = {"num_examples": int(seen.size), "fraction": float(seen.mean()) if seen.size else 0.0}
+  for name, mask in (("seen", seen), ("unseen", ~seen)):
+    group = hits[mask]
+    out[f"n_{name}"] = int(group.size)
+    out[f"recall@10_{name}"] = float(group.mean()) if group.size else float("nan")
+    out[f"recall@10_{name}_stderr"] = (float(group.std(ddof=1) / np.sqrt(group.size))
+                                       if group.size > 1 else float("nan"))
   return out
 
 
@@ -179,6 +233,15 @@ def context_check_text(check: Mapping[str, Mapping[str, float]]) -> str:
     lines.append(f"  {noun} (n = {int(one['num_examples'])}): "
                  f"{fig(one, 'recall@10')}, {fig(one, 'ndcg@10')} -> "
                  f"{fig(two, 'recall@10')}, {fig(two, 'ndcg@10')}")
+  seen = check.get("transition_seen")
+  if seen:
+    lines.append("  last transition (event before the target -> target) in some training "
+                 "record; R@10 of the targets with / without one:")
+    for split in ("validation", "test"):
+      t = seen[split]
+      lines.append(f"    {split}: {t['fraction']:.1%} of {t['num_examples']}; "
+                   f"{fig(t, 'recall@10_seen')} (n = {t['n_seen']}) / "
+                   f"{fig(t, 'recall@10_unseen')} (n = {t['n_unseen']})")
   return "\n".join(lines)
 
 
@@ -275,8 +338,12 @@ def test_summary(config: ml_collections.ConfigDict, result: trainer_lib.TrainRes
     (model metrics, popularity metrics, summary dict with the combined `metrics`:
     the model's, `popularity/*` and `train/final_loss`).
   """
+  check = context_check_applies(config) and data.splits.validation is not None
   model_metrics = retrieval.evaluate_next_item(
-      result.model, data.eval_batches(config, data.test), ks=ks)
+      result.model, data.eval_batches(config, data.test), ks=ks,
+      ids=range(len(data.test)) if check else None)
+  test_full = dict(model_metrics)   # per-example values for the context check only
+  model_metrics.pop(paired.PER_EXAMPLE, None)
   counts = popularity.fit_item_counts(data.train, data.vocab.num_items)
   pop_metrics = popularity.evaluate_popularity(
       counts, data.eval_batches(config, data.test), ks=ks)
@@ -296,9 +363,9 @@ def test_summary(config: ml_collections.ConfigDict, result: trainer_lib.TrainRes
       "protocol": protocol(config), "compute": compute(result),
       "best_step": result.selection["best_step"] if result.selection else result.step,
   }
-  if context_check_applies(config) and data.splits.validation is not None:
+  if check:
     summary["context_check"] = context_check(result.model, config, data, ks=ks,
-                                             test_metrics=model_metrics)
+                                             test_metrics=test_full)
   return model_metrics, pop_metrics, summary
 
 
