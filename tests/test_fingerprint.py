@@ -130,3 +130,14 @@ def test_differing_keys_names_a_key_present_on_one_side_only_even_when_none():
   assert config_lib.differing_keys(new, dict(new)) == []
   changed = {"encoder": {"model": {"width": 32, "use_rating": None}}, "seed": 0}
   assert config_lib.differing_keys(new, changed) == ["encoder.model.width"]
+
+
+def test_refit_key_counts_only_when_on():
+  # Encoder runs saved before `data.train_through_validation` existed match today's
+  # default (off); a refit differs from them by that key alone.
+  config = encoder_movielens.get_config("kcore")
+  saved = config_lib.fingerprint(config)
+  assert "train_through_validation" not in saved["data"]
+  config.data.train_through_validation = True
+  assert config_lib.differing_keys(saved, config_lib.fingerprint(config)) == [
+      "data.train_through_validation"]
