@@ -103,6 +103,15 @@ def test_report_rows_protocol_and_compute(report):
     parts = [t[f"recall@10_{g}"] * t[f"n_{g}"] for g in ("seen", "unseen") if t[f"n_{g}"]]
     assert sum(parts) / t["num_examples"] == pytest.approx(whole["recall@10"], abs=1e-6)
   assert "per_example" not in summary["metrics"] and "per_example" not in check["test"]
+  # The first-order transition baseline on both splits, in the table's column.
+  for split in ("validation", "test"):
+    first = check["first_order"][split]
+    assert first["num_examples"] == check[split]["num_examples"]
+    assert 0.0 <= first["recall@10"] <= 1.0
+  assert rows[("ml-latest-small", "kcore")]["first_order/recall@10"] == (
+      check["first_order"]["test"]["recall@10"])
+  assert "first-order transitions" in text
+  assert "1st-order R@10" in out.with_suffix(".md").read_text()
   table = out.with_suffix(".md").read_text()
   assert "RecBole SASRec (peer" in table and "item_only" in table
   assert out.with_suffix(".png").stat().st_size > 0

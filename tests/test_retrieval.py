@@ -140,3 +140,53 @@ def test_evaluate_next_item_matches_numpy_ranking():
   assert out["recall@10"] == pytest.approx(np.mean(want < 10))
   assert out["recall@1"] == pytest.approx(np.mean(want < 1))
   assert out["ndcg@10"] == pytest.approx(float(np.mean(retrieval.ndcg_at_k(want, 10))))
+
+
+def test_first_order_baseline_matches_brute_force_ranking():
+  """Transition counts from the context's last item, popularity breaking ties, PAD/OOV
+  never ranked: the baseline's metrics equal a brute-force ranking of the same rule."""
+  num_items = 9
+  rng = np.random.default_rng(3)
+  train = [{"item_ids": rng.integers(2, num_items, 2 + i % 6)} for i in range(12)]
+  model = popularity.FirstOrder(train, num_items)
+  # Hand check of one row: how often each item follows item 2 in the training records.
+  follows = np.zeros(num_items)
+  pop = np.zeros(num_items)
+  for r in train:
+    items = list(r["item_ids"])
+    for a, b in zip(items[:-1], items[1:]):
+      follows[b] += a == 2
+    for i in items:
+      pop[i] += 1
+  assert model.transition_scores(np.array([2]))[0].tolist() == follows.tolist()
+
+  test = []
+  for i in range(10):
+    n = 2 + i % 4
+    items = rng.integers(2, num_items, n)
+    if i == 4:
+      items[-1] = 1   # an OOV target: a miss
+    test.append({"user_id": b"u", "item_ids": items, "ratings": np.full(n, 2),
+                 "timestamps": np.arange(n) * 100, "category_ids": np.full(n, 3),
+                 "category_lengths": np.ones(n, np.int32), "favorite_category": 3})
+  batches = list(pipeline.make_eval_pipeline(test, batch_size=4,
+                                             transforms=[T.CropAndPad(6, 2)]))
+  out = popularity.evaluate_first_order(model, batches)
+
+  counts = {}
+  for r in train:
+    items = list(r["item_ids"])
+    for a, b in zip(items[:-1], items[1:]):
+      counts[(a, b)] = counts.get((a, b), 0) + 1
+  want = []
+  for r in test:
+    prev, target = int(r["item_ids"][-2]), int(r["item_ids"][-1])
+    key = lambda j: (-(counts.get((prev, j), 0) + pop[j] / (pop.max() + 1)), j)  # pylint: disable=cell-var-from-loop
+    order = sorted(range(2, num_items), key=key)
+    want.append(order.index(target) if target >= 2 else retrieval.MISS_RANK)
+  want = np.array(want)
+  assert out["num_examples"] == 10
+  for k in (1, 5):
+    assert out[f"recall@{k}"] == pytest.approx(np.mean(want < k))
+  assert out["ndcg@10"] == pytest.approx(float(np.mean(retrieval.ndcg_at_k(want, 10))))
+  assert len(set(want.tolist())) > 2   # the rule separates examples here

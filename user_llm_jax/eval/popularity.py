@@ -85,3 +85,62 @@ def evaluate_popularity(counts: np.ndarray, batches: Iterable[Mapping[str, Any]]
   return retrieval.evaluate_scores(
       _broadcast_scores, None, jnp.asarray(popularity_scores(counts)), batches, ks=ks,
       ndcg_k=ndcg_k, desc="eval popularity", ids=ids)
+
+
+class FirstOrder:
+  """First-order transition baseline: score item j after item i by how often j follows i
+  in the training records (any user), popularity breaking ties (and ranking alone after an
+  item never followed by anything). The classic Markov-chain ranker: what a sequence model
+  gives beyond it is what it learned beyond repeating seen transitions.
+
+  The counts are kept sparse (one sorted array of distinct pairs), so catalogues of any
+  size fit; scores are built on the host per eval batch.
+  """
+
+  def __init__(self, records: Any, num_items: int):
+    codes = []
+    for i in range(len(records)):
+      items = np.asarray(records[i][schema.ITEM_IDS], np.int64).reshape(-1)
+      codes.append(items[:-1] * num_items + items[1:])
+    pairs, counts = np.unique(np.concatenate(codes) if codes else np.zeros(0, np.int64),
+                              return_counts=True)
+    self.num_items = num_items
+    self.targets = (pairs % num_items).astype(np.int64)
+    self.counts = counts.astype(np.float32)
+    # Pairs are sorted by source item: row i is targets[indptr[i]:indptr[i + 1]].
+    self.indptr = np.searchsorted(pairs // num_items, np.arange(num_items + 1))
+    pop = fit_item_counts(records, num_items, show_progress=False).astype(np.float32)
+    self.tiebreak = pop / (pop.max() + 1.0)   # < 1: never outweighs one transition
+
+  def transition_scores(self, previous: np.ndarray) -> np.ndarray:
+    """float32[B, V]: each example's transition counts from its `previous` item."""
+    out = np.zeros((len(previous), self.num_items), np.float32)
+    for b, item in enumerate(np.asarray(previous, np.int64)):
+      lo, hi = self.indptr[item], self.indptr[item + 1]
+      out[b, self.targets[lo:hi]] = self.counts[lo:hi]
+    return out
+
+
+FIRST_ORDER_SCORES = "first_order_scores"
+
+
+def _first_order_scores(static: None, tiebreak: jax.Array,
+                        batch: Mapping[str, jax.Array]) -> jax.Array:
+  del static
+  scores = batch[FIRST_ORDER_SCORES] + tiebreak[None, :]
+  return scores.at[:, :schema.FIRST_ID].set(-jnp.inf)   # PAD and OOV never ranked
+
+
+def evaluate_first_order(model: FirstOrder, batches: Iterable[Mapping[str, Any]], *,
+                         ks: Sequence[int] = retrieval.DEFAULT_KS,
+                         ndcg_k: int = retrieval.NDCG_K) -> dict[str, Any]:
+  """The first-order baseline's next-item metrics on eval batches (each example's
+  previous item is its context's last input, `inputs_item[last_index]`)."""
+  def with_scores():
+    for batch in batches:
+      rows = np.arange(np.asarray(batch[T.LAST_INDEX]).shape[0])
+      previous = np.asarray(batch[T.INPUTS_ITEM])[rows, np.asarray(batch[T.LAST_INDEX])]
+      yield {**batch, FIRST_ORDER_SCORES: model.transition_scores(previous)}
+  return retrieval.evaluate_scores(
+      _first_order_scores, None, jnp.asarray(model.tiebreak), with_scores(), ks=ks,
+      ndcg_k=ndcg_k, desc="eval first-order")

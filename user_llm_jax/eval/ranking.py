@@ -13,8 +13,9 @@ one it never read as input there. If the two splits tie two steps ahead but not 
 ahead, the test targets are not harder: the test context's newest event is what differs.
 It also reports, per split, the share of targets whose last transition (the event before
 the target -> the target) occurs in some training record, and Recall@10 on the targets with
-and without one: a split whose transitions were seen more often ranks better for that
-reason alone.
+and without one (a split whose transitions were seen more often ranks better for that
+reason alone), and the first-order transition baseline on both splits (what repeating seen
+transitions alone gives).
 
 Protocol keys read here (every report states them, `protocol(config)`):
   data.train_windows   'last' (default: each training record's most recent events) or
@@ -163,7 +164,8 @@ def context_check(model: Any, config: ml_collections.ConfigDict, data: RankingDa
                   ) -> dict[str, dict[str, Any]]:
   """Validation and test targets ranked from the full context and without the event before
   the target (module docstring): `{condition: metrics}`, plus `transition_seen`
-  (`transition_breakdown` of each split). `test_metrics`: the model's test ranking already
+  (`transition_breakdown` of each split) and `first_order` (the first-order transition
+  baseline's metrics on each split, `popularity.FirstOrder`). `test_metrics`: the model's test ranking already
   computed (the full-context test condition), with its per-example values."""
   validation = data.splits.validation
   out = {"test": {k: v for k, v in test_metrics.items() if k != paired.PER_EXAMPLE}}
@@ -180,6 +182,10 @@ def context_check(model: Any, config: ml_collections.ConfigDict, data: RankingDa
       for split, source, metrics in (("validation", validation, out["validation"]),
                                      ("test", data.test, test_metrics))}
   out["validation"].pop(paired.PER_EXAMPLE)
+  first_order = popularity.FirstOrder(data.train, data.vocab.num_items)
+  out["first_order"] = {split: popularity.evaluate_first_order(
+      first_order, data.eval_batches(config, source), ks=ks)
+                        for split, source in (("validation", validation), ("test", data.test))}
   return out
 
 
@@ -242,6 +248,12 @@ def context_check_text(check: Mapping[str, Mapping[str, float]]) -> str:
       lines.append(f"    {split}: {t['fraction']:.1%} of {t['num_examples']}; "
                    f"{fig(t, 'recall@10_seen')} (n = {t['n_seen']}) / "
                    f"{fig(t, 'recall@10_unseen')} (n = {t['n_unseen']})")
+  first = check.get("first_order")
+  if first:
+    lines.append("  first-order transitions (popularity breaking ties), R@10 and NDCG@10: "
+                 + "; ".join(f"{split} {fig(first[split], 'recall@10')}, "
+                             f"{fig(first[split], 'ndcg@10')}"
+                             for split in ("validation", "test")))
   return "\n".join(lines)
 
 
