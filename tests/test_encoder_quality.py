@@ -111,6 +111,20 @@ def test_report_rows_protocol_and_compute(report):
   assert rows[("ml-latest-small", "kcore")]["first_order/recall@10"] == (
       check["first_order"]["test"]["recall@10"])
   assert "first-order transitions" in text
+  # The model plus the transition prior: weight 0 is the model alone (its validation
+  # NDCG@10 to the last digit), the selected weight has the best validation NDCG@10.
+  mix = check["first_order_mix"]
+  assert mix["weights"][0] == 0.0
+  assert mix["validation_ndcg@10"][0] == pytest.approx(check["validation"]["ndcg@10"],
+                                                       abs=1e-6)
+  best = mix["weights"].index(mix["weight"])
+  assert mix["validation_ndcg@10"][best] == max(mix["validation_ndcg@10"])
+  assert mix["validation"]["ndcg@10"] == mix["validation_ndcg@10"][best]
+  assert mix["test"]["num_examples"] == check["test"]["num_examples"]
+  if mix["weight"] == 0.0:
+    assert mix["test"]["recall@10"] == pytest.approx(check["test"]["recall@10"], abs=1e-6)
+  assert "log(1 + transition count)" in text
+  assert rows[("ml-latest-small", "kcore")]["mix/weight"] == mix["weight"]
   assert "1st-order R@10" in out.with_suffix(".md").read_text()
   table = out.with_suffix(".md").read_text()
   assert "RecBole SASRec (peer" in table and "item_only" in table

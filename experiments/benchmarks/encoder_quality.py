@@ -238,6 +238,11 @@ def row(dataset: str, arm: str, summary: Mapping[str, Any]) -> dict[str, Any]:
   # The first-order transition baseline on the test split (None before it existed).
   out["first_order/recall@10"] = (check["first_order"]["test"]["recall@10"]
                                   if check and "first_order" in check else None)
+  # The model plus the first-order counts (weight chosen on validation): test R@10.
+  mix = (check or {}).get("first_order_mix")
+  out["mix/recall@10"] = mix["test"]["recall@10"] if mix else None
+  out["mix/ndcg@10"] = mix["test"]["ndcg@10"] if mix else None
+  out["mix/weight"] = mix["weight"] if mix else None
   return out
 
 
@@ -256,7 +261,8 @@ def fit_at_best(summary: Mapping[str, Any]) -> dict[str, float | None]:
 def table(rows: Sequence[Mapping[str, Any]]) -> str:
   """Markdown table, the peer's row beside ours."""
   head = ("| dataset | method | n | R@1 | R@5 | R@10 | NDCG@10 | pop R@10 | pop NDCG@10 | "
-          "1st-order R@10 | val / fit R@10 at best | val / test R@10 two ahead | "
+          "1st-order R@10 | + 1st-order: R@10, NDCG@10 (w) | val / fit R@10 at best | "
+          "val / test R@10 two ahead | "
           "steps (best) | wall s | events/s |")
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
 
@@ -272,16 +278,19 @@ def table(rows: Sequence[Mapping[str, Any]]) -> str:
     two = f"{two['validation']:.3f} / {two['test']:.3f}" if two else "-"
     first = (f"{r['first_order/recall@10']:.4f}"
              if r.get("first_order/recall@10") is not None else "-")
+    mix = (f"{r['mix/recall@10']:.4f}, {r['mix/ndcg@10']:.4f} ({r['mix/weight']:g})"
+           if r.get("mix/recall@10") is not None else "-")
     lines.append(
         f"| {r['dataset']} | {r['arm']} | {r['n']} | {se(r, 'recall@1')} | "
         f"{se(r, 'recall@5')} | {se(r, 'recall@10')} | {se(r, 'ndcg@10')} | "
-        f"{r['pop/recall@10']:.4f} | {r['pop/ndcg@10']:.4f} | {first} | {fit} | {two} | "
+        f"{r['pop/recall@10']:.4f} | {r['pop/ndcg@10']:.4f} | {first} | {mix} | {fit} | "
+        f"{two} | "
         f"{r['steps']} "
         f"({r['best_step']}) | {r['wall_sec']:.0f} | {eps} |")
   p = PEER
   lines.append(f"| {p['dataset']} | {p['name']} | 610 | {p['recall@1']:.4f} | "
                f"{p['recall@5']:.4f} | {p['recall@10']:.4f} | {p['ndcg@10']:.4f} | "
-               f"{p['popularity/recall@10']:.4f} | - | - | - | - | epoch {p['best_epoch']} | "
+               f"{p['popularity/recall@10']:.4f} | - | - | - | - | - | epoch {p['best_epoch']} | "
                f"{p['seconds_to_best']} (to best) | - |")
   return "\n".join(lines)
 

@@ -10,7 +10,7 @@ full-catalogue protocol, and ties go to the smaller item id as in `retrieval`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -136,11 +136,17 @@ def evaluate_first_order(model: FirstOrder, batches: Iterable[Mapping[str, Any]]
                          ndcg_k: int = retrieval.NDCG_K) -> dict[str, Any]:
   """The first-order baseline's next-item metrics on eval batches (each example's
   previous item is its context's last input, `inputs_item[last_index]`)."""
-  def with_scores():
-    for batch in batches:
-      rows = np.arange(np.asarray(batch[T.LAST_INDEX]).shape[0])
-      previous = np.asarray(batch[T.INPUTS_ITEM])[rows, np.asarray(batch[T.LAST_INDEX])]
-      yield {**batch, FIRST_ORDER_SCORES: model.transition_scores(previous)}
   return retrieval.evaluate_scores(
-      _first_order_scores, None, jnp.asarray(model.tiebreak), with_scores(), ks=ks,
-      ndcg_k=ndcg_k, desc="eval first-order")
+      _first_order_scores, None, jnp.asarray(model.tiebreak),
+      with_transition_scores(model, batches), ks=ks, ndcg_k=ndcg_k,
+      desc="eval first-order")
+
+
+def with_transition_scores(model: FirstOrder, batches: Iterable[Mapping[str, Any]]
+                           ) -> Iterator[dict[str, Any]]:
+  """Eval batches with `FIRST_ORDER_SCORES`: each example's transition counts from its
+  context's last input item (`inputs_item[last_index]`)."""
+  for batch in batches:
+    rows = np.arange(np.asarray(batch[T.LAST_INDEX]).shape[0])
+    previous = np.asarray(batch[T.INPUTS_ITEM])[rows, np.asarray(batch[T.LAST_INDEX])]
+    yield {**batch, FIRST_ORDER_SCORES: model.transition_scores(previous)}
