@@ -124,6 +124,10 @@ def test_report_rows_protocol_and_compute(report):
   if mix["weight"] == 0.0:
     assert mix["test"]["recall@10"] == pytest.approx(check["test"]["recall@10"], abs=1e-6)
   assert "log(1 + transition count)" in text
+  for key in ("recall@10", "ndcg@10"):   # paired over the same test users
+    d = mix["test_vs_model"][key]
+    assert d["paired"] and d["n"] == check["test"]["num_examples"]
+    assert d["diff"] == pytest.approx(mix["test"][key] - check["test"][key], abs=1e-6)
   assert rows[("ml-latest-small", "kcore")]["mix/weight"] == mix["weight"]
   assert "1st-order R@10" in out.with_suffix(".md").read_text()
   table = out.with_suffix(".md").read_text()

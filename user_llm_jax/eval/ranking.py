@@ -191,12 +191,12 @@ def context_check(model: Any, config: ml_collections.ConfigDict, data: RankingDa
       first_order, data.eval_batches(config, source), ks=ks)
                         for split, source in (("validation", validation), ("test", data.test))}
   out["first_order_mix"] = first_order_mix(model, config, data, ks=ks,
-                                           first_order=first_order)
+                                           first_order=first_order, test_metrics=test_metrics)
   return out
 
 
 # Weights of the transition prior tried on validation (0: the model alone).
-MIX_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+MIX_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 def _mixed_scores(static: tuple[Any, float], state: Any,
@@ -208,28 +208,38 @@ def _mixed_scores(static: tuple[Any, float], state: Any,
 
 def first_order_mix(model: Any, config: ml_collections.ConfigDict, data: RankingData, *,
                     ks: Sequence[int], first_order: popularity.FirstOrder,
+                    test_metrics: Mapping[str, Any],
                     weights: Sequence[float] = MIX_WEIGHTS) -> dict[str, Any]:
   """The model's logits plus `w * log(1 + transition count from the context's last item)`
   (a first-order Markov prior on top of the sequence model, as FPMC adds one), `w` chosen
   by validation NDCG@10 over `weights`, then the test split ranked once with it.
 
+  Args:
+    test_metrics: the model's own test ranking with per-example values (for the paired
+      differences).
+
   Returns:
     {'weights', 'validation_ndcg@10' (one per weight), 'weight' (selected),
-    'validation' and 'test' (metrics at the selected weight)}.
+    'validation' and 'test' (metrics at the selected weight), 'test_vs_model' (paired
+    differences of the test Recall@10 and NDCG@10 against the model alone)}.
   """
   graphdef, state = nnx.split(model)
 
-  def evaluate(source, weight):
+  def evaluate(source, weight, ids=None):
     batches = popularity.with_transition_scores(first_order, data.eval_batches(config, source))
     return retrieval.evaluate_scores(_mixed_scores, (graphdef, float(weight)), state,
-                                     batches, ks=ks, desc=f"eval mix w={weight:g}")
+                                     batches, ks=ks, desc=f"eval mix w={weight:g}", ids=ids)
 
   validation = [evaluate(data.splits.validation, w) for w in weights]
   best = max(range(len(weights)), key=lambda i: (validation[i]["ndcg@10"], -i))
+  test = evaluate(data.test, weights[best], ids=range(len(data.test)))
+  versus = {key: dataclasses.asdict(paired.difference(test, test_metrics, key))
+            for key in ("recall@10", "ndcg@10")}
+  test.pop(paired.PER_EXAMPLE)
   return {"weights": list(weights),
           "validation_ndcg@10": [v["ndcg@10"] for v in validation],
-          "weight": weights[best], "validation": validation[best],
-          "test": evaluate(data.test, weights[best])}
+          "weight": weights[best], "validation": validation[best], "test": test,
+          "test_vs_model": versus}
 
 
 def _transition_codes(items: np.ndarray, num_items: int) -> np.ndarray:
@@ -304,6 +314,9 @@ def context_check_text(check: Mapping[str, Mapping[str, float]]) -> str:
                  + "; ".join(f"{split} {fig(mix[split], 'recall@10')}, "
                              f"{fig(mix[split], 'ndcg@10')}"
                              for split in ("validation", "test")))
+    lines.append("    test, against the model alone (paired): " + "; ".join(
+        f"{key} {d['diff']:+.4f} (2 SE {2 * d['se']:.4f})"
+        for key, d in mix["test_vs_model"].items()))
   return "\n".join(lines)
 
 
