@@ -141,3 +141,16 @@ def test_refit_key_counts_only_when_on():
   config.data.train_through_validation = True
   assert config_lib.differing_keys(saved, config_lib.fingerprint(config)) == [
       "data.train_through_validation"]
+
+
+def test_a_key_saved_at_its_omitted_value_matches_its_absence():
+  # A run saved while the key was still recorded at its old-behaviour value matches
+  # today's fingerprint, which leaves it out; any other value is named.
+  config = encoder_movielens.get_config("kcore")
+  now = config_lib.fingerprint(config)
+  saved = {**now, "data": {**now["data"], "train_through_validation": False}}
+  assert config_lib.differing_keys(saved, now) == []
+  saved["data"]["train_through_validation"] = True
+  assert config_lib.differing_keys(saved, now) == ["data.train_through_validation"]
+  saved["data"]["train_through_validation"] = 0   # not the same type: named too
+  assert config_lib.differing_keys(saved, now) == ["data.train_through_validation"]

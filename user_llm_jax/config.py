@@ -268,8 +268,7 @@ def fingerprint(config: Mapping[str, Any], *, drop: tuple[str, ...] = (),
       out = {}
       for key, value in dict(node).items():
         path = f"{prefix}{key}"
-        if path in harmless or (path in OMITTED_AT and any(
-            value == v and type(value) is type(v) for v in OMITTED_AT[path])):
+        if path in harmless or omitted(path, value):
           continue
         if path in ONLY_WHEN and dict(node).get(ONLY_WHEN[path][0]) != ONLY_WHEN[path][1]:
           continue
@@ -289,17 +288,26 @@ def fingerprint(config: Mapping[str, Any], *, drop: tuple[str, ...] = (),
   return plain
 
 
+def omitted(path: str, value: Any) -> bool:
+  """Whether a fingerprint leaves out `path` at `value` (`OMITTED_AT`)."""
+  return path in OMITTED_AT and any(value == v and type(value) is type(v)
+                                    for v in OMITTED_AT[path])
+
+
 def differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
   """Dotted keys whose values differ between two nested mappings (e.g. two fingerprints).
 
   A key present on one side only differs, even when the other side's value is None (a
-  config key added since a run was written is named, not hidden).
+  config key added since a run was written is named, not hidden), unless today's
+  fingerprint leaves it out at that value (`OMITTED_AT`: a run saved while the key was
+  still recorded at its old-behaviour value).
   """
   if isinstance(a, Mapping) and isinstance(b, Mapping):
     out = []
     for key in sorted(set(a) | set(b), key=str):
       if (key in a) != (key in b):
-        out.append(f"{prefix}{key}")
+        if not omitted(f"{prefix}{key}", a[key] if key in a else b[key]):
+          out.append(f"{prefix}{key}")
       else:
         out += differing_keys(a[key], b[key], f"{prefix}{key}.")
     return out
