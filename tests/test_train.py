@@ -169,6 +169,22 @@ def test_incompatible_and_corrupt_checkpoints_are_clear_errors(tmp_path):
   with pytest.raises(checkpointing.CheckpointError, match=r"incompatible config.*model\.width"):
     trainer_lib.train(make_model(), tiny_loss, cfg, make_iter(make_data()), mesh=single_mesh(),
                       workdir=str(tmp_path), fingerprint={"model": {"width": 32}})
+  # A key saved at the value today's fingerprint leaves out is no difference (a run
+  # written while that key was still recorded); at another value it is named.
+  saved = {"model": {"width": 16}, "data": {"train_through_validation": False}}
+  trainer_lib.train(make_model(), tiny_loss, cfg, make_iter(make_data()), mesh=single_mesh(),
+                    workdir=str(tmp_path / "old"), fingerprint=saved)
+  again = trainer_lib.train(make_model(), tiny_loss, cfg, make_iter(make_data()),
+                            mesh=single_mesh(), workdir=str(tmp_path / "old"),
+                            fingerprint={"model": {"width": 16}, "data": {}})
+  assert again.resumed_from == 10
+  saved["data"]["train_through_validation"] = True
+  trainer_lib.train(make_model(), tiny_loss, cfg, make_iter(make_data()), mesh=single_mesh(),
+                    workdir=str(tmp_path / "refit"), fingerprint=saved)
+  with pytest.raises(checkpointing.CheckpointError, match="data.train_through_validation"):
+    trainer_lib.train(make_model(), tiny_loss, cfg, make_iter(make_data()), mesh=single_mesh(),
+                      workdir=str(tmp_path / "refit"),
+                      fingerprint={"model": {"width": 16}, "data": {}})
   # Corrupt the array data of the saved state.
   state_dir = tmp_path / "checkpoints" / "10" / "model"
   for path in state_dir.rglob("*"):

@@ -36,6 +36,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from user_llm_jax import config as config_lib
 from user_llm_jax import layer_scan
 from user_llm_jax import storage
 from user_llm_jax.train import iterator_state
@@ -53,11 +54,16 @@ def _abstract(tree: Any) -> Any:
 
 
 def _diff(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:
-  """Human-readable differences between two nested JSON-like dicts."""
+  """Human-readable differences between two nested JSON-like dicts (a key on one side
+  only, at the value today's fingerprint leaves out, is no difference:
+  `config.omitted`)."""
   out = []
   for key in sorted(set(saved) | set(current)):
     path = f"{prefix}{key}"
     a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+    if (key in saved) != (key in current) and config_lib.omitted(
+        path, a if key in saved else b):
+      continue
     if isinstance(a, Mapping) and isinstance(b, Mapping):
       out += _diff(a, b, path + ".")
     elif a != b:
