@@ -285,6 +285,10 @@ def context_check_text(check: Mapping[str, Mapping[str, float]]) -> str:
   """One line per split: R@10 and NDCG@10 (+- SE) one and two steps ahead."""
   def fig(m, key):
     return f"{m[key]:.4f} +- {m.get(key + '_stderr', float('nan')):.4f}"
+
+  def both_splits(by_split):   # 'validation R@10, NDCG@10; test R@10, NDCG@10'
+    return "; ".join(f"{split} {fig(by_split[split], 'recall@10')}, "
+                     f"{fig(by_split[split], 'ndcg@10')}" for split in ("validation", "test"))
   lines = ["context check (the selected model; R@10, NDCG@10; full context -> without the "
            "event before the target):"]
   for split, noun in (("validation", "validation targets"), ("test", "test targets")):
@@ -304,16 +308,12 @@ def context_check_text(check: Mapping[str, Mapping[str, float]]) -> str:
   first = check.get("first_order")
   if first:
     lines.append("  first-order transitions (popularity breaking ties), R@10 and NDCG@10: "
-                 + "; ".join(f"{split} {fig(first[split], 'recall@10')}, "
-                             f"{fig(first[split], 'ndcg@10')}"
-                             for split in ("validation", "test")))
+                 + both_splits(first))
   mix = check.get("first_order_mix")
   if mix:
     lines.append(f"  the model plus {mix['weight']:g} x log(1 + transition count) (weight "
                  f"chosen by validation NDCG@10 over {mix['weights']}), R@10 and NDCG@10: "
-                 + "; ".join(f"{split} {fig(mix[split], 'recall@10')}, "
-                             f"{fig(mix[split], 'ndcg@10')}"
-                             for split in ("validation", "test")))
+                 + both_splits(mix))
     lines.append("    test, against the model alone (paired): " + "; ".join(
         f"{key} {d['diff']:+.4f} (2 SE {2 * d['se']:.4f})"
         for key, d in mix["test_vs_model"].items()))
