@@ -198,13 +198,14 @@ def test_unknown_arm_and_key_are_named():
 
 def test_transition_breakdown_by_hand():
   from user_llm_jax.eval import paired  # pylint: disable=g-import-not-at-top
+  from user_llm_jax.eval import popularity  # pylint: disable=g-import-not-at-top
   from user_llm_jax.eval import ranking  # pylint: disable=g-import-not-at-top
   rec = lambda *items: {"item_ids": list(items)}  # pylint: disable=unnecessary-lambda-assignment
   train = [rec(2, 3, 4), rec(5, 3)]             # transitions 2>3, 3>4, 5>3
-  known = ranking.training_transitions(train, num_items=7)
-  assert sorted(known.tolist()) == [2 * 7 + 3, 3 * 7 + 4, 5 * 7 + 3]
+  first_order = popularity.FirstOrder(train, num_items=7)
+  assert sorted(first_order.pairs.tolist()) == [2 * 7 + 3, 3 * 7 + 4, 5 * 7 + 3]
   records = [rec(2, 3, 4, 6), rec(5, 3, 4), rec(6, 2, 3), rec(3, 5)]
-  seen = ranking.last_transition_seen(records, known, num_items=7)
+  seen = ranking.last_transition_seen(records, first_order)
   assert seen.tolist() == [False, True, True, False]   # 4>6, 3>4, 2>3, 3>5 (not 5>3)
   metrics = {paired.PER_EXAMPLE: paired.per_example(range(4), {"recall@10": [1, 1, 0, 0]})}
   out = ranking.transition_breakdown(seen, metrics)

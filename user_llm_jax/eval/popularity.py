@@ -98,13 +98,12 @@ class FirstOrder:
   """
 
   def __init__(self, records: Any, num_items: int):
-    codes = []
-    for i in range(len(records)):
-      items = np.asarray(records[i][schema.ITEM_IDS], np.int64).reshape(-1)
-      codes.append(items[:-1] * num_items + items[1:])
+    codes = [transition_codes(records[i][schema.ITEM_IDS], num_items)
+             for i in range(len(records))]
     pairs, counts = np.unique(np.concatenate(codes) if codes else np.zeros(0, np.int64),
                               return_counts=True)
     self.num_items = num_items
+    self.pairs = pairs   # the distinct training transitions, sorted (`transition_codes`)
     self.targets = (pairs % num_items).astype(np.int64)
     self.counts = counts.astype(np.float32)
     # Pairs are sorted by source item: row i is targets[indptr[i]:indptr[i + 1]].
@@ -119,6 +118,12 @@ class FirstOrder:
       lo, hi = self.indptr[item], self.indptr[item + 1]
       out[b, self.targets[lo:hi]] = self.counts[lo:hi]
     return out
+
+
+def transition_codes(items: Any, num_items: int) -> np.ndarray:
+  """Each consecutive pair (a, b) of a record's item ids as the integer a * num_items + b."""
+  items = np.asarray(items, np.int64).reshape(-1)
+  return items[:-1] * num_items + items[1:]
 
 
 FIRST_ORDER_SCORES = "first_order_scores"

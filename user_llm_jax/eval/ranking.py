@@ -179,14 +179,12 @@ def context_check(model: Any, config: ml_collections.ConfigDict, data: RankingDa
     batches = data.eval_batches(config, source, before=[DropBeforeTarget()] if drop else [])
     ids = range(len(source)) if name == "validation" else None
     out[name] = retrieval.evaluate_next_item(model, batches, ks=ks, ids=ids)
-  known = training_transitions(data.train, data.vocab.num_items)
+  first_order = popularity.FirstOrder(data.train, data.vocab.num_items)
   out["transition_seen"] = {
-      split: transition_breakdown(last_transition_seen(source, known, data.vocab.num_items),
-                                  metrics)
+      split: transition_breakdown(last_transition_seen(source, first_order), metrics)
       for split, source, metrics in (("validation", validation, out["validation"]),
                                      ("test", data.test, test_metrics))}
   out["validation"].pop(paired.PER_EXAMPLE)
-  first_order = popularity.FirstOrder(data.train, data.vocab.num_items)
   out["first_order"] = {split: popularity.evaluate_first_order(
       first_order, data.eval_batches(config, source), ks=ks)
                         for split, source in (("validation", validation), ("test", data.test))}
@@ -242,25 +240,12 @@ def first_order_mix(model: Any, config: ml_collections.ConfigDict, data: Ranking
           "test_vs_model": versus}
 
 
-def _transition_codes(items: np.ndarray, num_items: int) -> np.ndarray:
-  """Each consecutive pair (a, b) of a record's items as the integer a * num_items + b."""
-  items = items.astype(np.int64)
-  return items[:-1] * num_items + items[1:]
-
-
-def training_transitions(train: Any, num_items: int) -> np.ndarray:
-  """The distinct consecutive item pairs of every training record (sorted codes)."""
-  codes = [_transition_codes(np.asarray(train[i][schema.ITEM_IDS]).reshape(-1), num_items)
-           for i in range(len(train))]
-  return np.unique(np.concatenate(codes)) if codes else np.zeros(0, np.int64)
-
-
-def last_transition_seen(records: Any, known: np.ndarray, num_items: int) -> np.ndarray:
-  """Per record: whether its last pair (the event before the target, the target) is among
-  the `known` transition codes (`training_transitions`)."""
-  last = [_transition_codes(np.asarray(records[i][schema.ITEM_IDS]).reshape(-1)[-2:],
-                            num_items) for i in range(len(records))]
-  return np.isin(np.concatenate(last), known) if last else np.zeros(0, bool)
+def last_transition_seen(records: Any, first_order: popularity.FirstOrder) -> np.ndarray:
+  """Per record: whether its last pair (the event before the target, the target) is one of
+  the training transitions `first_order` counts."""
+  last = [popularity.transition_codes(records[i][schema.ITEM_IDS], first_order.num_items)[-1:]
+          for i in range(len(records))]
+  return np.isin(np.concatenate(last), first_order.pairs) if last else np.zeros(0, bool)
 
 
 def transition_breakdown(seen: np.ndarray, metrics: Mapping[str, Any]) -> dict[str, float]:
