@@ -197,9 +197,10 @@ def context_check(model: Any, config: ml_collections.ConfigDict, data: RankingDa
 MIX_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 
-def _mixed_scores(static: tuple[Any, float], state: Any,
+def _mixed_scores(graphdef: nnx.GraphDef, params: tuple[Any, jax.Array],
                   batch: Mapping[str, jax.Array]) -> jax.Array:
-  graphdef, weight = static
+  # The weight is traced, not static: every weight reuses one compiled scorer.
+  state, weight = params
   logits = nnx.merge(graphdef, state).next_item_logits(batch)
   return logits + weight * jnp.log1p(batch[popularity.FIRST_ORDER_SCORES])
 
@@ -225,7 +226,7 @@ def first_order_mix(model: Any, config: ml_collections.ConfigDict, data: Ranking
 
   def evaluate(source, weight, ids=None):
     batches = popularity.with_transition_scores(first_order, data.eval_batches(config, source))
-    return retrieval.evaluate_scores(_mixed_scores, (graphdef, float(weight)), state,
+    return retrieval.evaluate_scores(_mixed_scores, graphdef, (state, jnp.float32(weight)),
                                      batches, ks=ks, desc=f"eval mix w={weight:g}", ids=ids)
 
   validation = [evaluate(data.splits.validation, w) for w in weights]
