@@ -14,7 +14,7 @@ import importlib.util
 import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -294,8 +294,8 @@ def omitted(path: str, value: Any) -> bool:
                                     for v in OMITTED_AT[path])
 
 
-def differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-  """Dotted keys whose values differ between two nested mappings (e.g. two fingerprints).
+def differing_paths(a: Any, b: Any, prefix: tuple = ()) -> list[tuple]:
+  """Key paths whose values differ between two nested mappings (e.g. two fingerprints).
 
   A key present on one side only differs, even when the other side's value is None (a
   config key added since a run was written is named, not hidden), unless today's
@@ -305,10 +305,21 @@ def differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
   if isinstance(a, Mapping) and isinstance(b, Mapping):
     out = []
     for key in sorted(set(a) | set(b), key=str):
+      path = (*prefix, key)
       if (key in a) != (key in b):
-        if not omitted(f"{prefix}{key}", a[key] if key in a else b[key]):
-          out.append(f"{prefix}{key}")
+        if not omitted(dotted(path), a[key] if key in a else b[key]):
+          out.append(path)
       else:
-        out += differing_keys(a[key], b[key], f"{prefix}{key}.")
+        out += differing_paths(a[key], b[key], path)
     return out
-  return [] if a == b else [prefix[:-1]]
+  return [] if a == b else [prefix]
+
+
+def dotted(path: Sequence[Any]) -> str:
+  """A key path as one dotted key ('data.window')."""
+  return ".".join(map(str, path))
+
+
+def differing_keys(a: Any, b: Any) -> list[str]:
+  """`differing_paths` as dotted keys."""
+  return [dotted(path) for path in differing_paths(a, b)]

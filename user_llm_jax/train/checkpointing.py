@@ -53,22 +53,17 @@ def _abstract(tree: Any) -> Any:
       tree)
 
 
-def _diff(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:
-  """Human-readable differences between two nested JSON-like dicts (a key on one side
-  only, at the value today's fingerprint leaves out, is no difference:
-  `config.omitted`)."""
-  out = []
-  for key in sorted(set(saved) | set(current)):
-    path = f"{prefix}{key}"
-    a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
-    if (key in saved) != (key in current) and config_lib.omitted(
-        path, a if key in saved else b):
-      continue
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-      out += _diff(a, b, path + ".")
-    elif a != b:
-      out.append(f"{path}: checkpoint has {a!r}, config has {b!r}")
-  return out
+def _diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+  """Human-readable differences between two fingerprints: `config.differing_paths` (the
+  same rule as every other fingerprint comparison), each with both sides' values."""
+  def at(tree: Any, path: tuple) -> Any:
+    for key in path:
+      if not isinstance(tree, Mapping) or key not in tree:
+        return "<absent>"
+      tree = tree[key]
+    return tree
+  return [f"{config_lib.dotted(path)}: checkpoint has {at(saved, path)!r}, config has "
+          f"{at(current, path)!r}" for path in config_lib.differing_paths(saved, current)]
 
 
 def _jsonable(obj: Any) -> Any:
