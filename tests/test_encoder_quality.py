@@ -180,6 +180,48 @@ def test_refit_trains_on_every_event_but_the_test_one(report, refit_report):
     ranking.RankingData.load(refit_cfg, "/nonexistent")
 
 
+def test_window_control_and_per_user_test_values(report):
+  """The context check's window-excluded control, and the per-user test values the summary
+  keeps for paired comparisons between runs."""
+  out, _ = report
+  summary = json.loads((out.parent / "ml-latest-small" / "kcore" / "summary.json").read_text())
+  check = summary["context_check"]
+  window = check["window_excluded"]
+  assert window["test"]["num_examples"] == check["test"]["num_examples"]
+  for key in ("recall@10", "ndcg@10"):
+    d = window["test_vs_model"][key]
+    assert d["paired"] and d["n"] == check["test"]["num_examples"]
+    assert d["diff"] == pytest.approx(window["test"][key] - check["test"][key], abs=1e-6)
+  assert "input window excluded (a control)" in (
+      out.parent / "ml-latest-small" / "kcore" / "summary.txt").read_text()
+  per_user = summary["test_per_example"]
+  assert len(per_user["ids"]) == summary["metrics"]["num_examples"]
+  for key in ("recall@10", "ndcg@10"):
+    values = per_user["values"][key]
+    assert sum(values) / len(values) == pytest.approx(summary["metrics"][key], abs=1e-5)
+
+
+def test_repeat_bias_arm_is_compared_with_its_base_paired(report):
+  """`BASE_OF`: an arm that differs from another by one option is reported as the paired
+  difference over the same test users; without its base's run there is no comparison."""
+  out, rep = report
+  root = str(pathlib.Path(json.loads((out.parent / "ml-latest-small" / "kcore" / "run.json")
+                                     .read_text())["config"]["data"]["manual_dir"]).parent)
+  got = encoder_quality.run(str(out.parent / "repeat.json"), ["kcore_repeat_bias"],
+                            ["ml-latest-small"], root, overrides=TINY)
+  (r,) = got["rows"]
+  base = next(b for b in rep["rows"] if b["arm"] == "kcore" and b["dataset"] == "ml-latest-small")
+  for key in ("recall@10", "ndcg@10"):
+    d = r["vs_base"][key]
+    assert r["vs_base"]["base"] == "kcore" and d["paired"] and d["n"] == r["n"]
+    assert d["diff"] == pytest.approx(r[key] - base[key], abs=1e-6)
+  summary = json.loads((out.parent / "ml-latest-small" / "kcore_repeat_bias" / "summary.json")
+                       .read_text())
+  assert summary["metrics"]["recall@10"] == r["recall@10"]
+  assert "kcore_repeat_bias - kcore" in (out.parent / "repeat.md").read_text()
+  assert all(row.get("vs_base") is None for row in rep["rows"])
+
+
 def test_rerun_reuses_finished_runs(report, tmp_path):
   out, rep = report
   again = encoder_quality.run(str(out), ["kcore"], ["ml-latest-small"],

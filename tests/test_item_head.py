@@ -140,6 +140,27 @@ def test_encoder_skip_starts_as_the_encoders_own_head(skip_model):
                                 np.asarray(skip_model.encoder.next_item_logits(batch)))
 
 
+def test_encoder_skip_carries_the_encoders_repeat_bias():
+  # An encoder with a learned repeat bias: the skip adds its full next-item scores, the
+  # bias on the items the user's events hold included, not the head's dot products alone.
+  with nnx.use_eager_sharding(False):
+    m = ullm.UserLLM(ullm.UserLlmConfig(mode="cross_attention", xattn_every=1, item_head=True,
+                                        item_head_skip=True),
+                     encoder=UserEncoder(ENCODER_TINY.replace(repeat_bias=True),
+                                         rngs=nnx.Rngs(1)),
+                     llm=Decoder(LLM_TINY.replace(num_layers=2), rngs=nnx.Rngs(0)),
+                     rngs=nnx.Rngs(2))
+  m.encoder.repeat_bias[...] = jnp.asarray(-3.0)
+  batch = make_batch()
+  got = np.asarray(m.next_item_logits(batch))
+  np.testing.assert_array_equal(got, np.asarray(m.encoder.next_item_logits(batch)))
+  m.encoder.repeat_bias[...] = jnp.asarray(0.0)
+  plain = np.asarray(m.next_item_logits(batch))
+  moved = np.isfinite(plain) & (got != plain)
+  assert moved.any()
+  np.testing.assert_allclose((got - plain)[moved], -3.0, rtol=1e-5)
+
+
 def test_encoder_skip_adds_the_llm_part_and_trains_it(skip_model):
   batch = make_batch()
   model = nnx.clone(skip_model)

@@ -221,6 +221,7 @@ _ENCODER_ADDED = {"input_norm": (None, False), "init_std": (None, 0.0, 0),
                   "item_loss": (None, "softmax"), "item_negatives": (None, 256),
                   "negatives_per": (None, "step"),
                   "gbce_t": (None, 0.75), "item_bias": (None, True),
+                  "repeat_bias": (None, False),
                   "loss_min_context": (None, 0), "norm_position": (None, "pre"),
                   "attention_dropout": (None, 0.0, 0)}
 _BRIDGE_ADDED = {"item_head_skip": (False,), "soft_prompt_norm": (False,),

@@ -39,8 +39,14 @@ Arms (`ARMS`; the ablations of the encoder, each a set of config overrides):
                  on RecBole's split: the loss only at positions with >= 40 events of context
                  (`encoder.model.loss_min_context`), Post-LN blocks (`norm_position`), and
                  Post-LN with attention-weight dropout 0.2 (`attention_dropout`)
+  recbole_split_post_ln_attn_dropout_window_200   the last with windows of 200 events
+  kcore_refit / recbole_split_post_ln_attn_dropout_refit   trained on every event but the
+                 test one (`data.train_through_validation`) for the step count validation chose
+  kcore_repeat_bias / recbole_split_post_ln_attn_dropout[_window_200]_repeat_bias   with a
+                 learned scalar on the score of every item the input window already holds
+                 (`encoder.model.repeat_bias`)
 Amazon 5-core sets (`data.dataset=amazon`, the folders under DATA_ROOT/amazon) run the
-reference arm only.
+reference arm, and `kcore_repeat_bias` when --only names it (`AMAZON_ARMS`).
 
 Layout (DIR = the directory of --output): DIR/<dataset>/<arm>/ is the arm's run (job
 `pretrain_encoder` through the registry); a rerun reuses every finished run and resumes an
@@ -51,6 +57,7 @@ with the peer's figures beside ours, and the validation curves.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -64,6 +71,8 @@ from experiments.configs import encoder_movielens
 from user_llm_jax import config as config_lib
 from user_llm_jax import jobs
 from user_llm_jax import sharding
+from user_llm_jax.eval import paired
+from user_llm_jax.eval import ranking
 from user_llm_jax.train import summary as summary_lib
 
 ITEM_ONLY = {"encoder.model.use_rating": False, "encoder.model.use_categories": False,
@@ -78,6 +87,8 @@ PER_POSITION = {"encoder.model.negatives_per": "position"}
 RECBOLE_POST_LN_ATTN_DROPOUT = {"data.timestamp_precision": "float32",
                                 "encoder.model.norm_position": "post",
                                 "encoder.model.attention_dropout": 0.2}
+# A learned scalar on the score of every item already in the input window.
+REPEAT_BIAS = {"encoder.model.repeat_bias": True}
 # Train on every event but the test one for a fixed step count (nothing left to select on).
 REFIT = {"data.train_through_validation": True, "train.select_metric": "", "train.patience": 0}
 ARMS: dict[str, dict[str, Any]] = {
@@ -142,7 +153,23 @@ ARMS: dict[str, dict[str, Any]] = {
     # context's is (`ranking.context_check`). A different protocol from the peer's.
     "kcore_refit": REFIT,
     "recbole_split_post_ln_attn_dropout_refit": {**RECBOLE_POST_LN_ATTN_DROPOUT, **REFIT},
+    # The repeat bias (`encoder.model.repeat_bias`): the reference and the best arms of
+    # each window with one learned scalar on the items the window already holds (the
+    # context check's `window_excluded` control measures what such items cost).
+    "kcore_repeat_bias": REPEAT_BIAS,
+    "recbole_split_post_ln_attn_dropout_repeat_bias": {**RECBOLE_POST_LN_ATTN_DROPOUT,
+                                                       **REPEAT_BIAS},
+    "recbole_split_post_ln_attn_dropout_window_200_repeat_bias": {
+        **RECBOLE_POST_LN_ATTN_DROPOUT, "data.window": 200, **REPEAT_BIAS},
 }
+# Arms compared with another arm of the same run, paired over the same test users (the
+# arm differs from it by one option): `row`'s `vs_base`.
+BASE_OF = {"kcore_repeat_bias": "kcore",
+           "recbole_split_post_ln_attn_dropout_repeat_bias": "recbole_split_post_ln_attn_dropout",
+           "recbole_split_post_ln_attn_dropout_window_200_repeat_bias":
+               "recbole_split_post_ln_attn_dropout_window_200"}
+# The arms the Amazon 5-core sets run (when --only names them).
+AMAZON_ARMS = ("kcore", "kcore_repeat_bias")
 # Where each dataset lives under --data_root, and its reader.
 DATASETS = {"ml-latest-small": ("ml-latest-small", "movielens"),
             "Gift_Cards": ("amazon/Gift_Cards", "amazon"),
@@ -246,6 +273,26 @@ def row(dataset: str, arm: str, summary: Mapping[str, Any]) -> dict[str, Any]:
   return out
 
 
+def versus_base(out_dir: str, dataset: str, arm: str,
+                summary: Mapping[str, Any]) -> dict[str, Any] | None:
+  """The arm minus its base arm (`BASE_OF`) on test Recall@10 and NDCG@10, paired over the
+  test users both scored; None when the arm has no base or the base's run is not in
+  `out_dir` (it is not run for this: name it in --only)."""
+  base = BASE_OF.get(arm)
+  path = os.path.join(out_dir, dataset, base or "", summary_lib.SUMMARY_JSON)
+  if base is None or not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    other = json.load(f)
+
+  def metrics(s):   # the test metrics with their per-user values, when the run kept them
+    return {**s["metrics"], **({paired.PER_EXAMPLE: s[ranking.TEST_PER_EXAMPLE]}
+                               if ranking.TEST_PER_EXAMPLE in s else {})}
+  diffs = {key: dataclasses.asdict(paired.difference(metrics(summary), metrics(other), key))
+           for key in ("recall@10", "ndcg@10")}
+  return {"base": base, **diffs}
+
+
 def fit_at_best(summary: Mapping[str, Any]) -> dict[str, float | None]:
   """Validation and training-fit Recall@10 at the best (or last) evaluation: `fit` far
   above `val` is memorization, level with it under-fitting (`ranking.validation_fn`)."""
@@ -284,8 +331,18 @@ def table(rows: Sequence[Mapping[str, Any]]) -> str:
         f"{se(r, 'recall@5')} | {se(r, 'recall@10')} | {se(r, 'ndcg@10')} | "
         f"{r['pop/recall@10']:.4f} | {r['pop/ndcg@10']:.4f} | {first} | {mix} | {fit} | "
         f"{two} | {r['steps']} ({r['best_step']}) | {r['wall_sec']:.0f} | {eps} |")
+  versus = [r for r in rows if r.get("vs_base")]
+  if versus:
+    lines += ["", "| dataset | arm - base | R@10 difference (2 SE) | NDCG@10 difference (2 SE) "
+              "| n, paired |", "|---|---|---|---|---|"]
+  for r in versus:
+    v = r["vs_base"]
+    lines.append(f"| {r['dataset']} | {r['arm']} - {v['base']} | "
+                 + " | ".join(f"{v[k]['diff']:+.4f} ({2 * v[k]['se']:.4f})"
+                              for k in ("recall@10", "ndcg@10"))
+                 + f" | {v['recall@10']['n']}, {'yes' if v['recall@10']['paired'] else 'no'} |")
   p = PEER
-  lines.append(f"| {p['dataset']} | {p['name']} | 610 | {p['recall@1']:.4f} | "
+  lines.insert(2 + len(rows), f"| {p['dataset']} | {p['name']} | 610 | {p['recall@1']:.4f} | "
                f"{p['recall@5']:.4f} | {p['recall@10']:.4f} | {p['ndcg@10']:.4f} | "
                f"{p['popularity/recall@10']:.4f} | - | - | - | - | - | epoch {p['best_epoch']} | "
                f"{p['seconds_to_best']} (to best) | - |")
@@ -322,13 +379,15 @@ def run(output: str, arms: Sequence[str], datasets: Sequence[str], data_root: st
   start = time.perf_counter()
   rows, curves = [], {}
   for dataset in datasets:
-    # The ablations on MovieLens; the Amazon sets run the reference arm.
+    # The ablations on MovieLens; the Amazon sets run the requested arms of AMAZON_ARMS
+    # (the reference alone when none is requested).
     for arm in (arms if DATASETS.get(dataset, ("", "movielens"))[1] == "movielens"
-                else ["kcore"]):
+                else [a for a in arms if a in AMAZON_ARMS] or ["kcore"]):
       config = arm_config(arm, dataset, data_root, exclude_seen=exclude_seen,
                           overrides=overrides or {})
       summary = run_arm(config, os.path.join(out_dir, dataset, arm))
       rows.append(row(dataset, arm, summary))
+      rows[-1]["vs_base"] = versus_base(out_dir, dataset, arm, summary)
       curves[f"{dataset}:{arm}"] = summary.get("evals", [])
   report = {"protocol": rows[0]["protocol"] if rows else {}, "rows": rows, "peer": PEER,
             "targets": TARGETS, "curves": curves,

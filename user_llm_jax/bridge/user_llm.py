@@ -418,7 +418,7 @@ class UserLLM(nnx.Module):
       last = jnp.asarray(batch[transforms.LAST_INDEX], jnp.int32)
       user = jnp.take_along_axis(encoded, last[:, None, None], axis=1)[:, 0]  # [B,D_enc]
       # PAD/OOV stay -inf: -inf plus the encoder's finite scores.
-      scores = scores + self.encoder.item_logits(user)
+      scores = scores + self.encoder.last_item_logits(user, batch)
     return scores
 
   def gate_values(self) -> dict[str, jax.Array]:

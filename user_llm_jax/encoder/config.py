@@ -63,6 +63,14 @@ class EncoderConfig:
     item_bias: the tied head adds a learned per-item bias (False: scores are dot products
       only, as gSASRec's; a binary loss can otherwise fit popularity with the biases
       alone). Tied head only.
+    repeat_bias: add one learned scalar to the next-item score of every item already in
+      the input window (the events the position has read), as repeat-aware recommenders
+      model a return to an item (RepeatNet's repeat/explore split, reduced to its prior).
+      The model learns from its training targets how often users come back to an item:
+      on MovieLens, where nobody rates a movie twice, the scalar goes negative; where
+      repeats are common, positive. Only the input window counts (never the history
+      beyond it); evaluation ranks every item, the protocol is unchanged. Full softmax,
+      unchunked only.
     item_loss: the next-item loss in training (`ITEM_LOSSES`). 'softmax': cross-entropy
       over the whole catalogue. 'sampled_softmax': cross-entropy over the target and
       `item_negatives` sampled items. 'gbce': gSASRec's generalised binary cross-entropy
@@ -127,6 +135,7 @@ class EncoderConfig:
   use_categories: bool = True
   tie_item_head: bool = True
   item_bias: bool = True
+  repeat_bias: bool = False
   item_loss: str = "softmax"
   item_negatives: int = 256
   negatives_per: str = "step"
@@ -205,6 +214,10 @@ class EncoderConfig:
     if self.negatives_per not in NEGATIVES_PER:
       raise ValueError(f"EncoderConfig.negatives_per={self.negatives_per!r}: must be one of "
                        f"{NEGATIVES_PER}")
+    if self.repeat_bias and (self.item_loss != "softmax" or self.item_loss_chunk):
+      raise ValueError(f"EncoderConfig.repeat_bias=True: supported with the unchunked full "
+                       f"softmax only (item_loss='softmax', item_loss_chunk=0); got "
+                       f"item_loss={self.item_loss!r}, item_loss_chunk={self.item_loss_chunk}")
     if self.item_loss == "softmax":
       return
     if (isinstance(self.item_negatives, bool) or not isinstance(self.item_negatives, int)

@@ -64,6 +64,10 @@ class UserEncoder(nnx.Module):
       self.item_query = None
       self.item_bias = None
       self.item_head = dense(cfg.width, cfg.num_items, "embed", "vocab", cfg, rngs=rngs)
+    # One learned scalar on the score of every item the input window already holds (no
+    # RNG drawn: the other parameters equal those of a model without it, seed for seed).
+    self.repeat_bias = (nnx.Param(jnp.zeros((), cfg.param_dtype)) if cfg.repeat_bias
+                        else None)
     self.rating_head = dense(cfg.width, cfg.num_ratings, "embed", "vocab", cfg, rngs=rngs)
     self.category_head = dense(cfg.width, cfg.num_categories, "embed", "vocab", cfg,
                                rngs=rngs)
@@ -109,6 +113,10 @@ class UserEncoder(nnx.Module):
     if self.item_bias is None:
       return scores
     return scores + self.item_bias[...].astype(jnp.float32)
+
+  def _repeat_term(self, read: jax.Array) -> jax.Array:
+    """float32 `repeat_bias` where bool `read` is set, 0 elsewhere."""
+    return jnp.where(read, self.repeat_bias[...].astype(jnp.float32), 0.0)
 
   def _item_factors(self, states: jax.Array,
                     ids: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -214,8 +222,14 @@ class UserEncoder(nnx.Module):
           cfg.item_loss_chunk)
     else:
       targets = jnp.asarray(batch[T.TARGETS_ITEM], jnp.int32)
+      logits, target_logits = self.item_logits(states), self.target_scores(states, targets)
+      if self.repeat_bias is not None:
+        items, valid = batch[T.INPUTS_ITEM], jnp.asarray(batch[T.MASK], bool)
+        logits = logits + self._repeat_term(window_items(items, valid, cfg.num_items))
+        target_logits = target_logits + self._repeat_term(
+            target_in_window(items, valid, targets))
       item_loss, item_acc, positions = losses.item_softmax_cross_entropy(
-          self.item_logits(states), self.target_scores(states, targets), targets, mask)
+          logits, target_logits, targets, mask)
     zero = jnp.zeros((), jnp.float32)
     # A loss of weight 0 is not computed: it costs time, and a category vocabulary of
     # reserved ids alone (a dataset without categories) has no column to average over.
@@ -246,4 +260,50 @@ class UserEncoder(nnx.Module):
     states = self(batch, deterministic=True)                              # [B, E, D]
     last = jnp.asarray(batch[T.LAST_INDEX], jnp.int32)                   # [B]
     last_state = jnp.take_along_axis(states, last[:, None, None], axis=1)[:, 0]  # [B, D]
-    return losses.mask_reserved(self.item_logits(last_state), -jnp.inf)
+    return losses.mask_reserved(self.last_item_logits(last_state, batch), -jnp.inf)
+
+  def last_item_logits(self, last_state: jax.Array, batch: Batch) -> jax.Array:
+    """`item_logits` of the state at each example's `last_index`, plus the repeat bias on
+    the items the example's events up to there hold (`cfg.repeat_bias`): the next-item
+    scores of a record's target. float32 [B, num_items], reserved columns not masked."""
+    logits = self.item_logits(last_state)
+    if self.repeat_bias is not None:
+      logits = logits + self._repeat_term(read_items(batch, self.cfg.num_items))
+    return logits
+
+
+def _item_one_hot(items: jax.Array, valid: jax.Array, num_items: int) -> jax.Array:
+  """int8 [B, E, V]: 1 at (b, e, items[b, e]) where `valid` and the id is a real item."""
+  items = jnp.asarray(items, jnp.int32)
+  real = valid & (items >= schema.FIRST_ID) & (items < num_items)
+  return jax.nn.one_hot(jnp.where(real, items, -1), num_items, dtype=jnp.int8)
+
+
+def window_items(items: jax.Array, valid: jax.Array, num_items: int) -> jax.Array:
+  """bool[B, E, V]: at position e, the real items among the valid events 0..e (what the
+  model has read when it predicts the event after e).
+
+  A one-hot and a running maximum along the events: dense work of the logits' shape,
+  no scatter (TPU-friendly).
+  """
+  return jax.lax.cummax(_item_one_hot(items, valid, num_items), axis=1) > 0
+
+
+def target_in_window(items: jax.Array, valid: jax.Array, targets: jax.Array) -> jax.Array:
+  """bool[B, E]: whether each position's target is one of the valid events 0..e, i.e.
+  `window_items(...)[b, e, targets[b, e]]` without building [B, E, V]."""
+  e = items.shape[1]
+  causal = jnp.arange(e)[None, :, None] >= jnp.arange(e)[None, None, :]   # [1, E, E']
+  same = jnp.asarray(targets)[:, :, None] == jnp.asarray(items)[:, None, :]  # [B, E, E']
+  real = jnp.asarray(targets) >= schema.FIRST_ID
+  return jnp.any(same & causal & valid[:, None, :], axis=-1) & real
+
+
+def read_items(batch: Batch, num_items: int) -> jax.Array:
+  """bool[B, V]: the real items of each example's events up to `last_index` (what
+  `next_item_logits` reads)."""
+  items = batch[T.INPUTS_ITEM]
+  last = jnp.asarray(batch[T.LAST_INDEX], jnp.int32)
+  valid = jnp.asarray(batch[T.MASK], bool) & (jnp.arange(items.shape[1])[None, :]
+                                              <= last[:, None])
+  return jnp.any(_item_one_hot(items, valid, num_items) > 0, axis=1)

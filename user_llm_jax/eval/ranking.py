@@ -16,7 +16,10 @@ the target -> the target) occurs in some training record, and Recall@10 on the t
 and without one (a split whose transitions were seen more often ranks better for that
 reason alone), the first-order transition baseline on both splits (what repeating seen
 transitions alone gives) and the model with that baseline's counts added to its logits
-(the weight chosen on validation).
+(the weight chosen on validation). Under the protocol that ranks every item, it also ranks
+the test targets with the items of the model's own input window removed
+(`window_excluded`): what the model loses by putting items the user already had in its top
+ranks.
 
 Protocol keys read here (every report states them, `protocol(config)`):
   data.train_windows   'last' (default: each training record's most recent events) or
@@ -52,6 +55,7 @@ from user_llm_jax.data import pipeline as pipeline_lib
 from user_llm_jax.data import prepared
 from user_llm_jax.data import schema
 from user_llm_jax.data import windows as windows_lib
+from user_llm_jax.encoder import model as encoder_model
 from user_llm_jax.eval import paired
 from user_llm_jax.eval import popularity
 from user_llm_jax.eval import retrieval
@@ -190,7 +194,38 @@ def context_check(model: Any, config: ml_collections.ConfigDict, data: RankingDa
                         for split, source in (("validation", validation), ("test", data.test))}
   out["first_order_mix"] = first_order_mix(model, config, data, ks=ks,
                                            first_order=first_order, test_metrics=test_metrics)
+  if not exclude_seen(config):
+    out["window_excluded"] = window_excluded(model, config, data, ks=ks,
+                                             test_metrics=test_metrics)
   return out
+
+
+def _window_excluded_scores(graphdef: nnx.GraphDef, state: Any,
+                            batch: Mapping[str, jax.Array]) -> jax.Array:
+  logits = nnx.merge(graphdef, state).next_item_logits(batch)
+  return jnp.where(encoder_model.read_items(batch, logits.shape[-1]), -jnp.inf, logits)
+
+
+def window_excluded(model: Any, config: ml_collections.ConfigDict, data: RankingData, *,
+                    ks: Sequence[int], test_metrics: Mapping[str, Any]) -> dict[str, Any]:
+  """The test split ranked with the items of the model's own input window set to -inf.
+
+  A control, not a protocol: it tells how much the model loses by ranking items the user
+  already has in the events it reads (on data where users never return to an item, every
+  such item in the top 10 is a wasted slot). Unlike `eval.exclude_seen` it removes only
+  what the model reads, not the user's whole history.
+
+  Returns:
+    {'test': metrics, 'test_vs_model': paired differences of Recall@10 and NDCG@10}.
+  """
+  graphdef, state = nnx.split(model)
+  test = retrieval.evaluate_scores(
+      _window_excluded_scores, graphdef, state, data.eval_batches(config, data.test), ks=ks,
+      desc="eval window items excluded", ids=range(len(data.test)))
+  versus = {key: dataclasses.asdict(paired.difference(test, test_metrics, key))
+            for key in ("recall@10", "ndcg@10")}
+  test.pop(paired.PER_EXAMPLE)
+  return {"test": test, "test_vs_model": versus}
 
 
 # Weights of the transition prior tried on validation (0: the model alone).
@@ -303,6 +338,13 @@ def context_check_text(check: Mapping[str, Mapping[str, float]]) -> str:
     lines.append("    test, against the model alone (paired): " + "; ".join(
         f"{key} {d['diff']:+.4f} (2 SE {2 * d['se']:.4f})"
         for key, d in mix["test_vs_model"].items()))
+  window = check.get("window_excluded")
+  if window:
+    t = window["test"]
+    lines.append(f"  test with the items of the model's input window excluded (a control): "
+                 f"{fig(t, 'recall@10')}, {fig(t, 'ndcg@10')}; against the model (paired): "
+                 + "; ".join(f"{key} {d['diff']:+.4f} (2 SE {2 * d['se']:.4f})"
+                             for key, d in window["test_vs_model"].items()))
   return "\n".join(lines)
 
 
@@ -391,6 +433,11 @@ def compute(result: trainer_lib.TrainResult) -> dict[str, Any]:
   return out
 
 
+# The summary key of the per-record test values (`paired.per_example`), runs with a context
+# check only.
+TEST_PER_EXAMPLE = "test_per_example"
+
+
 def test_summary(config: ml_collections.ConfigDict, result: trainer_lib.TrainResult,
                  data: RankingData, *, ks, start_time: float) -> tuple[dict, dict, dict]:
   """Test-split metrics of a trained ranking model next to popularity, and its summary.
@@ -403,8 +450,8 @@ def test_summary(config: ml_collections.ConfigDict, result: trainer_lib.TrainRes
   model_metrics = retrieval.evaluate_next_item(
       result.model, data.eval_batches(config, data.test), ks=ks,
       ids=range(len(data.test)) if check else None)
-  test_full = dict(model_metrics)   # per-example values for the context check only
-  model_metrics.pop(paired.PER_EXAMPLE, None)
+  test_full = dict(model_metrics)   # per-example values: the context check, the summary
+  per_user = model_metrics.pop(paired.PER_EXAMPLE, None)
   counts = popularity.fit_item_counts(data.train, data.vocab.num_items)
   pop_metrics = popularity.evaluate_popularity(
       counts, data.eval_batches(config, data.test), ks=ks)
@@ -427,6 +474,9 @@ def test_summary(config: ml_collections.ConfigDict, result: trainer_lib.TrainRes
   if check:
     summary["context_check"] = context_check(result.model, config, data, ks=ks,
                                              test_metrics=test_full)
+    # Each test record's values (keyed by record index), so that two runs on the same split
+    # compare paired (`eval.paired.difference`), not with the independent-samples error.
+    summary[TEST_PER_EXAMPLE] = per_user
   return model_metrics, pop_metrics, summary
 
 
