@@ -219,6 +219,13 @@ def test_repeat_bias_arm_is_compared_with_its_base_paired(report):
                        .read_text())
   assert summary["metrics"]["recall@10"] == r["recall@10"]
   assert "kcore_repeat_bias - kcore" in (out.parent / "repeat.md").read_text()
+  # The learned value is reported (trained: it has moved from its initial 0).
+  assert isinstance(summary["repeat_bias"], float) and summary["repeat_bias"] != 0.0
+  assert "learned repeat bias" in (
+      out.parent / "ml-latest-small" / "kcore_repeat_bias" / "summary.txt").read_text()
+  base_summary = json.loads((out.parent / "ml-latest-small" / "kcore" / "summary.json")
+                            .read_text())
+  assert "repeat_bias" not in base_summary
   assert all(row.get("vs_base") is None for row in rep["rows"])
 
 
@@ -281,3 +288,33 @@ def test_every_arm_builds_a_config_with_its_overrides(arm):
   cfg = models.encoder_config_from(config.encoder.model, vocab, window=config.data.window,
                                    max_categories=config.data.max_categories)
   assert cfg.max_len == config.data.window
+
+
+def test_the_reference_arm_is_kcore_without_its_repeat_bias():
+  """`:kcore` carries the repeat bias; the benchmark's reference (and every ablation built
+  on it) does not, and `kcore_repeat_bias` is `:kcore` itself."""
+  from experiments.configs import encoder_movielens  # pylint: disable=g-import-not-at-top
+  kcore = encoder_movielens.get_config("kcore")
+  assert kcore.encoder.model.repeat_bias is True
+  assert encoder_movielens.get_config("paper_small").encoder.model.repeat_bias is False
+
+  def fingerprint(arm):
+    config = encoder_quality.arm_config(arm, "ml-latest-small", "/x", exclude_seen=False,
+                                        overrides={})
+    config.data.manual_dir = kcore.data.manual_dir
+    return config_lib.fingerprint(config)
+  assert config_lib.differing_keys(fingerprint("kcore_repeat_bias"),
+                                   config_lib.fingerprint(kcore)) == []
+  assert config_lib.differing_keys(fingerprint("kcore"), config_lib.fingerprint(kcore)) == [
+      "encoder.model.repeat_bias"]
+
+
+def test_kcore_long_is_the_window_200_repeat_bias_arm_on_any_split():
+  """`:kcore_long` is the best arm measured (RecBole's split is the only difference)."""
+  from experiments.configs import encoder_movielens  # pylint: disable=g-import-not-at-top
+  long = encoder_movielens.get_config("kcore_long")
+  arm = encoder_quality.arm_config("recbole_split_post_ln_attn_dropout_window_200_repeat_bias",
+                                   "ml-latest-small", "/x", exclude_seen=False, overrides={})
+  arm.data.manual_dir = long.data.manual_dir
+  assert config_lib.differing_keys(config_lib.fingerprint(arm),
+                                   config_lib.fingerprint(long)) == ["data.timestamp_precision"]

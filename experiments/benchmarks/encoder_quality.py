@@ -8,11 +8,14 @@ Protocol (every arm, every dataset): iterative 5-core filtering of users and ite
 leave-one-out by timestamp (validation = the second-to-last event, test = the last),
 full-catalogue ranking, seen items NOT excluded (`--exclude_seen` switches to the other
 protocol, named in every report), the best step by validation NDCG@10 with early stopping;
-the config is `experiments/configs/encoder_movielens.py:kcore` plus the arm's overrides.
+the config is `experiments/configs/encoder_movielens.py:kcore` without its repeat bias
+(`REFERENCE`: the reference every ablation was measured against) plus the arm's overrides;
+arm `kcore_repeat_bias` is the `:kcore` config itself.
 
 Arms (`ARMS`; the ablations of the encoder, each a set of config overrides):
   kcore          the reference: SASRec-sized early-fusion encoder (2 x 64), item + rating +
                  genres + time gaps, tied item head, dropout 0.2, window 50, random windows
+                 (the `:kcore` config without its repeat bias)
   recbole_split  the reference on RecBole's split (float32 timestamps: `data.timestamp_precision`),
                  the one the peer's figures were measured on
   last_window    trained on each user's most recent 51 events only (the old default)
@@ -87,6 +90,10 @@ PER_POSITION = {"encoder.model.negatives_per": "position"}
 RECBOLE_POST_LN_ATTN_DROPOUT = {"data.timestamp_precision": "float32",
                                 "encoder.model.norm_position": "post",
                                 "encoder.model.attention_dropout": 0.2}
+# Every arm starts from `:kcore` with these: the reference the ablations were measured
+# against, before the repeat bias joined `:kcore` (so every arm keeps its meaning and its
+# saved runs).
+REFERENCE = {"encoder.model.repeat_bias": False}
 # A learned scalar on the score of every item already in the input window.
 REPEAT_BIAS = {"encoder.model.repeat_bias": True}
 # Train on every event but the test one for a fixed step count (nothing left to select on).
@@ -200,7 +207,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
 
 def arm_config(arm: str, dataset: str, data_root: str, *, exclude_seen: bool,
                overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """The `:kcore` config with the arm's overrides, on `dataset`."""
+  """The `:kcore` config with `REFERENCE` and the arm's overrides, on `dataset`."""
   if arm not in ARMS:
     raise config_lib.ConfigError(f"unknown arm {arm!r}; known: {sorted(ARMS)}")
   if dataset not in DATASETS:
@@ -211,6 +218,7 @@ def arm_config(arm: str, dataset: str, data_root: str, *, exclude_seen: bool,
   config.data.dataset = reader
   config.data.manual_dir = os.path.join(data_root, folder)
   config.eval.exclude_seen = exclude_seen
+  apply_overrides(config, REFERENCE, "REFERENCE")
   apply_overrides(config, ARMS[arm], f"arm {arm!r}")
   apply_overrides(config, overrides, "--overrides")
   return config

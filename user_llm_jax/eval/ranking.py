@@ -471,6 +471,9 @@ def test_summary(config: ml_collections.ConfigDict, result: trainer_lib.TrainRes
       "protocol": protocol(config), "compute": compute(result),
       "best_step": result.selection["best_step"] if result.selection else result.step,
   }
+  bias = getattr(result.model, "repeat_bias", None)
+  if bias is not None:   # the learned score shift of items the input window holds
+    summary["repeat_bias"] = float(bias[...])
   if check:
     summary["context_check"] = context_check(result.model, config, data, ks=ks,
                                              test_metrics=test_full)
@@ -511,6 +514,8 @@ def write_report(config: ml_collections.ConfigDict, result: trainer_lib.TrainRes
           f"{'; trained on ' + proto['trained_on'] if train_through_validation(config) else ''})"
           f"\n{table}"
           + (f"\nstandard errors ({model_name}): {se}" if se else "")
+          + (f"\nlearned repeat bias (added to the score of items the input window holds): "
+             f"{summary['repeat_bias']:+.3f}" if "repeat_bias" in summary else "")
           + (f"\n{context_check_text(summary['context_check'])}"
              if "context_check" in summary else ""))
   if result.history:
