@@ -318,3 +318,22 @@ def test_kcore_long_is_the_window_200_repeat_bias_arm_on_any_split():
   arm.data.manual_dir = long.data.manual_dir
   assert config_lib.differing_keys(config_lib.fingerprint(arm),
                                    config_lib.fingerprint(long)) == ["data.timestamp_precision"]
+
+
+def test_compute_of_a_resumed_run_counts_every_session():
+  """`row`'s wall seconds and the time to the peer's figure use the loop seconds of every
+  session; a resumed run from before the record has none (not this session's alone)."""
+  summary = {"compute": {"train_loop_sec": 10.0, "train_loop_sec_total": 110.0,
+                         "resumed_from": 800, "steps": 1600},
+             "steps": 1600, "wall_time_sec": 15.0,
+             "evals": [{"step": 400, "val/recall@10": 0.10},
+                       {"step": 800, "val/recall@10": 0.16}]}
+  assert encoder_quality.loop_seconds(summary) == 110.0
+  assert encoder_quality.first_passing(summary, "recall@10", 0.151) == {
+      "step": 800, "estimated_seconds": 55.0}
+  old = {**summary, "compute": {k: v for k, v in summary["compute"].items()
+                                if k != "train_loop_sec_total"}}
+  assert encoder_quality.loop_seconds(old) is None
+  assert encoder_quality.first_passing(old, "recall@10", 0.151)["estimated_seconds"] is None
+  fresh = {**old, "compute": {**old["compute"], "resumed_from": None}}
+  assert encoder_quality.loop_seconds(fresh) == 10.0

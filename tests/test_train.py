@@ -160,6 +160,13 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path):
   assert rest.resumed_from == 15 and rest.step == cfg.num_steps
   jax.tree.map(np.testing.assert_array_equal, params_of(full.model), params_of(rest.model))
   assert rest.history == full.history
+  # Compute across sessions: the checkpoint records the loop seconds up to it, and the
+  # resumed run reports them plus its own; a fresh run's total is its own.
+  assert full.total_wall_time == full.wall_time and part.total_wall_time == part.wall_time
+  saved = checkpointing.Checkpointer(os.path.join(work, "checkpoints"), every=1).read_meta(15)
+  earlier = saved["extra"]["loop_seconds"]
+  assert 0 < earlier <= part.wall_time
+  assert rest.total_wall_time == pytest.approx(earlier + rest.wall_time)
 
 
 def test_incompatible_and_corrupt_checkpoints_are_clear_errors(tmp_path):

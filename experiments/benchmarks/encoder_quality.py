@@ -240,12 +240,23 @@ def run_arm(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def first_passing(summary: Mapping[str, Any], key: str, value: float) -> dict[str, Any] | None:
   """The first evaluation whose `val/<key>` reaches `value`, with its estimated wall time
-  (the loop's seconds prorated by step: an estimate, evaluations included)."""
+  (the loop's seconds of every session, prorated by step: an estimate, evaluations
+  included; None for a resumed run whose earlier sessions' seconds were not recorded)."""
+  loop = loop_seconds(summary)
   for e in summary.get("evals", []):
     if e.get(f"val/{key}", -1.0) >= value:
-      seconds = summary["compute"]["train_loop_sec"] * e["step"] / max(summary["steps"], 1)
+      seconds = None if loop is None else loop * e["step"] / max(summary["steps"], 1)
       return {"step": e["step"], "estimated_seconds": seconds}
   return None
+
+
+def loop_seconds(summary: Mapping[str, Any]) -> float | None:
+  """Training-loop seconds of every session of the run (this session's for a fresh run;
+  None for a resumed run whose earlier sessions' seconds were not recorded)."""
+  c = summary["compute"]
+  if "train_loop_sec_total" in c:
+    return c["train_loop_sec_total"]
+  return c["train_loop_sec"] if c.get("resumed_from") is None else None
 
 
 def row(dataset: str, arm: str, summary: Mapping[str, Any]) -> dict[str, Any]:
@@ -258,9 +269,12 @@ def row(dataset: str, arm: str, summary: Mapping[str, Any]) -> dict[str, Any]:
     out[f"{key}_stderr"] = m.get(f"{key}_stderr")
     out[f"pop/{key}"] = m.get(f"popularity/{key}")
   # Without selection (a refit) the last step is the one reported.
+  loop = loop_seconds(summary)
+  # Wall seconds of every session: this one's, plus the loops of those before a resume.
+  wall = (None if loop is None
+          else summary["wall_time_sec"] + loop - c["train_loop_sec"])
   out.update(steps=c["steps"], best_step=c.get("best_step", summary.get("best_step")),
-             stopped_early=c.get("stopped_early"), wall_sec=summary["wall_time_sec"],
-             train_loop_sec=c["train_loop_sec"],
+             stopped_early=c.get("stopped_early"), wall_sec=wall, train_loop_sec=loop,
              events=c.get("events"), events_per_sec=c.get("events_per_sec"),
              num_items=summary["dataset"]["num_items"] - 2,
              reached_peer_recall10=first_passing(summary, "recall@10", PEER["recall@10"]),
@@ -326,6 +340,7 @@ def table(rows: Sequence[Mapping[str, Any]]) -> str:
 
   for r in rows:
     eps = f"{r['events_per_sec']:,.0f}" if r.get("events_per_sec") else "-"
+    wall = f"{r['wall_sec']:.0f}" if r.get("wall_sec") is not None else "- (resumed)"
     fit = (f"{r['val_recall@10_at_best']:.3f} / {r['fit_recall@10_at_best']:.3f}"
            if r.get("fit_recall@10_at_best") is not None else "-")
     two = r.get("two_ahead_recall@10")
@@ -338,7 +353,7 @@ def table(rows: Sequence[Mapping[str, Any]]) -> str:
         f"| {r['dataset']} | {r['arm']} | {r['n']} | {se(r, 'recall@1')} | "
         f"{se(r, 'recall@5')} | {se(r, 'recall@10')} | {se(r, 'ndcg@10')} | "
         f"{r['pop/recall@10']:.4f} | {r['pop/ndcg@10']:.4f} | {first} | {mix} | {fit} | "
-        f"{two} | {r['steps']} ({r['best_step']}) | {r['wall_sec']:.0f} | {eps} |")
+        f"{two} | {r['steps']} ({r['best_step']}) | {wall} | {eps} |")
   versus = [r for r in rows if r.get("vs_base")]
   if versus:
     lines += ["", "| dataset | arm - base | R@10 difference (2 SE) | NDCG@10 difference (2 SE) "

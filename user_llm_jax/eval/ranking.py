@@ -416,8 +416,11 @@ def protocol(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def compute(result: trainer_lib.TrainResult) -> dict[str, Any]:
-  """Compute a run used: steps, loop seconds, events trained on, events/s, best step."""
+  """Compute a run used: steps, loop seconds (this session's, and every session's:
+  `train_loop_sec_total`, None for a run resumed from a checkpoint that predates the
+  record), events trained on, events/s, best step."""
   out = {"steps": result.step, "train_loop_sec": result.wall_time,
+         "train_loop_sec_total": result.total_wall_time,
          "eval_sec": result.eval_seconds, "resumed_from": result.resumed_from}
   if result.selection is not None:
     out.update(best_step=result.selection["best_step"],

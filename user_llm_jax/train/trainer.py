@@ -103,6 +103,9 @@ class TrainResult:
     preempted: True when SIGTERM stopped the run early (a checkpoint was saved).
     resumed_from: the checkpoint step the run resumed from, or None.
     wall_time: seconds spent in this process's loop (compile included).
+    total_wall_time: loop seconds of every session of the run: those recorded with the
+      checkpoint it resumed from, plus `wall_time` (equal to it for a fresh run; None
+      when the checkpoint predates the record).
     trainable_params: number of parameters the optimizer updates.
     total_params: number of parameters of the model.
     eval_seconds: seconds of `wall_time` spent in evaluations.
@@ -122,6 +125,7 @@ class TrainResult:
   total_params: int
   eval_seconds: float = 0.0
   selection: dict[str, Any] | None = None
+  total_wall_time: float | None = None
 
 
 class _Accumulator:
@@ -207,6 +211,9 @@ def train(model: nnx.Module, loss_fn: train_step_lib.LossFn, cfg: TrainConfig,
   evals: list[dict[str, float]] = []
   acc = _Accumulator()
   start, resumed_from = 0, None
+  # Loop seconds of earlier sessions (up to the checkpoint resumed from), so that a resumed
+  # run reports its whole compute, not only its last session's.
+  earlier_seconds: float | None = 0.0
   if workdir is not None:
     ckpt = checkpointing.Checkpointer(
         os.path.join(workdir, "checkpoints"), every=cfg.checkpoint_every,
@@ -217,6 +224,7 @@ def train(model: nnx.Module, loss_fn: train_step_lib.LossFn, cfg: TrainConfig,
       history = list(extra.get("history", []))
       evals = list(extra.get("evals", []))
       acc = _Accumulator(extra.get("accumulator"))
+      earlier_seconds = extra.get("loop_seconds")
       if stopper is not None:
         stopper.restore(extra.get("early_stopping", {}))
       resumed_from = start
@@ -233,6 +241,8 @@ def train(model: nnx.Module, loss_fn: train_step_lib.LossFn, cfg: TrainConfig,
       return
     data_iter = train_iter if hasattr(train_iter, "get_state") else None
     extra = {"history": history, "evals": evals, "accumulator": acc.state()}
+    if earlier_seconds is not None:
+      extra["loop_seconds"] = earlier_seconds + time.perf_counter() - t0
     if stopper is not None:
       extra["early_stopping"] = stopper.state()
     ckpt.save(step, state, data_iter, extra=extra)
@@ -328,8 +338,10 @@ def train(model: nnx.Module, loss_fn: train_step_lib.LossFn, cfg: TrainConfig,
       ckpt.close()
     if best is not None:
       best.close()
+  wall_time = time.perf_counter() - t0
   return TrainResult(
       model=model, optimizer=optimizer, step=step, history=history, evals=evals,
-      preempted=preempted, resumed_from=resumed_from, wall_time=time.perf_counter() - t0,
+      preempted=preempted, resumed_from=resumed_from, wall_time=wall_time,
       trainable_params=trainable, total_params=total, eval_seconds=eval_seconds,
-      selection=stopper.state() if stopper is not None else None)
+      selection=stopper.state() if stopper is not None else None,
+      total_wall_time=None if earlier_seconds is None else earlier_seconds + wall_time)
