@@ -16,7 +16,9 @@ from user_llm_jax.train import trainer as trainer_lib
 
 # float32 reductions are re-associated across shards, so equality is up to rounding.
 RTOL, ATOL = 1e-5, 1e-6
-CFG = enc_lib.ENCODER_TINY.replace(width=32, num_heads=4, mlp_dim=64, dropout=0.1)
+# With the repeat bias: its [B, E, V] running maximum over the events shards like the logits.
+CFG = enc_lib.ENCODER_TINY.replace(width=32, num_heads=4, mlp_dim=64, dropout=0.1,
+                                   repeat_bias=True)
 TRAIN = trainer_lib.TrainConfig(batch_size=16, num_steps=10, learning_rate=3e-3, warmup=1)
 
 
