@@ -60,7 +60,6 @@ with the peer's figures beside ours, and the validation curves.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -310,9 +309,7 @@ def versus_base(out_dir: str, dataset: str, arm: str,
   def metrics(s):   # the test metrics with their per-user values, when the run kept them
     return {**s["metrics"], **({paired.PER_EXAMPLE: s[ranking.TEST_PER_EXAMPLE]}
                                if ranking.TEST_PER_EXAMPLE in s else {})}
-  diffs = {key: dataclasses.asdict(paired.difference(metrics(summary), metrics(other), key))
-           for key in ("recall@10", "ndcg@10")}
-  return {"base": base, **diffs}
+  return {"base": base, **ranking.paired_differences(metrics(summary), metrics(other))}
 
 
 def fit_at_best(summary: Mapping[str, Any]) -> dict[str, float | None]:
