@@ -225,7 +225,8 @@ _ENCODER_ADDED = {"input_norm": (None, False), "init_std": (None, 0.0, 0),
                   "loss_min_context": (None, 0), "norm_position": (None, "pre"),
                   "attention_dropout": (None, 0.0, 0)}
 _BRIDGE_ADDED = {"item_head_skip": (False,), "soft_prompt_norm": (False,),
-                 "pooled_context": (False,), "standardize_states": (False,)}
+                 "pooled_context": (False,), "standardize_states": (False,),
+                 "category_text": (False,), "category_text_tokens": (8,)}
 OMITTED_AT: dict[str, tuple[Any, ...]] = {
     "llm.param_dtype": ("float32",),
     "data.timestamp_precision": ("exact",),

@@ -85,6 +85,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.bridge.soft_prompt_norm = True    # soft prompt at the scale of the token embeddings
   config.bridge.pooled_context = False     # + one embedding: the states' mean over the events
   config.bridge.standardize_states = False # states centred / scaled by training statistics
+  config.bridge.category_text = False      # + each event's category names, as LLM embeddings
+  config.bridge.category_text_tokens = 8   # tokens kept of each name
   config.bridge.dtype = "float32"
   config.bridge.param_dtype = "float32"
 

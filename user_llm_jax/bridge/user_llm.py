@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from user_llm_jax import sharding
+from user_llm_jax.bridge import category_text as category_text_lib
 from user_llm_jax.bridge import item_head as item_head_lib
 from user_llm_jax.bridge import soft_prompt
 from user_llm_jax.bridge.cross_attention import GatedCrossAttention, insert_cross_attention
@@ -103,6 +104,13 @@ class UserLlmConfig:
       embedding out: without it its key is close to the mean of the events' keys. On the
       500-event synthetic data it changed nothing measurable: attention spread over the
       events already reads their mean (README, User-LLM study).
+    category_text: add to each event's user embedding the text of its categories in the
+      LLM's token-embedding space (`bridge/category_text.py`: the mean of the name's token
+      embeddings, fixed, times a learned per-dimension gain starting at 1), so the LLM can
+      say a category's words (a genre, a summary the user keeps writing) without first
+      learning what its id stands for. Needs `use_perceiver=False` (the Perceiver's latents
+      are not events) and the category names when the model is built.
+    category_text_tokens: tokens kept of each category name.
     standardize_states: shift and scale every encoder state before the bridge,
       (state - shift) * gain per dimension, with `shift` and `gain` trained parameters that
       the job initialises from the encoder's states on training records (their mean and
@@ -132,6 +140,8 @@ class UserLlmConfig:
   soft_prompt_norm: bool = True
   pooled_context: bool = False
   standardize_states: bool = False
+  category_text: bool = False
+  category_text_tokens: int = 8
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -141,8 +151,11 @@ class UserLlmConfig:
     if self.item_head_skip and not self.item_head:
       raise ValueError("UserLlmConfig.item_head_skip=True needs item_head=True (the skip "
                        "adds the encoder's scores to the item head's)")
+    if self.category_text and self.use_perceiver:
+      raise ValueError("UserLlmConfig.category_text=True needs use_perceiver=False: the text "
+                       "is added per event, and the Perceiver's latents are not events")
     for name in ("num_latents", "perceiver_layers", "perceiver_heads", "projection_layers",
-                 "xattn_every"):
+                 "xattn_every", "category_text_tokens"):
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"UserLlmConfig.{name}={value!r}: must be a positive int")
@@ -186,10 +199,13 @@ class Bridge(nnx.Module):
     projection: the encoder -> LLM width MLP.
     prompt_gain: [D] learned gain of the soft prompt's RMS normalisation, or None (cross-
       attention mode, or `soft_prompt_norm=False`).
+    category_text: [num_categories, D] fixed text vectors of the category names
+      (`category_text.CategoryText`), or None without `cfg.category_text`.
+    text_gain: [D] learned gain of the events' category text, or None.
   """
 
   def __init__(self, cfg: UserLlmConfig, encoder_width: int, llm_width: int, *,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, num_categories: int = 0):
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     check_compatible(cfg, encoder_width)
     self.perceiver = PerceiverResampler(
@@ -215,13 +231,33 @@ class Bridge(nnx.Module):
     self.pooled_marker = (nnx.Param(marker(jax.random.fold_in(rngs.params.key[...], 1),
                                            (llm_width,), param_dtype))
                           if cfg.pooled_context else None)
+    # Constant too: the table is set from the LLM's embeddings (`set_category_text`) or
+    # restored from a checkpoint.
+    self.category_text = (category_text_lib.CategoryText(sharding.partitioned(
+        nnx.initializers.zeros_init(), (None, "embed"))(
+            unused_key, (num_categories, llm_width), jnp.float32))
+                          if cfg.category_text else None)
+    self.text_gain = (nnx.Param(sharding.partitioned(nnx.initializers.ones_init(), axes)(
+        unused_key, (llm_width,), param_dtype)) if cfg.category_text else None)
+
+  def set_category_text(self, vectors: jax.Array) -> None:
+    """Sets the category text table ([num_categories, D], `category_text.text_vectors`)."""
+    if self.category_text is None:
+      raise ValueError("set_category_text needs UserLlmConfig.category_text=True")
+    held = tuple(self.category_text[...].shape)
+    if tuple(vectors.shape) != held:
+      raise ValueError(f"category text vectors of shape {tuple(vectors.shape)}; this bridge "
+                       f"holds {held} (categories x LLM width)")
+    self.category_text[...] = jnp.asarray(vectors, jnp.float32)
 
   def __call__(self, states: jax.Array, mask: jax.Array, *,
-               target_rms: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+               target_rms: jax.Array | None = None,
+               categories: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """states [B,E,D_enc], mask [B,E] -> (embeddings [B,P,D], mask [B,P]).
 
     P is E (or the Perceiver's Q), plus one with `pooled_context`.
     `target_rms`: the RMS each embedding is normalised to (with `prompt_gain`).
+    `categories`: int[B,E,C] the events' category ids (needed with `category_text`).
     """
     if self.state_shift is not None:
       states = ((states - self.state_shift[...].astype(states.dtype))
@@ -238,6 +274,14 @@ class Bridge(nnx.Module):
       states = jnp.concatenate([states, pooled.astype(states.dtype)], axis=1)
       mask = jnp.concatenate([mask, jnp.ones(mask.shape[:1] + (1,), bool)], axis=1)
     out = self.projection(states)
+    if self.category_text is not None:
+      if categories is None:
+        raise ValueError("bridge.category_text needs the events' categories "
+                         f"({transforms.INPUTS_CATEGORY!r} of the user batch)")
+      text = category_text_lib.event_text(self.category_text[...], categories)  # [B,E,D]
+      text = text * self.text_gain[...].astype(jnp.float32)
+      e = text.shape[1]
+      out = jnp.concatenate([out[:, :e] + text.astype(out.dtype), out[:, e:]], axis=1)
     if self.pooled_marker is not None:
       marker = self.pooled_marker[...].astype(out.dtype)
       out = jnp.concatenate([out[:, :-1], out[:, -1:] + marker], axis=1)
@@ -262,7 +306,7 @@ class UserLLM(nnx.Module):
   """
 
   def __init__(self, cfg: UserLlmConfig, *, encoder: UserEncoder, llm: Decoder,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, category_tokens: Any = None):
     """Wires already-built (e.g. pretrained) modules together and adds the bridge.
 
     Args:
@@ -271,11 +315,19 @@ class UserLLM(nnx.Module):
       llm: decoder without cross-attention blocks (they are inserted here in
         cross-attention mode).
       rngs: random streams for the new bridge parameters.
+      category_tokens: with `cfg.category_text`, int[num_categories, L] token ids of the
+        category names (`category_text.token_table`); the bridge's text table is computed
+        from them and `llm`'s embeddings. None leaves the table at 0 (a model whose
+        weights, the table included, are restored from a checkpoint afterwards).
     """
     self.cfg = cfg
     self.encoder = encoder
     self.llm = llm
-    self.bridge = Bridge(cfg, encoder.cfg.width, llm.cfg.width, rngs=rngs)
+    self.bridge = Bridge(cfg, encoder.cfg.width, llm.cfg.width, rngs=rngs,
+                         num_categories=encoder.cfg.num_categories)
+    if cfg.category_text and category_tokens is not None:
+      self.bridge.set_category_text(category_text_lib.text_vectors(
+          llm.embedder.embedding[...], category_tokens))
     if cfg.mode == "cross_attention":
       insert_cross_attention(
           llm, cfg.xattn_every, rngs=rngs, context_width=llm.cfg.width,
@@ -316,7 +368,8 @@ class UserLLM(nnx.Module):
 
   def _bridge(self, user_batch: Batch, states: jax.Array) -> tuple[jax.Array, jax.Array]:
     mask = jnp.asarray(user_batch[transforms.MASK], bool)  # [B,E]
-    return self.bridge(states, mask, target_rms=self.bridge_target_rms())
+    return self.bridge(states, mask, target_rms=self.bridge_target_rms(),
+                       categories=user_batch.get(transforms.INPUTS_CATEGORY))
 
   def bridge_target_rms(self) -> jax.Array | None:
     """What `Bridge` normalises the soft prompt to (`target_rms`), or None without the norm.

@@ -38,6 +38,7 @@ from user_llm_jax import config as config_lib
 from user_llm_jax import models
 from user_llm_jax import params as params_lib
 from user_llm_jax import runs
+from user_llm_jax.bridge import category_text
 from user_llm_jax.bridge import strategies
 from user_llm_jax.bridge.user_llm import UserLLM
 from user_llm_jax.encoder.model import UserEncoder
@@ -121,8 +122,11 @@ def build(config: ml_collections.ConfigDict, data: runner.TaskData,
   llm, tokenizer = models.load_llm(config.llm, config.seed)
   lora = models.lora_config(config) if strategy == "lora" else None
   bridge = models.bridge_config(config)
+  tokens = (category_text.token_table(data.vocab.categories, tokenizer,
+                                      bridge.category_text_tokens)
+            if bridge.category_text else None)
   model = models.assemble_user_llm(bridge, encoder, llm, strategy=strategy, lora=lora,
-                                   seed=config.seed)
+                                   seed=config.seed, category_tokens=tokens)
   if bridge.standardize_states:
     standardize_states(model, data, config)
   arch = models.architecture(encoder=encoder.cfg, llm=llm.cfg, bridge=bridge, lora=lora,

@@ -90,7 +90,8 @@ def _user_context(graphdef, state, batch, target_rms=None):
   encoder, bridge = nnx.merge(graphdef, state)
   states = encoder(batch, deterministic=True)                      # [B,E,D_enc]
   return bridge(states, jnp.asarray(batch[transforms_lib.MASK], bool),
-                target_rms=target_rms)                             # [B,P,D], [B,P]
+                target_rms=target_rms,
+                categories=batch.get(transforms_lib.INPUTS_CATEGORY))  # [B,P,D], [B,P]
 
 
 def user_llm_conditioner(model: nnx.Module, pad_id: int) -> Conditioner:

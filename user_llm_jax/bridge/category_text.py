@@ -1,0 +1,96 @@
+"""The text of each event's categories, in the LLM's own token-embedding space.
+
+The encoder reads an event's categories as ids: a genre, a product category, or (Amazon,
+`data.text_categories`) a summary the user wrote more than once. The LLM must then learn,
+from a few thousand task examples, which words an id stands for before it can say them
+(the review task's answer is often exactly such a summary, and the favorite-genre answer
+is a genre name). A text prompt has it for free: the words are in its context.
+
+With `UserLlmConfig.category_text`, every category name is tokenized once and the mean of
+the LLM's input embeddings of its tokens, scaled to unit RMS, is a fixed row of a
+[num_categories, D] table (`CategoryText`, not trained). Each event's user embedding then
+gets the mean of its categories' rows, times a learned per-dimension gain starting at 1:
+
+    context[b, e] = projection(state[b, e]) + gain * mean_c table[category[b, e, c]]
+
+SmolLM2 ties its input and output embeddings, so a cross-attention block that passes such a
+row on to the residual stream raises exactly the logits of those words.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from user_llm_jax.data import schema
+from user_llm_jax.data import text_categories
+
+PAD_TOKEN = -1  # marks the unused slots of a name's token row
+
+
+class CategoryText(nnx.Variable):
+  """Fixed [num_categories, D] text vectors of the category names (not a `Param`)."""
+
+
+def display_name(name: str) -> str:
+  """The words a category name stands for (a summary category without its prefix)."""
+  if name.startswith(text_categories.PREFIX):
+    return name[len(text_categories.PREFIX):]
+  return name
+
+
+def token_table(names: Sequence[str], tokenizer, max_tokens: int) -> np.ndarray:
+  """int32[len(names), max_tokens] token ids of every category name, `PAD_TOKEN`-padded.
+
+  Reserved ids (PAD, OOV) and names without tokens get an all-`PAD_TOKEN` row (a zero
+  text vector). Names longer than `max_tokens` keep their first tokens.
+
+  Args:
+    names: the vocabulary's category names, indexed by category id.
+    tokenizer: anything with `encode(text, add_bos=False) -> list[int]`.
+    max_tokens: L >= 1.
+  """
+  if max_tokens < 1:
+    raise ValueError(f"category text needs max_tokens >= 1, got {max_tokens}")
+  table = np.full((len(names), max_tokens), PAD_TOKEN, np.int32)
+  for i, name in enumerate(names):
+    if i < schema.FIRST_ID:
+      continue
+    # As the task answers are written (`TaskExample.answer_tokens`): no leading space.
+    ids = tokenizer.encode(display_name(name).strip(), add_bos=False)[:max_tokens]
+    table[i, :len(ids)] = ids
+  return table
+
+
+def text_vectors(embedding: jax.Array, tokens: np.ndarray | jax.Array) -> jax.Array:
+  """float32 [V_cat, D]: each row the mean of its tokens' embeddings at unit RMS (rows
+  without tokens are 0).
+
+  Args:
+    embedding: [vocab, D] the LLM's input token embeddings.
+    tokens: int[V_cat, L] from `token_table`.
+  """
+  tokens = jnp.asarray(tokens, jnp.int32)
+  valid = (tokens != PAD_TOKEN).astype(jnp.float32)[..., None]            # [V, L, 1]
+  rows = jnp.take(embedding.astype(jnp.float32), jnp.maximum(tokens, 0), axis=0)
+  mean = jnp.sum(rows * valid, axis=1) / jnp.maximum(jnp.sum(valid, axis=1), 1.0)  # [V, D]
+  rms = jnp.sqrt(jnp.mean(jnp.square(mean), axis=-1, keepdims=True))
+  return jnp.where(rms > 0, mean / jnp.maximum(rms, 1e-12), 0.0)
+
+
+def event_text(table: jax.Array, categories: jax.Array) -> jax.Array:
+  """[B, E, D]: the mean of each event's categories' rows (PAD / OOV slots ignored; an
+  event without a real category gets 0).
+
+  Args:
+    table: [V_cat, D] `text_vectors`.
+    categories: int[B, E, C] category ids.
+  """
+  categories = jnp.asarray(categories, jnp.int32)
+  valid = (categories >= schema.FIRST_ID).astype(table.dtype)[..., None]  # [B, E, C, 1]
+  rows = jnp.take(table, categories, axis=0, mode="clip")                 # [B, E, C, D]
+  return jnp.sum(rows * valid, axis=2) / jnp.maximum(jnp.sum(valid, axis=2), 1.0)
