@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from user_llm_jax import models
+from user_llm_jax import inference
 from user_llm_jax.bridge import category_text
 from user_llm_jax.bridge import user_llm as ullm
 from user_llm_jax.data import schema
@@ -16,10 +16,10 @@ from user_llm_jax.encoder import ENCODER_TINY, UserEncoder
 from user_llm_jax.llm.config import LLM_TINY
 from user_llm_jax.llm.model import Decoder
 from user_llm_jax.tasks import evaluate
-from user_llm_jax.tasks import prompts
 from user_llm_jax.train import checkpointing
 
-from tests.test_user_llm import B, E, NUM_VALID, make_batch, scramble_padded_events
+from tests import workdir_fixtures
+from tests.test_user_llm import B, NUM_VALID, make_batch, scramble_padded_events
 
 NAMES = ["<pad>", "<oov>", "Drama", "Film-Noir", text_categories.PREFIX + "five stars"] + [
     f"genre {i}" for i in range(ENCODER_TINY.num_categories - 5)]
@@ -82,7 +82,8 @@ def test_each_event_gets_its_categories_text_and_nothing_else_changes(mode):
   # Every other parameter starts as without the option.
   same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)),
                       nnx.state(plain, nnx.Param),
-                      nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.PathContains("text_gain")))))
+                      nnx.state(model, nnx.All(nnx.Param,
+                                               nnx.Not(nnx.PathContains("text_gain")))))
   assert all(jax.tree.leaves(same))
   if mode == "cross_attention":
     ctx, mask = model.user_context(batch)
@@ -157,3 +158,20 @@ def test_a_restored_model_gets_the_table_from_the_checkpoint(tmp_path):
   batch = make_batch()
   np.testing.assert_allclose(np.asarray(rebuilt.user_context(batch)[0]),
                              np.asarray(model.user_context(batch)[0]), rtol=1e-6)
+
+
+def test_the_job_trains_with_category_text_and_a_copied_workdir_restores_its_table(tmp_path):
+  """End to end on the tiny smoke job: the run trains and evaluates with the option, and
+  `--mode=generate`'s loader (a model rebuilt from run.json, no category names given)
+  gets back the table the job computed from the vocabulary and the LLM's embeddings."""
+  _, workdir = workdir_fixtures.user_llm_run(tmp_path, steps=2, eval__num_examples=2,
+                                             tasks__names=("favorite_category",),
+                                             bridge__category_text=True)
+  model, tokenizer, vocab, run = inference.load_trained(str(workdir))
+  assert run.config.bridge.category_text is True
+  tokens = category_text.token_table(vocab.categories, tokenizer,
+                                     run.config.bridge.category_text_tokens)
+  expected = category_text.text_vectors(model.llm.embedder.embedding[...], tokens)
+  table = np.asarray(model.bridge.category_text[...])
+  assert float(np.abs(table).max()) > 0
+  np.testing.assert_allclose(table, np.asarray(expected), rtol=1e-6, atol=1e-7)

@@ -5,7 +5,10 @@ body), the prompt names the product and the rating. The 5-core files give short 
 so the leave-last-out protocol with a 20-event window is the default. The summaries written in
 at least 2 training events are event categories (`data.text_categories=2`): a user's writing
 habit is most of what the rating does not predict (README "Results"); 0 turns it off, and the
-encoder must be pretrained with the same value.
+encoder must be pretrained with the same value. Each event's user embedding also carries its
+categories' words as the LLM's own token embeddings (`bridge.category_text`), so the LLM
+can write a summary the user keeps using without first learning what its id stands for
+(ROUGE-Lsum +0.029 over the same run without it, paired over the 458 test users; README).
 
   # 1. pretrain the encoder on the same category (and the same data keys)
   python -m experiments.main --config=experiments/configs/encoder_movielens.py:paper_small \
@@ -40,6 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       max_prompt_tokens=56,   # fixed ~39 tokens + the product name (<= 12 tokens)
       max_answer_tokens=16)
   config.baseline.history_tokens = 384
+  config.bridge.category_text = True
   config.train.num_steps = 200
   config.eval.num_examples = 100
 
