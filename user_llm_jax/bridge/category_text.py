@@ -36,13 +36,6 @@ class CategoryText(nnx.Variable):
   """Fixed [num_categories, D] text vectors of the category names (not a `Param`)."""
 
 
-def display_name(name: str) -> str:
-  """The words a category name stands for (a summary category without its prefix)."""
-  if name.startswith(text_categories.PREFIX):
-    return name[len(text_categories.PREFIX):]
-  return name
-
-
 def token_table(names: Sequence[str], tokenizer, max_tokens: int) -> np.ndarray:
   """int32[len(names), max_tokens] token ids of every category name, `PAD_TOKEN`-padded.
 
@@ -61,7 +54,8 @@ def token_table(names: Sequence[str], tokenizer, max_tokens: int) -> np.ndarray:
     if i < schema.FIRST_ID:
       continue
     # As the task answers are written (`TaskExample.answer_tokens`): no leading space.
-    ids = tokenizer.encode(display_name(name).strip(), add_bos=False)[:max_tokens]
+    ids = tokenizer.encode(text_categories.category_words(name).strip(),
+                           add_bos=False)[:max_tokens]
     table[i, :len(ids)] = ids
   return table
 
@@ -79,7 +73,7 @@ def text_vectors(embedding: jax.Array, tokens: np.ndarray | jax.Array) -> jax.Ar
   rows = jnp.take(embedding.astype(jnp.float32), jnp.maximum(tokens, 0), axis=0)
   mean = jnp.sum(rows * valid, axis=1) / jnp.maximum(jnp.sum(valid, axis=1), 1.0)  # [V, D]
   rms = jnp.sqrt(jnp.mean(jnp.square(mean), axis=-1, keepdims=True))
-  return jnp.where(rms > 0, mean / jnp.maximum(rms, 1e-12), 0.0)
+  return mean / jnp.maximum(rms, 1e-12)  # a row without tokens stays 0
 
 
 def event_text(table: jax.Array, categories: jax.Array) -> jax.Array:

@@ -29,6 +29,12 @@ from user_llm_jax.data import schema
 PREFIX = "review: "
 
 
+def category_words(name: str) -> str:
+  """The words a category name stands for: a summary category's summary (without
+  `PREFIX`), any other name as it is."""
+  return name.removeprefix(PREFIX)
+
+
 def normalise(text: Any) -> str:
   """A summary as counted: decoded, lowercased, runs of whitespace collapsed."""
   if isinstance(text, bytes):
