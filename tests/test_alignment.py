@@ -1,8 +1,9 @@
-"""The alignment stage: its examples name the recent titles, it trains only the modules it
-names, and a run killed during or after it resumes to the same result.
+"""The alignment stage: its examples name the recent titles (or their categories' words), it
+trains only the modules it names, and a run killed during or after it resumes to the same
+result.
 
 The job-level tests compile an alignment step and a task step of the tiny smoke model, so
-the file is marked slow; the smoke data is prepared once per module.
+they are marked slow; the smoke data is prepared once per module.
 """
 
 import shutil
@@ -24,8 +25,6 @@ from user_llm_jax.tasks import examples as ex
 from user_llm_jax.tasks import prompts
 from user_llm_jax.tasks import runner
 from user_llm_jax.train import setup
-
-pytestmark = pytest.mark.slow
 
 TITLES = ["Alien (1979)", "Aliens (1986)", "Heat (1995)", "Up (2009)", "Jaws (1975)",
           "Big (1988)", "Ran (1985)"]
@@ -120,6 +119,54 @@ def test_bad_align_keys_are_named():
   assert not train_user_llm.align_config(config).enabled
 
 
+CATEGORIES = ("<pad>", "<oov>", "Gift Cards", "Drama", "review: five stars",
+              "review: came on time.")
+
+
+def category_record(cats_per_event):
+  n = len(cats_per_event)
+  out = record([2 + i % len(TITLES) for i in range(n)])
+  out[schema.CATEGORY_IDS] = np.asarray([c for e in cats_per_event for c in e], np.int32)
+  out[schema.CATEGORY_LENGTHS] = np.asarray([len(e) for e in cats_per_event], np.int32)
+  return out
+
+
+@pytest.mark.parametrize("cats, events, max_categories, expected", [
+    # Summary categories lose their prefix; an event's names keep their slot order; the
+    # last event is the target and is not written.
+    ([[4, 2], [2], [5, 2, 3], [4, 2]], 3, 3,
+     ["five stars, Gift Cards", "Gift Cards", "came on time., Gift Cards, Drama"]),
+    # Only the slots the encoder reads (`max_categories`).
+    ([[5, 2, 3], [4, 2]], 3, 1, ["came on time."]),
+    # Reserved / out-of-vocabulary ids are skipped, and an event left without a real
+    # category is left out.
+    ([[1], [4, 1], [0], [2]], 5, 2, ["five stars"]),
+])
+def test_category_examples_write_the_events_category_words(vocab, cats, events,
+                                                           max_categories, expected):
+  vocab = schema.Vocabulary(dataset="amazon", items=vocab.items, ratings=vocab.ratings,
+                            categories=CATEGORIES)
+  cfg = ex.ExampleConfig(tasks=(prompts.FAVORITE_CATEGORY,), window=6,
+                         max_categories=max_categories, max_prompt_tokens=200,
+                         dataset="amazon")
+  transform = alignment.AlignExample(
+      vocab, prompts.byte_level_tokenizer(), cfg,
+      alignment.AlignConfig(events=events, content="categories", max_answer_tokens=120))
+  out = transform.map(category_record(cats))
+  tok = transform.tokenizer
+  assert answer_of(out, tok) == "Recent: " + "; ".join(expected)
+  prompt = tok.decode([int(t) for t in out[ex.TOKENS][:int(out[ex.PROMPT_LENGTH])]])
+  assert f"Write out the categories of the last {events} products" in prompt
+  # The inputs the encoder reads are the task's.
+  crop = T.CropAndPad(6, max_categories).map(category_record(cats))
+  np.testing.assert_array_equal(out[T.INPUTS_CATEGORY], crop[T.INPUTS_CATEGORY])
+
+
+def test_an_unknown_content_is_named():
+  with pytest.raises(ValueError, match=r"align\.content='genres'.*'titles', 'categories'"):
+    alignment.AlignConfig(content="genres")
+
+
 def smoke_config(data_dirs, **changes):
   config = user_llm_movielens.get_config("smoke")
   changes = {**data_dirs, "tasks.names": ("favorite_category",), "eval.num_examples": 3,
@@ -146,15 +193,20 @@ def params_by_path(model):
           jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))}
 
 
-@pytest.mark.parametrize("trainable, use_perceiver", [
-    (("cross_attention",), False),
-    (("projection", "perceiver", "cross_attention"), True),
-    (("encoder", "projection", "cross_attention"), False),
+@pytest.mark.slow
+@pytest.mark.parametrize("trainable, use_perceiver, content", [
+    (("cross_attention",), False, "titles"),
+    (("projection", "perceiver", "cross_attention"), True, "titles"),
+    (("encoder", "projection", "cross_attention"), False, "titles"),
+    # The categories' words, read through `bridge.category_text` (its fixed table and
+    # its gain, outside the named modules, stay as they are).
+    (("projection", "cross_attention"), False, "categories"),
 ])
 def test_alignment_trains_only_the_modules_it_names(tmp_path, data_dirs, trainable,
-                                                    use_perceiver):
+                                                    use_perceiver, content):
   config = smoke_config(data_dirs, **{
       "align.steps": 2, "align.trainable": trainable, "bridge.use_perceiver": use_perceiver,
+      "align.content": content, "bridge.category_text": content == "categories",
       "bridge.item_head": True,
       # Open gates: every bridge parameter receives gradient from the first step.
       "bridge.xattn_gate_init": 0.5})
@@ -171,6 +223,7 @@ def test_alignment_trains_only_the_modules_it_names(tmp_path, data_dirs, trainab
         fingerprint=config_lib.fingerprint(config, architecture=arch), description={})
   after = params_by_path(model)
   assert out["steps"] == 2 and len(out["history"]) == 1 and out["history"][0]["step"] == 2
+  assert out["content"] == content
   prefixes = {"encoder": "encoder/", "projection": "bridge/projection/",
               "perceiver": "bridge/perceiver/", "cross_attention": "llm/cross_attention/"}
   named = tuple(prefixes[m] for m in trainable)
@@ -186,6 +239,7 @@ def test_alignment_trains_only_the_modules_it_names(tmp_path, data_dirs, trainab
   assert (tmp_path / "align" / "checkpoints" / "2").is_dir()
 
 
+@pytest.mark.slow
 def test_a_selection_the_model_lacks_is_refused(tmp_path, data_dirs):
   config = smoke_config(data_dirs, **{"align.steps": 2, "align.trainable": ("perceiver",)})
   with pytest.raises(config_lib.ConfigError, match=r"align\.trainable.*selects no parameter"):
@@ -206,6 +260,7 @@ def strip_timing(metrics):
                    for task, m in by_task.items()} for method, by_task in metrics.items()}
 
 
+@pytest.mark.slow
 def test_aligned_run_records_its_stage(aligned_run):
   workdir, summary = aligned_run
   align = summary["align"]
@@ -218,6 +273,7 @@ def test_aligned_run_records_its_stage(aligned_run):
   assert (workdir / "loss.png").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kept", ["during", "after"])
 def test_a_run_killed_during_or_after_alignment_resumes_exactly(aligned_run, tmp_path,
                                                                 data_dirs, kept):
@@ -235,6 +291,7 @@ def test_a_run_killed_during_or_after_alignment_resumes_exactly(aligned_run, tmp
   assert strip_timing(resumed["metrics"]) == strip_timing(summary["metrics"])
 
 
+@pytest.mark.slow
 def test_a_finished_run_reruns_without_aligning_again(aligned_run, data_dirs):
   workdir, summary = aligned_run
   again = train_user_llm.run(smoke_config(data_dirs, **{"align.steps": 4}), str(workdir))

@@ -116,6 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.align = ml_collections.ConfigDict()
   config.align.steps = 0
   config.align.events = 3
+  config.align.content = "titles"   # or "categories": their words (with bridge.category_text)
   config.align.trainable = ("projection", "perceiver", "cross_attention")  # or + "encoder"
   config.align.learning_rate = 1e-3
   config.align.warmup = 10

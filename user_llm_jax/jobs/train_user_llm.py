@@ -226,7 +226,8 @@ def align_stage(model: UserLLM, tokenizer: Tokenizer, data: runner.TaskData,
                 align_cfg: alignment.AlignConfig, train_cfg: trainer_lib.TrainConfig, *,
                 mesh: Any, rules: Any, workdir: str, fingerprint: dict[str, Any],
                 description: dict[str, Any]) -> dict[str, Any]:
-  """Trains the modules of `align.trainable` on writing out the users' recent titles.
+  """Trains the modules of `align.trainable` on writing out the users' recent events
+  (their titles or their categories' words: `align.content`).
 
   Resumes from `WORKDIR/align/checkpoints` like any training; once the task stage has a
   checkpoint (which holds the aligned model), only the stage's record is read back.
@@ -250,7 +251,7 @@ def align_stage(model: UserLLM, tokenizer: Tokenizer, data: runner.TaskData,
   # here too) on the stage's own schedule.
   cfg = dataclasses.replace(train_cfg, num_steps=align_cfg.steps, warmup=align_cfg.warmup,
                             learning_rate=align_cfg.learning_rate, eval_every=0)
-  record = {"steps": align_cfg.steps, "events": align_cfg.events,
+  record = {"steps": align_cfg.steps, "events": align_cfg.events, "content": align_cfg.content,
             "trainable": list(align_cfg.trainable), "trainable_params": trainable,
             "learning_rate": align_cfg.learning_rate, "checkpoints": stage_dir}
   ckpt_dir = os.path.join(stage_dir, "checkpoints")
@@ -298,7 +299,10 @@ def align_text(record: dict[str, Any]) -> str:
   """One line on the alignment stage for the printed summary."""
   history = record["history"]
   first, last = (history[0], history[-1]) if history else ({}, {})
-  return (f"alignment: {record['steps']} steps writing the last {record['events']} titles, "
+  # Records written before `align.content` existed wrote titles.
+  content = ("titles" if record.get("content", "titles") == "titles"
+             else "events' categories")
+  return (f"alignment: {record['steps']} steps writing the last {record['events']} {content}, "
           f"training {'+'.join(record['trainable'])} ({record['trainable_params']:,} params); "
           f"loss {first.get('loss', float('nan')):.3f} -> {last.get('loss', float('nan')):.3f},"
           f" token accuracy {last.get('token_accuracy', float('nan')):.3f}")
