@@ -13,7 +13,11 @@ per-user values, the independent-samples error otherwise: each line says which) 
 verdict (a difference under two standard errors is a tie). `--methods` names one row per
 run instead (a User-LLM run against a text-baseline run: `user_llm` vs `text_prompt`), each
 later run's row compared with the first run's. Prints the lines; `--output` also writes
-them as JSON.
+them as JSON. Where a run's rows name groups of test users (a review run's `groups`: the
+answer repeats the rating prior's, repeats the user's own phrase, or is new;
+`eval/floors.review_groups`), the task's headline metric is also compared within each
+group; `--groups_from=WORKDIR` takes the groups from another run on the same test users (a
+text-baseline run names none).
 """
 
 import json
@@ -29,6 +33,9 @@ _NAMES = flags.DEFINE_list("names", None, "A name per run (default: the workdirs
 _METHODS = flags.DEFINE_list("methods", None, "One method row per run to compare (default: "
                               "every row the runs share).")
 _OUTPUT = flags.DEFINE_string("output", "", "Write the comparisons as JSON here.")
+_GROUPS_FROM = flags.DEFINE_string(
+    "groups_from", "", "A workdir whose summary names groups of test users (a User-LLM run's "
+    "review groups); the runs' rows are also compared within each group.")
 
 
 def load_metrics(workdir: str) -> dict:
@@ -45,6 +52,21 @@ def load_metrics(workdir: str) -> dict:
   return metrics
 
 
+def groups_of(workdir: str) -> dict[str, dict[str, list[int]]]:
+  """{task: {group: test ids}} that `workdir`'s summary names.
+
+  Raises:
+    ValueError: it names none.
+  """
+  metrics = load_metrics(workdir)
+  groups = {task: paired.task_groups(metrics, task) for task in paired.TASK_KEYS}
+  groups = {task: g for task, g in groups.items() if g}
+  if not groups:
+    raise ValueError(f"{workdir}/summary.json: no row names groups of test users (a "
+                     "User-LLM review run written with today's code does)")
+  return groups
+
+
 def main(argv):
   del argv
   runs = _RUNS.value
@@ -57,10 +79,12 @@ def main(argv):
     raise app.UsageError(f"--methods needs one method row per run; got {len(methods)} for "
                          f"{len(runs)} runs")
   reference = (names[0], load_metrics(runs[0]))
+  groups = groups_of(_GROUPS_FROM.value) if _GROUPS_FROM.value else None
   results = []
   for i, (name, run) in enumerate(zip(names[1:], runs[1:]), start=1):
     pair = (methods[0], methods[i]) if methods else None
-    results.extend(paired.compare_runs(reference, (name, load_metrics(run)), pair))
+    results.extend(paired.compare_runs(reference, (name, load_metrics(run)), pair,
+                                       groups=groups))
   print("\n".join(r["text"] for r in results) or "no method row and task in common")
   if _OUTPUT.value:
     os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)

@@ -183,3 +183,64 @@ def test_compare_runs_named_rows_of_two_runs(tmp_path):
                         f"--runs={','.join(runs)}", "--methods=user_llm"],
                        capture_output=True, text=True, timeout=120)
   assert bad.returncode != 0 and "one method row per run" in bad.stderr
+
+
+def rouge(ids, values, groups=None):
+  values = np.asarray(values, np.float64)
+  out = {"rougeLsum": float(values.mean()),
+         "rougeLsum_stderr": float(values.std(ddof=1) / math.sqrt(values.size)),
+         "num_examples": values.size,
+         paired.PER_EXAMPLE: paired.per_example(ids, {"rougeLsum": values})}
+  if groups:
+    out[paired.GROUPS] = groups
+  return out
+
+
+def test_rows_are_broken_down_by_the_groups_a_row_names(tmp_path):
+  """The review groups (`floors.review_groups`): each row averaged over each group's ids,
+  by hand; compared per group between runs, and from another run's groups (a text run
+  names none)."""
+  ids = list(range(6))
+  groups = {"repeat_prior": [0, 1], "repeat_own": [2, 3, 4], "new": [5]}
+  model = [1.0, 1.0, 0.0, 0.5, 0.0, 0.2]
+  text = [1.0, 1.0, 1.0, 1.0, 0.5, 0.1]
+  user_run = {"user_llm": {"review": rouge(ids, model)},
+              "past_answer": {"review": rouge(ids, [1, 1, 1, 1, 1, 0], groups)}}
+  text_run = {"text_prompt": {"review": rouge(ids, text)}}
+  breakdown = paired.group_breakdown(user_run)["review"]
+  own = breakdown["user_llm"]["repeat_own"]
+  assert own["n"] == 3 and own["mean"] == pytest.approx(0.5 / 3)
+  assert own["stderr"] == pytest.approx(np.std([0.0, 0.5, 0.0], ddof=1) / math.sqrt(3))
+  assert breakdown["user_llm"]["repeat_prior"]["mean"] == 1.0
+  assert math.isnan(breakdown["user_llm"]["new"]["stderr"])  # one user: no error
+  assert breakdown["past_answer"]["new"]["mean"] == 0.0
+  text_lines = paired.breakdown_text(paired.group_breakdown(user_run))
+  assert "user_llm: repeat_prior 1.000" in text_lines and "repeat_own 0.167" in text_lines
+  # The text run names no groups; the reference run's are used.
+  results = paired.compare_runs(("user_llm_run", user_run), ("text_run", text_run),
+                                ("user_llm", "text_prompt"))
+  by_group = {r["group"]: r for r in results}
+  assert set(by_group) == {None, "repeat_prior", "repeat_own", "new"}
+  assert by_group["repeat_own"]["diff"] == pytest.approx((1.0 + 0.5 + 0.5) / 3)
+  assert by_group["repeat_own"]["paired"] and by_group["repeat_own"]["n"] == 3
+  assert by_group["repeat_prior"]["verdict"] == "tie"   # identical
+  assert "[repeat_own]" in by_group["repeat_own"]["text"]
+  # Given groups win over the rows' own; none given and none named: no group lines.
+  only = paired.compare_runs(("a", text_run), ("b", text_run), groups={"review": {"x": [5]}})
+  assert [r["group"] for r in only] == [None, "x"]
+  assert [r["group"] for r in paired.compare_runs(("a", text_run), ("b", text_run))] == [None]
+  # The script takes them from another run's summary, and names a run without any.
+  dirs = {}
+  for name, metrics in (("user", user_run), ("text", text_run)):
+    dirs[name] = tmp_path / name
+    dirs[name].mkdir()
+    (dirs[name] / "summary.json").write_text(json.dumps({"metrics": metrics}))
+  args = [sys.executable, "-m", "experiments.compare_runs",
+          f"--runs={dirs['text']},{dirs['text']}"]
+  proc = subprocess.run(args + [f"--groups_from={dirs['user']}"], capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "text_prompt review rougeLsum [repeat_own]" in proc.stdout
+  bad = subprocess.run(args + [f"--groups_from={dirs['text']}"], capture_output=True,
+                       text=True, timeout=120)
+  assert bad.returncode != 0 and "no row names groups" in bad.stderr

@@ -363,3 +363,29 @@ def test_past_answer_review_reads_the_users_own_earlier_answers(vocab, tok):
   assert m["rougeLsum"] == pytest.approx((1.0 + 1.0 + 1.0 + 0.0) / 4)
   with pytest.raises(ValueError, match="positive window"):
     floors.past_answer_review(data, transform(vocab, tok), range(len(test)), window=0)
+
+
+def test_review_groups_split_users_by_where_their_answer_lies(vocab, tok):
+  """A repeat of the rating prior's answer, of the user's own earlier phrase (case and
+  spaces aside, within the window), or new text; records without an answer are left out."""
+  from user_llm_jax.data import prepared  # pylint: disable=g-import-not-at-top
+  from user_llm_jax.eval import floors  # pylint: disable=g-import-not-at-top
+
+  def rec(seed, ratings, summaries):
+    r = make_record(len(ratings), seed=seed)
+    r[schema.RATINGS] = np.asarray(ratings, np.int32)
+    r[schema.REVIEW_SUMMARIES] = np.array([s.encode() for s in summaries], dtype=object)
+    return r
+
+  train = [rec(0, [6, 6], ["", "Five Stars"]), rec(1, [6, 6], ["", "Five Stars"])]
+  test = [
+      rec(2, [6, 6, 6], ["five  stars", "Nice", "Five Stars"]),      # the prior's, repeated
+      rec(3, [6, 2, 6], ["Came on time.", "Bad", "came on TIME."]),  # the user's own
+      rec(4, [6, 6], ["Nice", "Five Stars"]),                        # the prior's, but new here
+      rec(5, [6, 6, 6], ["Wow", "Wow", "Something else"]),           # new
+      rec(6, [6, 6], ["Wow", ""]),                                   # no answer: left out
+      rec(7, [6] + [2] * 8 + [6], ["Old"] + ["x"] * 8 + ["Old"]),    # outside a window of 8
+  ]
+  data = prepared.Splits("mem", train, test, None, vocab, {})
+  groups = floors.review_groups(data, transform(vocab, tok), range(len(test)), window=8)
+  assert groups == {floors.REPEAT_PRIOR: [0], floors.REPEAT_OWN: [1], floors.NEW_TEXT: [2, 3, 5]}

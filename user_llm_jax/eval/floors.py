@@ -21,7 +21,10 @@
                 reference from the user's past text, which the encoder and the text prompt
                 (items, ratings, categories) read only as the frequent summaries that
                 `data.text_categories` turns into categories: how much of the answer is the
-                user's writing habit
+                user's writing habit. Its `groups` split the test users by where their
+                answer lies (`review_groups`): a repeat of the rating prior's answer, a
+                repeat of the user's own earlier phrase, or new text; every review row is
+                broken down by them (`paired.group_breakdown`)
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from data_pipelines import timelines
 from user_llm_jax.data import pipeline as pipeline_lib
 from user_llm_jax.data import prepared
 from user_llm_jax.data import schema
+from user_llm_jax.data import text_categories
 from user_llm_jax.encoder.model import UserEncoder
 from user_llm_jax.eval import paired
 from user_llm_jax.eval import popularity
@@ -105,8 +109,11 @@ def non_llm_baselines(encoder: UserEncoder | None, data: runner.TaskData,
     by_rating = _review_answers_by_rating(data, transform)   # one pass over train for both
     out["rating_prior"] = {prompts.REVIEW: rating_prior_review(
         data, transform, indices, by_rating=by_rating)}
-    out["past_answer"] = {prompts.REVIEW: past_answer_review(
-        data, transform, indices, int(config.data.window), by_rating=by_rating)}
+    past = past_answer_review(data, transform, indices, int(config.data.window),
+                              by_rating=by_rating)
+    past[paired.GROUPS] = review_groups(data, transform, indices, int(config.data.window),
+                                        by_rating=by_rating)
+    out["past_answer"] = {prompts.REVIEW: past}
   return out
 
 
@@ -306,3 +313,46 @@ def counted_category(records: Sequence[Mapping[str, Any]], vocab: schema.Vocabul
   if ids is not None:
     out[paired.PER_EXAMPLE] = paired.per_example(np.asarray(ids)[kept], {"accuracy": right})
   return out
+
+
+# The review groups (`review_groups`), in report order.
+REPEAT_PRIOR, REPEAT_OWN, NEW_TEXT = "repeat_prior", "repeat_own", "new"
+
+
+def review_groups(data: runner.TaskData, transform: ex_lib.TaskExample,
+                  indices: Sequence[int], window: int, *,
+                  by_rating: Mapping[int, collections.Counter] | None = None,
+                  ) -> dict[str, list[int]]:
+  """The scored test records split by where their answer lies (ids of `data.test`).
+
+  Answers compare normalised (`text_categories.normalise`: case and whitespace).
+
+    repeat_prior  the answer occurs among the last `window` history events' answers and
+                  is the rating prior's answer ("Five Stars" for a 5): a model of the
+                  rating alone gets it
+    repeat_own    it occurs among them and is not the prior's: the user's own phrase,
+                  which only a method that reads the user's past words can copy
+    new           it does not occur among them
+
+  Where a method trails the user's own past answers, this says which part it misses.
+  Records without a reference answer are left out, as every review row leaves them out.
+  """
+  prior = _prior_answer(by_rating or _review_answers_by_rating(data, transform))
+  groups: dict[str, list[int]] = {REPEAT_PRIOR: [], REPEAT_OWN: [], NEW_TEXT: []}
+  for i in indices:
+    record = dict(data.test[i])
+    answer = transform.answer_text(record, prompts.REVIEW)
+    if answer is None:
+      continue
+    texts = transform.review_answers(record)
+    n = len(texts)
+    past = {text_categories.normalise(t) for t in texts[max(0, n - 1 - window):n - 1] if t}
+    key = text_categories.normalise(answer)
+    rating = int(np.asarray(record[schema.RATINGS]).reshape(-1)[-1])
+    if key not in past:
+      groups[NEW_TEXT].append(int(i))
+    elif key == text_categories.normalise(prior(rating)):
+      groups[REPEAT_PRIOR].append(int(i))
+    else:
+      groups[REPEAT_OWN].append(int(i))
+  return groups

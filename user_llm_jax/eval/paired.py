@@ -26,6 +26,10 @@ from typing import Any
 import numpy as np
 
 PER_EXAMPLE = "per_example"
+# A metric dict may name groups of its test ids ({group: [id, ...]}, e.g. the review
+# groups of `eval/floors.review_groups`): every row of that task is then broken down by
+# them (`group_breakdown`, and `compare_runs` per group).
+GROUPS = "groups"
 
 
 def per_example(ids: Sequence[int], values: Mapping[str, Sequence[float]],
@@ -119,7 +123,9 @@ TASK_KEYS = {"next_item": ("recall@1", "recall@5", "recall@10", "ndcg@10"),
 
 def compare_runs(reference: tuple[str, Mapping[str, Mapping[str, Mapping[str, Any]]]],
                  other: tuple[str, Mapping[str, Mapping[str, Mapping[str, Any]]]],
-                 methods: tuple[str, str] | None = None) -> list[dict[str, Any]]:
+                 methods: tuple[str, str] | None = None, *,
+                 groups: Mapping[str, Mapping[str, Sequence[int]]] | None = None,
+                 ) -> list[dict[str, Any]]:
   """Every method row and task the two runs share, compared metric by metric.
 
   Args:
@@ -131,10 +137,13 @@ def compare_runs(reference: tuple[str, Mapping[str, Mapping[str, Mapping[str, An
       ('user_llm', 'text_prompt') for a User-LLM run against a text-baseline run on the
       same test users; None compares every row the runs share. A row a run lacks is a
       `KeyError` naming the rows it has.
+    groups: {task: {group: test ids}} to compare each task's headline metric within too;
+      None takes the `GROUPS` a row of either run names (`task_groups`).
 
   Returns:
-    One dict per (method, task, metric): values, n, the `Difference`'s fields, verdict
-    ('ahead' / 'behind' / 'tie' of `other` against `reference`) and a line of text.
+    One dict per (method, task, metric), then per group of the headline metric (`group`
+    None for all users): values, n, the `Difference`'s fields, verdict ('ahead' /
+    'behind' / 'tie' of `other` against `reference`) and a line of text.
   """
   (ref_name, ref), (other_name, oth) = reference, other
   if methods is None:
@@ -151,19 +160,38 @@ def compare_runs(reference: tuple[str, Mapping[str, Mapping[str, Mapping[str, An
         mine, theirs = oth[method][task], ref[ref_method][task]
         if key not in mine or key not in theirs:
           continue
-        d = difference(mine, theirs, key)
-        word = {"ahead": "ahead of", "behind": "BEHIND",
-                "tie": "tied with"}[d.verdict]
-        out.append({
-            "method": method, "reference_method": ref_method, "task": task, "metric": key,
-            "reference": ref_name, "other": other_name,
-            "reference_value": float(theirs[key]), "other_value": float(mine[key]),
-            **dataclasses.asdict(d), "verdict": d.verdict,
-            "text": ((f"{method} {task} {key}: " if method == ref_method else
-                      f"{method} vs {ref_method} {task} {key}: ")
-                     + f"{other_name} {float(mine[key]):.3f} is {word} "
-                     f"{ref_name} {float(theirs[key]):.3f} ({d.describe()})")})
+        out.append(_compared(ref_name, other_name, ref_method, method, task, key,
+                             theirs, mine))
+        # Per group of test users, when either run names groups for the task (the
+        # headline metric only).
+        if key != TASK_KEYS[task][0]:
+          continue
+        task_ids = (groups or {}).get(task) if groups is not None else (
+            task_groups(oth, task) or task_groups(ref, task))
+        for group, ids in (task_ids or {}).items():
+          sub_mine, sub_theirs = restrict(mine, ids, key), restrict(theirs, ids, key)
+          if sub_mine is not None and sub_theirs is not None:
+            out.append(_compared(ref_name, other_name, ref_method, method, task, key,
+                                 sub_theirs, sub_mine, group=group))
   return out
+
+
+def _compared(ref_name: str, other_name: str, ref_method: str, method: str, task: str,
+              key: str, theirs: Mapping[str, Any], mine: Mapping[str, Any], *,
+              group: str | None = None) -> dict[str, Any]:
+  """One comparison of `compare_runs` (`other - reference`) with its line of text."""
+  d = difference(mine, theirs, key)
+  word = {"ahead": "ahead of", "behind": "BEHIND", "tie": "tied with"}[d.verdict]
+  where = f" [{group}]" if group else ""
+  return {
+      "method": method, "reference_method": ref_method, "task": task, "metric": key,
+      "group": group, "reference": ref_name, "other": other_name,
+      "reference_value": float(theirs[key]), "other_value": float(mine[key]),
+      **dataclasses.asdict(d), "verdict": d.verdict,
+      "text": ((f"{method} {task} {key}{where}: " if method == ref_method else
+                f"{method} vs {ref_method} {task} {key}{where}: ")
+               + f"{other_name} {float(mine[key]):.3f} is {word} "
+               f"{ref_name} {float(theirs[key]):.3f} ({d.describe()})")}
 
 
 # (method row, task, metric, the rows it is compared with): the comparisons every User-LLM
@@ -209,3 +237,67 @@ def verdicts(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[str
       lines.append(f"{task} {key}: {row} {float(mine[key]):.3f} is {word} {other} "
                    f"{float(theirs[key]):.3f} ({diff.describe()})")
   return lines
+
+
+def restrict(metrics: Mapping[str, Any], ids: Sequence[int], key: str) -> dict[str, Any] | None:
+  """A metric dict of `key` over the examples of `ids` that `metrics` kept per-example
+  values for (None without per-example values or with none of the ids)."""
+  values = example_values(metrics, key)
+  if values is None:
+    return None
+  kept = [int(i) for i in ids if int(i) in values]
+  if not kept:
+    return None
+  v = np.asarray([values[i] for i in kept], np.float64)
+  se = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else math.nan
+  return {key: float(v.mean()), f"{key}_stderr": se, "num_examples": len(kept),
+          PER_EXAMPLE: per_example(kept, {key: v})}
+
+
+def task_groups(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                task: str) -> dict[str, list[int]]:
+  """The `GROUPS` some row of `task` names ({} when none does)."""
+  for by_task in metrics.values():
+    groups = by_task.get(task, {}).get(GROUPS)
+    if groups:
+      return {g: [int(i) for i in ids] for g, ids in groups.items()}
+  return {}
+
+
+def group_breakdown(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]]
+                    ) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+  """{task: {method: {group: {mean, stderr, n}}}} for every task whose rows name groups.
+
+  Each row with per-example values of the task's headline metric (`TASK_KEYS`) is averaged
+  over each group's ids."""
+  out: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+  for task, keys in TASK_KEYS.items():
+    groups = task_groups(metrics, task)
+    if not groups:
+      continue
+    key = keys[0]
+    for method, by_task in metrics.items():
+      if task not in by_task:
+        continue
+      row = {}
+      for group, ids in groups.items():
+        sub = restrict(by_task[task], ids, key)
+        if sub is not None:
+          row[group] = {"mean": sub[key], "stderr": sub[f"{key}_stderr"],
+                        "n": sub["num_examples"]}
+      if row:
+        out.setdefault(task, {})[method] = row
+  return out
+
+
+def breakdown_text(breakdown: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]]
+                   ) -> str:
+  """The `group_breakdown` as lines: one per (task, method), 'group mean +- se (n)'."""
+  lines = []
+  for task, rows in breakdown.items():
+    lines.append(f"{task} {TASK_KEYS[task][0]} by group of test users:")
+    for method, row in rows.items():
+      cells = ", ".join(f"{g} {c['mean']:.3f} +- {c['stderr']:.3f} (n = {c['n']})"
+                        for g, c in row.items())
+      lines.append(f"  {method}: {cells}")
+  return "\n".join(lines)

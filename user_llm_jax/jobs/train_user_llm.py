@@ -389,6 +389,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if summary["verdicts"]:
     text += "\nverdicts (a difference under two standard errors is a tie):\n" + "\n".join(
         f"  {v}" for v in summary["verdicts"])
+  # Each row by group of test users where a row names groups (reviews: where the answer
+  # lies, `floors.review_groups`).
+  summary["groups"] = paired.group_breakdown(metrics)
+  if summary["groups"]:
+    text += "\n" + paired.breakdown_text(summary["groups"])
   if align is not None:
     text = f"{text}\n{align_text(align)}"
   if history:
