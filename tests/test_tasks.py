@@ -330,18 +330,21 @@ def test_rating_prior_review_floor(vocab, tok):
   assert m["rougeLsum"] == pytest.approx((1.0 + 0.5 + 1.0) / 3)   # F1 of 1/1 vs 1/3 is 0.5
 
 
+def review_record(seed, ratings, summaries):
+  """A record with these rating tokens and review summaries (one per event)."""
+  r = make_record(len(ratings), seed=seed)
+  r[schema.RATINGS] = np.asarray(ratings, np.int32)
+  r[schema.REVIEW_SUMMARIES] = np.array([s.encode() for s in summaries], dtype=object)
+  return r
+
+
 def test_past_answer_review_reads_the_users_own_earlier_answers(vocab, tok):
   """The reference answers with the user's commonest earlier answer of the same rating
   within the window (ties: most recent), else with the rating prior's answer."""
   from user_llm_jax.data import prepared  # pylint: disable=g-import-not-at-top
   from user_llm_jax.eval import floors  # pylint: disable=g-import-not-at-top
 
-  def rec(seed, ratings, summaries):
-    r = make_record(len(ratings), seed=seed)
-    r[schema.RATINGS] = np.asarray(ratings, np.int32)
-    r[schema.REVIEW_SUMMARIES] = np.array([s.encode() for s in summaries], dtype=object)
-    return r
-
+  rec = review_record
   train = [rec(0, [6, 6], ["", "Five Stars"]), rec(1, [6, 6], ["", "Five Stars"])]
   test = [
       # two earlier "Love it" of rating 5 beat one "Nice" and the other rating's "Bad"
@@ -371,12 +374,7 @@ def test_review_groups_split_users_by_where_their_answer_lies(vocab, tok):
   from user_llm_jax.data import prepared  # pylint: disable=g-import-not-at-top
   from user_llm_jax.eval import floors  # pylint: disable=g-import-not-at-top
 
-  def rec(seed, ratings, summaries):
-    r = make_record(len(ratings), seed=seed)
-    r[schema.RATINGS] = np.asarray(ratings, np.int32)
-    r[schema.REVIEW_SUMMARIES] = np.array([s.encode() for s in summaries], dtype=object)
-    return r
-
+  rec = review_record
   train = [rec(0, [6, 6], ["", "Five Stars"]), rec(1, [6, 6], ["", "Five Stars"])]
   test = [
       rec(2, [6, 6, 6], ["five  stars", "Nice", "Five Stars"]),      # the prior's, repeated
