@@ -1,6 +1,7 @@
-"""The review task end to end on Amazon-format files: the User-LLM job trains with the
-categories' words and an alignment stage that writes them out, and its report breaks every
-review row down by where the test users' answers lie (`floors.review_groups`)."""
+"""The review task end to end on Amazon-format files: the User-LLM job trains on every
+review of its users (`tasks.train_targets='all'`) with the categories' words and an
+alignment stage that writes them out, and its report breaks every review row down by where
+the test users' answers lie (`floors.review_groups`)."""
 
 import gzip
 import json
@@ -34,7 +35,7 @@ def test_review_run_aligns_on_category_words_and_reports_answer_groups(tmp_path)
   write_gift_cards(raw)
   config = user_llm_amazon.get_config("smoke")
   config.data.update(manual_dir=str(raw), data_dir=str(tmp_path / "data"), window=6)
-  config.tasks.max_prompt_tokens = 200
+  config.tasks.update(max_prompt_tokens=200, train_targets="all")
   config.align.update(steps=2, content="categories", trainable=("projection",
                                                                 "cross_attention"))
   config.train.update(num_steps=2, checkpoint_every=2, log_every=1)

@@ -387,3 +387,54 @@ def test_review_groups_split_users_by_where_their_answer_lies(vocab, tok):
   data = prepared.Splits("mem", train, test, None, vocab, {})
   groups = floors.review_groups(data, transform(vocab, tok), range(len(test)), window=8)
   assert groups == {floors.REPEAT_PRIOR: [0], floors.REPEAT_OWN: [1], floors.NEW_TEXT: [2, 3, 5]}
+
+
+def test_all_train_targets_make_every_event_a_next_item_and_review_target(vocab, tok):
+  """`tasks.train_targets='all'`: each event with a history is a target of the per-event
+  tasks once per pass, the record cut to end there; the favorite category keeps its one
+  example per record; 'last' is one example per record and task."""
+  records = [review_record(0, [6, 5, 6, 4], ["a", "b", "c", "d"]),
+             review_record(1, [6], ["solo"]),                 # no history: its last only
+             review_record(2, [2, 6, 6], ["x", "y", "z"])]
+  tasks = (prompts.NEXT_ITEM, prompts.FAVORITE_CATEGORY, prompts.REVIEW)
+  last = ex.TaskSource(records, tasks)
+  assert len(last) == 9 and [last[i][ex.TASK] for i in range(3)] == list(tasks)
+  source = ex.TaskSource(records, tasks, targets="all")
+  # next item and review: 3 + 1 + 2 ends each; favorite category: one per record.
+  assert len(source) == 2 * (3 + 1 + 2) + 3
+  tr = transform(vocab, tok)
+  reviews, items = [], []
+  for i in range(len(source)):
+    element = source[i]
+    n = len(element[schema.ITEM_IDS])
+    assert len(element[schema.REVIEW_SUMMARIES]) == len(element[schema.CATEGORY_LENGTHS]) == n
+    assert len(element[schema.CATEGORY_IDS]) == int(element[schema.CATEGORY_LENGTHS].sum())
+    if element[ex.TASK] == prompts.FAVORITE_CATEGORY:
+      assert n == len(records[int(element[schema.USER_ID][1:])][schema.ITEM_IDS])
+    elif element[ex.TASK] == prompts.REVIEW:
+      reviews.append(tr.answer_text(element, prompts.REVIEW))
+    else:
+      items.append(int(element[schema.ITEM_IDS][-1]))
+      user = records[int(element[schema.USER_ID][1:])]
+      # The cut record is a prefix of the user's events.
+      np.testing.assert_array_equal(element[schema.ITEM_IDS], user[schema.ITEM_IDS][:n])
+      np.testing.assert_array_equal(element[schema.RATINGS], user[schema.RATINGS][:n])
+  assert sorted(reviews) == sorted(["b", "c", "d", "solo", "y", "z"])
+  assert sorted(items) == sorted([int(r[schema.ITEM_IDS][e]) for r in records
+                                  for e in range(1 if len(r[schema.ITEM_IDS]) > 1 else 0,
+                                                 len(r[schema.ITEM_IDS]))])
+  with pytest.raises(ValueError, match=r"tasks\.train_targets='every'"):
+    ex.TaskSource(records, tasks, targets="every")
+
+
+def test_a_bad_train_targets_key_is_named():
+  from experiments.configs import user_llm_movielens  # pylint: disable=g-import-not-at-top
+  from user_llm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from user_llm_jax.tasks import runner  # pylint: disable=g-import-not-at-top
+  config = user_llm_movielens.get_config("smoke")
+  assert runner.train_targets(config) == "last"
+  config.tasks.train_targets = "every"
+  with pytest.raises(config_lib.ConfigError, match=r"'tasks\.train_targets' is 'every'"):
+    runner.example_config(config)
+  del config.tasks["train_targets"]   # a run saved before the key existed
+  assert runner.train_targets(config) == "last"

@@ -233,6 +233,7 @@ OMITTED_AT: dict[str, tuple[Any, ...]] = {
     "data.text_categories": (0,),
     "data.train_through_validation": (False,),
     "align.content": ("titles",),
+    "tasks.train_targets": ("last",),
     **{f"{section}.{key}": values for key, values in _BRIDGE_ADDED.items()
        for section in ("bridge", "architecture.bridge")},
     **{f"{section}.{key}": values for key, values in _ENCODER_ADDED.items()

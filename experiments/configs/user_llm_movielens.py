@@ -101,6 +101,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.tasks.max_answer_tokens = 24
   config.tasks.review_field = "summary"
   config.tasks.next_item_titles = True  # False: next item by the item head alone
+  # 'all': every event of a training record is a next-item / review target once per pass
+  # (the favorite category keeps one example per record); 'last': each record's last.
+  config.tasks.train_targets = "last"
 
   # The text-prompt baseline (job=text_baseline): same LLM, history as text.
   config.baseline = ml_collections.ConfigDict()

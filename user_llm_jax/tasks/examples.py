@@ -28,6 +28,7 @@ import numpy as np
 
 from user_llm_jax.data import schema
 from user_llm_jax.data import transforms as transforms_lib
+from user_llm_jax.data import windows as windows_lib
 from user_llm_jax.llm.tokenizer import Tokenizer
 from user_llm_jax.tasks import prompts
 
@@ -93,23 +94,70 @@ class ExampleConfig:
     return prompts.PromptSpec(dataset=self.dataset)
 
 
+# Training targets of a record (`tasks.train_targets`).
+TRAIN_TARGETS = ("last", "all")
+# The tasks whose answer is the target event itself (its item, its review), so that any
+# event of a training record can be one; the favorite category's label counts the whole
+# record's history at preparation time and is defined at its last event only.
+PER_EVENT_TASKS = (prompts.NEXT_ITEM, prompts.REVIEW)
+
+
 class TaskSource(Sequence):
-  """Random-access (record, task) pairs: element i is record i // n with task i % n."""
+  """Random-access (record, task) training pairs.
+
+  With `targets='last'` element i is record i // n with task i % n (n tasks): each record
+  teaches its last event, as it is evaluated. With `targets='all'` every event of a record
+  that has at least one event before it is a target of the per-event tasks
+  (`PER_EVENT_TASKS`: next item, review) once per pass, the record cut to end there (the
+  events before it are the history, `CropAndPad` keeps the last window of them); the
+  favorite category keeps its one example per record. A short-history dataset (Amazon
+  5-core: about 4.5 training events per user) then trains on every review its users
+  wrote instead of one per user. The enumeration is deterministic; the pipeline shuffles.
+
+  Args:
+    records: the training split (random access).
+    tasks: the task names.
+    indices: the records to use (default: all).
+    targets: 'last' or 'all'.
+  """
 
   def __init__(self, records: Sequence[Any], tasks: Sequence[str],
-               indices: Sequence[int] | None = None):
+               indices: Sequence[int] | None = None, *, targets: str = "last"):
+    if targets not in TRAIN_TARGETS:
+      raise ValueError(f"tasks.train_targets={targets!r}: must be one of {TRAIN_TARGETS}")
     self.records = records
     self.tasks = tuple(tasks)
     self.indices = list(range(len(records))) if indices is None else list(indices)
+    self.targets = targets
+    self._pairs = None
+    if targets == "all":
+      # (record, task, end): the record's events [:end], the last of them the target.
+      pairs = []
+      for r in self.indices:
+        n = int(np.asarray(records[r][schema.ITEM_IDS]).size)
+        for task in self.tasks:
+          ends = range(2, n + 1) if task in PER_EVENT_TASKS and n >= 2 else (n,)
+          pairs.extend((r, task, end) for end in ends)
+      self._pairs = pairs
 
   def __len__(self) -> int:
+    if self._pairs is not None:
+      return len(self._pairs)
     return len(self.indices) * len(self.tasks)
 
   def __getitem__(self, i: int) -> dict[str, Any]:
     if not 0 <= i < len(self):
       raise IndexError(f"TaskSource index {i} out of range [0, {len(self)})")
-    record = dict(self.records[self.indices[i // len(self.tasks)]])
-    record[TASK] = self.tasks[i % len(self.tasks)]
+    if self._pairs is None:
+      record = dict(self.records[self.indices[i // len(self.tasks)]])
+      record[TASK] = self.tasks[i % len(self.tasks)]
+      return record
+    r, task, end = self._pairs[i]
+    record = dict(self.records[r])
+    n = int(np.asarray(record[schema.ITEM_IDS]).size)
+    if end < n:
+      record = windows_lib.slice_events(record, 0, end)
+    record[TASK] = task
     return record
 
 

@@ -27,6 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from user_llm_jax import config as config_lib
 from user_llm_jax.data import pipeline as pipeline_lib
 from user_llm_jax.data import prepared
 from user_llm_jax.data import schema
@@ -53,6 +54,7 @@ def example_config(config: ml_collections.ConfigDict, *, history_tokens: int = 0
   method with its own answer format or task subset, e.g. the text prompt decoding whole
   titles).
   """
+  train_targets(config)  # a bad value fails here, before any data is read
   t = config.tasks
   return ex_lib.ExampleConfig(
       tasks=tuple(tasks or t.names), window=config.data.window,
@@ -68,11 +70,24 @@ def example_config(config: ml_collections.ConfigDict, *, history_tokens: int = 0
 def train_iterator(data: TaskData, transform: ex_lib.TaskExample,
                    config: ml_collections.ConfigDict, batch_size: int):
   """Endless shuffled task examples (`batch_size` is global; each process reads its share)."""
-  source = ex_lib.TaskSource(data.train, transform.cfg.tasks)
+  source = ex_lib.TaskSource(data.train, transform.cfg.tasks, targets=train_targets(config))
   return iter(pipeline_lib.make_pipeline(
       source, batch_size=batch_size // jax.process_count(), seed=config.seed,
       shuffle=True, num_epochs=None, transforms=[transform],
       worker_count=config.data.worker_count))
+
+
+def train_targets(config: ml_collections.ConfigDict) -> str:
+  """The `tasks.train_targets` key ('last' when absent, as in runs saved before it).
+
+  Raises:
+    ConfigError: a value other than `examples.TRAIN_TARGETS`.
+  """
+  value = config.tasks.get("train_targets", "last")
+  if value not in ex_lib.TRAIN_TARGETS:
+    raise config_lib.ConfigError(f"config key 'tasks.train_targets' is {value!r}; expected "
+                                 f"one of {ex_lib.TRAIN_TARGETS}")
+  return value
 
 
 def eval_indices(num_records: int, num: int, seed: int) -> list[int]:
