@@ -130,6 +130,12 @@ def _review_answers_by_rating(data: runner.TaskData, transform: ex_lib.TaskExamp
   return by_rating
 
 
+def _window_events(n: int, window: int) -> range:
+  """The event indices of the last `window` history events of an `n`-event record (its
+  last event is the target)."""
+  return range(max(0, n - 1 - window), n - 1)
+
+
 def _commonest(counts: Mapping[str, int]) -> str:
   return min(counts, key=lambda a: (-counts[a], a))  # ties: alphabetical
 
@@ -202,10 +208,9 @@ def past_answer_review(data: runner.TaskData, transform: ex_lib.TaskExample,
   def answer(record: dict[str, Any], rating: int) -> str:
     texts = transform.review_answers(record)
     ratings = np.asarray(record[schema.RATINGS]).reshape(-1)
-    n = ratings.size
     counts: collections.Counter = collections.Counter()
     last_seen: dict[str, int] = {}
-    for e in range(max(0, n - 1 - window), n - 1 if texts else 0):
+    for e in (_window_events(ratings.size, window) if texts else ()):
       if texts[e] and int(ratings[e]) == rating:
         counts[texts[e]] += 1
         last_seen[texts[e]] = e
@@ -345,8 +350,8 @@ def review_groups(data: runner.TaskData, transform: ex_lib.TaskExample,
     if answer is None:
       continue
     texts = transform.review_answers(record)
-    n = len(texts)
-    past = {text_categories.normalise(t) for t in texts[max(0, n - 1 - window):n - 1] if t}
+    past = {text_categories.normalise(texts[e]) for e in _window_events(len(texts), window)
+            if texts[e]}
     key = text_categories.normalise(answer)
     rating = int(np.asarray(record[schema.RATINGS]).reshape(-1)[-1])
     if key not in past:

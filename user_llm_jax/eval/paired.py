@@ -166,7 +166,7 @@ def compare_runs(reference: tuple[str, Mapping[str, Mapping[str, Mapping[str, An
         # headline metric only).
         if key != TASK_KEYS[task][0]:
           continue
-        task_ids = (groups or {}).get(task) if groups is not None else (
+        task_ids = groups.get(task) if groups is not None else (
             task_groups(oth, task) or task_groups(ref, task))
         for group, ids in (task_ids or {}).items():
           sub_mine, sub_theirs = restrict(mine, ids, key), restrict(theirs, ids, key)

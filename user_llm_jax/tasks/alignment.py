@@ -176,11 +176,11 @@ class AlignExample(grain.transforms.Map):
   def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
     out = transforms_lib.CropAndPad(self.cfg.window, self.cfg.max_categories).map(element)
     recent = recent_categories if self.align.content == "categories" else recent_titles
-    titles = recent(out, self.vocab, self.align.events)
+    entries = recent(out, self.vocab, self.align.events)
     prompt = self.prompt()
     answer = []
-    if titles:
-      answer = self.tokenizer.encode(answer_text(titles))[:self.align.max_answer_tokens]
+    if entries:
+      answer = self.tokenizer.encode(answer_text(entries))[:self.align.max_answer_tokens]
       answer.append(prompts.end_token(self.tokenizer))
     seq = prompt + answer
     length = self.text_length
@@ -195,7 +195,7 @@ class AlignExample(grain.transforms.Map):
     out[ex_lib.TASK_ID] = np.int32(ALIGN_TASK_ID)
     out[ex_lib.TARGET_ITEM] = np.int32(np.asarray(element[schema.ITEM_IDS]).reshape(-1)[-1])
     out[ex_lib.LABEL] = np.int32(element.get(schema.FAVORITE_CATEGORY, schema.PAD_ID))
-    out[ex_lib.HAS_ANSWER] = np.bool_(bool(titles))
+    out[ex_lib.HAS_ANSWER] = np.bool_(bool(entries))
     return out
 
 

@@ -128,16 +128,17 @@ class TaskSource(Sequence):
     self.records = records
     self.tasks = tuple(tasks)
     self.indices = list(range(len(records))) if indices is None else list(indices)
-    self.targets = targets
     self._pairs = None
     if targets == "all":
-      # (record, task, end): the record's events [:end], the last of them the target.
+      # (record, task, end): the record's events [:end], the last of them the target;
+      # end None for the whole record.
       pairs = []
       for r in self.indices:
         n = int(np.asarray(records[r][schema.ITEM_IDS]).size)
         for task in self.tasks:
-          ends = range(2, n + 1) if task in PER_EVENT_TASKS and n >= 2 else (n,)
+          ends = range(2, n) if task in PER_EVENT_TASKS else ()
           pairs.extend((r, task, end) for end in ends)
+          pairs.append((r, task, None))
       self._pairs = pairs
 
   def __len__(self) -> int:
@@ -154,8 +155,7 @@ class TaskSource(Sequence):
       return record
     r, task, end = self._pairs[i]
     record = dict(self.records[r])
-    n = int(np.asarray(record[schema.ITEM_IDS]).size)
-    if end < n:
+    if end is not None:
       record = windows_lib.slice_events(record, 0, end)
     record[TASK] = task
     return record
