@@ -197,3 +197,46 @@ def test_user_llm_movielens_fav_only_variant_is_the_cpu_budget_on_one_task():
   for key in ("train", "data", "encoder", "llm"):
     assert fav[key].to_dict() == cpu[key].to_dict(), key
   assert fav.bridge.xattn_first == cpu.bridge.xattn_first == 15
+
+
+def test_random_encoder_takes_the_named_pretraining_runs_architecture(tmp_path):
+  """`encoder.init=random` with `encoder.workdir`: the pretraining run's architecture with
+  fresh weights (the like-for-like ablation); without a workdir, `encoder.model`'s."""
+  import types  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from experiments.configs import user_llm_movielens  # pylint: disable=import-outside-toplevel
+  from user_llm_jax import models  # pylint: disable=import-outside-toplevel
+  from user_llm_jax import runs  # pylint: disable=import-outside-toplevel
+  from user_llm_jax.data import schema  # pylint: disable=import-outside-toplevel
+  from user_llm_jax.jobs import train_user_llm  # pylint: disable=import-outside-toplevel
+  vocab = schema.Vocabulary(
+      dataset="movielens", items=tuple(schema.ItemInfo(str(i), f"t{i}", ()) for i in range(40)),
+      ratings=tuple(range(12)), categories=tuple(f"c{i}" for i in range(8)))
+  data = types.SimpleNamespace(vocab=vocab)
+  config = user_llm_movielens.get_config("smoke")
+  own = models.encoder_config_from(config.encoder.model, vocab, window=config.data.window,
+                                   max_categories=config.data.max_categories)
+  # A pretraining run whose architecture differs from `encoder.model` (depth and width).
+  pretrained_model = dict(config.encoder.model.to_dict(), num_layers=own.num_layers + 1,
+                          width=2 * own.width, feature_dim=2 * own.width)
+  arch = models.encoder_config_from(pretrained_model, vocab, window=config.data.window,
+                                    max_categories=config.data.max_categories)
+  runs.save_run(str(tmp_path / "enc"), "pretrain_encoder", config,
+                models.architecture(encoder=arch))
+  encoder, copy = train_user_llm.user_encoder(config, data)
+  assert encoder.cfg == own and copy is None
+  config.encoder.workdir = str(tmp_path / "enc")
+  encoder, copy = train_user_llm.user_encoder(config, data)
+  assert encoder.cfg == arch and copy is None   # No checkpoint was read: none exists.
+  # Fresh weights from the seed: another seed draws others.
+  config.seed = 1
+  other, _ = train_user_llm.user_encoder(config, data)
+  first = jax.tree.leaves(nnx.state(encoder, nnx.Param))
+  second = jax.tree.leaves(nnx.state(other, nnx.Param))
+  assert any(not np.array_equal(a, b) for a, b in zip(first, second))
+  # The architecture must still fit the data.
+  config.data.window = arch.max_len + 1
+  with pytest.raises(config_lib.ConfigError, match="data.window=.*exceeds"):
+    train_user_llm.user_encoder(config, data)

@@ -25,10 +25,9 @@ Llama-3.2-1B in bfloat16 (`llm.preset` selects llama_3_2_3b or smollm2_1_7b), ba
 20k steps, mesh over all chips; `python -m experiments.compile_check
 --config=experiments/configs/user_llm_movielens.py:tpu --topology=v5e-8` checks that it fits).
 Ablations are overrides: --config.bridge.mode=soft_prompt, --config.bridge.use_perceiver=True,
---config.strategy=full|lora|enc|proj, --config.encoder.init=random (the architecture is then
-`encoder.model`: give it the pretraining run's, e.g. for `:paper_small` --config.encoder.model.
-num_layers=2 .width=64 .num_heads=2 .mlp_dim=256 .feature_dim=64 .dropout=0.2
-.input_norm=True); an alignment stage
+--config.strategy=full|lora|enc|proj, --config.encoder.init=random (fresh weights in the
+architecture of the pretraining run `encoder.workdir` names; with no workdir, in the one
+`encoder.model` gives); an alignment stage
 before the tasks: --config.align.steps=100 (--config.align.trainable, .events, ...).
 """
 
@@ -49,9 +48,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.encoder = ml_collections.ConfigDict()
   config.encoder.init = "pretrained"   # pretrained | random (ablation)
-  config.encoder.workdir = ""          # encoder pretraining workdir (init=pretrained)
-  # The encoder architecture: used when init=random (and by a pipeline's pretraining
-  # stage); with init=pretrained the pretraining run's saved architecture is used.
+  # The encoder pretraining workdir: its weights and architecture (init=pretrained), or
+  # its architecture alone with fresh weights (init=random: the like-for-like ablation).
+  config.encoder.workdir = ""
+  # The encoder architecture: used when init=random with no workdir (and by a pipeline's
+  # pretraining stage); otherwise the pretraining run's saved architecture is used.
   config.encoder.model = common.encoder_model_section("paper")
 
   config.llm = ml_collections.ConfigDict()

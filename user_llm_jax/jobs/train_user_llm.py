@@ -68,22 +68,26 @@ def user_encoder(config: ml_collections.ConfigDict, data: runner.TaskData,
   """The encoder User-LLM starts from, and a copy of it when pretrained (else None).
 
   `encoder.init=pretrained`: the architecture and weights of the pretraining run in
-  `encoder.workdir` (its `run.json` and checkpoint); `random`: `encoder.model`.
+  `encoder.workdir` (its `run.json` and checkpoint). `random`: fresh weights (from
+  `seed`) in the architecture of the pretraining run in `encoder.workdir` when one is
+  named, so that the random-encoder ablation differs from its pretrained run in the
+  weights alone; else in the architecture `encoder.model` gives.
   """
   init = config.encoder.init
-  if init == "random":
+  if init not in ("pretrained", "random"):
+    raise config_lib.ConfigError(
+        f"config key 'encoder.init' is {init!r}; expected 'pretrained' or 'random'")
+  if init == "random" and not config.encoder.workdir:
     cfg = models.encoder_config_from(config.encoder.model, data.vocab,
                                      window=config.data.window,
                                      max_categories=config.data.max_categories)
     return models.build_encoder(cfg, config.seed), None
-  if init != "pretrained":
-    raise config_lib.ConfigError(
-        f"config key 'encoder.init' is {init!r}; expected 'pretrained' or 'random'")
   if not config.encoder.workdir:
     raise config_lib.ConfigError("config key 'encoder.workdir' is empty; with "
                                  f"encoder.init=pretrained it names the pretraining run ({ENCODER_HINT})")
   run = runs.load_run(config.encoder.workdir, job=("pretrain_encoder",),
-                      what="pretrained user encoder", make=ENCODER_HINT)
+                      what="pretrained user encoder", make=ENCODER_HINT,
+                      checkpoint=init == "pretrained")
   cfg = models.encoder_config_from_architecture(run.architecture)
   vocab = data.vocab
   if (cfg.num_items, cfg.num_categories) != (vocab.num_items, vocab.num_categories):
@@ -96,6 +100,8 @@ def user_encoder(config: ml_collections.ConfigDict, data: runner.TaskData,
     raise config_lib.ConfigError(f"data.window={config.data.window} exceeds the pretrained "
                                  f"encoder's max_len {cfg.max_len}")
   encoder = models.build_encoder(cfg, config.seed)
+  if init == "random":
+    return encoder, None
   checkpointing.restore_params(encoder, run.checkpoints)
   return encoder, nnx.clone(encoder)
 
