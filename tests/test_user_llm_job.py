@@ -149,6 +149,7 @@ def test_resume_refuses_a_changed_learning_rate(finished_run, tmp_path, data_dir
 
 def test_item_head_ranks_the_catalogue_and_trains(tmp_path, data_dirs):
   config = smoke_config(**data_dirs, **{"bridge.item_head": True,
+                                        "bridge.item_head_skip": True,
                                         "tasks.next_item_titles": False})
   summary = train_user_llm.run(config, str(tmp_path))
   head = summary["metrics"]["user_llm_item_head"]["next_item"]
@@ -161,6 +162,12 @@ def test_item_head_ranks_the_catalogue_and_trains(tmp_path, data_dirs):
   assert "next_item" not in summary["metrics"]["user_llm"]
   assert all(h["item_examples"] > 0 for h in summary["history"])
   assert "user_llm_item_head_shuffled" in summary["metrics"]
+  # The skip alone (the trained encoder's own head), on the same users, paired with the head.
+  skip = summary["metrics"]["user_llm_encoder_head"]["next_item"]
+  assert skip["num_examples"] == 6 and "skip without the LLM's part" in skip["procedure"]
+  assert set(skip["per_example"]) == set(head["per_example"])
+  assert any(v.startswith("next_item recall@10: user_llm_item_head ")
+             and " user_llm_encoder_head " in v for v in summary["verdicts"])
 
 
 def test_soft_prompt_perceiver_lora_with_random_encoder(tmp_path, data_dirs):

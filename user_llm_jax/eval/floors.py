@@ -66,6 +66,19 @@ def with_recall_stderr(metrics: Mapping[str, Any]) -> dict[str, Any]:
   return out
 
 
+def encoder_next_item(encoder: UserEncoder, data: runner.TaskData,
+                      config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Full-catalogue Recall@K / NDCG@10 of an encoder's own next-item head (SASRec-style) on
+  the seeded test sample, each record cropped to the window the encoder reads."""
+  indices = runner.eval_indices(len(data.test), config.eval.num_examples, config.seed)
+  records = [data.test[i] for i in indices]
+  batches = pipeline_lib.make_eval_pipeline(records, batch_size=64,
+                                            transforms=[prepared.crop(config.data)])
+  metrics = retrieval.evaluate_next_item(encoder, batches, ks=tuple(config.eval.ks),
+                                         ids=indices)
+  return dict(with_recall_stderr(metrics), procedure=ranking_procedure(data.vocab))
+
+
 def non_llm_baselines(encoder: UserEncoder | None, data: runner.TaskData,
                       config: ml_collections.ConfigDict,
                       transform: ex_lib.TaskExample | None = None,
@@ -83,18 +96,15 @@ def non_llm_baselines(encoder: UserEncoder | None, data: runner.TaskData,
   records = [data.test[i] for i in indices]
   out: dict[str, dict[str, dict[str, Any]]] = {}
   if prompts.NEXT_ITEM in names:
-    crop = [prepared.crop(config.data)]
-    batches = lambda: pipeline_lib.make_eval_pipeline(records, batch_size=64, transforms=crop)
-    ks = tuple(config.eval.ks)
-    procedure = ranking_procedure(data.vocab)
     if encoder is not None:
-      out["sasrec"] = {prompts.NEXT_ITEM: dict(with_recall_stderr(
-          retrieval.evaluate_next_item(encoder, batches(), ks=ks, ids=indices)),
-          procedure=procedure)}
+      out["sasrec"] = {prompts.NEXT_ITEM: encoder_next_item(encoder, data, config)}
     counts = popularity.fit_item_counts(data.train, data.vocab.num_items)
+    batches = pipeline_lib.make_eval_pipeline(records, batch_size=64,
+                                              transforms=[prepared.crop(config.data)])
     out["popularity"] = {prompts.NEXT_ITEM: dict(with_recall_stderr(
-        popularity.evaluate_popularity(counts, batches(), ks=ks, ids=indices)),
-        procedure=procedure)}
+        popularity.evaluate_popularity(counts, batches, ks=tuple(config.eval.ks),
+                                       ids=indices)),
+        procedure=ranking_procedure(data.vocab))}
   if prompts.FAVORITE_CATEGORY in names:
     out["majority"] = {prompts.FAVORITE_CATEGORY: majority_category(
         data.train, records, data.vocab, ids=indices)}

@@ -208,7 +208,10 @@ COMPARISONS = (
     ("user_llm", "next_item", "recall@10",
      ("popularity", "sasrec", "text_prompt", "user_llm_shuffled")),
     ("user_llm_item_head", "next_item", "recall@10",
-     ("popularity", "sasrec", "text_prompt", "user_llm_item_head_shuffled")),
+     ("popularity", "sasrec", "text_prompt", "user_llm_item_head_shuffled",
+      "user_llm_encoder_head")),
+    # The item head's skip alone (the trained encoder's own head) against the pretrained one.
+    ("user_llm_encoder_head", "next_item", "recall@10", ("sasrec",)),
     ("user_llm", "review", "rougeLsum",
      ("rating_prior", "text_prompt", "user_llm_shuffled", "past_answer")),
 )

@@ -171,6 +171,14 @@ def evaluate_user_llm(model: UserLLM, tokenizer: Tokenizer, data: runner.TaskDat
   if model.item_head is not None and prompts.NEXT_ITEM in transform.cfg.tasks:
     out["user_llm_item_head"] = {prompts.NEXT_ITEM: item_head_metrics(
         model, data, transform, config)}
+    if model.cfg.item_head_skip:
+      # The skip alone: the trained encoder's own head without the LLM's part. Against the
+      # pretrained encoder's head (`sasrec`) it tells whether training moved the encoder's
+      # ranking; against the item head, what the LLM's part adds.
+      head = floors.encoder_next_item(model.encoder, data, config)
+      head["procedure"] = ("the trained encoder's own head (the item head's skip without "
+                           "the LLM's part), " + head["procedure"])
+      out["user_llm_encoder_head"] = {prompts.NEXT_ITEM: head}
   if config.eval.shuffled_control:
     out["user_llm_shuffled"] = runner.evaluate_tasks(condition, data, transform, config,
                                                      shuffle_users=True, tasks=tasks)
