@@ -71,12 +71,16 @@ def encoder_next_item(encoder: UserEncoder, data: runner.TaskData,
   """Full-catalogue Recall@K / NDCG@10 of an encoder's own next-item head (SASRec-style) on
   the seeded test sample, each record cropped to the window the encoder reads."""
   indices = runner.eval_indices(len(data.test), config.eval.num_examples, config.seed)
-  records = [data.test[i] for i in indices]
-  batches = pipeline_lib.make_eval_pipeline(records, batch_size=64,
-                                            transforms=[prepared.crop(config.data)])
+  batches = _ranking_batches([data.test[i] for i in indices], config)
   metrics = retrieval.evaluate_next_item(encoder, batches, ks=tuple(config.eval.ks),
                                          ids=indices)
   return dict(with_recall_stderr(metrics), procedure=ranking_procedure(data.vocab))
+
+
+def _ranking_batches(records: Sequence[Mapping[str, Any]], config: ml_collections.ConfigDict):
+  """The full-catalogue rankers' batches of `records`, cropped to the encoder's window."""
+  return pipeline_lib.make_eval_pipeline(records, batch_size=64,
+                                         transforms=[prepared.crop(config.data)])
 
 
 def non_llm_baselines(encoder: UserEncoder | None, data: runner.TaskData,
@@ -99,11 +103,9 @@ def non_llm_baselines(encoder: UserEncoder | None, data: runner.TaskData,
     if encoder is not None:
       out["sasrec"] = {prompts.NEXT_ITEM: encoder_next_item(encoder, data, config)}
     counts = popularity.fit_item_counts(data.train, data.vocab.num_items)
-    batches = pipeline_lib.make_eval_pipeline(records, batch_size=64,
-                                              transforms=[prepared.crop(config.data)])
     out["popularity"] = {prompts.NEXT_ITEM: dict(with_recall_stderr(
-        popularity.evaluate_popularity(counts, batches, ks=tuple(config.eval.ks),
-                                       ids=indices)),
+        popularity.evaluate_popularity(counts, _ranking_batches(records, config),
+                                       ks=tuple(config.eval.ks), ids=indices)),
         procedure=ranking_procedure(data.vocab))}
   if prompts.FAVORITE_CATEGORY in names:
     out["majority"] = {prompts.FAVORITE_CATEGORY: majority_category(
