@@ -2,15 +2,19 @@
 its scores equal a brute-force computation, PAD and OOV are never ranked, and the reported
 Recall@K / NDCG@10 equal ranks computed by sorting the brute-force scores."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
+from user_llm_jax.bridge import strategies
 from user_llm_jax.bridge import user_llm as ullm
 from user_llm_jax.data import schema
 from user_llm_jax.encoder import ENCODER_TINY, UserEncoder
 from user_llm_jax.eval import retrieval
+from user_llm_jax.llm import lora
 from user_llm_jax.llm.config import LLM_TINY
 from user_llm_jax.llm.model import Decoder
 
@@ -193,3 +197,49 @@ def test_encoder_skip_adds_the_llm_part_and_trains_it(skip_model):
 def test_encoder_skip_needs_the_item_head():
   with pytest.raises(ValueError, match="item_head_skip=True needs item_head=True"):
     ullm.UserLlmConfig(item_head_skip=True)
+
+
+def test_frozen_skip_needs_the_skip():
+  with pytest.raises(ValueError, match="item_head_skip_frozen=True needs item_head_skip"):
+    ullm.UserLlmConfig(item_head=True, item_head_skip_frozen=True)
+
+
+@pytest.mark.parametrize("strategy", strategies.STRATEGIES)
+def test_frozen_skip_keeps_the_starting_encoders_ranking(strategy):
+  """The frozen skip reads the encoder as the model was built: no strategy trains its copy,
+  and a step that moves the trained encoder moves the item head by the LLM's part alone."""
+  with nnx.use_eager_sharding(False):
+    llm = Decoder(LLM_TINY.replace(num_layers=2), rngs=nnx.Rngs(0))
+    if strategy == "lora":
+      lora.apply_lora(llm, lora.LoraConfig(rank=2, targets=("q", "v")), rngs=nnx.Rngs(4))
+    m = ullm.UserLLM(ullm.UserLlmConfig(mode="cross_attention", xattn_every=1, item_head=True,
+                                        item_head_skip=True, item_head_skip_frozen=True),
+                     encoder=UserEncoder(ENCODER_TINY, rngs=nnx.Rngs(1)), llm=llm,
+                     rngs=nnx.Rngs(2))
+  for block in m.llm.cross_attention.values():  # the LLM loss reaches the encoder
+    block.attn_gate[...] = jnp.asarray(0.5)
+    block.mlp_gate[...] = jnp.asarray(0.5)
+  batch = make_batch()
+  start = np.asarray(m.encoder.next_item_logits(batch))
+  np.testing.assert_array_equal(np.asarray(m.next_item_logits(batch)), start)
+  trainable, total = strategies.check_strategy(m, strategy)
+  groups = strategies.param_groups(m)
+  assert groups["skip_encoder"] == groups["encoder"] > 0
+  assert trainable <= total - groups["skip_encoder"]
+  # One optimizer step on the loss (the item term included) under the strategy.
+  batch["loss_mask"] = np.ones((B, T), bool)
+  wrt = strategies.trainable_filter(strategy)
+  opt = nnx.Optimizer(m, optax.sgd(1.0), wrt=wrt)
+  grads = nnx.grad(lambda mod: mod.loss(batch)[0], argnums=nnx.DiffState(0, wrt))(m)
+  frozen_before = jax.tree.map(np.asarray, nnx.state(m.skip_encoder, nnx.Param))
+  opt.update(m, grads)
+  frozen_after = jax.tree.map(np.asarray, nnx.state(m.skip_encoder, nnx.Param))
+  jax.tree.map(np.testing.assert_array_equal, frozen_before, frozen_after)
+  np.testing.assert_array_equal(np.asarray(m.skip_encoder.next_item_logits(batch)), start)
+  # With the LLM's part set to 0 again, the head is exactly the starting encoder's ranking,
+  # whatever the step did to the trained encoder (Enc and Full move it: the check has teeth).
+  m.item_head.query.kernel[...] = jnp.zeros_like(m.item_head.query.kernel[...])
+  m.item_head.bias[...] = jnp.zeros_like(m.item_head.bias[...])
+  np.testing.assert_array_equal(np.asarray(m.next_item_logits(batch)), start)
+  if strategy in ("enc", "full", "lora"):
+    assert not np.array_equal(np.asarray(m.encoder.next_item_logits(batch)), start)

@@ -147,9 +147,11 @@ def test_resume_refuses_a_changed_learning_rate(finished_run, tmp_path, data_dir
     train_user_llm.run(smoke_config(**data_dirs, **{"train.learning_rate": 0.5}), str(run2))
 
 
-def test_item_head_ranks_the_catalogue_and_trains(tmp_path, data_dirs):
+@pytest.mark.parametrize("frozen", [False, True])
+def test_item_head_ranks_the_catalogue_and_trains(tmp_path, data_dirs, frozen):
   config = smoke_config(**data_dirs, **{"bridge.item_head": True,
                                         "bridge.item_head_skip": True,
+                                        "bridge.item_head_skip_frozen": frozen,
                                         "tasks.next_item_titles": False})
   summary = train_user_llm.run(config, str(tmp_path))
   head = summary["metrics"]["user_llm_item_head"]["next_item"]
@@ -164,7 +166,16 @@ def test_item_head_ranks_the_catalogue_and_trains(tmp_path, data_dirs):
   assert "user_llm_item_head_shuffled" in summary["metrics"]
   # The skip alone (the trained encoder's own head), on the same users, paired with the head.
   skip = summary["metrics"]["user_llm_encoder_head"]["next_item"]
-  assert skip["num_examples"] == 6 and "skip without the LLM's part" in skip["procedure"]
+  assert skip["num_examples"] == 6
+  groups = summary["param_groups"]
+  assert summary["trainable_params"] == groups["encoder"] + groups["bridge"]
+  if frozen:
+    # The frozen copy is saved with the model and trained by no strategy.
+    assert groups["skip_encoder"] == groups["encoder"]
+    assert "reads the frozen pretrained copy" in skip["procedure"]
+  else:
+    assert "skip_encoder" not in groups
+    assert "skip without the LLM's part" in skip["procedure"]
   assert set(skip["per_example"]) == set(head["per_example"])
   assert any(v.startswith("next_item recall@10: user_llm_item_head ")
              and " user_llm_encoder_head " in v for v in summary["verdicts"])

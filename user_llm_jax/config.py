@@ -224,7 +224,8 @@ _ENCODER_ADDED = {"input_norm": (None, False), "init_std": (None, 0.0, 0),
                   "repeat_bias": (None, False),
                   "loss_min_context": (None, 0), "norm_position": (None, "pre"),
                   "attention_dropout": (None, 0.0, 0)}
-_BRIDGE_ADDED = {"item_head_skip": (False,), "soft_prompt_norm": (False,),
+_BRIDGE_ADDED = {"item_head_skip": (False,), "item_head_skip_frozen": (False,),
+                 "soft_prompt_norm": (False,),
                  "pooled_context": (False,), "standardize_states": (False,),
                  "category_text": (False,), "category_text_tokens": (8,)}
 OMITTED_AT: dict[str, tuple[Any, ...]] = {

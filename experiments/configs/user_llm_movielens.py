@@ -82,6 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.bridge.item_head = False          # full-catalogue item scores from the LLM state
   config.bridge.item_head_dim = config_dict.placeholder(int)  # None: encoder feature_dim
   config.bridge.item_head_skip = False     # + the encoder's own head, the LLM's part from 0
+  config.bridge.item_head_skip_frozen = False  # the skip reads the encoder as it started
   config.bridge.item_loss_weight = 1.0
   config.bridge.soft_prompt_norm = True    # soft prompt at the scale of the token embeddings
   config.bridge.pooled_context = False     # + one embedding: the states' mean over the events

@@ -12,7 +12,8 @@ The filters address a `UserLLM` by path: `encoder/...`, `bridge/...` (projection
 Perceiver) and `llm/...` (the decoder). Cross-attention blocks live inside the decoder at
 `llm/cross_attention/...` but are new, randomly initialised bridge parameters, so they count
 as bridge and train under every strategy; so does the optional `item_head` (full-catalogue
-item scores from the LLM state).
+item scores from the LLM state). The frozen copy of the encoder that the item head's skip
+may read (`skip_encoder/...`, `UserLlmConfig.item_head_skip_frozen`) trains under none.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ ENCODER = PathPrefix(("encoder",))
 BRIDGE = nnx.Any(PathPrefix(("bridge",)), PathPrefix(("llm", "cross_attention")),
                  PathPrefix(("item_head",)))
 LLM = nnx.All(PathPrefix(("llm",)), nnx.Not(PathPrefix(("llm", "cross_attention"))))
+SKIP_ENCODER = PathPrefix(("skip_encoder",))
 
 
 # Adapter weights of `llm.lora` and Flax's own LoRA layers (`nnx.LoRA`) alike.
@@ -65,7 +67,7 @@ def trainable_filter(strategy: str) -> Filter:
   """
   name = strategy.lower()
   if name == "full":
-    return nnx.Param
+    return nnx.All(nnx.Param, nnx.Not(SKIP_ENCODER))
   if name == "lora":
     # LoRA factors only exist inside the LLM; any LoRA factor elsewhere still trains.
     return nnx.All(nnx.Param, nnx.Any(LORA, ENCODER, BRIDGE))
@@ -129,7 +131,9 @@ def trainable_and_total(model: nnx.Module, wrt: Filter | str) -> tuple[int, int]
 
 
 def param_groups(model: nnx.Module) -> dict[str, int]:
-  """Scalar parameter counts per group: encoder, bridge, llm (base) and llm_lora."""
+  """Scalar parameter counts per group: encoder, bridge, llm (base) and llm_lora, plus
+  skip_encoder (the item head's frozen encoder copy, trained by no strategy) when the
+  model has one."""
   lora = LORA
   groups = {
       "encoder": nnx.All(nnx.Param, ENCODER),
@@ -137,7 +141,9 @@ def param_groups(model: nnx.Module) -> dict[str, int]:
       "llm": nnx.All(nnx.Param, LLM, nnx.Not(lora)),
       "llm_lora": nnx.All(nnx.Param, LLM, lora),
   }
-  return {k: params_lib.count_params(model, f) for k, f in groups.items()}
+  counts = {k: params_lib.count_params(model, f) for k, f in groups.items()}
+  frozen = params_lib.count_params(model, nnx.All(nnx.Param, SKIP_ENCODER))
+  return {**counts, "skip_encoder": frozen} if frozen else counts
 
 
 def gradient_groups(model: nnx.Module) -> dict[str, Filter]:

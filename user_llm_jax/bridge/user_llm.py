@@ -88,6 +88,12 @@ class UserLlmConfig:
     item_head_skip: add the encoder's own next-item scores at the user's last event (its
       SASRec-style head) to the item head's, with the head's query projection starting at
       zero: the head starts as the encoder's ranking and the LLM learns a correction.
+    item_head_skip_frozen: the skip reads a frozen copy of the encoder as the model was
+      built (the pretrained weights; `UserLLM.skip_encoder`, trained by no strategy)
+      instead of the encoder the strategy trains. Under Enc and Full the encoder moves for
+      the LLM's tasks and its own ranking drifts with it (the `user_llm_encoder_head` row
+      of a run shows how far); with the frozen copy the head is the pretrained ranking plus
+      the LLM's correction. Needs `item_head_skip`.
     item_loss_weight: weight of the head's softmax loss next to the token loss.
     soft_prompt_norm: soft-prompt mode: RMS-normalise each user embedding and scale it to
       the RMS of the LLM's token embeddings (times a learned per-dimension gain starting
@@ -136,6 +142,7 @@ class UserLlmConfig:
   item_head: bool = False
   item_head_dim: int | None = None
   item_head_skip: bool = False
+  item_head_skip_frozen: bool = False
   item_loss_weight: float = 1.0
   soft_prompt_norm: bool = True
   pooled_context: bool = False
@@ -151,6 +158,9 @@ class UserLlmConfig:
     if self.item_head_skip and not self.item_head:
       raise ValueError("UserLlmConfig.item_head_skip=True needs item_head=True (the skip "
                        "adds the encoder's scores to the item head's)")
+    if self.item_head_skip_frozen and not self.item_head_skip:
+      raise ValueError("UserLlmConfig.item_head_skip_frozen=True needs item_head_skip=True "
+                       "(it names where the skip's scores come from)")
     if self.category_text and self.use_perceiver:
       raise ValueError("UserLlmConfig.category_text=True needs use_perceiver=False: the text "
                        "is added per event, and the Perceiver's latents are not events")
@@ -294,6 +304,14 @@ class Bridge(nnx.Module):
     return out, mask
 
 
+def _deep_copy(module: nnx.Module) -> nnx.Module:
+  """A copy of `module` with buffers of its own. `nnx.clone` copies the graph but shares
+  the arrays, and a train step that donates the model's buffers must not meet one twice."""
+  copy = nnx.clone(module)
+  nnx.update(copy, jax.tree.map(lambda x: jnp.array(x, copy=True), nnx.state(copy)))
+  return copy
+
+
 class UserLLM(nnx.Module):
   """Encoder + bridge + decoder, contextualizing the LLM with user embeddings.
 
@@ -303,6 +321,8 @@ class UserLLM(nnx.Module):
     bridge: `Bridge` (optional Perceiver, then projection).
     llm: the `Decoder`; in cross-attention mode it holds the gated blocks.
     item_head: the full-catalogue `ItemHead`, or None.
+    skip_encoder: with `cfg.item_head_skip_frozen`, a copy of `encoder` as it was passed
+      in, whose next-item scores the skip adds (no strategy trains it), else None.
   """
 
   def __init__(self, cfg: UserLlmConfig, *, encoder: UserEncoder, llm: Decoder,
@@ -345,6 +365,8 @@ class UserLLM(nnx.Module):
         # Start from the pretrained encoder's notion of item similarity.
         head.init_items_from(table)
     self.item_head = nnx.data(head)
+    # Copied before any training step: the copy keeps the weights the model starts from.
+    self.skip_encoder = nnx.data(_deep_copy(encoder) if cfg.item_head_skip_frozen else None)
 
   def init_state_standardization(self, mean: jax.Array, std: jax.Array) -> None:
     """Sets the bridge's state shift to `mean` and gain to 1 / `std` ([D_enc] each; the
@@ -468,10 +490,18 @@ class UserLLM(nnx.Module):
     the encoder's own next-item scores at the user's last event, from `encoded`)."""
     scores = self.item_head(item_head_lib.last_prompt_states(hidden, batch[PROMPT_LENGTH]))
     if self.cfg.item_head_skip:
+      encoder = self.encoder
+      if self.skip_encoder is not None:
+        encoder = self.skip_encoder
+        # Fixed weights, no dropout: nothing of the skip's path needs a gradient.
+        encoded = jax.lax.stop_gradient(encoder(batch, deterministic=True))
       last = jnp.asarray(batch[transforms.LAST_INDEX], jnp.int32)
       user = jnp.take_along_axis(encoded, last[:, None, None], axis=1)[:, 0]  # [B,D_enc]
+      skip = encoder.last_item_logits(user, batch)
+      if self.skip_encoder is not None:
+        skip = jax.lax.stop_gradient(skip)
       # PAD/OOV stay -inf: -inf plus the encoder's finite scores.
-      scores = scores + self.encoder.last_item_logits(user, batch)
+      scores = scores + skip
     return scores
 
   def gate_values(self) -> dict[str, jax.Array]:

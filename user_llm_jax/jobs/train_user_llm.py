@@ -175,9 +175,13 @@ def evaluate_user_llm(model: UserLLM, tokenizer: Tokenizer, data: runner.TaskDat
       # The skip alone: the trained encoder's own head without the LLM's part. Against the
       # pretrained encoder's head (`sasrec`) it tells whether training moved the encoder's
       # ranking; against the item head, what the LLM's part adds.
+      # With the frozen skip (`bridge.item_head_skip_frozen`) the skip is the pretrained
+      # head itself, and this row shows how far training moved the encoder's own.
       head = floors.encoder_next_item(model.encoder, data, config)
-      head["procedure"] = ("the trained encoder's own head (the item head's skip without "
-                           "the LLM's part), " + head["procedure"])
+      what = ("not the item head's skip, which reads the frozen pretrained copy"
+              if model.skip_encoder is not None
+              else "the item head's skip without the LLM's part")
+      head["procedure"] = f"the trained encoder's own head ({what}), " + head["procedure"]
       out["user_llm_encoder_head"] = {prompts.NEXT_ITEM: head}
   if config.eval.shuffled_control:
     out["user_llm_shuffled"] = runner.evaluate_tasks(condition, data, transform, config,
