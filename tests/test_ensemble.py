@@ -12,19 +12,15 @@ import pytest
 from experiments import rank_ensemble
 from experiments.benchmarks import encoder_quality
 from tests import data_fixtures
+from tests import test_encoder_quality
 from user_llm_jax import config as config_lib
 from user_llm_jax.eval import ensemble
 from user_llm_jax.eval import paired
 from user_llm_jax.eval import ranking
 from user_llm_jax.eval import retrieval
 
-TINY = {
-    "data.window": 12, "encoder.model.num_layers": 1, "encoder.model.width": 32,
-    "encoder.model.num_heads": 2, "encoder.model.mlp_dim": 64,
-    "encoder.model.feature_dim": 16, "train.batch_size": 16, "train.num_steps": 8,
-    "train.warmup": 2, "train.log_every": 4, "train.eval_every": 4,
-    "train.checkpoint_every": 4, "train.patience": 2, "eval.batch_size": 64,
-}
+# The encoder-quality test's tiny arm, fewer steps.
+TINY = {**test_encoder_quality.TINY, "train.num_steps": 8}
 ARM = "kcore"
 
 
