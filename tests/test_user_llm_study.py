@@ -132,7 +132,7 @@ def test_cpu_arms_resolve_to_jobs_data_groups_and_shared_runs(tmp_path):
   # Identical configs run once: Enc is the default strategy, 50 events the default data.
   for name in ("strategy_enc", "history_50"):
     assert arms[name].same_as == "user_llm" and arms[name].workdir == arms["user_llm"].workdir
-  assert sum(a.same_as is None for a in arms.values()) == 22
+  assert sum(a.same_as is None for a in arms.values()) == 23
   ref = arms["user_llm"].config
   assert ref.job == "train_user_llm" and ref.train.num_steps == study_config.STEPS
   assert ref.train.eval_every > 0 and ref.eval.curve_examples > 0
@@ -168,6 +168,9 @@ def test_cpu_arms_resolve_to_jobs_data_groups_and_shared_runs(tmp_path):
   assert fav_only.train.num_steps == text_500.config.train.num_steps
   assert arms["perceiver"].config.bridge.use_perceiver is True
   assert arms["item_head_skip"].config.bridge.item_head_skip is True
+  frozen = arms["item_head_skip_frozen"].config.bridge
+  assert frozen.item_head_skip is True and frozen.item_head_skip_frozen is True
+  assert arms["item_head_skip"].config.bridge.item_head_skip_frozen is False
   assert {arms[f"strategy_{s}"].config.strategy for s in ("lora", "full", "proj")} == {
       "lora", "full", "proj"}
 

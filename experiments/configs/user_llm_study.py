@@ -110,6 +110,11 @@ ARMS: dict[str, Arm] = {
     # The item head plus the encoder's own next-item scores, its LLM part starting at zero.
     "item_head_skip": Arm("User-LLM, item head + the encoder's own head (skip; main default)",
                           {"bridge.item_head_skip": True}),
+    # The same with the skip read from a frozen copy of the pretrained encoder: the head is
+    # the pretrained ranking plus the LLM's correction, whatever Enc does to the encoder.
+    "item_head_skip_frozen": Arm("User-LLM, item head + the frozen pretrained encoder's head",
+                                 {"bridge.item_head_skip": True,
+                                  "bridge.item_head_skip_frozen": True}),
     "strategy_enc": Arm("User-LLM, strategy Enc (encoder + bridge)", {"strategy": "enc"}),
     "strategy_lora": Arm("User-LLM, strategy LoRA (+ LLM adapters)", {"strategy": "lora"}),
     "strategy_full": Arm("User-LLM, strategy Full (everything)", {"strategy": "full"}),
