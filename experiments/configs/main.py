@@ -46,9 +46,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # layers 15, 20 and 25 (the upper blocks' gates open most; no gradient flows through the
   # frozen layers below the first block, so a step costs about two thirds of blocks from
   # layer 0), lr 5e-4. Next item by the item head over the whole catalogue (no title
-  # decoding), plus the encoder's own head (the skip: without it 100 steps leave the head
-  # level with popularity, README "User-LLM study"); favorite genre as a short generated
-  # label (genre names are at most 5 tokens).
+  # decoding), plus the pretrained encoder's own head read from a frozen copy (the skip:
+  # without it 100 steps leave the head level with popularity, README "User-LLM study";
+  # frozen, the trained encoder's drift under Enc does not reach it); favorite genre as a
+  # short generated label (genre names are at most 5 tokens).
   config.strategy = "enc"
   config.llm.source = "smollm2"
   user_llm_movielens.apply_cpu(config)

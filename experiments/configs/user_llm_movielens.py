@@ -148,9 +148,12 @@ def apply_cpu(config: ml_collections.ConfigDict) -> None:
   """The CPU budget with the main job's measured settings (README "Results"): blocks before
   SmolLM2's layers 15, 20 and 25 (no gradient through the frozen layers below), lr 5e-4
   with the gates at 100x, next item by the item head over the whole catalogue plus the
-  encoder's own head (decoding titles by beam search costs seconds per user here:
-  `--config.tasks.next_item_titles=True` adds it), favorite genre as a short label."""
-  config.bridge.update(xattn_every=5, xattn_first=15, item_head=True, item_head_skip=True)
+  encoder's own head read from a frozen copy of the pretrained encoder (under Enc the
+  trained encoder's own ranking drifts: README "Results"; decoding titles by beam search
+  costs seconds per user here: `--config.tasks.next_item_titles=True` adds it), favorite
+  genre as a short label."""
+  config.bridge.update(xattn_every=5, xattn_first=15, item_head=True, item_head_skip=True,
+                       item_head_skip_frozen=True)
   config.tasks.update(max_answer_tokens=6,     # MovieLens genre names are at most 5 tokens
                       next_item_titles=False)
   config.train.update(learning_rate=5e-4, warmup=10)
@@ -163,7 +166,7 @@ def apply_fav_only(config: ml_collections.ConfigDict) -> None:
   the task that needs the whole history gets every training example instead of half."""
   apply_cpu(config)
   config.tasks.names = ("favorite_category",)
-  config.bridge.update(item_head=False, item_head_skip=False)
+  config.bridge.update(item_head=False, item_head_skip=False, item_head_skip_frozen=False)
 
 
 def apply_smoke(config: ml_collections.ConfigDict) -> None:

@@ -108,13 +108,13 @@ ARMS: dict[str, Arm] = {
     "perceiver": Arm("User-LLM, Perceiver (16 latents)",
                      {"bridge.use_perceiver": True, "bridge.num_latents": 16}),
     # The item head plus the encoder's own next-item scores, its LLM part starting at zero.
-    "item_head_skip": Arm("User-LLM, item head + the encoder's own head (skip; main default)",
+    "item_head_skip": Arm("User-LLM, item head + the trained encoder's own head (skip)",
                           {"bridge.item_head_skip": True}),
     # The same with the skip read from a frozen copy of the pretrained encoder: the head is
     # the pretrained ranking plus the LLM's correction, whatever Enc does to the encoder.
-    "item_head_skip_frozen": Arm("User-LLM, item head + the frozen pretrained encoder's head",
-                                 {"bridge.item_head_skip": True,
-                                  "bridge.item_head_skip_frozen": True}),
+    "item_head_skip_frozen": Arm(
+        "User-LLM, item head + the frozen pretrained encoder's head (main default)",
+        {"bridge.item_head_skip": True, "bridge.item_head_skip_frozen": True}),
     "strategy_enc": Arm("User-LLM, strategy Enc (encoder + bridge)", {"strategy": "enc"}),
     "strategy_lora": Arm("User-LLM, strategy LoRA (+ LLM adapters)", {"strategy": "lora"}),
     "strategy_full": Arm("User-LLM, strategy Full (everything)", {"strategy": "full"}),
@@ -165,8 +165,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.update(num_steps=STEPS, checkpoint_every=50, eval_every=25)
     config.eval.curve_examples = 40    # learning-curve points on 40 test users
     # The arms were measured with the item head alone; the skip (the main job's default
-    # since) is the arm `item_head_skip`.
-    config.bridge.item_head_skip = False
+    # since, read from the frozen pretrained encoder) is the arm `item_head_skip_frozen`.
+    config.bridge.update(item_head_skip=False, item_head_skip_frozen=False)
   elif variant == "smoke":
     config = main_config.get_config("smoke")
     config.name = "user_llm_study:smoke"
