@@ -34,10 +34,11 @@ from user_llm_jax.eval import popularity
 from user_llm_jax.eval import ranking
 from user_llm_jax.eval import retrieval
 
-_RUNS = flags.DEFINE_list("runs", None, "Encoder run workdirs (two or more).", required=True)
+# Not `required=True`: that registers a validator on the process's global flags, which
+# fails every other absl program that imports this module (the tests do).
+_RUNS = flags.DEFINE_list("runs", None, "Encoder run workdirs (two or more).")
 _NAMES = flags.DEFINE_list("names", None, "A name per run (default: run1, run2, ...).")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write the report.",
-                                  required=True)
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write the report.")
 
 ENSEMBLE = "ensemble"
 KS = (1, 5, 10)
@@ -153,6 +154,8 @@ def write(report: Mapping[str, Any], output_dir: str) -> str:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if not _RUNS.value or not _OUTPUT_DIR.value:
+    raise app.UsageError("--runs (encoder run workdirs) and --output_dir are required")
   report = evaluate(_RUNS.value, _NAMES.value)
   print(write(report, _OUTPUT_DIR.value))
 

@@ -8,11 +8,13 @@ import shutil
 
 import numpy as np
 import pytest
+from absl import app
 
 from experiments import rank_ensemble
 from experiments.benchmarks import encoder_quality
 from tests import data_fixtures
 from tests import test_encoder_quality
+from tests import workdir_fixtures
 from user_llm_jax import config as config_lib
 from user_llm_jax.eval import ensemble
 from user_llm_jax.eval import paired
@@ -111,3 +113,9 @@ def test_report_table_and_files(two_runs, tmp_path):
     assert (tmp_path / "out" / name).stat().st_size > 0
   with pytest.raises(ValueError, match="one distinct name per run"):
     rank_ensemble.evaluate(two_runs, ["a", "a"])
+
+
+def test_cli_names_its_missing_flags():
+  with workdir_fixtures.flag_values(runs=None, output_dir=None):
+    with pytest.raises(app.UsageError, match="--runs .* and --output_dir are required"):
+      rank_ensemble.main(["rank_ensemble"])
