@@ -27,7 +27,8 @@ Llama-3.2-1B in bfloat16 (`llm.preset` selects llama_3_2_3b or smollm2_1_7b), ba
 Ablations are overrides: --config.bridge.mode=soft_prompt, --config.bridge.use_perceiver=True,
 --config.strategy=full|lora|enc|proj, --config.encoder.init=random (fresh weights in the
 architecture of the pretraining run `encoder.workdir` names; with no workdir, in the one
-`encoder.model` gives); an alignment stage
+`encoder.model` gives), --config.bridge.item_head_skip_frozen=False (the item head's skip read
+from the encoder being trained, not from its frozen pretrained copy); an alignment stage
 before the tasks: --config.align.steps=100 (--config.align.trainable, .events, ...).
 """
 
