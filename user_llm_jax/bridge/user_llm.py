@@ -491,14 +491,13 @@ class UserLLM(nnx.Module):
     scores = self.item_head(item_head_lib.last_prompt_states(hidden, batch[PROMPT_LENGTH]))
     if self.cfg.item_head_skip:
       encoder = self.encoder
-      if self.skip_encoder is not None:
-        encoder = self.skip_encoder
-        # Fixed weights, no dropout: nothing of the skip's path needs a gradient.
-        encoded = jax.lax.stop_gradient(encoder(batch, deterministic=True))
+      if self.skip_encoder is not None:   # the frozen copy reads the user itself, no dropout
+        encoder, encoded = self.skip_encoder, self.skip_encoder(batch, deterministic=True)
       last = jnp.asarray(batch[transforms.LAST_INDEX], jnp.int32)
       user = jnp.take_along_axis(encoded, last[:, None, None], axis=1)[:, 0]  # [B,D_enc]
       skip = encoder.last_item_logits(user, batch)
       if self.skip_encoder is not None:
+        # Fixed weights: nothing of the frozen copy's path needs a gradient.
         skip = jax.lax.stop_gradient(skip)
       # PAD/OOV stay -inf: -inf plus the encoder's finite scores.
       scores = scores + skip
