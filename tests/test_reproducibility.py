@@ -89,21 +89,16 @@ def check_same_under_every_setting(tmp_path: pathlib.Path, args: tuple[str, ...]
 GRAD_NORM_RTOL = 1e-6
 
 
-def _grad_norms(tree) -> list[float]:
-  if isinstance(tree, dict):
-    return [v for k, v in sorted(tree.items()) if k == "grad_norm"] + [
-        x for k, v in sorted(tree.items()) if k != "grad_norm" for x in _grad_norms(v)]
-  if isinstance(tree, list):
-    return [x for v in tree for x in _grad_norms(v)]
-  return []
+def _grad_norms(figures_: dict) -> list[float]:
+  """The logged gradient norms of `figures` (its history and the stage's history)."""
+  rows = figures_["history"] + figures_.get("stage_history", [])
+  return [h["grad_norm"] for h in rows if "grad_norm" in h]
 
 
-def _without_grad_norms(tree):
-  if isinstance(tree, dict):
-    return {k: _without_grad_norms(v) for k, v in tree.items() if k != "grad_norm"}
-  if isinstance(tree, list):
-    return [_without_grad_norms(v) for v in tree]
-  return tree
+def _without_grad_norms(figures_: dict) -> dict:
+  return {k: ([{f: v for f, v in h.items() if f != "grad_norm"} for h in rows]
+              if k in ("history", "stage_history") else rows)
+          for k, rows in figures_.items()}
 
 
 def test_encoder_run_is_identical_under_any_xla_threading(tmp_path):
