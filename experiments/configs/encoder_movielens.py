@@ -56,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train = common.train_section(
       batch_size=128, num_steps=3000, learning_rate=1e-3, warmup=200, log_every=50,
       eval_every=1000, checkpoint_every=500, keep_checkpoints=3, select_metric="",
-      patience=0)
+      patience=0, ema_decay=0.0)
   config.mesh = common.mesh_section()
   config.eval = common.eval_section(batch_size=256, exclude_seen=False)
   config.aot = common.aot_section()

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import re
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +46,11 @@ class OptimConfig:
       rate multiplied. Zero-initialised tanh gates need this: Adam moves a parameter by
       about the learning rate per step, so a gate at lr 1e-4 is still ~0.01 after 100
       steps and the whole bridge behind it barely receives gradient.
+    ema_decay: decay of an exponential moving average of the trained parameters (Polyak
+      averaging; 0 disables it). The average lives in the optimizer state (`EmaState`,
+      so it is checkpointed, resumed and sharded like Adam's moments), and evaluations
+      read it instead of the raw weights (`ema_params`); e.g. 0.99 averages over roughly
+      the last 100 steps.
   """
 
   learning_rate: float = 1e-3
@@ -55,8 +60,11 @@ class OptimConfig:
   grad_clip: float = 1.0
   end_lr_fraction: float = 0.0
   lr_mults: tuple[tuple[str, float], ...] = ()
+  ema_decay: float = 0.0
 
   def __post_init__(self):
+    if isinstance(self.ema_decay, bool) or not 0.0 <= self.ema_decay < 1.0:
+      raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay!r}")
     for rule in self.lr_mults:
       if (not isinstance(rule, (tuple, list)) or len(rule) != 2
           or not isinstance(rule[0], str) or isinstance(rule[1], bool)
@@ -122,14 +130,59 @@ def scale_by_lr_mults(rules: tuple[tuple[str, float], ...]) -> optax.GradientTra
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+class EmaState(NamedTuple):
+  """Optimizer state of `track_ema`: the moving average of the parameters it sees."""
+  ema: Any
+
+
+def track_ema(decay: float) -> optax.GradientTransformation:
+  """Keeps `ema <- decay * ema + (1 - decay) * new_params` in the optimizer state.
+
+  Last in a chain, its `updates` are the final ones, so `params + updates` are the
+  parameters after this step; the updates pass through unchanged. The average starts at
+  the initial parameters (no bias correction is needed then).
+  """
+
+  def init_fn(params):
+    return EmaState(ema=jax.tree.map(jnp.copy, params))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("track_ema needs the parameters (optimizer.update passes them)")
+    ema = jax.tree.map(
+        lambda e, p, u: (decay * e + (1.0 - decay) * (p + u)).astype(e.dtype),
+        state.ema, params, updates)
+    return updates, EmaState(ema=ema)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def ema_params(optimizer: nnx.Optimizer) -> dict[str, Any]:
+  """The moving average of `optimizer`'s parameters, as a pure dict for `nnx.update`.
+
+  Raises:
+    ValueError: the optimizer was built without `ema_decay` (no `EmaState` in its state).
+  """
+  found = [s for s in jax.tree.leaves(optimizer.opt_state,
+                                      is_leaf=lambda x: isinstance(x, EmaState))
+           if isinstance(s, EmaState)]
+  if len(found) != 1:
+    raise ValueError(f"expected one EmaState in the optimizer state, found {len(found)} "
+                     "(was the optimizer built with train.ema_decay > 0?)")
+  return nnx.to_pure_dict(found[0].ema)
+
+
 def make_tx(cfg: OptimConfig) -> optax.GradientTransformation:
-  """Clip by global norm, AdamW on the warmup-cosine schedule, then the `lr_mults`."""
+  """Clip by global norm, AdamW on the warmup-cosine schedule, the `lr_mults`, then (with
+  `ema_decay`) the parameters' moving average."""
   parts = []
   if cfg.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip))
   parts.append(optax.adamw(make_schedule(cfg), weight_decay=cfg.weight_decay))
   if cfg.lr_mults:
     parts.append(scale_by_lr_mults(tuple(tuple(r) for r in cfg.lr_mults)))
+  if cfg.ema_decay:
+    parts.append(track_ema(cfg.ema_decay))
   return optax.chain(*parts)
 
 

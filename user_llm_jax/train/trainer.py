@@ -10,7 +10,9 @@ With `train.select_metric` set, every evaluation also feeds `early_stopping.Earl
 the best step's parameters are kept (`WORKDIR/checkpoints_best`), the run stops after
 `train.patience` evaluations without improvement, and the returned model holds the best
 step's parameters. The selection state is checkpointed, so a killed run resumes into the
-same best step and stopping point.
+same best step and stopping point. With `train.ema_decay` the evaluations (and so the
+selection and the kept best parameters) read the moving average of the weights instead of
+the raw ones; training itself always steps the raw weights.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ CountFn = Callable[[Mapping[str, Any]], int]
 class TrainConfig(train_step_lib.OptimConfig):
   """The `train.*` section of a config: the optimizer's keys (`OptimConfig`, documented
   there: learning_rate, num_steps, warmup, weight_decay, grad_clip, end_lr_fraction,
-  lr_mults) plus the loop's.
+  lr_mults, ema_decay) plus the loop's.
 
   Attributes:
     batch_size: global batch size (split over the mesh's batch axes).
@@ -77,6 +79,11 @@ class TrainConfig(train_step_lib.OptimConfig):
     if self.patience and not self.select_metric:
       raise ValueError(f"train.patience={self.patience} needs train.select_metric (the "
                        "validation metric to wait for, e.g. 'val/ndcg@10')")
+    if self.ema_decay and not self.select_metric:
+      # The average is what is evaluated and kept as the best step's parameters; without a
+      # selection the run's checkpoints would hand the raw weights downstream instead.
+      raise ValueError(f"train.ema_decay={self.ema_decay} needs train.select_metric (the "
+                       "averaged weights are kept as the best step's, e.g. 'val/ndcg@10')")
     for name in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
       if getattr(self, name) <= 0:
         raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
@@ -304,6 +311,8 @@ def train(model: nnx.Module, loss_fn: train_step_lib.LossFn, cfg: TrainConfig,
                                     or step == cfg.num_steps):
           flush()
           sync_model()
+          if cfg.ema_decay:
+            nnx.update(model, train_step_lib.ema_params(optimizer))
           eval_start = time.perf_counter()
           result = {k: float(v) for k, v in eval_fn(model).items()}
           eval_seconds += time.perf_counter() - eval_start
