@@ -58,16 +58,21 @@ def evaluate(workdirs: Sequence[str], names: Sequence[str] | None = None,
   data = ranking.RankingData.load(config, members[0].workdir)
   models = {**dict(zip(names, model.members)), ENSEMBLE: model}
   test_ids = range(len(data.test))
-  rows, test_full = {}, {}
+  rows, test_full, ensemble_validation = {}, {}, None
   for name, m in models.items():
     test = retrieval.evaluate_next_item(m, data.eval_batches(config, data.test), ks=KS,
                                         ids=test_ids)
     test_full[name] = test
     row = {k: v for k, v in test.items() if k != paired.PER_EXAMPLE}
     if data.splits.validation is not None:
+      # The ensemble's validation ranking keeps its per-user values: the context check
+      # below reads them instead of ranking the split again.
       val = retrieval.evaluate_next_item(
-          m, data.eval_batches(config, data.splits.validation), ks=KS)
+          m, data.eval_batches(config, data.splits.validation), ks=KS,
+          ids=range(len(data.splits.validation)) if name == ENSEMBLE else None)
       row.update({f"val/{k}": val[k] for k in ("recall@10", "ndcg@10")})
+      if name == ENSEMBLE:
+        ensemble_validation = val
     rows[name] = row
   versus = {name: ranking.paired_differences(test_full[ENSEMBLE], test_full[name])
             for name in names}
@@ -80,8 +85,9 @@ def evaluate(workdirs: Sequence[str], names: Sequence[str] | None = None,
       "per_example": {n: test_full[n][paired.PER_EXAMPLE] for n in models},
   }
   if ranking.context_check_applies(config) and data.splits.validation is not None:
-    report["context_check"] = ranking.context_check(model, config, data, ks=KS,
-                                                    test_metrics=test_full[ENSEMBLE])
+    report["context_check"] = ranking.context_check(
+        model, config, data, ks=KS, test_metrics=test_full[ENSEMBLE],
+        validation_metrics=ensemble_validation)
   report["wall_time_sec"] = time.perf_counter() - start
   return report
 

@@ -107,6 +107,16 @@ def test_report_table_and_files(two_runs, tmp_path):
     assert d["n"] == n and d["paired"]
     assert d["diff"] == pytest.approx(np.mean([mine[i] - theirs[i] for i in mine]))
   assert report["protocol"]["kcore_users"] == 5 and "context_check" in report
+  # The context check reuses the ensemble's validation ranking: the same report as a check
+  # that ranks every split itself.
+  model, config, data = _batches(two_runs)
+  test = retrieval.evaluate_next_item(model, data.eval_batches(config, data.test),
+                                      ks=rank_ensemble.KS, ids=range(len(data.test)))
+  fresh = ranking.context_check(model, config, data, ks=rank_ensemble.KS, test_metrics=test)
+  assert (json.dumps(fresh, sort_keys=True, default=str)
+          == json.dumps(report["context_check"], sort_keys=True, default=str))
+  assert (report["context_check"]["validation"]["recall@10"]
+          == report["rows"][rank_ensemble.ENSEMBLE]["val/recall@10"])
   text = rank_ensemble.write(report, str(tmp_path / "out"))
   assert "| **ensemble** |" in text and "| popularity |" in text and "- s1: recall@10" in text
   for name in ("ensemble.json", "ensemble.md", "ensemble.png"):

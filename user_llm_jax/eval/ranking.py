@@ -168,18 +168,25 @@ def context_check_applies(config: ml_collections.ConfigDict) -> bool:
 
 def context_check(model: Any, config: ml_collections.ConfigDict, data: RankingData, *,
                   ks: Sequence[int], test_metrics: Mapping[str, Any],
+                  validation_metrics: Mapping[str, Any] | None = None,
                   ) -> dict[str, dict[str, Any]]:
   """Validation and test targets ranked from the full context and without the event before
   the target (module docstring): `{condition: metrics}`, plus `transition_seen`
   (`transition_breakdown` of each split), `first_order` (the first-order transition
   baseline's metrics on each split, `popularity.FirstOrder`) and `first_order_mix` (the
   model with that baseline's counts added, `first_order_mix`). `test_metrics`: the model's test ranking already
-  computed (the full-context test condition), with its per-example values."""
+  computed (the full-context test condition), with its per-example values;
+  `validation_metrics` likewise for the validation split, when the caller has ranked it
+  already (None: ranked here)."""
   validation = data.splits.validation
   out = {"test": {k: v for k, v in test_metrics.items() if k != paired.PER_EXAMPLE}}
+  if validation_metrics is not None:
+    out["validation"] = dict(validation_metrics)
   for name, source, drop in (("validation", validation, False),
                              ("validation_two_ahead", validation, True),
                              ("test_two_ahead", data.test, True)):
+    if name in out:
+      continue
     batches = data.eval_batches(config, source, before=[DropBeforeTarget()] if drop else [])
     ids = range(len(source)) if name == "validation" else None
     out[name] = retrieval.evaluate_next_item(model, batches, ks=ks, ids=ids)
