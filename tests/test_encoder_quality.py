@@ -288,6 +288,10 @@ def test_every_arm_builds_a_config_with_its_overrides(arm):
   cfg = models.encoder_config_from(config.encoder.model, vocab, window=config.data.window,
                                    max_categories=config.data.max_categories)
   assert cfg.max_len == config.data.window
+  # ... and its training section a valid one (e.g. an EMA decay with a selection metric).
+  from user_llm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from user_llm_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  config_lib.to_dataclass(trainer.TrainConfig, config.train, "train")
 
 
 def test_the_reference_arm_is_kcore_without_its_repeat_bias():

@@ -171,13 +171,19 @@ ARMS: dict[str, dict[str, Any]] = {
                                                        **REPEAT_BIAS},
     "recbole_split_post_ln_attn_dropout_window_200_repeat_bias": {
         **RECBOLE_POST_LN_ATTN_DROPOUT, "data.window": 200, **REPEAT_BIAS},
+    # Polyak averaging (`train.ema_decay`): validation, the selected step and the test
+    # figures read a moving average of the weights (about the last 100 steps at 0.99).
+    "recbole_split_post_ln_attn_dropout_repeat_bias_ema_0.99": {
+        **RECBOLE_POST_LN_ATTN_DROPOUT, **REPEAT_BIAS, "train.ema_decay": 0.99},
 }
 # Arms compared with another arm of the same run, paired over the same test users (the
 # arm differs from it by one option): `row`'s `vs_base`.
 BASE_OF = {"kcore_repeat_bias": "kcore",
            "recbole_split_post_ln_attn_dropout_repeat_bias": "recbole_split_post_ln_attn_dropout",
            "recbole_split_post_ln_attn_dropout_window_200_repeat_bias":
-               "recbole_split_post_ln_attn_dropout_window_200"}
+               "recbole_split_post_ln_attn_dropout_window_200",
+           "recbole_split_post_ln_attn_dropout_repeat_bias_ema_0.99":
+               "recbole_split_post_ln_attn_dropout_repeat_bias"}
 # The arms the Amazon 5-core sets run (when --only names them).
 AMAZON_ARMS = ("kcore", "kcore_repeat_bias")
 # Where each dataset lives under --data_root, and its reader.
