@@ -143,15 +143,16 @@ def count(batch):
   if kill_at and len(calls) == kill_at:
     os.kill(os.getpid(), signal.SIGKILL)
   return 1
-r = t.train(t.config(), workdir=sys.argv[1], count_fn=count)
+r = t.train(t.config({config_kwargs}), workdir=sys.argv[1], count_fn=count)
 print("RESULT", repr(t.w_of(r.model)), r.step, r.selection["best_step"], r.resumed_from)
 """
 
 
-def run_child(workdir, kill_at):
+def run_child(workdir, kill_at, config_kwargs=""):
+  """Trains `config(<config_kwargs>)` in a child process, SIGKILLed at batch `kill_at`."""
   env = dict(os.environ, PYTHONPATH=str(REPO),
              XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  code = CHILD.format(tests=str(REPO / "tests"))
+  code = CHILD.format(tests=str(REPO / "tests"), config_kwargs=config_kwargs)
   return subprocess.run([sys.executable, "-c", code, str(workdir), str(kill_at)], cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=300)
 

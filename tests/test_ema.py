@@ -1,10 +1,7 @@
 """The parameters' moving average (`train.ema_decay`): the update rule, what the trainer
 evaluates and keeps, and a SIGKILL + rerun with the average in the optimizer state."""
 
-import os
 import signal
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -91,41 +88,20 @@ def test_evaluations_read_the_average_and_keep_it_as_the_best(tmp_path):
   assert (tmp_path / early_stopping.BEST_CHECKPOINTS / str(best)).is_dir()
 
 
-CHILD = """
-import os, signal, sys
-sys.path.insert(0, {tests!r})
-import test_early_stopping as t
-kill_at = int(sys.argv[2])
-calls = []
-def count(batch):
-  calls.append(1)
-  if kill_at and len(calls) == kill_at:
-    os.kill(os.getpid(), signal.SIGKILL)
-  return 1
-r = t.train(t.config(ema_decay={decay}), workdir=sys.argv[1], count_fn=count)
-print("RESULT", repr(t.w_of(r.model)), r.step, r.selection["best_step"], r.resumed_from)
-"""
-
-
-def run_child(workdir, kill_at):
-  env = dict(os.environ, PYTHONPATH=str(es.REPO),
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  code = CHILD.format(tests=str(es.REPO / "tests"), decay=DECAY)
-  return subprocess.run([sys.executable, "-c", code, str(workdir), str(kill_at)],
-                        cwd=es.REPO, env=env, capture_output=True, text=True, timeout=300)
-
-
 def test_sigkill_then_rerun_continues_the_average(tmp_path):
   reference = es.train(es.config(ema_decay=DECAY), workdir=str(tmp_path / "reference"))
   best = reference.selection["best_step"]
-  # Killed between checkpoints (every 4 steps) after the best evaluation: the rerun resumes
-  # the average from the checkpointed optimizer state and replays the lost steps.
-  killed = run_child(tmp_path / "killed", kill_at=best + 3)
+  # Killed between checkpoints (every 4 steps) before the best evaluation: the rerun must
+  # resume the average from the checkpointed optimizer state (a fresh average would lag
+  # differently) and replay the lost steps to select the same step with the same weights.
+  assert best > 8
+  killed = es.run_child(tmp_path / "killed", kill_at=best - 3,
+                        config_kwargs=f"ema_decay={DECAY}")
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-  resumed = run_child(tmp_path / "killed", kill_at=0)
+  resumed = es.run_child(tmp_path / "killed", kill_at=0, config_kwargs=f"ema_decay={DECAY}")
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   line = [l for l in resumed.stdout.splitlines() if l.startswith("RESULT")][0].split()
   w, step, best_step, resumed_from = float(line[1]), int(line[2]), int(line[3]), line[4]
-  assert resumed_from != "None"
+  assert resumed_from != "None" and int(resumed_from) < best
   assert (step, best_step) == (reference.step, best)
   assert w == es.w_of(reference.model)  # bit-identical averaged parameters
