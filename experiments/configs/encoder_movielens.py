@@ -85,6 +85,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # and no gain on exact timestamps (.071); the loss only at positions with >= 40 events of context
     # (`loss_min_context=40`) .116 with validation R@10 .138 against .159; window 200 at 32
     # windows per step .143 (a tie, 5x the time: past this variant's 10-minute budget).
+    # Polyak averaging of the weights (`train.ema_decay` 0.99 / 0.995, RecBole's split with
+    # the repeat bias) ties it (+.005 / -.003 test R@10, paired).
     # The first-order transition counter in every report's context check ties this config
     # without its repeat bias. Kept: the learned repeat bias (`repeat_bias`, a scalar on
     # the items the input window already holds): test R@10 / NDCG@10 +.025 / +.012 on
