@@ -58,21 +58,20 @@ def evaluate(workdirs: Sequence[str], names: Sequence[str] | None = None,
   data = ranking.RankingData.load(config, members[0].workdir)
   models = {**dict(zip(names, model.members)), ENSEMBLE: model}
   test_ids = range(len(data.test))
-  rows, test_full, ensemble_validation = {}, {}, None
+  rows, test_full, validation_full = {}, {}, {}
   for name, m in models.items():
     test = retrieval.evaluate_next_item(m, data.eval_batches(config, data.test), ks=KS,
                                         ids=test_ids)
     test_full[name] = test
     row = {k: v for k, v in test.items() if k != paired.PER_EXAMPLE}
     if data.splits.validation is not None:
-      # The ensemble's validation ranking keeps its per-user values: the context check
-      # below reads them instead of ranking the split again.
+      # Per-user values kept, as for test: the context check below reads the ensemble's
+      # instead of ranking the split again.
       val = retrieval.evaluate_next_item(
           m, data.eval_batches(config, data.splits.validation), ks=KS,
-          ids=range(len(data.splits.validation)) if name == ENSEMBLE else None)
+          ids=range(len(data.splits.validation)))
+      validation_full[name] = val
       row.update({f"val/{k}": val[k] for k in ("recall@10", "ndcg@10")})
-      if name == ENSEMBLE:
-        ensemble_validation = val
     rows[name] = row
   versus = {name: ranking.paired_differences(test_full[ENSEMBLE], test_full[name])
             for name in names}
@@ -87,7 +86,7 @@ def evaluate(workdirs: Sequence[str], names: Sequence[str] | None = None,
   if ranking.context_check_applies(config) and data.splits.validation is not None:
     report["context_check"] = ranking.context_check(
         model, config, data, ks=KS, test_metrics=test_full[ENSEMBLE],
-        validation_metrics=ensemble_validation)
+        validation_metrics=validation_full[ENSEMBLE])
   report["wall_time_sec"] = time.perf_counter() - start
   return report
 
