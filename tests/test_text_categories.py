@@ -30,6 +30,18 @@ def test_frequent_summaries_count_normalised_text_commonest_first():
     tc.frequent_summaries(train, 0)
 
 
+def test_the_cap_keeps_the_commonest_summaries():
+  train = [record("a", ["Five Stars", "five  stars", "Great gift", "ok", "meh"]),
+           record("b", ["Great Gift", "Meh", "FIVE STARS"])]
+  # counts: five stars 3, great gift 2, meh 2, ok 1
+  assert tc.frequent_summaries(train, 1, 2) == ("five stars", "great gift")
+  assert tc.frequent_summaries(train, 1, 3) == ("five stars", "great gift", "meh")
+  assert tc.frequent_summaries(train, 1, 0) == ("five stars", "great gift", "meh", "ok")
+  assert tc.frequent_summaries(train, 2, 10) == ("five stars", "great gift", "meh")
+  with pytest.raises(ValueError, match="max_text_categories must be >= 0"):
+    tc.frequent_summaries(train, 1, -1)
+
+
 def test_each_known_summary_becomes_its_events_first_category():
   vocab = schema.Vocabulary("amazon", items=(), ratings=(), categories=(
       "<pad>", "<oov>", "Gift Cards", "Cards"))
@@ -115,3 +127,8 @@ def test_load_splits_adds_summary_categories_to_a_prepared_amazon_dataset(tmp_pa
     assert names == ["review: " + summaries.pop()] * len(cats), names
     assert [c[1:] for c in cats] == olds           # the item's own categories follow
   assert len(list(splits.train)) == 6 and splits.validation is not None
+  # data.max_text_categories keeps the commonest: Five Stars (9) and the first of the ties.
+  data.max_text_categories = 2
+  capped = prepared.load_splits(data, str(tmp_path / "w"))
+  assert capped.vocab.categories[plain.vocab.num_categories:] == (
+      "review: five stars", "review: user 0 words")

@@ -232,6 +232,7 @@ OMITTED_AT: dict[str, tuple[Any, ...]] = {
     "llm.param_dtype": ("float32",),
     "data.timestamp_precision": ("exact",),
     "data.text_categories": (0,),
+    "data.max_text_categories": (0,),
     "data.train_through_validation": (False,),
     "align.content": ("titles",),
     "tasks.train_targets": ("last",),

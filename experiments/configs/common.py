@@ -40,6 +40,7 @@ def movielens_data_section(*, protocol: str, window: int,
   # > 0: review summaries of at least this many training events become per-event
   # categories (user_llm_jax/data/text_categories.py); 0: off.
   data.text_categories = 0
+  data.max_text_categories = 0  # > 0: only the commonest this many summaries (0: all).
   data.worker_count = 0       # Grain worker processes.
   data.synthetic = ml_collections.ConfigDict()
   data.synthetic.num_users = 2000

@@ -56,8 +56,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif variant == "tpu":
     config.name = "user_llm_amazon:tpu"
     user_llm_movielens.apply_tpu(config)
+    # Movies_and_TV's 3.4 M reviews repeat far more summaries than Gift_Cards' 147-item
+    # catalogue: the cap bounds the encoder's category table and the bridge's LLM-wide
+    # text table (32,768 x 2,048 floats for Llama-3.2-1B).
     config.data.update(manual_dir="../shared/data/amazon/Movies_and_TV", protocol="paper",
-                       window=50)
+                       window=50, max_text_categories=32_768)
   elif variant:
     raise ValueError(f"unknown variant {variant!r} of user_llm_amazon; known: '', 'smoke', "
                      "'tpu'")

@@ -158,7 +158,9 @@ def load_splits(data: ml_collections.ConfigDict, workdir: str) -> Splits:
     # Frequent review summaries as per-event categories (data/text_categories.py): the
     # vocabulary comes from the training records only.
     summary_map = text_categories.SummaryCategories(
-        text_categories.frequent_summaries(train, min_count), vocab.num_categories)
+        text_categories.frequent_summaries(
+            train, min_count, int(data.get("max_text_categories", 0) or 0)),
+        vocab.num_categories)
     train, test = (text_categories.MappedSource(s, summary_map) for s in (train, test))
     if validation is not None:
       validation = text_categories.MappedSource(validation, summary_map)

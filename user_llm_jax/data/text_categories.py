@@ -42,15 +42,26 @@ def normalise(text: Any) -> str:
   return " ".join(str(text).lower().split())
 
 
-def frequent_summaries(records: Sequence[dict], min_count: int) -> tuple[str, ...]:
+def frequent_summaries(records: Sequence[dict], min_count: int, max_count: int = 0,
+                       ) -> tuple[str, ...]:
   """Normalised summaries of at least `min_count` events of `records`, commonest first.
 
   Each event is counted once per record that holds it (records are a user's timeline
   under leave-last-out; overlapping windows under the paper protocol count an event once
   per window). Ties are broken alphabetically, so the order is deterministic.
+
+  Args:
+    records: the training records.
+    min_count: `data.text_categories`, >= 1.
+    max_count: `data.max_text_categories`: keep only the commonest this many (0: all).
+      A large review corpus has hundreds of thousands of summaries written twice, and
+      each kept one is a row of the encoder's category table and of the bridge's text
+      table (`bridge.category_text`, LLM-wide).
   """
   if min_count < 1:
     raise ValueError(f"data.text_categories must be >= 1 to build a vocabulary, got {min_count}")
+  if max_count < 0:
+    raise ValueError(f"data.max_text_categories must be >= 0 (0: no cap), got {max_count}")
   counts: collections.Counter = collections.Counter()
   for record in records:
     texts = record.get(schema.REVIEW_SUMMARIES)
@@ -60,8 +71,9 @@ def frequent_summaries(records: Sequence[dict], min_count: int) -> tuple[str, ..
       key = normalise(text)
       if key:
         counts[key] += 1
-  kept = [t for t, n in counts.items() if n >= min_count]
-  return tuple(sorted(kept, key=lambda t: (-counts[t], t)))
+  kept = sorted((t for t, n in counts.items() if n >= min_count),
+                key=lambda t: (-counts[t], t))
+  return tuple(kept[:max_count] if max_count else kept)
 
 
 @dataclasses.dataclass(frozen=True)
