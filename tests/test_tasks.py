@@ -438,3 +438,48 @@ def test_a_bad_train_targets_key_is_named():
     runner.example_config(config)
   del config.tasks["train_targets"]   # a run saved before the key existed
   assert runner.train_targets(config) == "last"
+
+
+def test_review_likelihood_scores_the_reference_and_the_greedy_answer(vocab, tok, decoder):
+  """`likelihood=True`: each example's trained answer tokens scored by teacher forcing, its
+  greedy answer scored as the sampler generated it, and a search error exactly where the
+  two differ and the reference scores higher."""
+  from user_llm_jax.llm import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
+  tr = transform(vocab, tok)
+  summaries = ["Great fun", "Meh", "Five Stars", "Loved it"]
+  examples = [tr.map(dict(make_record(6, seed=s, summary=summaries[s]), task=prompts.REVIEW))
+              for s in range(4)]
+  refs = summaries
+  cond_fn = ev.text_conditioner(decoder)
+  plain = ev.evaluate_review(cond_fn, examples, refs, tok, max_new_tokens=8, batch_size=3,
+                             ids=[10, 11, 12, 13])
+  got = ev.evaluate_review(cond_fn, examples, refs, tok, max_new_tokens=8, batch_size=3,
+                           ids=[10, 11, 12, 13], likelihood=True)
+  # The check only adds figures: the answers and their ROUGE are the same.
+  assert got["rougeLsum"] == plain["rougeLsum"]
+  assert "reference_logprob" not in plain and "search_errors" not in plain
+  values = got["per_example"]["values"]
+  assert got["per_example"]["ids"] == [10, 11, 12, 13]
+  sampler = sampler_lib.Sampler(decoder, pad_id=tok.pad_id, stop_tokens=tok.stop_token_ids)
+  end = prompts.end_token(tok)
+  for i, e in enumerate(examples):
+    prompt = ex.prompt_of(e)
+    answer = tok.encode(summaries[i]) + [end]          # the trained answer tokens
+    want_ref = beam_search.score_candidates(decoder, prompt, [answer])[0]
+    assert values["reference_logprob"][i] == pytest.approx(want_ref, abs=1e-3)
+    out = sampler([prompt], max_new_tokens=8, return_logprobs=True)
+    generated = out.tokens[0, :int(out.lengths[0]) + int(out.stopped[0])].tolist()
+    want_gen = float(out.log_probs[0].sum())
+    expect_error = float(generated != answer and want_ref > want_gen + 1e-3)
+    if abs(want_ref - want_gen) > 1e-3:                # away from a rounding tie
+      assert values["search_errors"][i] == expect_error
+    # The greedy answer scored by teacher forcing = the sampler's own log-probabilities.
+    ref_lp, gen_lp = ev.answer_log_probs(cond_fn(ex.collate([e])), [answer], [generated])
+    assert gen_lp[0] == pytest.approx(want_gen, abs=1e-3)
+    assert ref_lp[0] == pytest.approx(want_ref, abs=1e-3)
+    # A search error by construction: a "greedy" answer the model scores lower.
+    worse = ev.answer_log_probs(cond_fn(ex.collate([e])), [generated], [answer])
+    assert (worse[0][0] > worse[1][0]) == (want_gen > want_ref)
+  assert got["reference_logprob"] == pytest.approx(np.mean(values["reference_logprob"]))
+  assert got["search_errors"] == pytest.approx(np.mean(values["search_errors"]))
+  assert got["likelihood_sec"] > 0 and "search_errors" in got["procedure"]

@@ -46,6 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.bridge.category_text = True
   config.train.num_steps = 200
   config.eval.num_examples = 100
+  config.eval.review_likelihood = True
 
   variant = arg or ""
   if variant == "smoke":

@@ -139,7 +139,10 @@ def base_config() -> ml_collections.ConfigDict:
       num_examples=200,       # seeded sample of test records (<= 0: all)
       exact_threshold=1000,   # catalogues up to this size are scored exactly
       shuffled_control=True,  # also evaluate with each user's context swapped
-      curve_examples=0)       # > 0 with train.eval_every > 0: learning-curve points
+      curve_examples=0,       # > 0 with train.eval_every > 0: learning-curve points
+      # review task: also score the reference and the greedy answer exactly (search
+      # errors, the reference's log-probability with the real and the shuffled context)
+      review_likelihood=False)
   config.mesh = common.mesh_section()
   config.aot = common.aot_section()
   return config

@@ -118,7 +118,7 @@ def difference(a: Mapping[str, Any], b: Mapping[str, Any], key: str) -> Differen
 # The metrics each task's rows are compared on (headline first).
 TASK_KEYS = {"next_item": ("recall@1", "recall@5", "recall@10", "ndcg@10"),
              "favorite_category": ("accuracy",),
-             "review": ("rougeLsum",)}
+             "review": ("rougeLsum", "reference_logprob", "search_errors")}
 
 
 def compare_runs(reference: tuple[str, Mapping[str, Mapping[str, Mapping[str, Any]]]],
@@ -214,6 +214,9 @@ COMPARISONS = (
     ("user_llm_encoder_head", "next_item", "recall@10", ("sasrec",)),
     ("user_llm", "review", "rougeLsum",
      ("rating_prior", "text_prompt", "user_llm_shuffled", "past_answer")),
+    # The likelihood form of the shuffled control (`eval.review_likelihood`): does the real
+    # context raise the reference answer, even where greedy decoding does not write it?
+    ("user_llm", "review", "reference_logprob", ("user_llm_shuffled", "text_prompt")),
 )
 
 

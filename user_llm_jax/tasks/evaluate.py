@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -365,33 +366,100 @@ def rouge_lsum(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 def generate(cond: Conditioned, tokenizer: Tokenizer, max_new_tokens: int) -> list[str]:
   """Greedy answers (decoded text) for a conditioned batch."""
+  return generate_with_tokens(cond, tokenizer, max_new_tokens)[0]
+
+
+def generate_with_tokens(cond: Conditioned, tokenizer: Tokenizer, max_new_tokens: int,
+                         ) -> tuple[list[str], list[list[int]]]:
+  """Greedy answers for a conditioned batch: (decoded texts, generated token lists, the
+  stop token included when the row emitted one)."""
   sampler = sampler_lib.Sampler(cond.decoder, pad_id=tokenizer.pad_id,
                                 stop_tokens=tokenizer.stop_token_ids)
   out = sampler(cond.prompts, max_new_tokens=max_new_tokens, inputs_embeds=cond.inputs_embeds,
                 prompt_mask=cond.prompt_mask, context=cond.context,
                 context_mask=cond.context_mask)
-  return [tokenizer.decode(out.tokens[i, :out.lengths[i]]).strip()
-          for i in range(out.tokens.shape[0])]
+  texts, token_lists = [], []
+  for i in range(out.tokens.shape[0]):
+    n = int(out.lengths[i])
+    texts.append(tokenizer.decode(out.tokens[i, :n]).strip())
+    token_lists.append([int(t) for t in out.tokens[i, :n + int(bool(out.stopped[i]))]])
+  return texts, token_lists
+
+
+def answer_of(example: dict[str, np.ndarray]) -> list[int]:
+  """The answer tokens of a (single) example, as trained: the loss-masked positions."""
+  return [int(t) for t in example[ex_lib.TOKENS][np.asarray(example[ex_lib.LOSS_MASK], bool)]]
+
+
+def answer_log_probs(cond: Conditioned, answers: Sequence[Sequence[int]],
+                     generated: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+  """Row i's exact log-probabilities of its own `answers[i]` and `generated[i]`: ([B], [B]).
+
+  Each row is prefilled alone and scores its two sequences (the batched scorer would score
+  every row's options after every prompt: B times the cache for a long text prompt).
+  """
+  n = len(answers)
+  if len(generated) != n:
+    raise ValueError(f"{len(generated)} generated answers for {n} reference answers")
+  scores = np.stack([score_options(cond.row(i), [list(answers[i]), list(generated[i])], 2)[0]
+                     for i in range(n)])                                    # [B, 2]
+  return scores[:, 0], scores[:, 1]
 
 
 def evaluate_review(condition: Conditioner, examples: Sequence[dict[str, np.ndarray]],
                     references: Sequence[str], tokenizer: Tokenizer, *, max_new_tokens: int,
                     batch_size: int = 8, desc: str = "eval review",
-                    ids: Sequence[int] | None = None) -> dict[str, Any]:
+                    ids: Sequence[int] | None = None, likelihood: bool = False,
+                    ) -> dict[str, Any]:
   """ROUGE-Lsum of greedy review generations against `references` (one per example);
-  with `ids` (one per example) the per-example scores are kept (`paired.PER_EXAMPLE`)."""
+  with `ids` (one per example) the per-example scores are kept (`paired.PER_EXAMPLE`).
+
+  With `likelihood`, each example's reference answer (its trained answer tokens) and its
+  greedy answer are also scored exactly under the same conditioning. That separates a
+  model that does not know the answer from a search that misses it: `search_errors` is
+  the share of examples whose greedy answer differs from the reference although the model
+  gives the reference the higher log-probability (a better decoder would find it), and
+  `reference_logprob` (nats per answer, kept per example) compared between the real and
+  the shuffled context says how much the context raises the right answer even where
+  greedy decoding does not write it. Its time is reported apart (`likelihood_sec`).
+  """
   if len(references) != len(examples):
     raise ValueError(f"{len(references)} references for {len(examples)} examples")
   ids = _check_ids(ids, examples)
   predictions: list[str] = []
-  for batch in _batches(examples, batch_size, desc):
-    predictions.extend(generate(condition(batch), tokenizer, max_new_tokens))
+  ref_lp: list[float] = []
+  search_error: list[float] = []
+  likelihood_sec = 0.0
+  for lo, batch in zip(range(0, len(examples), batch_size),
+                       _batches(examples, batch_size, desc)):
+    cond = condition(batch)
+    texts, generated = generate_with_tokens(cond, tokenizer, max_new_tokens)
+    predictions.extend(texts)
+    if likelihood:
+      start = time.perf_counter()
+      answers = [answer_of(ex) for ex in examples[lo:lo + batch_size]]
+      ref, gen = answer_log_probs(cond, answers, generated)
+      ref_lp.extend(float(x) for x in ref)
+      search_error.extend(float(a != g and r > q)
+                          for a, g, r, q in zip(answers, generated, ref, gen))
+      likelihood_sec += time.perf_counter() - start
   scores = rouge_lsum_scores(predictions, references)
   mean, se = mean_stderr(scores)
-  extra = ({} if ids is None else
-           {paired.PER_EXAMPLE: paired.per_example(ids, {"rougeLsum": scores})})
-  return {"rougeLsum": mean, "rougeLsum_stderr": se, "num_examples": len(references), **extra,
-          "procedure": f"greedy decoding (<= {max_new_tokens} tokens), ROUGE-Lsum F1 "
-                       "(rouge-score, stemmed) against the real review",
+  values = {"rougeLsum": scores}
+  out: dict[str, Any] = {"rougeLsum": mean, "rougeLsum_stderr": se,
+                         "num_examples": len(references)}
+  procedure = (f"greedy decoding (<= {max_new_tokens} tokens), ROUGE-Lsum F1 "
+               "(rouge-score, stemmed) against the real review")
+  if likelihood:
+    values.update(reference_logprob=ref_lp, search_errors=search_error)
+    for key, vals in (("reference_logprob", ref_lp), ("search_errors", search_error)):
+      out[key], out[key + "_stderr"] = mean_stderr(vals)
+    out["likelihood_sec"] = likelihood_sec
+    procedure += ("; reference_logprob: exact log-probability of the reference answer "
+                  "tokens (nats); search_errors: share where the model scores the reference "
+                  "above its own greedy answer")
+  if ids is not None:
+    out[paired.PER_EXAMPLE] = paired.per_example(ids, values)
+  return {**out, "procedure": procedure,
           "samples": [{"prediction": p, "reference": r}
                       for p, r in zip(predictions[:3], references[:3])]}

@@ -172,8 +172,10 @@ def evaluate_tasks(condition: eval_lib.Conditioner, data: TaskData,
       results[task] = eval_lib.evaluate_review(
           condition, examples, refs, transform.tokenizer,
           max_new_tokens=transform.cfg.max_answer_tokens + 1, batch_size=config.eval.batch_size,
-          desc="eval review" + tag, ids=ids)
-    seconds = time.perf_counter() - start
+          desc="eval review" + tag, ids=ids,
+          likelihood=bool(config.eval.get("review_likelihood", False)))
+    # The likelihood check is a diagnostic, not part of answering: not in s / answer.
+    seconds = time.perf_counter() - start - results[task].get("likelihood_sec", 0.0)
     results[task]["eval_sec"] = seconds
     results[task]["sec_per_answer"] = seconds / max(len(examples), 1)
     results[task]["mean_prompt_tokens"] = float(np.mean(
@@ -208,6 +210,9 @@ TASK_COLUMNS: tuple[tuple[str, str, str], ...] = (
     (prompts.NEXT_ITEM, "recall@{k}", "R@{k}"),
     (prompts.FAVORITE_CATEGORY, "accuracy", "fav_acc"),
     (prompts.REVIEW, "rougeLsum", "rougeLsum"),
+    # Present with `eval.review_likelihood` (rows that do not decode show '-').
+    (prompts.REVIEW, "reference_logprob", "ref_logp"),
+    (prompts.REVIEW, "search_errors", "search_err"),
 )
 
 
@@ -220,11 +225,17 @@ def results_table(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]], ks: Se
     ks: the k of Recall@k shown.
     extra: more columns, {header: method name -> cell}.
   """
-  cols = []
+  cols, headed = [], set()
   for task, key, head in TASK_COLUMNS:
     keys = [(key.format(k=k), head.format(k=k)) for k in ks] if "{k}" in key else [(key, head)]
-    if any(task in m for m in metrics.values()):
-      cols += [(task, k, h) for k, h in keys] + [(task, "num_examples", f"n({head.split('@')[0]})")]
+    if not any(task in m for m in metrics.values()):
+      continue
+    if task in headed:  # a further metric of the task: only if some row has it, one n
+      cols += [(task, k, h) for k, h in keys
+               if any(k in m.get(task, {}) for m in metrics.values())]
+      continue
+    headed.add(task)
+    cols += [(task, k, h) for k, h in keys] + [(task, "num_examples", f"n({head.split('@')[0]})")]
   rows = []
   for name, by_task in metrics.items():
     row = [name]
