@@ -58,6 +58,14 @@ def test_review_run_aligns_on_category_words_and_reports_answer_groups(tmp_path)
   assert breakdown["past_answer"][floors.REPEAT_OWN]["mean"] == pytest.approx(1.0)
   assert breakdown["rating_prior"][floors.REPEAT_PRIOR]["mean"] == pytest.approx(1.0)
   assert breakdown["user_llm"][floors.REPEAT_OWN]["n"] == 6
+  # eval.review_likelihood (on in the config): every User-LLM review answer's reference
+  # scored exactly, per user, beside its ROUGE.
+  mine = summary["metrics"]["user_llm"]["review"]
+  assert config.eval.review_likelihood
+  assert mine["reference_logprob"] < 0 and 0 <= mine["search_errors"] <= 1
+  assert len(mine["per_example"]["values"]["reference_logprob"]) == 12
+  assert "reference_logprob" not in summary["metrics"]["rating_prior"]["review"]
   text = (tmp_path / "run" / "summary.txt").read_text()
+  assert "ref_logp" in text and "search_err" in text
   assert "review rougeLsum by group of test users:" in text
   assert "writing the last 3 events' categories" in text

@@ -477,6 +477,10 @@ def test_review_likelihood_scores_the_reference_and_the_greedy_answer(vocab, tok
     ref_lp, gen_lp = ev.answer_log_probs(cond_fn(ex.collate([e])), [answer], [generated])
     assert gen_lp[0] == pytest.approx(want_gen, abs=1e-3)
     assert ref_lp[0] == pytest.approx(want_ref, abs=1e-3)
+    # Scoring more (masked) positions, one shape for every answer length: the same figures.
+    padded = ev.answer_log_probs(cond_fn(ex.collate([e])), [answer], [generated],
+                                 min_length=24)
+    np.testing.assert_allclose(np.concatenate(padded), [ref_lp[0], gen_lp[0]], atol=1e-4)
     # A search error by construction: a "greedy" answer the model scores lower.
     worse = ev.answer_log_probs(cond_fn(ex.collate([e])), [generated], [answer])
     assert (worse[0][0] > worse[1][0]) == (want_gen > want_ref)

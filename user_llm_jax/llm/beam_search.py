@@ -288,7 +288,8 @@ def score_candidates_batch(model: Decoder, prompts: Sequence[Sequence[int]],
                            candidates: Sequence[Sequence[int]], *, batch_size: int = 32,
                            context: jax.Array | None = None,
                            context_mask: jax.Array | None = None,
-                           length_bucket: int = 16) -> np.ndarray:
+                           length_bucket: int = 16, min_candidate_length: int = 0,
+                           ) -> np.ndarray:
   """`score_candidates` for B token prompts at once: [B, C] exact log-probs.
 
   The B prompts are left-padded to one bucketed length and prefilled together (with their
@@ -300,7 +301,7 @@ def score_candidates_batch(model: Decoder, prompts: Sequence[Sequence[int]],
   _check_candidates(candidates)
   tokens, mask = sampler_lib.left_pad(prompts, 0, length_bucket)
   return _prefill_and_score(model, tokens, mask, None, candidates, batch_size, context,
-                            context_mask)
+                            context_mask, min_candidate_length=min_candidate_length)
 
 
 def _check_candidates(candidates: Sequence[Sequence[int]]) -> None:
@@ -312,11 +313,11 @@ def _prefill_and_score(model: Decoder, tokens: np.ndarray | None, mask: jax.Arra
                        inputs_embeds: jax.Array | None, candidates: Sequence[Sequence[int]],
                        batch_size: int, context: jax.Array | None,
                        context_mask: jax.Array | None, show_progress: bool = False,
-                       ) -> np.ndarray:
+                       min_candidate_length: int = 0) -> np.ndarray:
   """Prefills the B left-padded prompts once, then scores every candidate after each:
   [B, C] summed log-probs (chunks of `batch_size` candidates x B prompts per call)."""
   b = mask.shape[0]
-  length = max(len(c) for c in candidates)
+  length = max(max(len(c) for c in candidates), min_candidate_length)
   graphdef, params = nnx.split(model)
   first_logits, state = sampler_lib.prefill_jitted(
       graphdef, params, tokens, mask, inputs_embeds, context, context_mask,
@@ -354,7 +355,8 @@ def score_candidates(model: Decoder, prompt: Sequence[int] | None,
                      candidates: Sequence[Sequence[int]], *, batch_size: int = 32,
                      inputs_embeds: jax.Array | None = None,
                      context: jax.Array | None = None, context_mask: jax.Array | None = None,
-                     length_bucket: int = 16, show_progress: bool = False) -> np.ndarray:
+                     length_bucket: int = 16, show_progress: bool = False,
+                     min_candidate_length: int = 0) -> np.ndarray:
   """Exact log p(candidate | prompt) of every candidate by teacher forcing.
 
   The prompt is prefilled once; candidates are scored `batch_size` at a time against a
@@ -372,6 +374,9 @@ def score_candidates(model: Decoder, prompt: Sequence[int] | None,
     length_bucket: prompt length rounding, for tokens and embeddings alike (limits
       recompiles across prompts).
     show_progress: show a tqdm bar over chunks.
+    min_candidate_length: score at least this many positions per candidate (the padding
+      is masked, the scores do not change): calls whose longest candidate differs then
+      share one compiled shape.
 
   Returns:
     [C] float32 summed log-probs.
@@ -387,7 +392,7 @@ def score_candidates(model: Decoder, prompt: Sequence[int] | None,
   else:
     raise ValueError("give `prompt` or `inputs_embeds`")
   return _prefill_and_score(model, tokens, mask, inputs_embeds, candidates, batch_size,
-                            context, context_mask, show_progress)[0]
+                            context, context_mask, show_progress, min_candidate_length)[0]
 
 
 def ranked_items(out: BeamSearchOutput, trie: Any, k: int | None = None) -> list[list[int]]:

@@ -116,22 +116,26 @@ def user_llm_conditioner(model: nnx.Module, pad_id: int) -> Conditioner:
 
 
 def score_options(cond: Conditioned, options: Sequence[Sequence[int]],
-                  batch_size: int, *, independent_rows: bool = False) -> np.ndarray:
+                  batch_size: int, *, independent_rows: bool = False,
+                  min_length: int = 0) -> np.ndarray:
   """[B, C] exact log-probs of every option (token list) after each prompt.
 
   Args:
     independent_rows: prefill and score each prompt alone, so that a row's figures do not
       depend on the other rows of its batch (their padded length and count change the
       float rounding); answers to a users file then stay the same however it is batched.
+    min_length: score at least this many positions per option (masked padding, the same
+      figures): options of varying length then reuse one compiled shape.
   """
   if cond.prompts is not None and independent_rows:
-    return np.concatenate([score_options(cond.row(i), options, batch_size)
+    return np.concatenate([score_options(cond.row(i), options, batch_size,
+                                         min_length=min_length)
                            for i in range(len(cond.prompts))])
   if cond.prompts is not None:
     # Token prompts (text prompt, cross-attention User-LLM): all rows prefilled at once.
     return beam_lib.score_candidates_batch(
         cond.decoder, cond.prompts, options, batch_size=batch_size, context=cond.context,
-        context_mask=cond.context_mask)
+        context_mask=cond.context_mask, min_candidate_length=min_length)
   rows = []
   n = cond.inputs_embeds.shape[0]
   for i in range(n):
@@ -141,7 +145,7 @@ def score_options(cond: Conditioned, options: Sequence[Sequence[int]],
     keep = np.flatnonzero(np.asarray(one.prompt_mask[0]))
     rows.append(beam_lib.score_candidates(
         cond.decoder, None, options, batch_size=batch_size,
-        inputs_embeds=one.inputs_embeds[:, keep]))
+        inputs_embeds=one.inputs_embeds[:, keep], min_candidate_length=min_length))
   return np.stack(rows)
 
 
@@ -392,16 +396,19 @@ def answer_of(example: dict[str, np.ndarray]) -> list[int]:
 
 
 def answer_log_probs(cond: Conditioned, answers: Sequence[Sequence[int]],
-                     generated: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+                     generated: Sequence[Sequence[int]], *, min_length: int = 0,
+                     ) -> tuple[np.ndarray, np.ndarray]:
   """Row i's exact log-probabilities of its own `answers[i]` and `generated[i]`: ([B], [B]).
 
   Each row is prefilled alone and scores its two sequences (the batched scorer would score
   every row's options after every prompt: B times the cache for a long text prompt).
+  `min_length` as in `score_options` (the longest answer allowed keeps one shape).
   """
   n = len(answers)
   if len(generated) != n:
     raise ValueError(f"{len(generated)} generated answers for {n} reference answers")
-  scores = np.stack([score_options(cond.row(i), [list(answers[i]), list(generated[i])], 2)[0]
+  scores = np.stack([score_options(cond.row(i), [list(answers[i]), list(generated[i])], 2,
+                                   min_length=min_length)[0]
                      for i in range(n)])                                    # [B, 2]
   return scores[:, 0], scores[:, 1]
 
@@ -438,7 +445,7 @@ def evaluate_review(condition: Conditioner, examples: Sequence[dict[str, np.ndar
     if likelihood:
       start = time.perf_counter()
       answers = [answer_of(ex) for ex in examples[lo:lo + batch_size]]
-      ref, gen = answer_log_probs(cond, answers, generated)
+      ref, gen = answer_log_probs(cond, answers, generated, min_length=max_new_tokens)
       ref_lp.extend(float(x) for x in ref)
       search_error.extend(float(a != g and r > q)
                           for a, g, r, q in zip(answers, generated, ref, gen))
