@@ -216,6 +216,18 @@ def test_rows_are_broken_down_by_the_groups_a_row_names(tmp_path):
   assert breakdown["past_answer"]["new"]["mean"] == 0.0
   text_lines = paired.breakdown_text(paired.group_breakdown(user_run))
   assert "user_llm: repeat_prior 1.000" in text_lines and "repeat_own 0.167" in text_lines
+  # A further metric of the task (the likelihood check's), by the same groups; rows
+  # without its per-user values are left out.
+  logp = [-1.0, -2.0, -9.0, -6.0, -3.0, -20.0]
+  user_run["user_llm"]["review"]["per_example"]["values"]["reference_logprob"] = logp
+  assert "reference_logprob" in paired.further_keys()
+  by_logp = paired.group_breakdown(user_run, "reference_logprob")["review"]
+  assert set(by_logp) == {"user_llm"}
+  assert by_logp["user_llm"]["repeat_own"]["mean"] == pytest.approx(-6.0)
+  assert by_logp["user_llm"]["repeat_prior"]["mean"] == pytest.approx(-1.5)
+  assert "review reference_logprob by group" in paired.breakdown_text(
+      {"review": by_logp}, "reference_logprob")
+  assert paired.group_breakdown(user_run, "recall@5") == {}   # no groups for next item
   # The text run names no groups; the reference run's are used.
   results = paired.compare_runs(("user_llm_run", user_run), ("text_run", text_run),
                                 ("user_llm", "text_prompt"))

@@ -65,7 +65,10 @@ def test_review_run_aligns_on_category_words_and_reports_answer_groups(tmp_path)
   assert mine["reference_logprob"] < 0 and 0 <= mine["search_errors"] <= 1
   assert len(mine["per_example"]["values"]["reference_logprob"]) == 12
   assert "reference_logprob" not in summary["metrics"]["rating_prior"]["review"]
+  by_group = summary["groups_by_metric"]["reference_logprob"]["review"]["user_llm"]
+  assert by_group[floors.REPEAT_OWN]["n"] == 6 and by_group[floors.NEW_TEXT]["n"] == 2
   text = (tmp_path / "run" / "summary.txt").read_text()
   assert "ref_logp" in text and "search_err" in text
+  assert "review reference_logprob by group of test users:" in text
   assert "review rougeLsum by group of test users:" in text
   assert "writing the last 3 events' categories" in text

@@ -270,38 +270,45 @@ def task_groups(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]],
   return {}
 
 
-def group_breakdown(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]]
+def group_breakdown(metrics: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                    key: str | None = None,
                     ) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
   """{task: {method: {group: {mean, stderr, n}}}} for every task whose rows name groups.
 
-  Each row with per-example values of the task's headline metric (`TASK_KEYS`) is averaged
-  over each group's ids."""
+  Each row with per-example values of the task's headline metric (`TASK_KEYS`), or of
+  `key` for the tasks that compare on it, is averaged over each group's ids."""
   out: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
   for task, keys in TASK_KEYS.items():
     groups = task_groups(metrics, task)
-    if not groups:
+    if not groups or (key is not None and key not in keys):
       continue
-    key = keys[0]
+    metric = keys[0] if key is None else key
     for method, by_task in metrics.items():
       if task not in by_task:
         continue
       row = {}
       for group, ids in groups.items():
-        sub = restrict(by_task[task], ids, key)
+        sub = restrict(by_task[task], ids, metric)
         if sub is not None:
-          row[group] = {"mean": sub[key], "stderr": sub[f"{key}_stderr"],
+          row[group] = {"mean": sub[metric], "stderr": sub[f"{metric}_stderr"],
                         "n": sub["num_examples"]}
       if row:
         out.setdefault(task, {})[method] = row
   return out
 
 
-def breakdown_text(breakdown: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]]
-                   ) -> str:
-  """The `group_breakdown` as lines: one per (task, method), 'group mean +- se (n)'."""
+def further_keys() -> tuple[str, ...]:
+  """The metrics compared beside a task's headline (`TASK_KEYS`), each once."""
+  return tuple(dict.fromkeys(k for keys in TASK_KEYS.values() for k in keys[1:]))
+
+
+def breakdown_text(breakdown: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]],
+                   key: str | None = None) -> str:
+  """The `group_breakdown` (of `key`, default each task's headline) as lines: one per
+  (task, method), 'group mean +- se (n)'."""
   lines = []
   for task, rows in breakdown.items():
-    lines.append(f"{task} {TASK_KEYS[task][0]} by group of test users:")
+    lines.append(f"{task} {key or TASK_KEYS[task][0]} by group of test users:")
     for method, row in rows.items():
       cells = ", ".join(f"{g} {c['mean']:.3f} +- {c['stderr']:.3f} (n = {c['n']})"
                         for g, c in row.items())

@@ -412,6 +412,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   summary["groups"] = paired.group_breakdown(metrics)
   if summary["groups"]:
     text += "\n" + paired.breakdown_text(summary["groups"])
+  # The same for the metrics beside the headline that some row has per user (reviews with
+  # `eval.review_likelihood`: where the context raises the reference answer).
+  summary["groups_by_metric"] = {}
+  for key in paired.further_keys():
+    breakdown = paired.group_breakdown(metrics, key)
+    if breakdown:
+      summary["groups_by_metric"][key] = breakdown
+      text += "\n" + paired.breakdown_text(breakdown, key)
   if align is not None:
     text = f"{text}\n{align_text(align)}"
   if history:
