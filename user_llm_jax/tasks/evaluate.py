@@ -390,11 +390,6 @@ def generate_with_tokens(cond: Conditioned, tokenizer: Tokenizer, max_new_tokens
   return texts, token_lists
 
 
-def answer_of(example: dict[str, np.ndarray]) -> list[int]:
-  """The answer tokens of a (single) example, as trained: the loss-masked positions."""
-  return [int(t) for t in example[ex_lib.TOKENS][np.asarray(example[ex_lib.LOSS_MASK], bool)]]
-
-
 def answer_log_probs(cond: Conditioned, answers: Sequence[Sequence[int]],
                      generated: Sequence[Sequence[int]], *, min_length: int = 0,
                      ) -> tuple[np.ndarray, np.ndarray]:
@@ -444,7 +439,7 @@ def evaluate_review(condition: Conditioner, examples: Sequence[dict[str, np.ndar
     predictions.extend(texts)
     if likelihood:
       start = time.perf_counter()
-      answers = [answer_of(ex) for ex in examples[lo:lo + batch_size]]
+      answers = [ex_lib.answer_of(ex) for ex in examples[lo:lo + batch_size]]
       ref, gen = answer_log_probs(cond, answers, generated, min_length=max_new_tokens)
       ref_lp.extend(float(x) for x in ref)
       search_error.extend(float(a != g and r > q)

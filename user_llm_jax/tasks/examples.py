@@ -299,3 +299,8 @@ def collate(examples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 def prompt_of(example: dict[str, np.ndarray]) -> list[int]:
   """The prompt tokens of a (single) example."""
   return [int(t) for t in example[TOKENS][:int(example[PROMPT_LENGTH])]]
+
+
+def answer_of(example: dict[str, np.ndarray]) -> list[int]:
+  """The answer tokens of a (single) example, as trained: its loss-masked positions."""
+  return [int(t) for t in example[TOKENS][np.asarray(example[LOSS_MASK], bool)]]
