@@ -227,7 +227,8 @@ _ENCODER_ADDED = {"input_norm": (None, False), "init_std": (None, 0.0, 0),
 _BRIDGE_ADDED = {"item_head_skip": (False,), "item_head_skip_frozen": (False,),
                  "soft_prompt_norm": (False,),
                  "pooled_context": (False,), "standardize_states": (False,),
-                 "category_text": (False,), "category_text_tokens": (8,)}
+                 "category_text": (False,), "category_text_tokens": (8,),
+                 "text_memory": (False,)}
 OMITTED_AT: dict[str, tuple[Any, ...]] = {
     "llm.param_dtype": ("float32",),
     "data.timestamp_precision": ("exact",),

@@ -90,6 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.bridge.standardize_states = False # states centred / scaled by training statistics
   config.bridge.category_text = False      # + each event's category names, as LLM embeddings
   config.bridge.category_text_tokens = 8   # tokens kept of each name
+  config.bridge.text_memory = False        # + those tokens as cross-attention slots
   config.bridge.dtype = "float32"
   config.bridge.param_dtype = "float32"
 

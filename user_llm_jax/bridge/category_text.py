@@ -88,3 +88,71 @@ def event_text(table: jax.Array, categories: jax.Array) -> jax.Array:
   valid = (categories >= schema.FIRST_ID).astype(table.dtype)[..., None]  # [B, E, C, 1]
   rows = jnp.take(table, categories, axis=0, mode="clip")                 # [B, E, C, D]
   return jnp.sum(rows * valid, axis=2) / jnp.maximum(jnp.sum(valid, axis=2), 1.0)
+
+
+# ------------------------------------------------------------------ token-level memory
+#
+# The mean above is a bag of words: it raises the logits of a summary's words but says
+# nothing of their order, and a user's own phrase ("Came on time.") keeps a probability of
+# about e^-14.6 with it (README, Gift_Cards). A text prompt copies such a phrase with the
+# attention its LLM was pretrained with. With `UserLlmConfig.text_memory` the cross-
+# attention also reads each event's summary token by token, one memory slot per token:
+#
+#     slot[b, e, j] = t[j] + roll(t[j - 1]) + g * rms1(context[b, e])
+#
+# t[j] the j-th token's input embedding at unit RMS (what a slot's value should write out:
+# the LLM ties its input and output embeddings), t[-1] a learned start vector, roll a
+# fixed half-width cyclic shift of the dimensions, so the previous token lands where a
+# key projection can read it apart from the current one (a query holding the token just
+# written then finds the slot of the token that followed it: copying, one block deep),
+# and the event's own user embedding at unit RMS times a learned gain g, so a query can
+# pick the event (its rating, its time) before the phrase.
+
+
+class TextMemory(nnx.Variable):
+  """Fixed [num_categories, L, D] unit-RMS token embeddings of the category names (not a
+  `Param`; PAD slots are 0)."""
+
+
+def token_vectors(embedding: jax.Array, tokens: np.ndarray | jax.Array) -> jax.Array:
+  """float32 [V_cat, L, D]: each name token's input embedding at unit RMS (PAD slots 0).
+
+  Args:
+    embedding: [vocab, D] the LLM's input token embeddings.
+    tokens: int[V_cat, L] from `token_table`.
+  """
+  tokens = jnp.asarray(tokens, jnp.int32)
+  rows = jnp.take(embedding.astype(jnp.float32), jnp.maximum(tokens, 0), axis=0)
+  rms = jnp.sqrt(jnp.mean(jnp.square(rows), axis=-1, keepdims=True))
+  valid = (tokens != PAD_TOKEN).astype(jnp.float32)[..., None]
+  return rows / jnp.maximum(rms, 1e-12) * valid
+
+
+def memory_slots(table: jax.Array, categories: jax.Array, events: jax.Array,
+                 event_mask: jax.Array, start: jax.Array,
+                 event_gain: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Token-level memory of each event's first category name -> ([B, E*L, D], [B, E*L]).
+
+  The first category is the one `data.text_categories` puts the review summary in.
+
+  Args:
+    table: [V_cat, L, D] `token_vectors`.
+    categories: int[B, E, C] the events' category ids.
+    events: [B, E, D] the events' user embeddings (the bridge's output).
+    event_mask: [B, E] bool, True on real events.
+    start: [D] the "previous token" of every name's first token.
+    event_gain: scalar g of the event embedding in every slot of its event.
+  """
+  first = jnp.asarray(categories, jnp.int32)[..., 0]                          # [B,E]
+  cur = jnp.take(table, first, axis=0, mode="clip")                           # [B,E,L,D]
+  b, e, length, d = cur.shape
+  token_valid = jnp.any(cur != 0, axis=-1)                                    # [B,E,L]
+  prev = jnp.concatenate(
+      [jnp.broadcast_to(start.astype(cur.dtype), (b, e, 1, d)), cur[:, :, :-1]], axis=2)
+  x = events.astype(jnp.float32)
+  x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + 1e-6)
+  slots = (cur + jnp.roll(prev, d // 2, axis=-1)
+           + event_gain.astype(cur.dtype) * x[:, :, None, :])
+  mask = (token_valid & (first >= schema.FIRST_ID)[..., None]
+          & jnp.asarray(event_mask, bool)[..., None])
+  return slots.reshape(b, e * length, d), mask.reshape(b, e * length)

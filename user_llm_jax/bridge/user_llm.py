@@ -117,6 +117,13 @@ class UserLlmConfig:
       learning what its id stands for. Needs `use_perceiver=False` (the Perceiver's latents
       are not events) and the category names when the model is built.
     category_text_tokens: tokens kept of each category name.
+    text_memory: with `category_text`, the cross-attention also reads each event's first
+      category name (the review summary with `data.text_categories`) token by token: one
+      memory slot per token after the event embeddings, each its token's embedding plus
+      the previous token's (shifted apart) plus the event's embedding
+      (`category_text.memory_slots`), so a block can copy a phrase word by word where the
+      mean vector gives only its words. Costs E x `category_text_tokens` more context
+      slots and a fixed [num_categories, L, D] table. Needs `mode='cross_attention'`.
     standardize_states: shift and scale every encoder state before the bridge,
       (state - shift) * gain per dimension, with `shift` and `gain` trained parameters that
       the job initialises from the encoder's states on training records (their mean and
@@ -149,6 +156,7 @@ class UserLlmConfig:
   standardize_states: bool = False
   category_text: bool = False
   category_text_tokens: int = 8
+  text_memory: bool = False
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -164,6 +172,11 @@ class UserLlmConfig:
     if self.category_text and self.use_perceiver:
       raise ValueError("UserLlmConfig.category_text=True needs use_perceiver=False: the text "
                        "is added per event, and the Perceiver's latents are not events")
+    if self.text_memory and not (self.category_text and self.mode == "cross_attention"):
+      raise ValueError("UserLlmConfig.text_memory=True needs category_text=True and "
+                       f"mode='cross_attention' (got category_text={self.category_text}, "
+                       f"mode={self.mode!r}): it is the category names' tokens, read by "
+                       "the cross-attention blocks")
     for name in ("num_latents", "perceiver_layers", "perceiver_heads", "projection_layers",
                  "xattn_every", "category_text_tokens"):
       value = getattr(self, name)
@@ -212,6 +225,11 @@ class Bridge(nnx.Module):
     category_text: [num_categories, D] fixed text vectors of the category names
       (`category_text.CategoryText`), or None without `cfg.category_text`.
     text_gain: [D] learned gain of the events' category text, or None.
+    text_memory: [num_categories, L, D] fixed token embeddings of the category names
+      (`category_text.TextMemory`), or None without `cfg.text_memory`.
+    memory_start: [D] learned "previous token" of each name's first memory slot, or None.
+    memory_event_gain: scalar learned weight of the event embedding in its memory slots,
+      or None.
   """
 
   def __init__(self, cfg: UserLlmConfig, encoder_width: int, llm_width: int, *,
@@ -249,6 +267,15 @@ class Bridge(nnx.Module):
                           if cfg.category_text else None)
     self.text_gain = (nnx.Param(sharding.partitioned(nnx.initializers.ones_init(), axes)(
         unused_key, (llm_width,), param_dtype)) if cfg.category_text else None)
+    memory = cfg.text_memory
+    self.text_memory = (category_text_lib.TextMemory(sharding.partitioned(
+        nnx.initializers.zeros_init(), (None, None, "embed"))(
+            unused_key, (num_categories, cfg.category_text_tokens, llm_width), jnp.float32))
+                        if memory else None)
+    self.memory_start = (nnx.Param(sharding.partitioned(nnx.initializers.zeros_init(), axes)(
+        unused_key, (llm_width,), param_dtype)) if memory else None)
+    self.memory_event_gain = (nnx.Param(sharding.partitioned(
+        nnx.initializers.ones_init(), ())(unused_key, (), param_dtype)) if memory else None)
 
   def set_category_text(self, vectors: jax.Array) -> None:
     """Sets the category text table ([num_categories, D], `category_text.text_vectors`)."""
@@ -260,12 +287,23 @@ class Bridge(nnx.Module):
                        f"holds {held} (categories x LLM width)")
     self.category_text[...] = jnp.asarray(vectors, jnp.float32)
 
+  def set_text_memory(self, vectors: jax.Array) -> None:
+    """Sets the token memory table ([num_categories, L, D], `category_text.token_vectors`)."""
+    if self.text_memory is None:
+      raise ValueError("set_text_memory needs UserLlmConfig.text_memory=True")
+    held = tuple(self.text_memory[...].shape)
+    if tuple(vectors.shape) != held:
+      raise ValueError(f"text memory vectors of shape {tuple(vectors.shape)}; this bridge "
+                       f"holds {held} (categories x name tokens x LLM width)")
+    self.text_memory[...] = jnp.asarray(vectors, jnp.float32)
+
   def __call__(self, states: jax.Array, mask: jax.Array, *,
                target_rms: jax.Array | None = None,
                categories: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """states [B,E,D_enc], mask [B,E] -> (embeddings [B,P,D], mask [B,P]).
 
-    P is E (or the Perceiver's Q), plus one with `pooled_context`.
+    P is E (or the Perceiver's Q), plus one with `pooled_context`, plus E x L memory slots
+    with `text_memory`.
     `target_rms`: the RMS each embedding is normalised to (with `prompt_gain`).
     `categories`: int[B,E,C] the events' category ids (needed with `category_text`).
     """
@@ -295,6 +333,13 @@ class Bridge(nnx.Module):
     if self.pooled_marker is not None:
       marker = self.pooled_marker[...].astype(out.dtype)
       out = jnp.concatenate([out[:, :-1], out[:, -1:] + marker], axis=1)
+    if self.text_memory is not None:
+      e = categories.shape[1]
+      slots, slot_mask = category_text_lib.memory_slots(
+          self.text_memory[...], categories, out[:, :e], mask[:, :e],
+          self.memory_start[...], self.memory_event_gain[...])
+      out = jnp.concatenate([out, slots.astype(out.dtype)], axis=1)
+      mask = jnp.concatenate([mask, slot_mask], axis=1)
     if self.prompt_gain is not None:
       if target_rms is None:
         raise ValueError("the soft prompt's RMS normalisation needs target_rms")
@@ -348,6 +393,9 @@ class UserLLM(nnx.Module):
     if cfg.category_text and category_tokens is not None:
       self.bridge.set_category_text(category_text_lib.text_vectors(
           llm.embedder.embedding[...], category_tokens))
+      if cfg.text_memory:
+        self.bridge.set_text_memory(category_text_lib.token_vectors(
+            llm.embedder.embedding[...], category_tokens))
     if cfg.mode == "cross_attention":
       insert_cross_attention(
           llm, cfg.xattn_every, rngs=rngs, context_width=llm.cfg.width,

@@ -42,6 +42,8 @@ def user_llm_flops(model: UserLLM, prompt_tokens: float, events: float) -> float
   context = float(cfg.num_latents if cfg.use_perceiver else events)
   total = encoder_flops(model.encoder.cfg, events)
   total += 2 * context * model.encoder.cfg.width * llm_cfg.width * cfg.projection_layers
+  if cfg.text_memory:  # one more slot per name token of every event (no projection)
+    context += events * cfg.category_text_tokens
   if cfg.mode == "cross_attention":
     total += text_prompt_flops(llm_cfg, prompt_tokens)
     for block in model.llm.cross_attention.values():

@@ -1,0 +1,151 @@
+"""`bridge.text_memory`: each event's first category name, token by token, as cross-attention
+memory slots (`category_text.memory_slots`)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from user_llm_jax import inference
+from user_llm_jax.bridge import category_text
+from user_llm_jax.bridge import user_llm as ullm
+from user_llm_jax.data import schema
+from user_llm_jax.encoder import ENCODER_TINY, UserEncoder
+from user_llm_jax.eval import cost
+from user_llm_jax.llm.config import LLM_TINY
+from user_llm_jax.llm.model import Decoder
+from user_llm_jax.tasks import evaluate
+from user_llm_jax.train import checkpointing
+
+from tests import workdir_fixtures
+from tests.test_user_llm import B, E, make_batch
+
+L = 3  # name tokens kept (`category_text_tokens`)
+
+
+def test_memory_slots_by_hand():
+  d = 4
+  table = np.zeros((5, 2, d), np.float32)  # 5 categories, 2 name tokens
+  table[2] = [[1, 0, 0, 0], [0, 1, 0, 0]]  # a two-token name
+  table[3, 0] = [0, 0, 1, 0]                # a one-token name (its second slot is PAD)
+  categories = np.array([[[2, 3], [3, 0], [schema.OOV_ID, 2]]], np.int32)  # [1, 3, 2]
+  events = np.array([[[2, 0, 0, 0], [0, 0, 0, 4], [1, 1, 1, 1]]], np.float32)
+  start = np.array([0, 0, 0, 5], np.float32)
+  slots, mask = category_text.memory_slots(
+      jnp.asarray(table), jnp.asarray(categories), jnp.asarray(events),
+      jnp.asarray([[True, True, False]]), jnp.asarray(start), jnp.asarray(0.5))
+  assert slots.shape == (1, 6, d) and mask.shape == (1, 6)
+  # Only the first category counts; PAD name slots, OOV and padded events are masked.
+  np.testing.assert_array_equal(np.asarray(mask), [[True, True, True, False, False, False]])
+  unit = lambda v: v / np.sqrt(np.mean(np.square(v)))
+  roll = lambda v: np.roll(v, d // 2)
+  s = np.asarray(slots)
+  np.testing.assert_allclose(s[0, 0], table[2, 0] + roll(start) + 0.5 * unit(events[0, 0]),
+                             rtol=1e-5)
+  np.testing.assert_allclose(s[0, 1], table[2, 1] + roll(table[2, 0])
+                             + 0.5 * unit(events[0, 0]), rtol=1e-5)
+  np.testing.assert_allclose(s[0, 2], table[3, 0] + roll(start) + 0.5 * unit(events[0, 1]),
+                             rtol=1e-5)
+
+
+def test_token_vectors_are_unit_rms_embeddings_and_pad_is_zero():
+  embedding = np.random.default_rng(0).normal(size=(12, 6)).astype(np.float32) * 3
+  tokens = np.array([[4, 7, category_text.PAD_TOKEN],
+                     [category_text.PAD_TOKEN] * 3], np.int32)
+  out = np.asarray(category_text.token_vectors(jnp.asarray(embedding), tokens))
+  assert out.shape == (2, 3, 6)
+  np.testing.assert_allclose(out[0, 1], embedding[7] / np.sqrt(np.mean(embedding[7] ** 2)),
+                             rtol=1e-5)
+  assert (out[0, 2] == 0).all() and (out[1] == 0).all()
+
+
+def _pair(seed=0):
+  """(the model with the memory, the same model without it), same initial weights."""
+  cfg = ullm.UserLlmConfig(xattn_every=3, category_text=True, category_text_tokens=L,
+                           text_memory=True)
+  tokens = np.random.default_rng(3).integers(
+      -1, LLM_TINY.vocab_size, (ENCODER_TINY.num_categories, L)).astype(np.int32)
+  build = lambda c: ullm.UserLLM(
+      c, encoder=UserEncoder(ENCODER_TINY, rngs=nnx.Rngs(seed)),
+      llm=Decoder(LLM_TINY, rngs=nnx.Rngs(seed)), rngs=nnx.Rngs(seed + 1),
+      category_tokens=tokens)
+  return build(cfg), build(cfg.replace(text_memory=False)), tokens
+
+
+def test_the_memory_follows_the_event_embeddings_and_nothing_else_changes():
+  model, plain, tokens = _pair()
+  batch = make_batch()
+  table = category_text.token_vectors(model.llm.embedder.embedding[...], tokens)
+  np.testing.assert_array_equal(np.asarray(model.bridge.text_memory[...]), np.asarray(table))
+  same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)),
+                      nnx.state(plain, nnx.Param),
+                      nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.Any(
+                          nnx.PathContains("memory_start"),
+                          nnx.PathContains("memory_event_gain"))))))
+  assert all(jax.tree.leaves(same))
+  ctx, mask = model.user_context(batch)
+  ref, ref_mask = plain.user_context(batch)
+  assert ctx.shape == (B, E + E * L, LLM_TINY.width)
+  np.testing.assert_allclose(np.asarray(ctx[:, :E]), np.asarray(ref), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(mask[:, :E]), np.asarray(ref_mask))
+  slots, slot_mask = category_text.memory_slots(
+      table, batch["inputs_category"], ref, ref_mask, model.bridge.memory_start[...],
+      model.bridge.memory_event_gain[...])
+  np.testing.assert_allclose(np.asarray(ctx[:, E:]), np.asarray(slots), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(mask[:, E:]), np.asarray(slot_mask))
+  # The evaluation path (encoder + bridge apart from the LLM) builds the same memory.
+  graphdef, state = nnx.split((model.encoder, model.bridge))
+  keys = {k: batch[k] for k in evaluate.ENCODER_KEYS if k in batch}
+  ev, ev_mask = evaluate._user_context(graphdef, state, keys, None)  # pylint: disable=protected-access
+  np.testing.assert_allclose(np.asarray(ev), np.asarray(ctx), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(ev_mask), np.asarray(mask))
+  # With the gates open the memory changes the logits; the start and the gain train.
+  for blk in model.llm.cross_attention.values():
+    blk.attn_gate[...] = jnp.asarray(0.5)
+  grads = nnx.grad(lambda m: m.loss(batch)[0])(model)
+  assert float(jnp.abs(grads["bridge"]["memory_start"][...]).max()) > 0
+  assert float(jnp.abs(grads["bridge"]["memory_event_gain"][...])) > 0
+  assert "text_memory" not in grads["bridge"]
+  assert not nnx.state(model, nnx.All(nnx.Param, nnx.PathContains("text_memory")))
+  # The per-answer cost counts the slots.
+  assert cost.user_llm_flops(model, 20, E) > cost.user_llm_flops(plain, 20, E)
+
+
+def test_config_errors_name_the_key():
+  with pytest.raises(ValueError, match="text_memory=True needs category_text=True"):
+    ullm.UserLlmConfig(text_memory=True)
+  with pytest.raises(ValueError, match="mode='soft_prompt'"):
+    ullm.UserLlmConfig(mode="soft_prompt", category_text=True, text_memory=True)
+  model, _, _ = _pair()
+  with pytest.raises(ValueError, match=r"holds \(%d, %d, %d\)" % (
+      ENCODER_TINY.num_categories, L, LLM_TINY.width)):
+    model.bridge.set_text_memory(jnp.zeros((3, L, LLM_TINY.width)))
+
+
+def test_a_restored_model_gets_the_memory_from_the_checkpoint(tmp_path):
+  model, _, _ = _pair()
+  ckpt = checkpointing.Checkpointer(str(tmp_path), every=1)
+  ckpt.save(1, nnx.state(model, nnx.Not(nnx.RngState)))
+  ckpt.close()
+  rebuilt = ullm.UserLLM(model.cfg, encoder=UserEncoder(ENCODER_TINY, rngs=nnx.Rngs(5)),
+                         llm=Decoder(LLM_TINY, rngs=nnx.Rngs(5)), rngs=nnx.Rngs(6))
+  assert float(jnp.abs(rebuilt.bridge.text_memory[...]).max()) == 0
+  checkpointing.restore_params(rebuilt, str(tmp_path))
+  batch = make_batch()
+  np.testing.assert_allclose(np.asarray(rebuilt.user_context(batch)[0]),
+                             np.asarray(model.user_context(batch)[0]), rtol=1e-6)
+
+
+def test_the_job_trains_with_the_memory_and_a_copied_workdir_restores_it(tmp_path):
+  _, workdir = workdir_fixtures.user_llm_run(
+      tmp_path, steps=2, eval__num_examples=2, tasks__names=("favorite_category",),
+      bridge__category_text=True, bridge__text_memory=True)
+  model, tokenizer, vocab, run = inference.load_trained(str(workdir))
+  assert run.config.bridge.text_memory is True
+  tokens = category_text.token_table(vocab.categories, tokenizer,
+                                     run.config.bridge.category_text_tokens)
+  expected = category_text.token_vectors(model.llm.embedder.embedding[...], tokens)
+  table = np.asarray(model.bridge.text_memory[...])
+  assert float(np.abs(table).max()) > 0
+  np.testing.assert_allclose(table, np.asarray(expected), rtol=1e-6, atol=1e-7)
