@@ -7,6 +7,9 @@ Each user's history is made of items of one genre, so the favorite genre (the la
 only in the encoder's input: the prompt is the same fixed question for every user.
 """
 
+from collections.abc import Sequence
+from typing import Any
+
 import jax
 import ml_collections
 import numpy as np
@@ -14,6 +17,7 @@ import pytest
 from flax import nnx
 
 from user_llm_jax import sharding
+from user_llm_jax.bridge import category_text
 from user_llm_jax.bridge import strategies
 from user_llm_jax.bridge import user_llm as ullm
 from user_llm_jax.data import prepared
@@ -35,18 +39,19 @@ WINDOW = 8
 NUM_TEST = 64
 
 
-def vocabulary() -> schema.Vocabulary:
+def vocabulary(genres: tuple[str, ...] = GENRES) -> schema.Vocabulary:
   items = [schema.ItemInfo("<pad>", "<pad:item>"), schema.ItemInfo("<oov>", "<oov:item>")]
-  for g, _ in enumerate(GENRES):
+  for g, _ in enumerate(genres):
     items += [schema.ItemInfo(f"{g}-{i}", f"Film {g}{i}", (schema.FIRST_ID + g,))
               for i in range(ITEMS_PER_GENRE)]
   return schema.Vocabulary(dataset="movielens", items=tuple(items), ratings=(0.0, 0.0, 3.0),
-                           categories=("<pad>", "<oov>", *GENRES))
+                           categories=("<pad>", "<oov>", *genres))
 
 
-def user_record(rng: np.random.Generator, name: str) -> dict:
-  """A user whose whole history is of one random genre (its label)."""
-  genre = int(rng.integers(len(GENRES)))
+def user_record(rng: np.random.Generator, name: str,
+                genres: Sequence[int] = range(len(GENRES))) -> dict:
+  """A user whose whole history is of one genre drawn from `genres` (its label)."""
+  genre = int(rng.choice(genres))
   n = int(rng.integers(4, WINDOW + 2))
   items = schema.FIRST_ID + genre * ITEMS_PER_GENRE + rng.integers(ITEMS_PER_GENRE, size=n)
   return {schema.USER_ID: name.encode(), schema.ITEM_IDS: items.astype(np.int32),
@@ -60,19 +65,15 @@ def user_record(rng: np.random.Generator, name: str) -> dict:
 def config() -> ml_collections.ConfigDict:
   """The keys of a User-LLM config that training batches and evaluation read."""
   return ml_collections.ConfigDict({
-      "seed": 0, "data": {"worker_count": 0},
+      "seed": 0, "data": {"worker_count": 0}, "tasks": {},
       "eval": {"num_examples": 0, "batch_size": 16, "ks": (1,), "exact_threshold": 100}})
 
 
-@pytest.fixture(scope="module")
-def trained():
-  """(model, tokenizer, task data, transform) after training on the context-only task."""
-  rng = np.random.default_rng(0)
-  vocab = vocabulary()
-  data = prepared.Splits(
-      path="<memory>", train=[user_record(rng, f"train{i}") for i in range(256)],
-      test=[user_record(rng, f"test{i}") for i in range(NUM_TEST)], validation=None,
-      vocab=vocab, stats={})
+def train_tiny(data: prepared.Splits, bridge: ullm.UserLlmConfig, steps: int = 150,
+               ) -> tuple[ullm.UserLLM, Any, ex_lib.TaskExample]:
+  """(model, tokenizer, transform): a tiny User-LLM (2-layer LLM, byte-level tokens)
+  trained `steps` steps on the favorite-genre task of `data` (Full strategy)."""
+  vocab = data.vocab
   tokenizer = prompts.byte_level_tokenizer()
   transform = ex_lib.TaskExample(vocab, tokenizer, ex_lib.ExampleConfig(
       tasks=(prompts.FAVORITE_CATEGORY,), window=WINDOW, max_categories=1,
@@ -81,11 +82,13 @@ def trained():
                                      num_ratings=vocab.num_ratings, max_len=WINDOW,
                                      max_categories=1, num_layers=1)
   llm_cfg = LLM_TINY.replace(vocab_size=tokenizer.vocab_size, num_layers=2)
+  tokens = (category_text.token_table(vocab.categories, tokenizer, bridge.category_text_tokens)
+            if bridge.category_text else None)
   with nnx.use_eager_sharding(False):
-    model = ullm.UserLLM(ullm.UserLlmConfig(mode="cross_attention", xattn_every=1),
-                         encoder=UserEncoder(encoder_cfg, rngs=nnx.Rngs(1)),
-                         llm=Decoder(llm_cfg, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(2))
-  cfg = trainer_lib.TrainConfig(batch_size=16, num_steps=150, learning_rate=3e-3, warmup=10,
+    model = ullm.UserLLM(bridge, encoder=UserEncoder(encoder_cfg, rngs=nnx.Rngs(1)),
+                         llm=Decoder(llm_cfg, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(2),
+                         category_tokens=tokens)
+  cfg = trainer_lib.TrainConfig(batch_size=16, num_steps=steps, learning_rate=3e-3, warmup=10,
                                 weight_decay=0.0, log_every=50, checkpoint_every=1000,
                                 eval_every=0, lr_mults=(("_gate$", 10.0),))
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
@@ -93,7 +96,20 @@ def trained():
       model, lambda m, b: m.loss(b, deterministic=False), cfg,
       runner.train_iterator(data, transform, config(), cfg.batch_size), mesh=mesh,
       wrt=strategies.trainable_filter("full"))
-  return result.model, tokenizer, data, transform
+  return result.model, tokenizer, transform
+
+
+@pytest.fixture(scope="module")
+def trained():
+  """(model, tokenizer, task data, transform) after training on the context-only task."""
+  rng = np.random.default_rng(0)
+  data = prepared.Splits(
+      path="<memory>", train=[user_record(rng, f"train{i}") for i in range(256)],
+      test=[user_record(rng, f"test{i}") for i in range(NUM_TEST)], validation=None,
+      vocab=vocabulary(), stats={})
+  model, tokenizer, transform = train_tiny(
+      data, ullm.UserLlmConfig(mode="cross_attention", xattn_every=1))
+  return model, tokenizer, data, transform
 
 
 def test_the_control_drops_a_context_reading_model_to_chance(trained):

@@ -1,6 +1,9 @@
 """`bridge.text_memory`: each event's first category name, token by token, as cross-attention
 memory slots (`category_text.memory_slots`)."""
 
+import dataclasses
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,14 +13,18 @@ from flax import nnx
 from user_llm_jax import inference
 from user_llm_jax.bridge import category_text
 from user_llm_jax.bridge import user_llm as ullm
+from user_llm_jax.data import prepared
 from user_llm_jax.data import schema
 from user_llm_jax.encoder import ENCODER_TINY, UserEncoder
 from user_llm_jax.eval import cost
 from user_llm_jax.llm.config import LLM_TINY
 from user_llm_jax.llm.model import Decoder
 from user_llm_jax.tasks import evaluate
+from user_llm_jax.tasks import prompts
+from user_llm_jax.tasks import runner
 from user_llm_jax.train import checkpointing
 
+from tests import test_shuffled_control as shuffled_control
 from tests import workdir_fixtures
 from tests.test_user_llm import B, E, make_batch
 
@@ -149,3 +156,44 @@ def test_the_job_trains_with_the_memory_and_a_copied_workdir_restores_it(tmp_pat
   table = np.asarray(model.bridge.text_memory[...])
   assert float(np.abs(table).max()) > 0
   np.testing.assert_allclose(table, np.asarray(expected), rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------- copying a name never trained on
+#
+# Every category name is a permutation of the same five letters, so the mean of a name's
+# token embeddings (`category_text` alone) is one vector for all of them; the test users'
+# names never occur in training. Only reading the tokens in order lets the model write
+# them: with the memory it does, without it it cannot.
+
+COPY_NAMES = tuple("".join(p) for p in np.random.default_rng(0).permutation(
+    list(itertools.permutations("abcde")))[:40])
+TRAIN_NAMES, NUM_COPY_TEST = 32, 48
+
+
+def _copy_accuracy(text_memory: bool) -> tuple[float, float]:
+  """(favorite-genre accuracy on users of unseen names, on training users)."""
+  rng = np.random.default_rng(1)
+  record = shuffled_control.user_record
+  data = prepared.Splits(
+      path="<memory>", vocab=shuffled_control.vocabulary(COPY_NAMES), stats={},
+      train=[record(rng, f"train{i}", range(TRAIN_NAMES)) for i in range(256)],
+      test=[record(rng, f"test{i}", range(TRAIN_NAMES, len(COPY_NAMES)))
+            for i in range(NUM_COPY_TEST)], validation=None)
+  model, tokenizer, transform = shuffled_control.train_tiny(
+      data, ullm.UserLlmConfig(xattn_every=1, category_text=True, text_memory=text_memory),
+      steps=200)
+  condition = evaluate.user_llm_conditioner(model, tokenizer.pad_id)
+  config = shuffled_control.config()
+  unseen = runner.evaluate_tasks(condition, data, transform, config)
+  seen = runner.evaluate_tasks(condition, dataclasses.replace(
+      data, test=data.train[:NUM_COPY_TEST]), transform, config)
+  return (unseen[prompts.FAVORITE_CATEGORY]["accuracy"],
+          seen[prompts.FAVORITE_CATEGORY]["accuracy"])
+
+
+def test_the_memory_lets_the_model_copy_a_name_it_never_trained_on():
+  unseen, seen = _copy_accuracy(text_memory=True)
+  assert unseen >= 0.9 and seen >= 0.9, (unseen, seen)
+  unseen, seen = _copy_accuracy(text_memory=False)
+  assert seen >= 0.9, seen      # it learned the training users' names ...
+  assert unseen <= 0.2, unseen  # ... and cannot order letters it only gets as a bag
