@@ -146,18 +146,25 @@ def test_a_restored_model_gets_the_table_from_the_checkpoint(tmp_path):
   """A model rebuilt from its architecture (generate mode) has no category names; its text
   table comes back with the weights."""
   model, _, _ = _pair()
+  rebuilt = restored_from_checkpoint(model, tmp_path, "category_text")
+  np.testing.assert_array_equal(np.asarray(rebuilt.bridge.category_text[...]),
+                                np.asarray(model.bridge.category_text[...]))
+
+
+def restored_from_checkpoint(model: ullm.UserLLM, tmp_path, table: str) -> ullm.UserLLM:
+  """`model` saved, then rebuilt without category names (its fixed bridge `table` all 0)
+  and restored: asserts the rebuilt model's user context equals the saved one's."""
   ckpt = checkpointing.Checkpointer(str(tmp_path), every=1)
   ckpt.save(1, nnx.state(model, nnx.Not(nnx.RngState)))
   ckpt.close()
   rebuilt = ullm.UserLLM(model.cfg, encoder=UserEncoder(ENCODER_TINY, rngs=nnx.Rngs(5)),
                          llm=Decoder(LLM_TINY, rngs=nnx.Rngs(5)), rngs=nnx.Rngs(6))
-  assert float(jnp.abs(rebuilt.bridge.category_text[...]).max()) == 0
+  assert float(jnp.abs(getattr(rebuilt.bridge, table)[...]).max()) == 0
   checkpointing.restore_params(rebuilt, str(tmp_path))
-  np.testing.assert_array_equal(np.asarray(rebuilt.bridge.category_text[...]),
-                                np.asarray(model.bridge.category_text[...]))
   batch = make_batch()
   np.testing.assert_allclose(np.asarray(rebuilt.user_context(batch)[0]),
                              np.asarray(model.user_context(batch)[0]), rtol=1e-6)
+  return rebuilt
 
 
 def test_the_job_trains_with_category_text_and_a_copied_workdir_restores_its_table(tmp_path):

@@ -22,8 +22,8 @@ from user_llm_jax.llm.model import Decoder
 from user_llm_jax.tasks import evaluate
 from user_llm_jax.tasks import prompts
 from user_llm_jax.tasks import runner
-from user_llm_jax.train import checkpointing
 
+from tests import test_category_text
 from tests import test_shuffled_control as shuffled_control
 from tests import workdir_fixtures
 from tests.test_user_llm import B, E, make_batch
@@ -132,16 +132,9 @@ def test_config_errors_name_the_key():
 
 def test_a_restored_model_gets_the_memory_from_the_checkpoint(tmp_path):
   model, _, _ = _pair()
-  ckpt = checkpointing.Checkpointer(str(tmp_path), every=1)
-  ckpt.save(1, nnx.state(model, nnx.Not(nnx.RngState)))
-  ckpt.close()
-  rebuilt = ullm.UserLLM(model.cfg, encoder=UserEncoder(ENCODER_TINY, rngs=nnx.Rngs(5)),
-                         llm=Decoder(LLM_TINY, rngs=nnx.Rngs(5)), rngs=nnx.Rngs(6))
-  assert float(jnp.abs(rebuilt.bridge.text_memory[...]).max()) == 0
-  checkpointing.restore_params(rebuilt, str(tmp_path))
-  batch = make_batch()
-  np.testing.assert_allclose(np.asarray(rebuilt.user_context(batch)[0]),
-                             np.asarray(model.user_context(batch)[0]), rtol=1e-6)
+  rebuilt = test_category_text.restored_from_checkpoint(model, tmp_path, "text_memory")
+  np.testing.assert_array_equal(np.asarray(rebuilt.bridge.text_memory[...]),
+                                np.asarray(model.bridge.text_memory[...]))
 
 
 def test_the_job_trains_with_the_memory_and_a_copied_workdir_restores_it(tmp_path):

@@ -214,6 +214,18 @@ def check_compatible(cfg: UserLlmConfig, encoder_width: int) -> None:
                      f"encoder width {encoder_width}")
 
 
+def _set_table(table: nnx.Variable | None, vectors: jax.Array, setter: str, option: str,
+               what: str, axes: str) -> None:
+  """Fills a fixed bridge table, or raises a ValueError naming the option or the shape."""
+  if table is None:
+    raise ValueError(f"{setter} needs UserLlmConfig.{option}=True")
+  held = tuple(table[...].shape)
+  if tuple(vectors.shape) != held:
+    raise ValueError(f"{what} vectors of shape {tuple(vectors.shape)}; this bridge "
+                     f"holds {held} ({axes})")
+  table[...] = jnp.asarray(vectors, jnp.float32)
+
+
 class Bridge(nnx.Module):
   """Encoder states [B,E,D_enc] -> user embeddings at the LLM width [B,P,D] with mask.
 
@@ -279,23 +291,13 @@ class Bridge(nnx.Module):
 
   def set_category_text(self, vectors: jax.Array) -> None:
     """Sets the category text table ([num_categories, D], `category_text.text_vectors`)."""
-    if self.category_text is None:
-      raise ValueError("set_category_text needs UserLlmConfig.category_text=True")
-    held = tuple(self.category_text[...].shape)
-    if tuple(vectors.shape) != held:
-      raise ValueError(f"category text vectors of shape {tuple(vectors.shape)}; this bridge "
-                       f"holds {held} (categories x LLM width)")
-    self.category_text[...] = jnp.asarray(vectors, jnp.float32)
+    _set_table(self.category_text, vectors, "set_category_text", "category_text",
+               "category text", "categories x LLM width")
 
   def set_text_memory(self, vectors: jax.Array) -> None:
     """Sets the token memory table ([num_categories, L, D], `category_text.token_vectors`)."""
-    if self.text_memory is None:
-      raise ValueError("set_text_memory needs UserLlmConfig.text_memory=True")
-    held = tuple(self.text_memory[...].shape)
-    if tuple(vectors.shape) != held:
-      raise ValueError(f"text memory vectors of shape {tuple(vectors.shape)}; this bridge "
-                       f"holds {held} (categories x name tokens x LLM width)")
-    self.text_memory[...] = jnp.asarray(vectors, jnp.float32)
+    _set_table(self.text_memory, vectors, "set_text_memory", "text_memory", "text memory",
+               "categories x name tokens x LLM width")
 
   def __call__(self, states: jax.Array, mask: jax.Array, *,
                target_rms: jax.Array | None = None,
