@@ -228,7 +228,8 @@ _BRIDGE_ADDED = {"item_head_skip": (False,), "item_head_skip_frozen": (False,),
                  "soft_prompt_norm": (False,),
                  "pooled_context": (False,), "standardize_states": (False,),
                  "category_text": (False,), "category_text_tokens": (8,),
-                 "text_memory": (False,)}
+                 "text_memory": (False,), "copy_head": (False,),
+                 "copy_gate_init": (-2.0,)}
 OMITTED_AT: dict[str, tuple[Any, ...]] = {
     "llm.param_dtype": ("float32",),
     "data.timestamp_precision": ("exact",),

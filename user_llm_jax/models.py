@@ -143,16 +143,20 @@ def check_strategy_name(strategy: str, allowed: tuple[str, ...] = strategies.STR
 
 def assemble_user_llm(bridge: UserLlmConfig, encoder: UserEncoder, llm: Decoder, *,
                       strategy: str, lora: lora_lib.LoraConfig | None, seed: int,
-                      category_tokens: Any = None) -> UserLLM:
+                      category_tokens: Any = None, lowercase_tokens: Any = None,
+                      copy_start_token: int | None = None) -> UserLLM:
   """Encoder + LLM (+ LoRA for the 'lora' strategy) + a new bridge, checked for `strategy`.
 
   `category_tokens`: the category names' tokens for `bridge.category_text`
   (`category_text.token_table`; None: the text table stays 0 until a checkpoint restores it).
+  `lowercase_tokens`, `copy_start_token`: the copy head's tables (`UserLLM`), for
+  `bridge.copy_head`.
   """
   apply_lora(llm, lora if strategy == "lora" else None, seed + 2)
   with nnx.use_eager_sharding(False):
     model = UserLLM(bridge, encoder=encoder, llm=llm, rngs=nnx.Rngs(seed + 3),
-                    category_tokens=category_tokens)
+                    category_tokens=category_tokens, lowercase_tokens=lowercase_tokens,
+                    copy_start_token=copy_start_token)
   strategies.check_strategy(model, strategy)
   return model
 

@@ -91,6 +91,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.bridge.category_text = False      # + each event's category names, as LLM embeddings
   config.bridge.category_text_tokens = 8   # tokens kept of each name
   config.bridge.text_memory = False        # + those tokens as cross-attention slots
+  config.bridge.copy_head = False          # + a pointer head copying those tokens
+  config.bridge.copy_gate_init = -2.0      # its gate's start (sigmoid: share copied)
   config.bridge.dtype = "float32"
   config.bridge.param_dtype = "float32"
 

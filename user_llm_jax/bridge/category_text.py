@@ -109,6 +109,24 @@ def event_text(table: jax.Array, categories: jax.Array) -> jax.Array:
 # pick the event (its rating, its time) before the phrase.
 
 
+class MemoryTokens(nnx.Variable):
+  """Fixed int32 [num_categories, L] token ids of the category names (`token_table`; the
+  copy head's view of the memory slots; not a `Param`)."""
+
+
+def memory_token_ids(tokens: jax.Array, categories: jax.Array) -> jax.Array:
+  """int32 [B, E*L]: the token of every memory slot (`memory_slots`' order; `PAD_TOKEN`
+  where a name has no token).
+
+  Args:
+    tokens: int[V_cat, L] `token_table`.
+    categories: int[B, E, C] the events' category ids (the first is read).
+  """
+  first = jnp.asarray(categories, jnp.int32)[..., 0]
+  ids = jnp.take(jnp.asarray(tokens, jnp.int32), first, axis=0, mode="clip")  # [B,E,L]
+  return ids.reshape(ids.shape[0], -1)
+
+
 class TextMemory(nnx.Variable):
   """Fixed [num_categories, L, D] unit-RMS token embeddings of the category names (not a
   `Param`; PAD slots are 0)."""

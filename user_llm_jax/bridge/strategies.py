@@ -11,7 +11,8 @@ Which parameters train is a filter handed to `nnx.Optimizer(model, tx, wrt=filte
 The filters address a `UserLLM` by path: `encoder/...`, `bridge/...` (projection and
 Perceiver) and `llm/...` (the decoder). Cross-attention blocks live inside the decoder at
 `llm/cross_attention/...` but are new, randomly initialised bridge parameters, so they count
-as bridge and train under every strategy; so does the optional `item_head` (full-catalogue
+as bridge and train under every strategy; so do the optional copy head at `llm/copy_head/...`
+(copies of the user's memory tokens mixed into the output) and `item_head` (full-catalogue
 item scores from the LLM state). The frozen copy of the encoder that the item head's skip
 may read (`skip_encoder/...`, `UserLlmConfig.item_head_skip_frozen`) trains under none.
 """
@@ -50,8 +51,9 @@ class PathPrefix:
 
 ENCODER = PathPrefix(("encoder",))
 BRIDGE = nnx.Any(PathPrefix(("bridge",)), PathPrefix(("llm", "cross_attention")),
-                 PathPrefix(("item_head",)))
-LLM = nnx.All(PathPrefix(("llm",)), nnx.Not(PathPrefix(("llm", "cross_attention"))))
+                 PathPrefix(("llm", "copy_head")), PathPrefix(("item_head",)))
+LLM = nnx.All(PathPrefix(("llm",)), nnx.Not(PathPrefix(("llm", "cross_attention"))),
+              nnx.Not(PathPrefix(("llm", "copy_head"))))
 SKIP_ENCODER = PathPrefix(("skip_encoder",))
 
 
@@ -85,6 +87,7 @@ MODULES: dict[str, Filter] = {
     "projection": PathPrefix(("bridge", "projection")),
     "perceiver": PathPrefix(("bridge", "perceiver")),
     "cross_attention": PathPrefix(("llm", "cross_attention")),
+    "copy_head": PathPrefix(("llm", "copy_head")),
     "item_head": PathPrefix(("item_head",)),
 }
 
@@ -156,6 +159,7 @@ def gradient_groups(model: nnx.Module) -> dict[str, Filter]:
       "encoder": ENCODER,
       "projection": PathPrefix(("bridge",)),
       "cross_attention": PathPrefix(("llm", "cross_attention")),
+      "copy_head": PathPrefix(("llm", "copy_head")),
       "item_head": PathPrefix(("item_head",)),
       "llm_lora": nnx.All(LLM, LORA),
   }

@@ -32,10 +32,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from user_llm_jax import sharding
 from user_llm_jax.bridge import category_text as category_text_lib
+from user_llm_jax.bridge import copy_head as copy_head_lib
 from user_llm_jax.bridge import item_head as item_head_lib
 from user_llm_jax.bridge import soft_prompt
 from user_llm_jax.bridge.cross_attention import GatedCrossAttention, insert_cross_attention
@@ -47,7 +49,7 @@ from user_llm_jax.encoder.losses import masked_mean
 from user_llm_jax.encoder.model import UserEncoder
 from user_llm_jax.llm.config import LlmConfig
 from user_llm_jax.llm.losses import next_token_nll
-from user_llm_jax.llm.model import Decoder
+from user_llm_jax.llm.model import CrossContext, Decoder
 from user_llm_jax.tasks import examples as ex_lib
 from user_llm_jax.tasks import prompts
 
@@ -124,6 +126,13 @@ class UserLlmConfig:
       (`category_text.memory_slots`), so a block can copy a phrase word by word where the
       mean vector gives only its words. Costs E x `category_text_tokens` more context
       slots and a fixed [num_categories, L, D] table. Needs `mode='cross_attention'`.
+    copy_head: with `text_memory`, a pointer head at the LLM's output
+      (`bridge/copy_head.py`) mixes copies of the memory's tokens into the next-token
+      distribution, starting copy-ready: the token just read finds the slots it precedes
+      in a user's summaries and offers their tokens, so a phrase the user keeps writing
+      can be continued word by word without the LLM's upper layers learning to copy.
+    copy_gate_init: the copy gate's starting pre-activation (sigmoid: the copied share
+      where a memory slot matches).
     standardize_states: shift and scale every encoder state before the bridge,
       (state - shift) * gain per dimension, with `shift` and `gain` trained parameters that
       the job initialises from the encoder's states on training records (their mean and
@@ -157,6 +166,8 @@ class UserLlmConfig:
   category_text: bool = False
   category_text_tokens: int = 8
   text_memory: bool = False
+  copy_head: bool = False
+  copy_gate_init: float = -2.0
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -177,6 +188,9 @@ class UserLlmConfig:
                        f"mode='cross_attention' (got category_text={self.category_text}, "
                        f"mode={self.mode!r}): it is the category names' tokens, read by "
                        "the cross-attention blocks")
+    if self.copy_head and not self.text_memory:
+      raise ValueError("UserLlmConfig.copy_head=True needs text_memory=True: it copies the "
+                       "tokens of the memory slots")
     for name in ("num_latents", "perceiver_layers", "perceiver_heads", "projection_layers",
                  "xattn_every", "category_text_tokens"):
       value = getattr(self, name)
@@ -288,6 +302,9 @@ class Bridge(nnx.Module):
         unused_key, (llm_width,), param_dtype)) if memory else None)
     self.memory_event_gain = (nnx.Param(sharding.partitioned(
         nnx.initializers.ones_init(), ())(unused_key, (), param_dtype)) if memory else None)
+    self.memory_tokens = (category_text_lib.MemoryTokens(jnp.full(
+        (num_categories, cfg.category_text_tokens), category_text_lib.PAD_TOKEN, jnp.int32))
+                          if cfg.copy_head else None)
 
   def set_category_text(self, vectors: jax.Array) -> None:
     """Sets the category text table ([num_categories, D], `category_text.text_vectors`)."""
@@ -298,6 +315,16 @@ class Bridge(nnx.Module):
     """Sets the token memory table ([num_categories, L, D], `category_text.token_vectors`)."""
     _set_table(self.text_memory, vectors, "set_text_memory", "text_memory", "text memory",
                "categories x name tokens x LLM width")
+
+  def set_memory_tokens(self, tokens: np.ndarray | jax.Array) -> None:
+    """Sets the memory slots' token ids ([num_categories, L], `category_text.token_table`)."""
+    if self.memory_tokens is None:
+      raise ValueError("set_memory_tokens needs UserLlmConfig.copy_head=True")
+    held = tuple(self.memory_tokens[...].shape)
+    if tuple(np.shape(tokens)) != held:
+      raise ValueError(f"memory token ids of shape {tuple(np.shape(tokens))}; this bridge "
+                       f"holds {held} (categories x name tokens)")
+    self.memory_tokens[...] = jnp.asarray(tokens, jnp.int32)
 
   def __call__(self, states: jax.Array, mask: jax.Array, *,
                target_rms: jax.Array | None = None,
@@ -373,7 +400,8 @@ class UserLLM(nnx.Module):
   """
 
   def __init__(self, cfg: UserLlmConfig, *, encoder: UserEncoder, llm: Decoder,
-               rngs: nnx.Rngs, category_tokens: Any = None):
+               rngs: nnx.Rngs, category_tokens: Any = None,
+               lowercase_tokens: Any = None, copy_start_token: int | None = None):
     """Wires already-built (e.g. pretrained) modules together and adds the bridge.
 
     Args:
@@ -386,6 +414,12 @@ class UserLLM(nnx.Module):
         category names (`category_text.token_table`); the bridge's text table is computed
         from them and `llm`'s embeddings. None leaves the table at 0 (a model whose
         weights, the table included, are restored from a checkpoint afterwards).
+      lowercase_tokens: with `cfg.copy_head`, int[vocab] each token's lowercase form
+        (`copy_head.lowercase_table`); None keeps every token as it is (or a checkpoint
+        restores the table).
+      copy_start_token: with `cfg.copy_head`, the prompt's last token (the one before
+        every answer): the memory's start vector starts as its embedding, so the copy head
+        offers the first words of the user's summaries at the answer's start.
     """
     self.cfg = cfg
     self.encoder = encoder
@@ -398,6 +432,18 @@ class UserLLM(nnx.Module):
       if cfg.text_memory:
         self.bridge.set_text_memory(category_text_lib.token_vectors(
             llm.embedder.embedding[...], category_tokens))
+      if cfg.copy_head:
+        self.bridge.set_memory_tokens(category_tokens)
+    if cfg.copy_head:
+      llm.copy_head = copy_head_lib.CopyHead(
+          llm.cfg.width, llm.cfg.vocab_size, gate_init=cfg.copy_gate_init,
+          param_dtype=jnp.dtype(cfg.param_dtype))
+      if lowercase_tokens is not None:
+        llm.copy_head.set_lowercase(lowercase_tokens)
+      if copy_start_token is not None:
+        start = category_text_lib.token_vectors(llm.embedder.embedding[...],
+                                                np.asarray([[copy_start_token]]))[0, 0]
+        self.bridge.memory_start[...] = start.astype(self.bridge.memory_start[...].dtype)
     if cfg.mode == "cross_attention":
       insert_cross_attention(
           llm, cfg.xattn_every, rngs=rngs, context_width=llm.cfg.width,
@@ -471,13 +517,28 @@ class UserLLM(nnx.Module):
                          attention_mask=attention_mask, text_mask=text_mask,
                          deterministic=deterministic)[0]
 
+  def decoder_context(self, user_batch: Batch, context: jax.Array,
+                      context_mask: jax.Array) -> jax.Array | CrossContext:
+    """What the decoder reads as `context`: the user context [B,P,D] itself, or, with the
+    copy head, its `CrossContext` with the memory the head copies from (its slots are the
+    context's last E x L embeddings, `Bridge.__call__`)."""
+    if self.llm.copy_head is None:
+      return context
+    ids = category_text_lib.memory_token_ids(
+        self.bridge.memory_tokens[...], user_batch[transforms.INPUTS_CATEGORY])  # [B,S]
+    s = ids.shape[1]
+    return self.llm.precompute_context(
+        context, context_mask, copy_slots=(context[:, -s:], ids, context_mask[:, -s:]))
+
   def _forward(self, user_batch: Batch, tokens: jax.Array, *,
                positions: jax.Array | None = None,
                attention_mask: jax.Array | None = None,
                text_mask: jax.Array | None = None,
-               deterministic: bool = True) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+               deterministic: bool = True,
+               ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, Any]:
     """(final-normed LLM states of the text [B, T, D], encoder states [B, E, D_enc], user
-    context [B, P, D] and its mask [B, P])."""
+    context [B, P, D], its mask [B, P], and what the decoder read as context (for
+    `Decoder.output`; None in soft-prompt mode))."""
     b, t = tokens.shape
     text_mask = jnp.ones((b, t), bool) if text_mask is None else text_mask.astype(bool)
     encoded = self.encoder(user_batch, deterministic=deterministic)       # [B,E,D_enc]
@@ -487,14 +548,15 @@ class UserLLM(nnx.Module):
         positions = soft_prompt.text_positions(text_mask)
       if attention_mask is None:
         attention_mask = soft_prompt.text_attention_mask(text_mask)
+      read = self.decoder_context(user_batch, context, context_mask)
       hidden, _ = self.llm(tokens, positions=positions, attention_mask=attention_mask,
-                           context=context, context_mask=context_mask, return_hidden=True)
-      return hidden, encoded, context, context_mask
+                           context=read, context_mask=context_mask, return_hidden=True)
+      return hidden, encoded, context, context_mask, read
     embeds, mask, merged_positions = soft_prompt.merge_soft_prompt(
         context, context_mask, self.llm.embed(tokens), text_mask, attention_mask, positions)
     hidden, _ = self.llm(None, positions=merged_positions, attention_mask=mask,
                          inputs_embeds=embeds, return_hidden=True)  # [B,P+T,D]
-    return hidden[:, context.shape[1]:], encoded, context, context_mask
+    return hidden[:, context.shape[1]:], encoded, context, context_mask, None
 
   def __call__(self, user_batch: Batch, tokens: jax.Array, *,
                positions: jax.Array | None = None,
@@ -516,9 +578,10 @@ class UserLLM(nnx.Module):
       float32 logits [B, T, V] for the text positions only (in both modes).
     """
     # Only text positions need the [.., V] head (the soft prompt's are dropped).
-    return self.llm.head(self.hidden_states(
+    hidden, _, _, _, read = self._forward(
         user_batch, tokens, positions=positions, attention_mask=attention_mask,
-        text_mask=text_mask, deterministic=deterministic))
+        text_mask=text_mask, deterministic=deterministic)
+    return self.llm.output(hidden, tokens, read)
 
   def next_item_logits(self, batch: Batch) -> jax.Array:
     """Item-head scores of every catalogue item for task examples: float32 [B, V].
@@ -531,7 +594,7 @@ class UserLLM(nnx.Module):
       raise ValueError("this User-LLM has no item head (bridge.item_head=False)")
     tokens = jnp.asarray(batch[TOKENS], jnp.int32)
     text_mask = batch.get(TEXT_MASK)
-    hidden, encoded, _, _ = self._forward(batch, tokens, text_mask=None if text_mask is None
+    hidden, encoded, _, _, _ = self._forward(batch, tokens, text_mask=None if text_mask is None
                                           else jnp.asarray(text_mask, bool))
     return self._item_scores(batch, hidden, encoded)
 
@@ -560,6 +623,8 @@ class UserLLM(nnx.Module):
       if isinstance(block, GatedCrossAttention):
         out[f"gate/xattn{key}_attn"] = jnp.tanh(block.attn_gate[...])
         out[f"gate/xattn{key}_mlp"] = jnp.tanh(block.mlp_gate[...])
+    if self.llm.copy_head is not None:  # the copied share where a slot matches, state at 0
+      out["gate/copy"] = self.llm.copy_head.gate()
     return out
 
   def sampler_inputs(self, user_batch: Batch, tokens: jax.Array,
@@ -581,8 +646,9 @@ class UserLLM(nnx.Module):
     text_mask = jnp.ones((b, t), bool) if text_mask is None else text_mask.astype(bool)
     context, context_mask = self.user_context(user_batch)
     if self.cfg.mode == "cross_attention":
+      read = self.decoder_context(user_batch, context, context_mask)
       return dict(tokens=tokens, prompt_mask=text_mask, inputs_embeds=None,
-                  context=context, context_mask=context_mask)
+                  context=read, context_mask=None if read is not context else context_mask)
     embeds = jnp.concatenate(
         [context.astype(self.llm.cfg.compute_dtype), self.llm.embed(tokens)], axis=1)
     return dict(tokens=None, prompt_mask=jnp.concatenate([context_mask, text_mask], axis=1),
@@ -618,9 +684,9 @@ class UserLLM(nnx.Module):
     if transforms.EXAMPLE_MASK in batch:
       example_mask = jnp.asarray(batch[transforms.EXAMPLE_MASK], bool)
       loss_mask = loss_mask & example_mask[:, None]
-    hidden, encoded, context, context_mask = self._forward(
+    hidden, encoded, context, context_mask, read = self._forward(
         batch, tokens, text_mask=text_mask, deterministic=deterministic)  # [B,T,D]
-    logits = self.llm.head(hidden)                                        # [B,T,V]
+    logits = self.llm.output(hidden, tokens, read)                        # [B,T,V]
     nll = next_token_nll(logits, tokens)                                  # [B,T-1]
     weights = loss_mask[:, 1:].astype(jnp.float32)
     count = weights.sum()

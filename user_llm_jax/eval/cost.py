@@ -53,6 +53,10 @@ def user_llm_flops(model: UserLLM, prompt_tokens: float, events: float) -> float
       total += 2 * context * d * heads * head_dim * 2                  # k, v of the user
       total += 2 * 2 * prompt_tokens * context * heads * head_dim      # scores, values
       total += 2 * 2 * prompt_tokens * d * block.mlp.up.shape[1]       # gated FFN
+    if cfg.copy_head:  # the state's query, the scores and the gate
+      d, slots = llm_cfg.width, events * cfg.category_text_tokens
+      total += 2 * prompt_tokens * d * d + 2 * prompt_tokens * slots * d
+      total += 2 * prompt_tokens * d
   else:
     total += text_prompt_flops(llm_cfg, prompt_tokens + context)
   return float(total)

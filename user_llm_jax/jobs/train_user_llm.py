@@ -39,6 +39,7 @@ from user_llm_jax import models
 from user_llm_jax import params as params_lib
 from user_llm_jax import runs
 from user_llm_jax.bridge import category_text
+from user_llm_jax.bridge import copy_head
 from user_llm_jax.bridge import strategies
 from user_llm_jax.bridge.user_llm import UserLLM
 from user_llm_jax.encoder.model import UserEncoder
@@ -131,8 +132,12 @@ def build(config: ml_collections.ConfigDict, data: runner.TaskData,
   tokens = (category_text.token_table(data.vocab.categories, tokenizer,
                                       bridge.category_text_tokens)
             if bridge.category_text else None)
+  copy = {}
+  if bridge.copy_head:
+    copy = dict(lowercase_tokens=copy_head.lowercase_table(tokenizer, llm.cfg.vocab_size),
+                copy_start_token=prompts.chat_prompt(tokenizer, "?")[-1])
   model = models.assemble_user_llm(bridge, encoder, llm, strategy=strategy, lora=lora,
-                                   seed=config.seed, category_tokens=tokens)
+                                   seed=config.seed, category_tokens=tokens, **copy)
   if bridge.standardize_states:
     standardize_states(model, data, config)
   arch = models.architecture(encoder=encoder.cfg, llm=llm.cfg, bridge=bridge, lora=lora,

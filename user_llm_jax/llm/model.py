@@ -81,11 +81,14 @@ class CrossContext:
     mask: [B,E] bool, True for real (non-padding) user embeddings.
     raw: [B,E,C] the raw context, kept only for blocks without `context_kv` (which are
       called with it as before); None otherwise.
+    copy: for a decoder with a `copy_head`, its memory: {'keys': [B,S,D] the slots'
+      keys, 'ids': int[B,S] their tokens, 'mask': [B,S] bool}; None otherwise.
   """
   k: dict[str, jax.Array]
   v: dict[str, jax.Array]
   mask: jax.Array
   raw: jax.Array | None = None
+  copy: dict[str, jax.Array] | None = None
 
   def take(self, rows: jax.Array) -> "CrossContext":
     """Rows [N] of every tensor (all have the batch on axis 0): beams, tiling."""
@@ -149,6 +152,9 @@ class Decoder(nnx.Module):
       Called only when `context` is given. Empty by default. A block may also expose
       `context_kv(context) -> (k, v)` and accept `context_kv=(k, v)` in place of the
       context (`GatedCrossAttention` does); `precompute_context` then caches its k/v.
+    copy_head: None, or a pointer head (`bridge.copy_head.CopyHead`) that mixes copies of
+      memory tokens into the output distribution (`logits`); it reads its memory from a
+      `CrossContext` built with `copy_slots`.
   """
 
   def __init__(self, cfg: LlmConfig, *, rngs: nnx.Rngs, scan_layers: bool = False,
@@ -173,6 +179,7 @@ class Decoder(nnx.Module):
       self.lm_head = Einsum("BTD,DV->BTV", (cfg.width, cfg.vocab_size), ("embed", "vocab"),
                             dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype, rngs=rngs)
     self.cross_attention = nnx.Dict()
+    self.copy_head = nnx.data(None)
 
   @property
   def scanned(self) -> bool:
@@ -206,12 +213,16 @@ class Decoder(nnx.Module):
                    end_index=jnp.zeros((), jnp.int32))
 
   def precompute_context(self, context: jax.Array,
-                         context_mask: jax.Array | None = None) -> CrossContext:
+                         context_mask: jax.Array | None = None, *,
+                         copy_slots: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+                         ) -> CrossContext:
     """Projects the user context once for every cross-attention block.
 
     Args:
       context: [B,E,C] user embeddings.
       context_mask: [B,E] bool (None: all valid).
+      copy_slots: (slots [B,S,D], token ids int[B,S], mask [B,S]) the memory the
+        `copy_head` copies from; needed when the decoder has one.
 
     Returns:
       A `CrossContext` that `__call__` accepts as `context` with the same results as the
@@ -231,7 +242,15 @@ class Decoder(nnx.Module):
       else:
         raw = context
     mask = sharding.with_logical_constraint(context_mask.astype(jnp.bool_), sharding.ACT_BE)
-    return CrossContext(k=ks, v=vs, mask=mask, raw=raw)
+    copy = None
+    if self.copy_head is not None:
+      if copy_slots is None:
+        raise ValueError("this decoder has a copy head: precompute_context needs copy_slots "
+                         "(memory slots, their token ids and mask)")
+      slots, ids, slot_mask = copy_slots
+      copy = dict(keys=self.copy_head.slot_keys(slots), ids=jnp.asarray(ids, jnp.int32),
+                  mask=jnp.asarray(slot_mask, bool))
+    return CrossContext(k=ks, v=vs, mask=mask, raw=raw, copy=copy)
 
   def _cross(self, key: str, x: jax.Array, context: jax.Array | CrossContext,
              context_mask: jax.Array) -> jax.Array:
@@ -258,6 +277,29 @@ class Decoder(nnx.Module):
     logits = self.embedder.decode(x) if self.cfg.tie_embeddings else self.lm_head(x)
     logits = nn.soft_cap(logits.astype(jnp.float32), self.cfg.final_logit_softcap)
     return sharding.with_logical_constraint(logits, sharding.ACT_BTV)
+
+  def output(self, hidden: jax.Array, tokens: jax.Array | None,
+             context: jax.Array | CrossContext | None) -> jax.Array:
+    """Final-normed hidden states [B,T,D] -> float32 logits [B,T,V]: the head's, mixed
+    with the copy head's copies when the decoder has one and a context is given (then
+    log-probabilities, which every sampler and scorer reads as logits).
+
+    Args:
+      hidden: [B,T,D] final-normed states.
+      tokens: [B,T] the tokens read at those positions (the copy head's queries).
+      context: the cross-attention context of the call (None: no user, no copies).
+    """
+    logits = self.head(hidden)
+    if self.copy_head is None or context is None:
+      return logits
+    if not isinstance(context, CrossContext) or context.copy is None:
+      raise ValueError("this decoder has a copy head: pass its context as a CrossContext "
+                       "built by precompute_context(..., copy_slots=...)")
+    if tokens is None:
+      raise ValueError("the copy head reads the input tokens; soft prompts have none")
+    token_embeds = self.embed(jnp.take(self.copy_head.lowercase[...], tokens, axis=0))
+    return self.copy_head(logits, hidden, token_embeds, context.copy["keys"],
+                          context.copy["ids"], context.copy["mask"])
 
   def __call__(self, tokens: jax.Array | None, *, positions: jax.Array,
                attention_mask: jax.Array | None = None,
@@ -331,7 +373,7 @@ class Decoder(nnx.Module):
       new_cache = KVCache(k=kv[0], v=kv[1], end_index=cache.end_index + t)
     if return_hidden:
       return x, new_cache
-    return self.head(x), new_cache
+    return self.output(x, tokens if inputs_embeds is None else None, context), new_cache
 
 
 

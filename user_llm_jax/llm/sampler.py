@@ -171,7 +171,9 @@ def prefill(model: Decoder, tokens: jax.Array | None, prompt_mask: jax.Array, *,
     context = model.precompute_context(context, context_mask)
   hidden, cache = model(tokens, positions=positions, attention_mask=mask, cache=cache,
                         inputs_embeds=inputs_embeds, context=context, return_hidden=True)
-  logits = model.head(hidden[:, -1:])[:, 0]  # [B, V]; only the last position is needed
+  # [B, V]; only the last position is needed
+  logits = model.output(hidden[:, -1:], None if tokens is None else tokens[:, -1:],
+                        context)[:, 0]
   state = DecodeState(cache=cache, slot_valid=slot_valid,
                       next_position=prompt_mask.sum(-1).astype(jnp.int32),
                       context=context)

@@ -39,7 +39,7 @@ from user_llm_jax.data import transforms as transforms_lib
 from user_llm_jax.eval import paired
 from user_llm_jax.llm import beam_search as beam_lib
 from user_llm_jax.llm import sampler as sampler_lib
-from user_llm_jax.llm.model import Decoder
+from user_llm_jax.llm.model import CrossContext, Decoder
 from user_llm_jax.llm.tokenizer import Tokenizer
 from user_llm_jax.llm.trie import TokenTrie
 from user_llm_jax.tasks import examples as ex_lib
@@ -64,12 +64,15 @@ class Conditioned:
   prompts: list[list[int]] | None = None
   inputs_embeds: jax.Array | None = None
   prompt_mask: jax.Array | None = None
-  context: jax.Array | None = None
+  context: jax.Array | CrossContext | None = None
   context_mask: jax.Array | None = None
 
   def row(self, i: int) -> "Conditioned":
     """The single-prompt slice i (batch axis kept, size 1)."""
-    take = lambda x: None if x is None else x[i:i + 1]
+    def take(x):
+      if isinstance(x, CrossContext):
+        return x.take(jnp.arange(i, i + 1))
+      return None if x is None else x[i:i + 1]
     return Conditioned(self.decoder, None if self.prompts is None else [self.prompts[i]],
                        take(self.inputs_embeds), take(self.prompt_mask), take(self.context),
                        take(self.context_mask))
@@ -95,6 +98,11 @@ def _user_context(graphdef, state, batch, target_rms=None):
                 categories=batch.get(transforms_lib.INPUTS_CATEGORY))  # [B,P,D], [B,P]
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _decoder_context(graphdef, state, batch, context, mask):
+  return nnx.merge(graphdef, state).decoder_context(batch, context, mask), None
+
+
 def user_llm_conditioner(model: nnx.Module, pad_id: int) -> Conditioner:
   """A `UserLLM` reads the user through its bridge (cross-attention or soft prompt)."""
   target_rms = model.bridge_target_rms()  # the soft prompt's scale (None: not normalised)
@@ -106,6 +114,9 @@ def user_llm_conditioner(model: nnx.Module, pad_id: int) -> Conditioner:
     token_lists = [ex_lib.prompt_of({k: v[i] for k, v in batch.items()})
                    for i in range(batch[ex_lib.TOKENS].shape[0])]
     if model.cfg.mode == "cross_attention":
+      if model.llm.copy_head is not None:  # the copy head's memory travels with the context
+        context, mask = _decoder_context(nnx.graphdef(model), nnx.state(model),
+                                         {k: batch[k] for k in ENCODER_KEYS}, context, mask)
       return Conditioned(model.llm, prompts=token_lists, context=context, context_mask=mask)
     tokens, text_mask = sampler_lib.left_pad(token_lists, pad_id, 16)
     embeds, _, _ = soft_prompt.merge_soft_prompt(
