@@ -42,10 +42,13 @@ def _head_by_hand(logits, hidden, token_embeds, keys, ids, mask, head):
                         + float(head.copy_gate[...]))))
   p = np.exp(logits - logits.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
+  lower = np.asarray(head.lowercase[...])
   out = (1 - g * (1 - attn[..., 0]))[..., None] * p
   for b in range(ids.shape[0]):
     for s in range(ids.shape[1]):
-      out[b, :, ids[b, s]] += g[b] * attn[b, :, s + 1]
+      forms = lower == lower[ids[b, s]]      # the slot's token in every casing
+      share = p[b][:, forms] / p[b][:, forms].sum(-1, keepdims=True)
+      out[b][:, forms] += g[b][:, None] * attn[b, :, s + 1][:, None] * share
   return np.log(out)
 
 
@@ -56,6 +59,7 @@ def test_the_mixture_by_hand_and_a_distribution():
   head.query_hidden[...] = jnp.asarray(rng.normal(size=(d, d)), jnp.float32)
   head.gate_w[...] = jnp.asarray(rng.normal(size=(d,)), jnp.float32)
   head.match_scale[...] = jnp.asarray(0.7)
+  head.set_lowercase(np.array([0, 1, 2, 2, 4, 5, 6, 7, 8, 9]))  # 3 is a cased form of 2
   logits, hidden, embeds = (rng.normal(size=shape).astype(np.float32)
                             for shape in ((b, t, v), (b, t, d), (b, t, d)))
   slots = rng.normal(size=(b, s, d)).astype(np.float32)
@@ -68,9 +72,15 @@ def test_the_mixture_by_hand_and_a_distribution():
   np.testing.assert_allclose(out, _head_by_hand(logits, hidden, embeds, keys, ids, mask, head),
                              rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(np.exp(out).sum(-1), 1.0, rtol=1e-5)
-  # A masked slot copies nothing: token 0 of row 0 gets only the LLM's share.
-  by_hand = _head_by_hand(logits, hidden, embeds, keys, ids, mask & False, head)
-  assert np.all(out[0, :, 0] < by_hand[0, :, 0] + 1e-6)
+  # A masked slot copies nothing: token 0 of row 0 keeps the LLM's share, as token 4
+  # (in no slot) does.
+  lp = np.asarray(jax.nn.log_softmax(logits, -1))
+  np.testing.assert_allclose(out[0, :, 0] - lp[0, :, 0], out[0, :, 4] - lp[0, :, 4],
+                             rtol=1e-5, atol=1e-6)
+  # The copies of tokens 2 and 3 (one lowercase class) are split between them as the LLM
+  # weighs them, so their ratio is the LLM's.
+  np.testing.assert_allclose(out[1, :, 3] - out[1, :, 2], logits[1, :, 3] - logits[1, :, 2],
+                             rtol=1e-4)
 
 
 def test_copy_ready_the_token_just_read_offers_its_successor():

@@ -12,7 +12,10 @@ pointer-generator, 2017, on the memory slots) gives User-LLM that path at the ou
     q[t]     = rms1(emb(lower(token[t]))) + Wh hidden[t] / D
     k[s]     = roll(slot[s], -D/2)
     g[t]     = sigmoid(w . hidden[t] / sqrt(D) + b)        (b: `copy_gate`)
-    p(v | t) = (1 - g[t] (1 - a[t, 0])) p_llm(v | t) + g[t] sum_{s >= 1: id[s] = v} a[t, s]
+    p(v | t) = (1 - g[t] (1 - a[t, 0])) p_llm(v | t)
+               + g[t] sum_{s >= 1: id[s] = lower(v)} a[t, s] p_llm(v | t) / p_llm(lower(v) | t)
+
+where p_llm(c | t) sums the LLM's probability over the tokens whose lowercase form is c.
 
 `slot[s]` is the memory slot (its token's embedding, the previous token's rolled half the
 width along, and its event's embedding; the score is also times a learned scale), `id[s]`
@@ -24,7 +27,9 @@ token, so the first words are offered too. `Wh` starts at 0 and learns which eve
 which phrase to follow; the null slot takes the attention where nothing matches, which
 switches the copy off. The summaries are
 lowercased category names, so the query reads the lowercase form of the token
-(`lowercase_table`): a user who writes "Came on time." still matches "came on time.".
+(`lowercase_table`), and a copied token's mass goes to its cased forms as the LLM weighs
+them: a user who writes "Came on time." still matches "came on time.", and the copy
+writes "Came" where the LLM would capitalise.
 The output is a log-probability per token ("logits" whose softmax is the mixture), so
 every sampler, beam search and scorer reads it unchanged.
 """
@@ -176,11 +181,21 @@ class CopyHead(nnx.Module):
     g = jax.nn.sigmoid(jnp.einsum("BTD,D->BT", h, self.gate_w[...].astype(jnp.float32))
                        / d ** 0.5 + self.copy_gate[...].astype(jnp.float32))
     b, t, v = logits.shape
+    lp = jax.nn.log_softmax(logits, axis=-1)
+    lower = self.lowercase[...]
+    # Copied mass per lowercase class (the memory is lowercase), ...
     rows = jnp.arange(b)[:, None, None]
     cols = jnp.arange(t)[None, :, None]
-    slot_ids = jnp.clip(jnp.asarray(ids, jnp.int32), 0, v - 1)[:, None, :]  # [B,1,S]
-    copied = jnp.zeros((b, t, v), jnp.float32).at[rows, cols, slot_ids].add(g[..., None] * a)
+    slot_ids = jnp.take(lower, jnp.clip(jnp.asarray(ids, jnp.int32), 0, v - 1))[:, None, :]
+    by_class = jnp.zeros((b, t, v), jnp.float32).at[rows, cols, slot_ids].add(g[..., None] * a)
+    # ... spread over the class's tokens ("came", "Came") as the LLM weighs them: the copy
+    # picks the word, the LLM its casing. The floor keeps classes the LLM gives no
+    # probability at all finite (then split evenly).
+    p = jnp.exp(lp)
+    class_p = jnp.zeros_like(p).at[..., lower].add(p)
+    class_size = jnp.zeros((v,), jnp.float32).at[lower].add(1.0)
+    share = (p + _FLOOR) / (class_p[..., lower] + _FLOOR * class_size[lower])
+    copied = by_class[..., lower] * share
     keep = 1.0 - g * (1.0 - a_null)                                           # [B,T]
-    mixed = jnp.logaddexp(jnp.log(keep)[..., None] + jax.nn.log_softmax(logits, axis=-1),
-                          jnp.log(copied + _FLOOR))
+    mixed = jnp.logaddexp(jnp.log(keep)[..., None] + lp, jnp.log(copied + _FLOOR))
     return sharding.with_logical_constraint(mixed, sharding.ACT_BTV)
