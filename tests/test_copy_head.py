@@ -1,6 +1,8 @@
 """`bridge.copy_head`: a pointer head that mixes copies of the token memory's tokens into the
 LLM's next-token distribution (`bridge/copy_head.py`)."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -233,12 +235,17 @@ def test_an_untrained_model_with_the_gate_open_writes_the_users_phrase():
   out = sampler.Sampler(model.llm, pad_id=0)(
       np.asarray(prompt).tolist(), max_new_tokens=L, context=kw["context"])
   np.testing.assert_array_equal(np.asarray(out.tokens)[:, :L], np.tile(tokens[category], (B, 1)))
-  # With the gate shut the same model writes something else.
-  model.llm.copy_head.copy_gate[...] = jnp.asarray(-30.0)
-  kw = model.sampler_inputs(batch, prompt)
-  out = sampler.Sampler(model.llm, pad_id=0)(
-      np.asarray(prompt).tolist(), max_new_tokens=L, context=kw["context"])
+  # With the gate shut (the copy-off control) the output is the LLM's own, which writes
+  # something else; the trained gate comes back afterwards.
+  with copy_head.gate_shut(model.llm.copy_head):
+    kw = model.sampler_inputs(batch, prompt)
+    out = sampler.Sampler(model.llm, pad_id=0)(
+        np.asarray(prompt).tolist(), max_new_tokens=L, context=kw["context"])
+    llm_alone = model.llm.head(model.hidden_states(batch, prompt))
+    np.testing.assert_allclose(np.asarray(model(batch, prompt)),
+                               np.asarray(jax.nn.log_softmax(llm_alone, -1)), atol=1e-5)
   assert not (np.asarray(out.tokens)[:, :L] == tokens[category]).all()
+  assert float(model.llm.copy_head.copy_gate[...]) == 8.0
 
 
 def test_config_errors_name_the_key():
@@ -266,7 +273,13 @@ def test_a_restored_model_gets_the_tables_from_the_checkpoint(tmp_path):
 def test_the_job_trains_with_the_head_and_a_copied_workdir_restores_it(tmp_path):
   _, workdir = workdir_fixtures.user_llm_run(
       tmp_path, steps=2, eval__num_examples=2, tasks__names=("favorite_category",),
-      bridge__category_text=True, bridge__text_memory=True, bridge__copy_head=True)
+      bridge__category_text=True, bridge__text_memory=True, bridge__copy_head=True,
+      eval__shuffled_control=True)
+  summary = json.loads((workdir / "summary.json").read_text())
+  # The copy head's control row: the same model with the gate shut, on the same users.
+  rows = summary["metrics"]
+  assert set(rows["user_llm_copy_off"]) == set(rows["user_llm"]) == {"favorite_category"}
+  assert any("user_llm_copy_off" in v for v in summary["verdicts"])
   model, tokenizer, vocab, run = inference.load_trained(str(workdir))
   assert run.config.bridge.copy_head is True
   tokens = category_text.token_table(vocab.categories, tokenizer,

@@ -36,6 +36,8 @@ every sampler, beam search and scorer reads it unchanged.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -78,6 +80,18 @@ def lowercase_table(tokenizer, vocab_size: int) -> np.ndarray:
     if len(ids) == 1 and ids[0] < vocab_size:
       table[token] = ids[0]
   return table
+
+
+@contextlib.contextmanager
+def gate_shut(head: "CopyHead") -> Iterator[None]:
+  """Within the block `head` copies nothing (its gate is sigmoid(-1e4) = 0, so the output
+  is the LLM's own log-probabilities); the trained gate is put back on exit."""
+  trained = head.copy_gate[...]
+  head.copy_gate[...] = jnp.full_like(trained, -1e4)
+  try:
+    yield
+  finally:
+    head.copy_gate[...] = trained
 
 
 def _rms1(x: jax.Array) -> jax.Array:

@@ -202,7 +202,7 @@ def _compared(ref_name: str, other_name: str, ref_method: str, method: str, task
 COMPARISONS = (
     ("user_llm", "favorite_category", "accuracy",
      ("majority", "text_prompt", "user_llm_shuffled", "count_window", "count_prompt",
-      "probe")),
+      "probe", "user_llm_copy_off")),
     # The text prompt against an exact count of the events it shows.
     ("text_prompt", "favorite_category", "accuracy", ("majority", "count_prompt")),
     ("user_llm", "next_item", "recall@10",
@@ -213,10 +213,11 @@ COMPARISONS = (
     # The item head's skip alone (the trained encoder's own head) against the pretrained one.
     ("user_llm_encoder_head", "next_item", "recall@10", ("sasrec",)),
     ("user_llm", "review", "rougeLsum",
-     ("rating_prior", "text_prompt", "user_llm_shuffled", "past_answer")),
+     ("rating_prior", "text_prompt", "user_llm_shuffled", "past_answer", "user_llm_copy_off")),
     # The likelihood form of the shuffled control (`eval.review_likelihood`): does the real
     # context raise the reference answer, even where greedy decoding does not write it?
-    ("user_llm", "review", "reference_logprob", ("user_llm_shuffled", "text_prompt")),
+    ("user_llm", "review", "reference_logprob",
+     ("user_llm_shuffled", "text_prompt", "user_llm_copy_off")),
 )
 
 

@@ -10,6 +10,7 @@ steps <= 0 of `loss.png`.
 
   user_llm            the tasks' metrics (procedures in `tasks/evaluate.py`)
   user_llm_item_head  next item by the item head, full-catalogue ranking (bridge.item_head)
+  user_llm_copy_off   with `bridge.copy_head`: the same model with the copy gate shut
   user_llm_shuffled   the same model with each test user's context swapped for another
                       user's: the control that shows whether the user context is used
   sasrec, popularity, majority, rating_prior
@@ -194,6 +195,12 @@ def evaluate_user_llm(model: UserLLM, tokenizer: Tokenizer, data: runner.TaskDat
     if "user_llm_item_head" in out:
       out["user_llm_item_head_shuffled"] = {prompts.NEXT_ITEM: item_head_metrics(
           model, data, transform, config, shuffle_users=True)}
+    if model.llm.copy_head is not None:
+      # The copy head's own control: the same trained model with its copy gate shut (the
+      # LLM's distribution alone), so the difference is what the copies add.
+      with copy_head.gate_shut(model.llm.copy_head):
+        out["user_llm_copy_off"] = runner.evaluate_tasks(condition, data, transform, config,
+                                                         tasks=tasks)
   return out
 
 
