@@ -170,6 +170,7 @@ def test_the_model_with_the_head_tables_gradients_strategies_and_cost():
   assert np.isfinite(float(loss))
   np.testing.assert_allclose(float(metrics["gate/copy"]), 1 / (1 + np.exp(2.0)), rtol=1e-6)
   grads = nnx.grad(lambda m: m.loss(batch)[0])(model)
+  assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
   for name in ("copy_gate", "gate_w", "match_scale", "null_logit"):
     assert float(jnp.abs(grads["llm"]["copy_head"][name][...]).max()) > 0, name
   assert "lowercase" not in grads["llm"]["copy_head"]
@@ -288,3 +289,27 @@ def test_the_job_trains_with_the_head_and_a_copied_workdir_restores_it(tmp_path)
   np.testing.assert_array_equal(
       np.asarray(model.llm.copy_head.lowercase[...]),
       copy_head.lowercase_table(tokenizer, model.llm.cfg.vocab_size))
+
+
+def test_gradients_stay_finite_where_the_llm_gives_tokens_no_probability():
+  """Logits 80 nats apart underflow most probabilities to 0 in float32; the loss's
+  gradient must stay finite (a division by a class's probability, or the log of a zero
+  copy, would put inf x 0 = NaN into it)."""
+  rng = np.random.default_rng(0)
+  b, t, s, d, v = 2, 3, 4, 16, 50
+  head = copy_head.CopyHead(d, v)
+  lower = np.arange(v)
+  lower[3] = lower[7] = 2
+  head.set_lowercase(lower)
+  logits = jnp.asarray(rng.normal(size=(b, t, v)) * 80, jnp.float32)
+  hidden, embeds = (jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32) for _ in range(2))
+  keys = head.slot_keys(jnp.asarray(rng.normal(size=(b, s, d)), jnp.float32))
+  ids = jnp.asarray([[2, 3, 5, 0], [9, 1, 2, 7]])
+
+  def nll(logits, keys, hidden):
+    out = jax.nn.log_softmax(head(logits, hidden, embeds, keys, ids, jnp.ones((b, s), bool)))
+    return -(out[..., 2].sum() + out[..., 3].sum() + out[..., 11].sum())
+
+  assert np.isfinite(float(nll(logits, keys, hidden)))
+  for grad in jax.grad(nll, argnums=(0, 1, 2))(logits, keys, hidden):
+    assert bool(jnp.isfinite(grad).all())

@@ -47,8 +47,8 @@ from flax import nnx
 
 from user_llm_jax import sharding
 
-# Added to the copy probability of every token before its log: finite logits everywhere
-# (a token neither distribution holds gets log(1e-30 + its LLM probability)).
+# Copied probabilities at or below this count as none (their log, and its gradient 1/p,
+# stay finite in float32).
 _FLOOR = 1e-30
 
 
@@ -203,13 +203,18 @@ class CopyHead(nnx.Module):
     slot_ids = jnp.take(lower, jnp.clip(jnp.asarray(ids, jnp.int32), 0, v - 1))[:, None, :]
     by_class = jnp.zeros((b, t, v), jnp.float32).at[rows, cols, slot_ids].add(g[..., None] * a)
     # ... spread over the class's tokens ("came", "Came") as the LLM weighs them: the copy
-    # picks the word, the LLM its casing. The floor keeps classes the LLM gives no
-    # probability at all finite (then split evenly).
-    p = jnp.exp(lp)
+    # picks the word, the LLM its casing. A fixed weighting (no gradient: the division
+    # by a class's probability would pass gradients of 1/p on), with a floor that splits
+    # evenly a class the LLM gives no probability at all.
+    p = jax.lax.stop_gradient(jnp.exp(lp))
     class_p = jnp.zeros_like(p).at[..., lower].add(p)
     class_size = jnp.zeros((v,), jnp.float32).at[lower].add(1.0)
     share = (p + _FLOOR) / (class_p[..., lower] + _FLOOR * class_size[lower])
     copied = by_class[..., lower] * share
     keep = 1.0 - g * (1.0 - a_null)                                           # [B,T]
-    mixed = jnp.logaddexp(jnp.log(keep)[..., None] + lp, jnp.log(copied + _FLOOR))
+    # log of the copies where there are any, -inf elsewhere (the inner where keeps the
+    # gradient of the log finite where it is not taken).
+    some = copied > _FLOOR
+    log_copied = jnp.where(some, jnp.log(jnp.where(some, copied, 1.0)), -jnp.inf)
+    mixed = jnp.logaddexp(jnp.log(keep)[..., None] + lp, log_copied)
     return sharding.with_logical_constraint(mixed, sharding.ACT_BTV)
