@@ -21,6 +21,10 @@ can write a summary the user keeps using without first learning what its id stan
       --config.encoder.workdir=/tmp/amazon_encoder --workdir=/tmp/amazon_user_llm
   python -m experiments.main --config=experiments/configs/user_llm_amazon.py \
       --config.job=text_baseline --workdir=/tmp/amazon_text
+  # 4. User-LLM with the summaries' tokens as memory and the copy head (README, Gift_Cards)
+  python -m experiments.main --config=experiments/configs/user_llm_amazon.py \
+      --config.encoder.workdir=/tmp/amazon_encoder --config.bridge.text_memory=True \
+      --config.bridge.copy_head=True --workdir=/tmp/amazon_copy
 
 Variants: '' (SmolLM2, CPU budget), 'smoke' (tiny random LLM and encoder on the same real
 files, for a quick check of the wiring), 'tpu' (paper scale).
