@@ -69,10 +69,7 @@ def lowercase_table(tokenizer, vocab_size: int) -> np.ndarray:
   table = np.arange(vocab_size, dtype=np.int32)
   size = min(vocab_size, int(getattr(tokenizer, "vocab_size", vocab_size)))
   for token in range(size):
-    try:
-      text = tokenizer.decode([token])
-    except (KeyError, IndexError, ValueError):
-      continue
+    text = tokenizer.decode([token])
     lower = text.lower()
     if not text or lower == text:
       continue

@@ -228,16 +228,16 @@ def check_compatible(cfg: UserLlmConfig, encoder_width: int) -> None:
                      f"encoder width {encoder_width}")
 
 
-def _set_table(table: nnx.Variable | None, vectors: jax.Array, setter: str, option: str,
-               what: str, axes: str) -> None:
+def _set_table(table: nnx.Variable | None, values: Any, setter: str, option: str,
+               what: str, axes: str, dtype: Any = jnp.float32) -> None:
   """Fills a fixed bridge table, or raises a ValueError naming the option or the shape."""
   if table is None:
     raise ValueError(f"{setter} needs UserLlmConfig.{option}=True")
   held = tuple(table[...].shape)
-  if tuple(vectors.shape) != held:
-    raise ValueError(f"{what} vectors of shape {tuple(vectors.shape)}; this bridge "
+  if tuple(np.shape(values)) != held:
+    raise ValueError(f"{what} of shape {tuple(np.shape(values))}; this bridge "
                      f"holds {held} ({axes})")
-  table[...] = jnp.asarray(vectors, jnp.float32)
+  table[...] = jnp.asarray(values, dtype)
 
 
 class Bridge(nnx.Module):
@@ -309,22 +309,17 @@ class Bridge(nnx.Module):
   def set_category_text(self, vectors: jax.Array) -> None:
     """Sets the category text table ([num_categories, D], `category_text.text_vectors`)."""
     _set_table(self.category_text, vectors, "set_category_text", "category_text",
-               "category text", "categories x LLM width")
+               "category text vectors", "categories x LLM width")
 
   def set_text_memory(self, vectors: jax.Array) -> None:
     """Sets the token memory table ([num_categories, L, D], `category_text.token_vectors`)."""
-    _set_table(self.text_memory, vectors, "set_text_memory", "text_memory", "text memory",
-               "categories x name tokens x LLM width")
+    _set_table(self.text_memory, vectors, "set_text_memory", "text_memory",
+               "text memory vectors", "categories x name tokens x LLM width")
 
   def set_memory_tokens(self, tokens: np.ndarray | jax.Array) -> None:
     """Sets the memory slots' token ids ([num_categories, L], `category_text.token_table`)."""
-    if self.memory_tokens is None:
-      raise ValueError("set_memory_tokens needs UserLlmConfig.copy_head=True")
-    held = tuple(self.memory_tokens[...].shape)
-    if tuple(np.shape(tokens)) != held:
-      raise ValueError(f"memory token ids of shape {tuple(np.shape(tokens))}; this bridge "
-                       f"holds {held} (categories x name tokens)")
-    self.memory_tokens[...] = jnp.asarray(tokens, jnp.int32)
+    _set_table(self.memory_tokens, tokens, "set_memory_tokens", "copy_head",
+               "memory token ids", "categories x name tokens", jnp.int32)
 
   def __call__(self, states: jax.Array, mask: jax.Array, *,
                target_rms: jax.Array | None = None,
